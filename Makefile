@@ -1,0 +1,53 @@
+# CYPHONIC adapter: the two commands a new user types are `make demo` and `make test`.
+# Both run `make setup` first, which is idempotent (Debian packages + a pinned venv).
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := build
+
+# Debian packages the project needs (installed with --no-install-recommends).
+APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
+	libnetfilter-queue-dev libnfnetlink-dev nftables iptables iproute2 \
+	iperf3 bind9-dnsutils isc-dhcp-client iputils-ping procps tcpdump
+
+.PHONY: setup apt venv test test-fast demo bench clean distclean help
+
+help:
+	@echo "make demo    run the demo (sets everything up first)"
+	@echo "make test    run the whole test suite (sets everything up first)"
+	@echo "make bench   run the benchmarks (tables and JSON in build/bench/)"
+	@echo "make setup   install Debian packages and the pinned venv (idempotent)"
+
+setup: apt venv
+
+apt:
+	@scripts/ensure-apt.sh $(APT_PACKAGES)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m 'not root' tests
+
+demo: setup
+	$(PY) -m cyphonic.demo
+
+bench: setup
+	@mkdir -p $(BUILD)/bench
+	$(PY) -m cyphonic.bench --out $(BUILD)/bench
+
+clean:
+	rm -rf $(BUILD) .pytest_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

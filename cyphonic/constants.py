@@ -1,0 +1,74 @@
+"""Every timer and limit of the CYPHONIC protocol core, in one place.
+
+Split as wireguard-go's ``device/constants.go`` does: values the protocol
+specifies (changing them breaks interoperability or the security argument),
+and implementation choices (tunable; they only change resource use).
+Units are in the names: ``_S`` seconds, ``_BYTES``, ``_PACKETS``.
+"""
+
+# --- Specification values -------------------------------------------------
+
+PROTOCOL_VERSION = 1
+
+# Data channel (docs/protocol.md, "Data channel").
+REKEY_AFTER_S = 120.0            # initiator starts a new handshake after this session age
+REJECT_AFTER_S = 180.0           # no packet is sealed or opened with an older session
+REKEY_ATTEMPT_S = 90.0           # give up retrying a handshake after this long
+REKEY_TIMEOUT_S = 5.0            # retransmit an unanswered initiation after this
+REKEY_TIMEOUT_JITTER_S = 0.333   # at most this much random jitter on retransmission
+KEEPALIVE_S = 10.0               # passive keepalive: send an empty packet if we received but sent nothing
+NAT_KEEPALIVE_S = 25.0           # persistent keepalive to hold NAT mappings (when behind NAT)
+REKEY_AFTER_MESSAGES = 1 << 48   # per send stream (counter bits per stream, see datachannel)
+REJECT_AFTER_MESSAGES = (1 << 56) - (1 << 13) - 1  # per stream: never wrap the stream counter
+
+# Replay window (RFC 6479): a bitmap of 8192 bits, 8128 usable (one 64-bit block is
+# the moving ring slack), so counters up to 8128 behind the highest are still judged.
+REPLAY_BITMAP_BITS = 8192
+REPLAY_WINDOW_PACKETS = REPLAY_BITMAP_BITS - 64  # 8128
+
+# Multi-worker sending (docs/protocol.md, "Several workers, one session"):
+# the 64-bit counter is split into an 8-bit stream id and a 56-bit per-stream counter.
+STREAM_BITS = 8
+STREAM_COUNTER_BITS = 64 - STREAM_BITS
+MAX_STREAMS = 1 << STREAM_BITS   # 256 stream ids per session key, never reused for one key
+
+# Handshake.
+HANDSHAKE_INITIATION_MIN_INTERVAL_S = 0.02   # per peer: at most 50 initiations consumed a second
+TIMESTAMP_BYTES = 12                          # TAI64N-like: 8-byte seconds, 4-byte nanoseconds
+MAX_CLOCK_SKEW_S = 300.0                      # certificates: tolerated clock skew for validity checks
+
+# Sizes.
+KEY_BYTES = 32
+AEAD_TAG_BYTES = 16
+DATA_HEADER_BYTES = 16
+DATA_OVERHEAD_BYTES = DATA_HEADER_BYTES + AEAD_TAG_BYTES  # 32, plus IP+UDP outside
+UDP_IPV4_OVERHEAD_BYTES = 20 + 8
+UDP_IPV6_OVERHEAD_BYTES = 40 + 8
+# Inner MTU that fits a 1500-byte underlay over IPv6 too: 1500 - 48 - 32 = 1420.
+DEFAULT_INNER_MTU = 1500 - UDP_IPV6_OVERHEAD_BYTES - DATA_OVERHEAD_BYTES
+MAX_DATAGRAM_BYTES = 65535 - UDP_IPV4_OVERHEAD_BYTES
+MAX_INNER_PACKET_BYTES = 65535
+
+# Certificates.
+MAX_CERT_BYTES = 600
+MAX_FQDN_BYTES = 253
+MAX_GROUPS = 16
+MAX_GROUP_BYTES = 63
+
+# Signaling.
+MAX_SIGNALING_BYTES = 1200       # whole plaintext message; fits in one unfragmented datagram
+MAX_ENDPOINTS = 8                # addresses a node may report or the NMS may hand out
+MAX_ERROR_TEXT_BYTES = 200
+MAX_TOKEN_BYTES = 128
+
+# --- Implementation choices -------------------------------------------------
+
+HANDSHAKE_RATE_PER_SOURCE_PER_S = 20.0   # token bucket refill per source address
+HANDSHAKE_BURST_PER_SOURCE = 40          # bucket size
+RATELIMIT_TABLE_MAX = 4096               # source addresses tracked at once (oldest evicted)
+MAX_PEERS = 4096                         # tunnels one device keeps
+MAX_PENDING_HANDSHAKES = 1024            # responder-side indexes awaiting confirmation
+STAGED_PACKETS_PER_PEER = 128            # packets queued while a handshake is under way
+MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (oldest dropped, counted)
+MAX_DATAGRAMS_QUEUED = 4096              # datagrams not yet pulled by the caller
+MAX_RECEIVE_STREAMS_PER_SESSION = 64     # replay windows a session allocates (per sender stream)

@@ -1,0 +1,376 @@
+"""A node's overlay endpoint, sans-IO: one identity, its peers, their tunnels.
+
+Driven like aioquic's connection:
+
+    device.receive_datagram(data, addr, now)   # a UDP datagram arrived
+    device.send_packet(ip_packet, now)         # the local side wants to send an inner packet
+    device.handle_timer(now)                   # when now >= device.get_timer()
+    device.datagrams_to_send() -> [(bytes, addr)]
+    device.next_event() -> event or None
+
+``now`` is Unix time in seconds (the I/O edge passes ``time.time()``); timers
+use differences only. No sockets, no clock reads, no threads here.
+
+Every datagram handler has a no-throw boundary: bad input of any kind is a
+counted drop in ``drops[reason]`` and leaves the state as it was. A peer's
+endpoint moves only on an authenticated packet that passed the replay window.
+All tables and queues are bounded (``cyphonic.constants``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from typing import Iterable
+
+from . import constants as C
+from . import events as ev
+from . import handshake as hs
+from .certs import Certificate, TrustStore
+from .datachannel import crypto_route_ok
+from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedError,
+                     RemoteProtocolError, ReplayError)
+from .ratelimit import RateLimiter
+from .tunnel import Keypair, Tunnel
+from .wire import cert as wire_cert
+from .wire import data as wire_data
+
+_MAX_INDEXES = C.MAX_PEERS * 4
+
+
+class Device:
+    def __init__(self, identity: hs.StaticIdentity, trust: TrustStore, *,
+                 accept_unknown_peers: bool = True,
+                 local_vip4s: Iterable[bytes] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.cert: Certificate = wire_cert.decode(identity.certificate)
+        self.accept_unknown_peers = accept_unknown_peers
+        self.local_vip4s = frozenset(local_vip4s) if local_vip4s else frozenset({self.cert.vip4.packed})
+        self.rng = rng or random.SystemRandom()
+        self.ratelimit = RateLimiter()
+        self.peers_by_static: dict[bytes, Tunnel] = {}
+        self.peers_by_vip: dict[bytes, Tunnel] = {}
+        self.peers_by_fqdn: dict[str, Tunnel] = {}
+        self._index: dict[int, tuple[Tunnel, object]] = {}  # local index -> (peer, handshake or keypair)
+        self._out: deque = deque()
+        self._events: deque = deque()
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+
+    # --- peers ---------------------------------------------------------------
+
+    def add_peer(self, certificate: bytes | Certificate, now: float, *, endpoint=None,
+                 candidates: Iterable = (), persistent_keepalive_s: float = 0.0,
+                 expected_fqdn: str | None = None) -> Tunnel:
+        """Add (or update) a peer from its certificate; raises CertificateError if it is not valid."""
+        cert = self.trust.verify(certificate, now, expected_fqdn=expected_fqdn)
+        peer = self.peers_by_static.get(cert.static_public)
+        if peer is None:
+            peer = self._new_peer(cert)
+        else:
+            peer.cert = cert
+        if endpoint is not None:
+            peer.endpoint = endpoint
+        peer.candidates = [c for c in candidates if c != peer.endpoint][:C.MAX_ENDPOINTS]
+        peer.persistent_keepalive_s = persistent_keepalive_s
+        return peer
+
+    def _new_peer(self, cert: Certificate) -> Tunnel:
+        if len(self.peers_by_static) >= C.MAX_PEERS:
+            raise LocalProtocolError("peer table full")
+        old = self.peers_by_vip.get(cert.vip4.packed) or self.peers_by_fqdn.get(cert.fqdn)
+        if old is not None:  # the identity was re-keyed: the new certificate replaces the old peer
+            self.remove_peer(old.fqdn)
+        peer = Tunnel(cert)
+        self.peers_by_static[cert.static_public] = peer
+        self.peers_by_vip[cert.vip4.packed] = peer
+        self.peers_by_fqdn[cert.fqdn] = peer
+        return peer
+
+    def remove_peer(self, fqdn: str) -> None:
+        peer = self.peers_by_fqdn.pop(fqdn, None)
+        if peer is None:
+            return
+        self.peers_by_static.pop(peer.static, None)
+        self.peers_by_vip.pop(peer.vip4, None)
+        for idx, (p, _) in list(self._index.items()):
+            if p is peer:
+                del self._index[idx]
+
+    def peer(self, fqdn: str) -> Tunnel | None:
+        return self.peers_by_fqdn.get(fqdn)
+
+    def revoke(self, serial: int) -> None:
+        """Forget every peer whose certificate carries ``serial`` and refuse it from now on."""
+        self.trust.revoked.add(serial)
+        for peer in list(self.peers_by_fqdn.values()):
+            if peer.cert.serial == serial:
+                self.remove_peer(peer.fqdn)
+
+    # --- caller API --------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list:
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def connect(self, fqdn: str, now: float) -> bool:
+        """Bring the tunnel to ``fqdn`` up (DNS-triggered). True if a session is already up."""
+        peer = self.peers_by_fqdn.get(fqdn)
+        if peer is None:
+            raise LocalProtocolError(f"unknown peer {fqdn}")
+        if peer.sendable(now) is not None:
+            return True
+        self._begin_handshake(peer, now)
+        return False
+
+    def send_packet(self, packet: bytes, now: float) -> None:
+        """Seal an inner IPv4 packet toward the peer owning its destination (crypto routing out)."""
+        if len(packet) < 20 or packet[0] >> 4 != 4:
+            self.drops["tx_not_ipv4"] += 1
+            return
+        peer = self.peers_by_vip.get(packet[16:20])
+        if peer is None:
+            self.drops["tx_no_peer"] += 1
+            return
+        if packet[12:16] not in self.local_vip4s:
+            self.drops["tx_bad_source"] += 1
+            return
+        self._send_on(peer, packet, now)
+
+    def _send_on(self, peer: Tunnel, packet: bytes, now: float) -> None:
+        kp = peer.sendable(now)
+        if kp is None or peer.endpoint is None:
+            if len(peer.staged) >= C.STAGED_PACKETS_PER_PEER:
+                peer.staged.popleft()
+                self.drops["tx_staged_overflow"] += 1
+            peer.staged.append(packet)
+            self._begin_handshake(peer, now)
+            return
+        self._push(kp.sender.seal(packet), peer.endpoint)
+        peer.last_sent = now
+        peer.keepalive_due = None
+        if packet:
+            peer.tx_bytes += len(packet)
+            peer.tx_packets += 1
+        if peer.wants_rekey(now):
+            self._begin_handshake(peer, now)
+
+    def _push(self, datagram: bytes, addr) -> None:
+        if len(self._out) >= C.MAX_DATAGRAMS_QUEUED:
+            self._out.popleft()
+            self.drops["out_queue_full"] += 1
+        self._out.append((datagram, addr))
+
+    def _emit(self, event) -> None:
+        if len(self._events) >= C.MAX_EVENTS_QUEUED:
+            self._events.popleft()
+            self.drops["event_queue_full"] += 1
+        self._events.append(event)
+
+    # --- handshake, initiator side ---------------------------------------------
+
+    def _new_index(self) -> int:
+        if len(self._index) >= _MAX_INDEXES:
+            raise LocalProtocolError("index table full")
+        while True:
+            idx = self.rng.getrandbits(32)
+            if idx and idx not in self._index:
+                return idx
+
+    def _begin_handshake(self, peer: Tunnel, now: float) -> None:
+        if peer.handshake is not None:
+            return
+        if peer.endpoint is None and not peer.candidates:
+            self.drops["handshake_no_endpoint"] += 1
+            return
+        peer.handshake_started = now
+        self._send_initiation(peer, now)
+
+    def _send_initiation(self, peer: Tunnel, now: float) -> None:
+        if peer.handshake is not None:
+            self._index.pop(peer.handshake.local_index, None)
+        idx = self._new_index()
+        attempt = hs.InitiatorHandshake(self.identity, peer.static, idx)
+        msg = attempt.create_initiation(now)
+        peer.handshake = attempt
+        self._index[idx] = (peer, attempt)
+        peer.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
+        targets = ([peer.endpoint] if peer.endpoint is not None else []) + list(peer.candidates)
+        for addr in targets:
+            self._push(msg, addr)
+        self.counters["initiations_sent"] += 1
+
+    # --- receive -----------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        """Handle one UDP datagram. Never raises for bad input: drops are counted."""
+        try:
+            mtype = wire_data.message_type(data)
+            if mtype == wire_data.MSG_DATA:
+                self._receive_data(data, addr, now)
+            elif mtype == wire_data.MSG_INITIATION:
+                self._receive_initiation(data, addr, now)
+            elif mtype == wire_data.MSG_RESPONSE:
+                self._receive_response(data, addr, now)
+            else:
+                raise ParseError(f"unknown message type {mtype}", reason="unknown_type")
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+        except (CyphonicError, ValueError, TypeError) as exc:  # defensive: never let input kill the caller
+            self.drops["internal_" + type(exc).__name__] += 1
+
+    def _receive_initiation(self, data: bytes, addr, now: float) -> None:
+        msg = hs.check_mac1(self.identity, data)
+        if not self.ratelimit.allow(addr[0] if isinstance(addr, tuple) else addr, now):
+            raise RateLimitedError("initiations from this source too fast")
+        received = hs.consume_initiation(self.identity, msg)
+        peer = self.peers_by_static.get(received.peer_static)
+        cert = self.trust.verify(received.certificate, now, expected_static=received.peer_static,
+                                 expected_fqdn=peer.fqdn if peer is not None else None)
+        if peer is None:
+            if not self.accept_unknown_peers:
+                raise RemoteProtocolError("initiation from a peer we were not told about", reason="unknown_peer")
+            peer = self._new_peer(cert)
+            self._emit(ev.PeerAdded(cert.fqdn, str(cert.vip4), True))
+        else:
+            peer.cert = cert
+        if received.timestamp <= peer.last_timestamp:
+            raise ReplayError("initiation timestamp not newer than the last", reason="replay_initiation")
+        if now - peer.last_initiation_consumed < C.HANDSHAKE_INITIATION_MIN_INTERVAL_S:
+            raise RateLimitedError("initiations from this peer too fast", reason="ratelimited_peer")
+        peer.last_timestamp = received.timestamp
+        peer.last_initiation_consumed = now
+        idx = self._new_index()
+        response, keys = hs.create_response(self.identity, received, idx)
+        if peer.next is not None:
+            self._index.pop(peer.next.local_index, None)
+        peer.next = Keypair.from_keys(keys, now)
+        self._index[idx] = (peer, peer.next)
+        self._move_endpoint(peer, addr)
+        self._push(response, addr)
+        self.counters["responses_sent"] += 1
+
+    def _receive_response(self, data: bytes, addr, now: float) -> None:
+        if len(data) < 12:
+            raise ParseError("response too short", reason="short")
+        receiver = int.from_bytes(data[8:12], "big")
+        entry = self._index.get(receiver)
+        if entry is None or not isinstance(entry[1], hs.InitiatorHandshake):
+            raise ParseError("response for no outstanding handshake", reason="unknown_index")
+        peer, attempt = entry
+        keys = attempt.consume_response(data)
+        peer.handshake = None
+        kp = Keypair.from_keys(keys, now)
+        self._index[receiver] = (peer, kp)
+        self._rotate(peer, kp)
+        self._move_endpoint(peer, addr)
+        self._completed(peer, now, initiator=True)
+        if not peer.staged:
+            self._send_on(peer, b"", now)  # key confirmation for the responder
+
+    def _receive_data(self, data: bytes, addr, now: float) -> None:
+        idx, _ = wire_data.decode_header(data)
+        entry = self._index.get(idx)
+        if entry is None or not isinstance(entry[1], Keypair):
+            raise ParseError("data for an unknown session", reason="unknown_index")
+        peer, kp = entry
+        if kp.age(now) >= C.REJECT_AFTER_S:
+            raise ReplayError("session expired", reason="expired")
+        plaintext, _ = kp.receiver.open(data)
+        peer.last_received = now
+        self._move_endpoint(peer, addr)
+        if kp is peer.next:
+            kp.confirmed = True
+            peer.next = None
+            self._rotate(peer, kp)
+            self._completed(peer, now, initiator=False)
+        if plaintext:
+            if not crypto_route_ok(plaintext, peer.vip4, self.local_vip4s):
+                self.drops["crypto_route"] += 1
+                return
+            peer.rx_bytes += len(plaintext)
+            peer.rx_packets += 1
+            if peer.keepalive_due is None:
+                peer.keepalive_due = now + C.KEEPALIVE_S
+            self._emit(ev.PacketReceived(peer.fqdn, plaintext))
+        else:
+            self.counters["keepalives_received"] += 1
+        if kp is peer.current and kp.keys.initiator and \
+                kp.age(now) >= C.REJECT_AFTER_S - C.KEEPALIVE_S - C.REKEY_TIMEOUT_S:
+            self._begin_handshake(peer, now)
+
+    def _rotate(self, peer: Tunnel, kp: Keypair) -> None:
+        if peer.previous is not None:
+            self._index.pop(peer.previous.local_index, None)
+        peer.previous = peer.current
+        peer.current = kp
+
+    def _completed(self, peer: Tunnel, now: float, *, initiator: bool) -> None:
+        peer.last_handshake = now
+        peer.handshakes += 1
+        self._emit(ev.HandshakeCompleted(peer.fqdn, str(peer.cert.vip4), initiator,
+                                         peer.endpoint, peer.cert.serial))
+        staged, peer.staged = peer.staged, deque()
+        for packet in staged:
+            self._send_on(peer, packet, now)
+
+    def _move_endpoint(self, peer: Tunnel, addr) -> None:
+        if peer.endpoint != addr:
+            old = peer.endpoint
+            peer.endpoint = addr
+            if old is not None:
+                self._emit(ev.EndpointChanged(peer.fqdn, old, addr))
+
+    # --- timers ------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        deadlines = [d for p in self.peers_by_static.values() if (d := p.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        for peer in list(self.peers_by_static.values()):
+            self._peer_timers(peer, now)
+
+    def _peer_timers(self, peer: Tunnel, now: float) -> None:
+        if peer.handshake is not None and now >= peer.handshake_retry_at:
+            if now - peer.handshake_started >= C.REKEY_ATTEMPT_S:
+                self._index.pop(peer.handshake.local_index, None)
+                peer.handshake = None
+                dropped = len(peer.staged)
+                peer.staged.clear()
+                self.drops["tx_handshake_timeout"] += dropped
+                self._emit(ev.HandshakeFailed(peer.fqdn, "no handshake response", dropped))
+            else:
+                self.counters["initiations_retransmitted"] += 1
+                self._send_initiation(peer, now)
+        for name in ("previous", "next", "current"):
+            kp = getattr(peer, name)
+            if kp is not None and kp.age(now) >= C.REJECT_AFTER_S:
+                self._index.pop(kp.local_index, None)
+                setattr(peer, name, None)
+                if name == "current":
+                    self._emit(ev.SessionExpired(peer.fqdn))
+        if peer.keepalive_due is not None and now >= peer.keepalive_due:
+            peer.keepalive_due = None
+            if peer.sendable(now) is not None and peer.last_sent < peer.last_received:
+                self._send_on(peer, b"", now)
+        if peer.persistent_keepalive_s > 0 and peer.current is not None \
+                and now >= peer.last_sent + peer.persistent_keepalive_s:
+            self._send_on(peer, b"", now)
+
+    # --- status --------------------------------------------------------------------
+
+    def status(self, now: float) -> dict:
+        return {
+            "fqdn": self.cert.fqdn,
+            "vip4": str(self.cert.vip4),
+            "peers": [p.status(now) for p in self.peers_by_fqdn.values()],
+            "drops": dict(self.drops),
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,206 @@
+"""The tunnel handshake: Noise IK over X25519, ChaCha20-Poly1305 and BLAKE2b.
+
+Protocol name ``Noise_IK_25519_ChaChaPoly_BLAKE2b``, prologue ``PROLOGUE``:
+
+    <- s                       (responder static key, known from its certificate)
+    -> e, es, s, ss   payload: timestamp || initiator certificate
+    <- e, ee, se      payload: empty
+
+Two messages, one round trip. The initiator already holds the responder's
+certificate (the NMS hands it out with the route direction) and checks it
+before sending; the responder learns the initiator's static key in message 1
+and checks the certificate inside against that key. The cloud never sees a
+session key: it only signs certificates.
+
+Before any Diffie-Hellman work the responder checks ``mac1`` (keyed by its own
+static key, so random junk and initiations for another node cost one BLAKE2b).
+Timestamps (per initiator, strictly increasing) refuse replayed initiations;
+``cyphonic.device`` applies them and the per-source and per-peer rate limits.
+
+This module is pure: no sockets, no clocks; ``wall_now`` is an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import constants as C
+from . import crypto
+from .errors import AuthenticationError, ParseError
+from .wire import handshake as wire
+
+PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"
+PROLOGUE = b"cyphonic tunnel v1"
+MAC1_LABEL = b"mac1----"
+
+_INITIAL_H = PROTOCOL_NAME.ljust(crypto.HASH_BYTES, b"\x00")
+
+
+@dataclass(frozen=True)
+class StaticIdentity:
+    """A node's static X25519 key pair and its certificate (encoded)."""
+
+    private: bytes
+    public: bytes
+    certificate: bytes = b""
+
+    @classmethod
+    def generate(cls) -> "StaticIdentity":
+        priv, pub = crypto.x25519_keypair()
+        return cls(priv, pub)
+
+    def with_certificate(self, certificate: bytes) -> "StaticIdentity":
+        return StaticIdentity(self.private, self.public, certificate)
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """The result of a completed handshake."""
+
+    send_key: bytes
+    receive_key: bytes
+    local_index: int
+    remote_index: int
+    initiator: bool
+    peer_static: bytes
+
+
+def mac1_key(static_public: bytes) -> bytes:
+    return crypto.hash_(MAC1_LABEL + static_public)[:32]
+
+
+class _SymmetricState:
+    __slots__ = ("ck", "h", "k", "n")
+
+    def __init__(self) -> None:
+        self.h = _INITIAL_H
+        self.ck = _INITIAL_H
+        self.k: bytes | None = None
+        self.n = 0
+        self.mix_hash(PROLOGUE)
+
+    def mix_hash(self, data: bytes) -> None:
+        self.h = crypto.hash_(self.h + data)
+
+    def mix_key(self, ikm: bytes) -> None:
+        self.ck, temp = crypto.hkdf(self.ck, ikm, 2)
+        self.k = temp[:32]
+        self.n = 0
+
+    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        assert self.k is not None
+        c = crypto.aead_encrypt(self.k, self.n, self.h, plaintext)
+        self.n += 1
+        self.mix_hash(c)
+        return c
+
+    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        assert self.k is not None
+        p = crypto.aead_decrypt(self.k, self.n, self.h, ciphertext)
+        self.n += 1
+        self.mix_hash(ciphertext)
+        return p
+
+    def split(self) -> tuple[bytes, bytes]:
+        t1, t2 = crypto.hkdf(self.ck, b"", 2)
+        return t1[:32], t2[:32]
+
+
+class InitiatorHandshake:
+    """The initiator's side of one handshake attempt (one per attempt: fresh ephemeral)."""
+
+    def __init__(self, identity: StaticIdentity, peer_static: bytes, local_index: int) -> None:
+        if len(peer_static) != 32:
+            raise ValueError("peer static key must be 32 bytes")
+        self.identity = identity
+        self.peer_static = peer_static
+        self.local_index = local_index
+        self._ss = _SymmetricState()
+        self._ss.mix_hash(peer_static)
+        self._e_priv = b""
+        self.message = b""
+
+    def create_initiation(self, wall_now: float, *, ephemeral: tuple[bytes, bytes] | None = None) -> bytes:
+        """Build message 1. ``ephemeral`` (private, public) is for known-answer tests only."""
+        ss = self._ss
+        e_priv, e_pub = ephemeral or crypto.x25519_keypair()
+        self._e_priv = e_priv
+        ss.mix_hash(e_pub)
+        ss.mix_key(crypto.x25519(e_priv, self.peer_static))
+        enc_static = ss.encrypt_and_hash(self.identity.public)
+        ss.mix_key(crypto.x25519(self.identity.private, self.peer_static))
+        payload = wire.encode_payload(wire.encode_timestamp(wall_now), self.identity.certificate)
+        enc_payload = ss.encrypt_and_hash(payload)
+        msg = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload)
+        mac1 = crypto.mac(mac1_key(self.peer_static), msg.body())
+        self.message = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload, mac1).encode()
+        return self.message
+
+    def consume_response(self, data: bytes) -> SessionKeys:
+        """Process message 2; raise ParseError or AuthenticationError if it is not ours or forged."""
+        if not self._e_priv:
+            raise ParseError("no initiation outstanding", reason="unexpected")
+        resp = wire.decode_response(data)
+        if resp.receiver_index != self.local_index:
+            raise ParseError("response for another handshake", reason="index")
+        if not crypto.constant_time_eq(crypto.mac(mac1_key(self.identity.public), resp.body()), resp.mac1):
+            raise AuthenticationError("response mac1 invalid", reason="mac1")
+        ss = _SymmetricState()
+        ss.h, ss.ck, ss.k, ss.n = self._ss.h, self._ss.ck, self._ss.k, self._ss.n
+        ss.mix_hash(resp.ephemeral)
+        ss.mix_key(crypto.x25519(self._e_priv, resp.ephemeral))
+        ss.mix_key(crypto.x25519(self.identity.private, resp.ephemeral))
+        ss.decrypt_and_hash(resp.encrypted_empty)
+        send, recv = ss.split()
+        self._e_priv = b""  # one response per attempt
+        return SessionKeys(send, recv, self.local_index, resp.sender_index, True, self.peer_static)
+
+
+@dataclass
+class ReceivedInitiation:
+    """A message 1 that authenticated: who sent it and what it carried."""
+
+    peer_static: bytes
+    sender_index: int
+    timestamp: bytes
+    certificate: bytes
+    peer_ephemeral: bytes
+    _ss: _SymmetricState
+
+
+def check_mac1(identity: StaticIdentity, data: bytes) -> wire.Initiation:
+    """Parse message 1 and check its mac1: the cheap gate before any DH."""
+    msg = wire.decode_initiation(data)
+    if not crypto.constant_time_eq(crypto.mac(mac1_key(identity.public), msg.body()), msg.mac1):
+        raise AuthenticationError("initiation mac1 invalid", reason="mac1")
+    return msg
+
+
+def consume_initiation(identity: StaticIdentity, msg: wire.Initiation) -> ReceivedInitiation:
+    """Decrypt message 1 (after ``check_mac1``); raise AuthenticationError/ParseError."""
+    ss = _SymmetricState()
+    ss.mix_hash(identity.public)
+    ss.mix_hash(msg.ephemeral)
+    ss.mix_key(crypto.x25519(identity.private, msg.ephemeral))
+    peer_static = ss.decrypt_and_hash(msg.encrypted_static)
+    ss.mix_key(crypto.x25519(identity.private, peer_static))
+    payload = ss.decrypt_and_hash(msg.encrypted_payload)
+    timestamp, cert = wire.decode_payload(payload)
+    return ReceivedInitiation(peer_static, msg.sender_index, timestamp, cert, msg.ephemeral, ss)
+
+
+def create_response(identity: StaticIdentity, received: ReceivedInitiation, local_index: int,
+                    *, ephemeral: tuple[bytes, bytes] | None = None) -> tuple[bytes, SessionKeys]:
+    """Build message 2 and the responder's session keys."""
+    ss = received._ss
+    e_priv, e_pub = ephemeral or crypto.x25519_keypair()
+    ss.mix_hash(e_pub)
+    ss.mix_key(crypto.x25519(e_priv, received.peer_ephemeral))
+    ss.mix_key(crypto.x25519(e_priv, received.peer_static))
+    enc = ss.encrypt_and_hash(b"")
+    msg = wire.Response(local_index, received.sender_index, e_pub, enc)
+    mac1 = crypto.mac(mac1_key(received.peer_static), msg.body())
+    out = wire.Response(local_index, received.sender_index, e_pub, enc, mac1).encode()
+    init_send, init_recv = ss.split()
+    return out, SessionKeys(init_recv, init_send, local_index, received.sender_index, False,
+                            received.peer_static)

@@ -292,7 +292,11 @@ class Text(FieldType):
     def encode(self, w: Writer, value: Any, name: str = "field") -> None:
         if not isinstance(value, str):
             raise ValueError(f"{name}: expected str, got {type(value).__name__}")
-        w.text(value, self.max_len, name)  # UnicodeEncodeError is a ValueError
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name}: not encodable as UTF-8 (surrogates)") from None
+        w.var_bytes(raw, self.max_len, name)
 
     def decode(self, r: Reader, name: str = "field") -> str:
         return r.text(self.max_len, name)
@@ -449,7 +453,9 @@ class EnumField(FieldType):
             raise ValueError(f"{name}: expected {self.enum_cls.__name__}, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name}: expected {self.enum_cls.__name__}, got {value!r}")
-        self.width.encode(w, int(self.enum_cls(value)), name)  # ValueError if unknown
+        if value not in self.enum_cls._value2member_map_:
+            raise ValueError(f"{name}: {value} is not a {self.enum_cls.__name__}")
+        self.width.encode(w, int(value), name)
 
     def decode(self, r: Reader, name: str = "field") -> enum.IntEnum | None:
         raw = self.width.decode(r, name)
@@ -579,6 +585,7 @@ class Keepalive(Message):
 @_register
 @_message
 class KeepaliveAck(Message):
+    """NMS -> node: answers a Keepalive with the endpoint the NMS saw."""
     TYPE = 6
     FIELDS = (("observed", EndpointField()),)
     request_id: int = 0

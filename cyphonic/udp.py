@@ -1,0 +1,90 @@
+"""The thin asyncio UDP edge around the sans-IO ``Device`` (aioquic's protocol.py, in small).
+
+It passes ``time.time()`` in, sends what comes out, keeps one timer armed at
+``device.get_timer()`` and hands events to a callback. Socket errors (for
+example ECONNREFUSED after an ICMP port unreachable) are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Callable
+
+from .device import Device
+
+
+class DeviceProtocol(asyncio.DatagramProtocol):
+    def __init__(self, device: Device, on_event: Callable[[object], None] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 tap: Callable[[bytes, object], None] | None = None) -> None:
+        self.device = device
+        self.tap = tap  # sees every datagram sent (the demo keeps copies to replay them)
+        self.on_event = on_event or (lambda e: None)
+        self.clock = clock
+        self.transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.errors: Counter = Counter()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.device.receive_datagram(data, addr, self.clock())
+        self.flush()
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors[type(exc).__name__] += 1
+
+    def send_packet(self, packet: bytes) -> None:
+        self.device.send_packet(packet, self.clock())
+        self.flush()
+
+    def connect(self, fqdn: str) -> bool:
+        up = self.device.connect(fqdn, self.clock())
+        self.flush()
+        return up
+
+    def flush(self) -> None:
+        """Send queued datagrams, deliver events, re-arm the timer."""
+        if self.transport is not None:
+            for data, addr in self.device.datagrams_to_send():
+                if self.tap is not None:
+                    self.tap(data, addr)
+                try:
+                    self.transport.sendto(data, addr)
+                except OSError as exc:
+                    self.errors[type(exc).__name__] += 1
+        while (event := self.device.next_event()) is not None:
+            self.on_event(event)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.device.get_timer()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.device.handle_timer(self.clock())
+        self.flush()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_device(device: Device, local_addr: tuple[str, int],
+                      on_event: Callable[[object], None] | None = None,
+                      tap: Callable[[bytes, object], None] | None = None) -> DeviceProtocol:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_datagram_endpoint(lambda: DeviceProtocol(device, on_event, tap=tap),
+                                                   local_addr=local_addr)
+    return proto

@@ -29,7 +29,7 @@ class RateLimiter:
         ok = tokens >= 1.0
         if ok:
             tokens -= 1.0
-        self._table[key] = (tokens, now)
+        self._table[key] = (tokens, max(last, now))  # a clock stepping back credits nothing twice
         while len(self._table) > self.max_entries:
             self._table.popitem(last=False)
         return ok

@@ -224,6 +224,17 @@ def test_not_bytes(data):
         sig.peek_header(data)
 
 
+def test_odd_buffers():
+    released = memoryview(bytearray(header(5)))
+    released.release()
+    with pytest.raises(ParseError):
+        decode(released)
+    with pytest.raises(ParseError) as info:
+        decode(memoryview(bytearray(10_000)).cast("I"))  # 10000 bytes, 2500 items
+    assert info.value.reason == "oversize"
+    assert decode(memoryview(header(5)).cast("H")) == sig.Keepalive(request_id=7)
+
+
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_every_truncation_is_refused(msg):
     data = encode(msg)

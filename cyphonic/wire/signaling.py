@@ -808,12 +808,16 @@ def encode(msg: Message) -> bytes:
     return out
 
 
-def _as_bytes(data: Any) -> bytes:
+def _as_bytes(data: Any, limit: int | None = None) -> bytes:
+    """``data`` as bytes, refusing non-bytes and (before copying) more than ``limit`` bytes."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ParseError(f"expected bytes, got {type(data).__name__}", reason="type")
     try:
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if limit is not None and size > limit:
+            raise ParseError(f"{size} bytes exceeds {limit}", reason="oversize")
         return bytes(data)
-    except (TypeError, ValueError, BufferError) as exc:
+    except (TypeError, ValueError, BufferError) as exc:  # e.g. a released memoryview
         raise ParseError(f"unreadable buffer: {exc}", reason="type") from None
 
 
@@ -832,9 +836,7 @@ def peek_header(data: Any) -> tuple[int, int, int]:
 
 def decode(data: Any) -> Message:
     """The message in ``data``; ParseError for anything else, and never another exception."""
-    raw = _as_bytes(data)
-    if len(raw) > MAX_SIGNALING_BYTES:
-        raise ParseError(f"{len(raw)} bytes exceeds {MAX_SIGNALING_BYTES}", reason="oversize")
+    raw = _as_bytes(data, MAX_SIGNALING_BYTES)  # oversize is refused before parsing
     r = Reader(raw)
     version = r.u8("header.version")
     if version != PROTOCOL_VERSION:

@@ -47,7 +47,7 @@ UDP_IPV6_OVERHEAD_BYTES = 40 + 8
 # Inner MTU that fits a 1500-byte underlay over IPv6 too: 1500 - 48 - 32 = 1420.
 DEFAULT_INNER_MTU = 1500 - UDP_IPV6_OVERHEAD_BYTES - DATA_OVERHEAD_BYTES
 MAX_DATAGRAM_BYTES = 65535 - UDP_IPV4_OVERHEAD_BYTES
-MAX_INNER_PACKET_BYTES = 65535
+MAX_INNER_PACKET_BYTES = MAX_DATAGRAM_BYTES - DATA_OVERHEAD_BYTES  # 65475: sealed, it still fits one UDP datagram
 
 # Certificates.
 MAX_CERT_BYTES = 600
@@ -72,3 +72,15 @@ STAGED_PACKETS_PER_PEER = 128            # packets queued while a handshake is u
 MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (oldest dropped, counted)
 MAX_DATAGRAMS_QUEUED = 4096              # datagrams not yet pulled by the caller
 MAX_RECEIVE_STREAMS_PER_SESSION = 64     # replay windows a session allocates (per sender stream)
+
+# Control channel (node <-> cloud signaling), docs/protocol.md "Signaling".
+CONTROL_RETRY_S = 1.0             # first retransmission of an unanswered request
+CONTROL_RETRY_MAX_S = 8.0         # back-off doubles up to this
+CONTROL_RETRIES = 5               # then the request times out (event), total about 1+2+4+8+8 s
+CONTROL_MAX_PENDING = 256         # outstanding requests per peer
+CONTROL_ANSWERED_CACHE = 64       # replies kept per peer to answer retransmitted requests
+CONTROL_QUEUE_MAX = 64            # messages waiting for the control session to come up
+MAX_CONTROL_PEERS = 100_000       # nodes one cloud process holds sessions for
+CONTROL_PEER_IDLE_S = 600.0       # a cloud forgets a node's channel after this much silence
+CONTROL_SWEEP_S = 10.0            # how often the cloud looks for idle channels
+SERVER_REQUEST_ID_BASE = 1 << 31  # request ids the cloud starts (client ids stay below)

@@ -14,7 +14,7 @@ so a fast stream never pushes a slow stream's counters out of the window.
 The reasoning is written down in docs/protocol.md, "Several workers, one session".
 
 Performance: libsodium is called through PyNaCl's cffi layer with a
-preallocated output buffer whose bytes 4..16 (receiver index, counter) are the
+preallocated (per process) output buffer whose bytes 4..16 (receiver index, counter) are the
 nonce, so sealing costs one struct pack, one C call and one copy (about 4x
 less than ``nacl.bindings``' wrapper; ``make bench`` measures it).
 
@@ -44,14 +44,26 @@ _pack_header = HEADER.pack_into
 _unpack_header = HEADER.unpack_from
 _BUF_BYTES = C.MAX_INNER_PACKET_BYTES + _HDR + _TAG
 
+# One output buffer per process for sealing and one for opening, shared by every
+# session: each call copies its result out before returning, so sessions never see
+# each other's bytes, and ten thousand sessions cost no more buffer memory than one.
+# Not for use from several threads at once (the adapter's workers are processes).
+_SEAL_OUT = ffi.new("unsigned char[]", _BUF_BYTES)
+_SEAL_BUF = ffi.buffer(_SEAL_OUT)
+_SEAL_NONCE = _SEAL_OUT + 4          # receiver index || counter, inside the header
+_SEAL_CT = _SEAL_OUT + _HDR
+_OPEN_OUT = ffi.new("unsigned char[]", _BUF_BYTES)
+_OPEN_BUF = ffi.buffer(_OPEN_OUT)
+
 
 class SendStream:
     """Seals packets for one (session key, stream id). Owned by exactly one sender."""
 
-    __slots__ = ("key", "receiver_index", "stream_id", "_next", "_base", "_limit",
-                 "_out", "_obuf", "_nonce", "_ct", "bytes_sent", "packets_sent")
+    __slots__ = ("key", "receiver_index", "stream_id", "mtype", "_next", "_base", "_limit",
+                 "bytes_sent", "packets_sent")
 
-    def __init__(self, key: bytes, receiver_index: int, stream_id: int = 0, start: int = 0) -> None:
+    def __init__(self, key: bytes, receiver_index: int, stream_id: int = 0, start: int = 0,
+                 mtype: int = MSG_DATA) -> None:
         if len(key) != C.KEY_BYTES:
             raise LocalProtocolError("session key must be 32 bytes")
         if not 0 <= stream_id < C.MAX_STREAMS:
@@ -59,13 +71,10 @@ class SendStream:
         self.key = bytes(key)
         self.receiver_index = receiver_index
         self.stream_id = stream_id
+        self.mtype = mtype
         self._base = stream_id << _STREAM_SHIFT
         self._next = self._base + start
         self._limit = self._base + C.REJECT_AFTER_MESSAGES
-        self._out = ffi.new("unsigned char[]", _BUF_BYTES)
-        self._obuf = ffi.buffer(self._out)
-        self._nonce = self._out + 4          # receiver index || counter, inside the header
-        self._ct = self._out + _HDR
         self.bytes_sent = 0
         self.packets_sent = 0
 
@@ -87,30 +96,28 @@ class SendStream:
         size = len(plaintext)
         if size > C.MAX_INNER_PACKET_BYTES:
             raise LocalProtocolError("inner packet too large")
-        out = self._out
-        _pack_header(self._obuf, 0, MSG_DATA, self.receiver_index, n)
-        _encrypt(self._ct, _NULL, plaintext, size, out, _HDR, _NULL, self._nonce, self.key)
+        _pack_header(_SEAL_BUF, 0, self.mtype, self.receiver_index, n)
+        _encrypt(_SEAL_CT, _NULL, plaintext, size, _SEAL_OUT, _HDR, _NULL, _SEAL_NONCE, self.key)
         self.bytes_sent += size
         self.packets_sent += 1
-        return self._obuf[0:size + _HDR + _TAG]
+        return _SEAL_BUF[0:size + _HDR + _TAG]
 
 
 class ReceiveSession:
     """Opens packets of one session key; one replay window per sender stream."""
 
-    __slots__ = ("key", "local_index", "_windows", "_out", "_obuf",
+    __slots__ = ("key", "local_index", "mtype", "_windows",
                  "bytes_received", "packets_received", "max_streams")
 
     def __init__(self, key: bytes, local_index: int,
-                 max_streams: int = C.MAX_RECEIVE_STREAMS_PER_SESSION) -> None:
+                 max_streams: int = C.MAX_RECEIVE_STREAMS_PER_SESSION, mtype: int = MSG_DATA) -> None:
         if len(key) != C.KEY_BYTES:
             raise LocalProtocolError("session key must be 32 bytes")
         self.key = bytes(key)
         self.local_index = local_index
         self.max_streams = max_streams
+        self.mtype = mtype
         self._windows: dict[int, ReplayWindow] = {}
-        self._out = ffi.new("unsigned char[]", _BUF_BYTES)
-        self._obuf = ffi.buffer(self._out)
         self.bytes_received = 0
         self.packets_received = 0
 
@@ -122,7 +129,7 @@ class ReceiveSession:
         if size > C.MAX_DATAGRAM_BYTES:
             raise ParseError("data packet oversize", reason="oversize")
         mtype, idx, counter = _unpack_header(datagram)
-        if mtype != MSG_DATA or idx != self.local_index:
+        if mtype != self.mtype or idx != self.local_index or datagram[1:4] != b"\x00\x00\x00":
             raise ParseError("data packet for another session", reason="index")
         stream = counter >> _STREAM_SHIFT
         window = self._windows.get(stream)
@@ -131,7 +138,7 @@ class ReceiveSession:
         if window is None and len(self._windows) >= self.max_streams:
             raise ReplayError("too many sender streams for one session", reason="streams")
         clen = size - _HDR
-        if _decrypt(self._out, _NULL, _NULL, datagram[_HDR:], clen,
+        if _decrypt(_OPEN_OUT, _NULL, _NULL, datagram[_HDR:], clen,
                     datagram[:_HDR], _HDR, datagram[4:_HDR], self.key) != 0:
             raise AuthenticationError("data packet failed authentication")
         if window is None:
@@ -141,7 +148,7 @@ class ReceiveSession:
         plen = clen - _TAG
         self.bytes_received += plen
         self.packets_received += 1
-        return self._obuf[0:plen], counter
+        return _OPEN_BUF[0:plen], counter
 
 
 def ipv4_addresses(packet: bytes) -> tuple[bytes, bytes] | None:

@@ -31,7 +31,23 @@ from .wire import handshake as wire
 
 PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"
 PROLOGUE = b"cyphonic tunnel v1"
+CONTROL_PROLOGUE = b"cyphonic control v1"
 MAC1_LABEL = b"mac1----"
+
+
+@dataclass(frozen=True)
+class Purpose:
+    """What a handshake is for: its prologue and message types. A tunnel handshake
+    and a control-channel handshake (node to cloud) can never be mistaken for each other."""
+
+    prologue: bytes
+    initiation_type: int
+    response_type: int
+    data_type: int
+
+
+TUNNEL = Purpose(PROLOGUE, wire.MSG_INITIATION, wire.MSG_RESPONSE, 4)
+CONTROL = Purpose(CONTROL_PROLOGUE, wire.MSG_CONTROL_INITIATION, wire.MSG_CONTROL_RESPONSE, 8)
 
 _INITIAL_H = PROTOCOL_NAME.ljust(crypto.HASH_BYTES, b"\x00")
 
@@ -72,12 +88,12 @@ def mac1_key(static_public: bytes) -> bytes:
 class _SymmetricState:
     __slots__ = ("ck", "h", "k", "n")
 
-    def __init__(self) -> None:
+    def __init__(self, prologue: bytes = PROLOGUE) -> None:
         self.h = _INITIAL_H
         self.ck = _INITIAL_H
         self.k: bytes | None = None
         self.n = 0
-        self.mix_hash(PROLOGUE)
+        self.mix_hash(prologue)
 
     def mix_hash(self, data: bytes) -> None:
         self.h = crypto.hash_(self.h + data)
@@ -109,13 +125,15 @@ class _SymmetricState:
 class InitiatorHandshake:
     """The initiator's side of one handshake attempt (one per attempt: fresh ephemeral)."""
 
-    def __init__(self, identity: StaticIdentity, peer_static: bytes, local_index: int) -> None:
+    def __init__(self, identity: StaticIdentity, peer_static: bytes, local_index: int,
+                 purpose: Purpose = TUNNEL) -> None:
         if len(peer_static) != 32:
             raise ValueError("peer static key must be 32 bytes")
         self.identity = identity
         self.peer_static = peer_static
         self.local_index = local_index
-        self._ss = _SymmetricState()
+        self.purpose = purpose
+        self._ss = _SymmetricState(purpose.prologue)
         self._ss.mix_hash(peer_static)
         self._e_priv = b""
         self.message = b""
@@ -131,21 +149,23 @@ class InitiatorHandshake:
         ss.mix_key(crypto.x25519(self.identity.private, self.peer_static))
         payload = wire.encode_payload(wire.encode_timestamp(wall_now), self.identity.certificate)
         enc_payload = ss.encrypt_and_hash(payload)
-        msg = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload)
+        mtype = self.purpose.initiation_type
+        msg = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload, mtype=mtype)
         mac1 = crypto.mac(mac1_key(self.peer_static), msg.body())
-        self.message = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload, mac1).encode()
+        self.message = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload, mac1,
+                                       mtype=mtype).encode()
         return self.message
 
     def consume_response(self, data: bytes) -> SessionKeys:
         """Process message 2; raise ParseError or AuthenticationError if it is not ours or forged."""
         if not self._e_priv:
             raise ParseError("no initiation outstanding", reason="unexpected")
-        resp = wire.decode_response(data)
+        resp = wire.decode_response(data, self.purpose.response_type)
         if resp.receiver_index != self.local_index:
             raise ParseError("response for another handshake", reason="index")
         if not crypto.constant_time_eq(crypto.mac(mac1_key(self.identity.public), resp.body()), resp.mac1):
             raise AuthenticationError("response mac1 invalid", reason="mac1")
-        ss = _SymmetricState()
+        ss = _SymmetricState(self.purpose.prologue)
         ss.h, ss.ck, ss.k, ss.n = self._ss.h, self._ss.ck, self._ss.k, self._ss.n
         ss.mix_hash(resp.ephemeral)
         ss.mix_key(crypto.x25519(self._e_priv, resp.ephemeral))
@@ -166,19 +186,23 @@ class ReceivedInitiation:
     certificate: bytes
     peer_ephemeral: bytes
     _ss: _SymmetricState
+    purpose: Purpose = TUNNEL
 
 
-def check_mac1(identity: StaticIdentity, data: bytes) -> wire.Initiation:
+def check_mac1(identity: StaticIdentity, data: bytes, purpose: Purpose = TUNNEL) -> wire.Initiation:
     """Parse message 1 and check its mac1: the cheap gate before any DH."""
-    msg = wire.decode_initiation(data)
+    msg = wire.decode_initiation(data, purpose.initiation_type)
     if not crypto.constant_time_eq(crypto.mac(mac1_key(identity.public), msg.body()), msg.mac1):
         raise AuthenticationError("initiation mac1 invalid", reason="mac1")
     return msg
 
 
-def consume_initiation(identity: StaticIdentity, msg: wire.Initiation) -> ReceivedInitiation:
+def consume_initiation(identity: StaticIdentity, msg: wire.Initiation,
+                       purpose: Purpose = TUNNEL) -> ReceivedInitiation:
     """Decrypt message 1 (after ``check_mac1``); raise AuthenticationError/ParseError."""
-    ss = _SymmetricState()
+    if msg.mtype != purpose.initiation_type:
+        raise ParseError("initiation of another purpose", reason="type")
+    ss = _SymmetricState(purpose.prologue)
     ss.mix_hash(identity.public)
     ss.mix_hash(msg.ephemeral)
     ss.mix_key(crypto.x25519(identity.private, msg.ephemeral))
@@ -186,7 +210,7 @@ def consume_initiation(identity: StaticIdentity, msg: wire.Initiation) -> Receiv
     ss.mix_key(crypto.x25519(identity.private, peer_static))
     payload = ss.decrypt_and_hash(msg.encrypted_payload)
     timestamp, cert = wire.decode_payload(payload)
-    return ReceivedInitiation(peer_static, msg.sender_index, timestamp, cert, msg.ephemeral, ss)
+    return ReceivedInitiation(peer_static, msg.sender_index, timestamp, cert, msg.ephemeral, ss, purpose)
 
 
 def create_response(identity: StaticIdentity, received: ReceivedInitiation, local_index: int,
@@ -198,9 +222,10 @@ def create_response(identity: StaticIdentity, received: ReceivedInitiation, loca
     ss.mix_key(crypto.x25519(e_priv, received.peer_ephemeral))
     ss.mix_key(crypto.x25519(e_priv, received.peer_static))
     enc = ss.encrypt_and_hash(b"")
-    msg = wire.Response(local_index, received.sender_index, e_pub, enc)
+    mtype = received.purpose.response_type
+    msg = wire.Response(local_index, received.sender_index, e_pub, enc, mtype=mtype)
     mac1 = crypto.mac(mac1_key(received.peer_static), msg.body())
-    out = wire.Response(local_index, received.sender_index, e_pub, enc, mac1).encode()
+    out = wire.Response(local_index, received.sender_index, e_pub, enc, mac1, mtype=mtype).encode()
     init_send, init_recv = ss.split()
     return out, SessionKeys(init_recv, init_send, local_index, received.sender_index, False,
                             received.peer_static)

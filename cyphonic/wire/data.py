@@ -23,6 +23,9 @@ MSG_RESPONSE = 2
 MSG_COOKIE = 3      # reserved for a cookie reply under load (not sent yet)
 MSG_DATA = 4
 MSG_RELAY = 5       # reserved for Tunnel Relay Service framing
+MSG_CONTROL_INITIATION = 6   # control channel (node <-> cloud): same layouts as 1, 2 and 4
+MSG_CONTROL_RESPONSE = 7
+MSG_CONTROL_DATA = 8
 
 HEADER = struct.Struct("!B3xIQ")
 MIN_DATA_BYTES = C.DATA_HEADER_BYTES + C.AEAD_TAG_BYTES

@@ -34,6 +34,10 @@ from ..errors import ParseError
 
 MSG_INITIATION = 1
 MSG_RESPONSE = 2
+# The control channel to the cloud uses the same layouts under its own types
+# (and its own Noise prologue), so a tunnel message can never pass for a control one.
+MSG_CONTROL_INITIATION = 6
+MSG_CONTROL_RESPONSE = 7
 MAC_BYTES = 16
 INIT_FIXED = 90
 INIT_MIN_PAYLOAD = C.TIMESTAMP_BYTES + 2 + C.AEAD_TAG_BYTES
@@ -54,10 +58,11 @@ class Initiation:
     encrypted_payload: bytes
     mac1: bytes = b"\x00" * MAC_BYTES
     mac2: bytes = b"\x00" * MAC_BYTES
+    mtype: int = MSG_INITIATION
 
     def body(self) -> bytes:
         """Bytes covered by mac1."""
-        return _INIT_HEAD.pack(MSG_INITIATION, self.sender_index, self.ephemeral,
+        return _INIT_HEAD.pack(self.mtype, self.sender_index, self.ephemeral,
                                self.encrypted_static, len(self.encrypted_payload)) + self.encrypted_payload
 
     def encode(self) -> bytes:
@@ -72,16 +77,17 @@ class Response:
     encrypted_empty: bytes
     mac1: bytes = b"\x00" * MAC_BYTES
     mac2: bytes = b"\x00" * MAC_BYTES
+    mtype: int = MSG_RESPONSE
 
     def body(self) -> bytes:
         return self.encode()[:RESPONSE_BYTES - 2 * MAC_BYTES]
 
     def encode(self) -> bytes:
-        return _RESP.pack(MSG_RESPONSE, self.sender_index, self.receiver_index, self.ephemeral,
+        return _RESP.pack(self.mtype, self.sender_index, self.receiver_index, self.ephemeral,
                           self.encrypted_empty, self.mac1, self.mac2)
 
 
-def decode_initiation(data: bytes) -> Initiation:
+def decode_initiation(data: bytes, mtype: int = MSG_INITIATION) -> Initiation:
     if not isinstance(data, (bytes, bytearray)):
         raise ParseError("initiation: expected bytes")
     n = len(data)
@@ -89,8 +95,8 @@ def decode_initiation(data: bytes) -> Initiation:
         raise ParseError(f"initiation: {n} bytes is too short", reason="short")
     if n > INIT_MAX_BYTES:
         raise ParseError(f"initiation: {n} bytes is too long", reason="oversize")
-    mtype, sender, eph, enc_static, plen = _INIT_HEAD.unpack_from(data)
-    if mtype != MSG_INITIATION or data[1:4] != b"\x00\x00\x00":
+    got, sender, eph, enc_static, plen = _INIT_HEAD.unpack_from(data)
+    if got != mtype or data[1:4] != b"\x00\x00\x00":
         raise ParseError("initiation: wrong type or reserved bits", reason="type")
     if not INIT_MIN_PAYLOAD <= plen <= INIT_MAX_PAYLOAD:
         raise ParseError(f"initiation: payload length {plen} out of range")
@@ -98,18 +104,18 @@ def decode_initiation(data: bytes) -> Initiation:
         raise ParseError("initiation: length does not match payload length")
     end = INIT_FIXED + plen
     return Initiation(sender, eph, enc_static, bytes(data[INIT_FIXED:end]),
-                      bytes(data[end:end + MAC_BYTES]), bytes(data[end + MAC_BYTES:]))
+                      bytes(data[end:end + MAC_BYTES]), bytes(data[end + MAC_BYTES:]), mtype)
 
 
-def decode_response(data: bytes) -> Response:
+def decode_response(data: bytes, mtype: int = MSG_RESPONSE) -> Response:
     if not isinstance(data, (bytes, bytearray)):
         raise ParseError("response: expected bytes")
     if len(data) != RESPONSE_BYTES:
         raise ParseError(f"response: {len(data)} bytes, need {RESPONSE_BYTES}", reason="short")
-    mtype, sender, receiver, eph, enc, mac1, mac2 = _RESP.unpack(data)
-    if mtype != MSG_RESPONSE or data[1:4] != b"\x00\x00\x00":
+    got, sender, receiver, eph, enc, mac1, mac2 = _RESP.unpack(data)
+    if got != mtype or data[1:4] != b"\x00\x00\x00":
         raise ParseError("response: wrong type or reserved bits", reason="type")
-    return Response(sender, receiver, eph, enc, mac1, mac2)
+    return Response(sender, receiver, eph, enc, mac1, mac2, mtype)
 
 
 def encode_payload(timestamp: bytes, certificate: bytes) -> bytes:

@@ -1,0 +1,484 @@
+"""The control channel: authenticated, encrypted, replay-protected signaling
+between a node and the cloud, sans-IO.
+
+The node (``ControlClient``) runs the same Noise IK handshake as tunnels do,
+against the cloud's pinned static X25519 key, under its own prologue and
+message types (``handshake.CONTROL``). On the first login the node has no
+certificate yet: its initiation carries an empty one and the ``LoginRequest``
+inside the channel carries the enrollment token. Every signaling message
+(``cyphonic.wire.signaling``) then travels as the plaintext of a
+``MSG_CONTROL_DATA`` packet: the same AEAD, header-as-AD and RFC 6479 replay
+window as tunnel data.
+
+Reliability, the same on both sides (``_Peer``):
+- ``request(msg)`` gives the message a request id and retransmits it
+  (CONTROL_RETRY_S, doubling to CONTROL_RETRY_MAX_S, CONTROL_RETRIES times)
+  until a message with the same id comes back (event ``Reply``), or reports
+  ``RequestTimedOut``.
+- An incoming request is delivered once (event ``Incoming``); the answer given
+  with ``reply()`` is cached, so a retransmitted request is answered again from
+  the cache and never processed twice (a one-time enrollment token stays
+  one-time even when the answer was lost).
+- Request ids: the client uses 1 .. 2^31-1, the cloud 2^31 .. 2^32-1; 0 means
+  a notification that expects no answer.
+
+The cloud side (``ControlServer``) keeps one ``_Peer`` per node static key,
+bounded (MAX_CONTROL_PEERS) and forgotten after CONTROL_PEER_IDLE_S of silence.
+It tells the upper layer who is speaking (static key, certificate from the
+handshake, and the observed source address, which is how the NMS detects NAT).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, replace
+
+from . import constants as C
+from . import handshake as hs
+from .datachannel import ReceiveSession, SendStream
+from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedError,
+                     RemoteProtocolError, ReplayError)
+from .ratelimit import RateLimiter
+from .wire import data as wire_data
+from .wire import signaling as sig
+
+CONTROL_DATA = wire_data.MSG_CONTROL_DATA
+
+
+# --- events --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Connected:
+    """The client's control session is up (after every handshake, rekeys included)."""
+    addr: object
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """The client's handshake got no answer for REKEY_ATTEMPT_S."""
+    addr: object
+    dropped: int
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A request or notification from the other side. Answer requests with ``reply``."""
+    msg: sig.Message
+    peer_static: bytes
+    addr: object
+    certificate: bytes = b""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to one of our requests."""
+    msg: sig.Message
+    request: sig.Message
+    peer_static: bytes
+
+
+@dataclass(frozen=True)
+class RequestTimedOut:
+    request: sig.Message
+    peer_static: bytes
+
+
+# --- one end's view of the other ------------------------------------------------
+
+@dataclass
+class _Pending:
+    msg: sig.Message
+    data: bytes
+    next_at: float
+    interval: float
+    tries: int
+
+
+class _Peer:
+    """Keys, pending requests and the answered-request cache for one counterpart."""
+
+    def __init__(self, peer_static: bytes, addr, certificate: bytes = b"") -> None:
+        self.peer_static = peer_static
+        self.addr = addr
+        self.certificate = certificate
+        self.send: SendStream | None = None
+        self.recv: ReceiveSession | None = None
+        self.prev_recv: ReceiveSession | None = None
+        self.created = 0.0
+        self.confirmed = False
+        self.last_received = float("-inf")
+        self.last_timestamp = b""
+        self.pending: OrderedDict[int, _Pending] = OrderedDict()
+        self.answered: OrderedDict[int, bytes | None] = OrderedDict()
+        self.next_id = 0
+
+    def install(self, keys: hs.SessionKeys, now: float) -> None:
+        self.prev_recv = self.recv
+        self.send = SendStream(keys.send_key, keys.remote_index, mtype=CONTROL_DATA)
+        self.recv = ReceiveSession(keys.receive_key, keys.local_index, mtype=CONTROL_DATA)
+        self.created = now
+        self.confirmed = keys.initiator
+
+    def usable(self, now: float) -> bool:
+        return (self.send is not None and self.confirmed and now - self.created < C.REJECT_AFTER_S
+                and not self.send.exhausted)
+
+
+class _Base:
+    """What client and server share: queues, counters, the request/answer logic."""
+
+    purpose = hs.CONTROL
+
+    def __init__(self, identity: hs.StaticIdentity, rng: random.Random | None) -> None:
+        self.identity = identity
+        self.rng = rng or random.SystemRandom()
+        self._out: deque = deque()
+        self._events: deque = deque()
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+        self._timers: list = []  # heap of (deadline, seq, peer static, request id)
+        self._seq = 0
+
+    def datagrams_to_send(self) -> list:
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def _push(self, data: bytes, addr) -> None:
+        if len(self._out) >= C.MAX_DATAGRAMS_QUEUED:
+            self._out.popleft()
+            self.drops["out_queue_full"] += 1
+        self._out.append((data, addr))
+
+    def _emit(self, event) -> None:
+        if len(self._events) >= C.MAX_EVENTS_QUEUED:
+            self._events.popleft()
+            self.drops["event_queue_full"] += 1
+        self._events.append(event)
+
+    def _arm(self, when: float, peer: _Peer, rid: int) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, peer.peer_static, rid))
+
+    # requests and answers
+
+    def _new_request(self, peer: _Peer, msg: sig.Message, now: float, first_id: int) -> sig.Message:
+        if len(peer.pending) >= C.CONTROL_MAX_PENDING:
+            raise LocalProtocolError("too many outstanding control requests")
+        span = C.SERVER_REQUEST_ID_BASE - 1
+        peer.next_id = peer.next_id % span + 1
+        rid = first_id + peer.next_id - 1
+        msg = replace(msg, request_id=rid)
+        data = sig.encode(msg)
+        peer.pending[rid] = _Pending(msg, data, now + C.CONTROL_RETRY_S, C.CONTROL_RETRY_S, 0)
+        self._arm(now + C.CONTROL_RETRY_S, peer, rid)
+        return msg
+
+    def _deliver(self, peer: _Peer, plaintext: bytes, addr, now: float) -> None:
+        msg = sig.decode(plaintext)
+        rid = msg.request_id
+        pending = peer.pending.pop(rid, None) if rid else None
+        if pending is not None:
+            self._emit(Reply(msg, pending.msg, peer.peer_static))
+            return
+        if rid:
+            if rid in peer.answered:
+                cached = peer.answered[rid]
+                self.counters["duplicate_requests"] += 1
+                if cached is not None:
+                    self._send_plain(peer, cached, now)
+                return
+            peer.answered[rid] = None
+            while len(peer.answered) > C.CONTROL_ANSWERED_CACHE:
+                peer.answered.popitem(last=False)
+        self._emit(Incoming(msg, peer.peer_static, addr, peer.certificate))
+
+    def _reply(self, peer: _Peer, request: sig.Message, msg: sig.Message, now: float) -> None:
+        msg = replace(msg, request_id=request.request_id)
+        data = sig.encode(msg)
+        if request.request_id in peer.answered:
+            peer.answered[request.request_id] = data
+        self._send_plain(peer, data, now)
+
+    def _send_plain(self, peer: _Peer, data: bytes, now: float) -> bool:
+        if not peer.usable(now) or peer.addr is None:
+            return False
+        self._push(peer.send.seal(data), peer.addr)
+        return True
+
+    def _retry_due(self, peer: _Peer, rid: int, now: float) -> None:
+        p = peer.pending.get(rid)
+        if p is None or p.next_at > now:
+            return
+        if p.tries >= C.CONTROL_RETRIES:
+            del peer.pending[rid]
+            self._emit(RequestTimedOut(p.msg, peer.peer_static))
+            return
+        p.tries += 1
+        p.interval = min(p.interval * 2, C.CONTROL_RETRY_MAX_S)
+        p.next_at = now + p.interval
+        self._arm(p.next_at, peer, rid)
+        self.counters["requests_retransmitted"] += 1
+        self._on_retry(peer, p, now)
+
+    def _on_retry(self, peer: _Peer, p: _Pending, now: float) -> None:
+        self._send_plain(peer, p.data, now)
+
+    def _open(self, peer: _Peer, data: bytes) -> bytes:
+        for recv in (peer.recv, peer.prev_recv):
+            if recv is not None and recv.local_index == int.from_bytes(data[4:8], "big"):
+                plaintext, _ = recv.open(data)
+                return plaintext
+        raise ParseError("control data for an old session", reason="unknown_index")
+
+
+class ControlClient(_Base):
+    """The node's side: one control session to the cloud at ``cloud_addr``."""
+
+    def __init__(self, identity: hs.StaticIdentity, cloud_static: bytes, cloud_addr, *,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(identity, rng)
+        self.peer = _Peer(cloud_static, cloud_addr)
+        self.handshake: hs.InitiatorHandshake | None = None
+        self.handshake_started = 0.0
+        self.handshake_retry_at = 0.0
+        self.queue: deque = deque()
+
+    @property
+    def connected(self) -> bool:
+        return self.peer.send is not None and self.peer.confirmed
+
+    def set_cloud_address(self, addr, now: float) -> None:
+        """The cloud moved, or our own address changed: handshake again from here."""
+        self.peer.addr = addr
+        self.peer.send = None
+        self.handshake = None
+        self._begin(now)
+
+    def set_identity(self, identity: hs.StaticIdentity) -> None:
+        """After login: the certificate goes into later handshakes."""
+        self.identity = identity
+
+    def request(self, msg: sig.Message, now: float) -> sig.Message:
+        """Send a request that expects an answer; returns it with its request id."""
+        msg = self._new_request(self.peer, msg, now, 1)
+        self._send_or_queue(self.peer.pending[msg.request_id].data, now)
+        return msg
+
+    def notify(self, msg: sig.Message, now: float) -> None:
+        """Send a message that expects no answer (request id 0)."""
+        self._send_or_queue(sig.encode(replace(msg, request_id=0)), now)
+
+    def reply(self, incoming: Incoming, msg: sig.Message, now: float) -> None:
+        self._reply(self.peer, incoming.msg, msg, now)
+
+    def _send_or_queue(self, data: bytes, now: float) -> None:
+        if self.peer.usable(now):
+            self._push(self.peer.send.seal(data), self.peer.addr)
+            if now - self.peer.created >= C.REKEY_AFTER_S:
+                self._begin(now)
+            return
+        if len(self.queue) >= C.CONTROL_QUEUE_MAX:
+            self.queue.popleft()
+            self.drops["queue_full"] += 1
+        self.queue.append(data)
+        self._begin(now)
+
+    def _on_retry(self, peer: _Peer, p: _Pending, now: float) -> None:
+        if not self._send_plain(peer, p.data, now) and p.data not in self.queue:
+            self._send_or_queue(p.data, now)
+
+    def _begin(self, now: float) -> None:
+        if self.handshake is not None or self.peer.addr is None:
+            return
+        self.handshake_started = now
+        self._initiate(now)
+
+    def _initiate(self, now: float) -> None:
+        idx = self.rng.getrandbits(32) or 1
+        self.handshake = hs.InitiatorHandshake(self.identity, self.peer.peer_static, idx, hs.CONTROL)
+        self._push(self.handshake.create_initiation(now), self.peer.addr)
+        self.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
+        self.counters["initiations_sent"] += 1
+
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        try:
+            mtype = wire_data.message_type(data)
+            if mtype == hs.CONTROL.response_type:
+                if self.handshake is None:
+                    raise ParseError("no control handshake outstanding", reason="unexpected")
+                keys = self.handshake.consume_response(data)
+                self.handshake = None
+                self.peer.install(keys, now)
+                self.peer.addr = addr
+                self._emit(Connected(addr))
+                queued, self.queue = self.queue, deque()
+                for item in queued:
+                    self._push(self.peer.send.seal(item), self.peer.addr)
+                if not queued:
+                    self._push(self.peer.send.seal(sig.encode(sig.Keepalive(request_id=0))), self.peer.addr)
+            elif mtype == CONTROL_DATA:
+                if len(data) < 8:
+                    raise ParseError("control data too short", reason="short")
+                plaintext = self._open(self.peer, data)
+                self.peer.last_received = now
+                self._deliver(self.peer, plaintext, addr, now)
+            else:
+                raise ParseError(f"not a control message (type {mtype})", reason="unknown_type")
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+        except (CyphonicError, ValueError, TypeError) as exc:
+            self.drops["internal_" + type(exc).__name__] += 1
+
+    def get_timer(self) -> float | None:
+        times = [t[0] for t in self._timers[:1]]
+        if self.handshake is not None:
+            times.append(self.handshake_retry_at)
+        if self.peer.send is not None:
+            times.append(self.peer.created + C.REJECT_AFTER_S)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.handshake is not None and now >= self.handshake_retry_at:
+            if now - self.handshake_started >= C.REKEY_ATTEMPT_S:
+                self.handshake = None
+                dropped = len(self.queue)
+                self.queue.clear()
+                self._emit(Unreachable(self.peer.addr, dropped))
+            else:
+                self.counters["initiations_retransmitted"] += 1
+                self._initiate(now)
+        if self.peer.send is not None and now - self.peer.created >= C.REJECT_AFTER_S:
+            self.peer.send = None
+            self.peer.confirmed = False
+        while self._timers and self._timers[0][0] <= now:
+            _, _, _, rid = heapq.heappop(self._timers)
+            self._retry_due(self.peer, rid, now)
+
+
+class ControlServer(_Base):
+    """The cloud's side: a control session per node, keyed by the node's static key."""
+
+    def __init__(self, identity: hs.StaticIdentity, *, rng: random.Random | None = None,
+                 max_peers: int = C.MAX_CONTROL_PEERS) -> None:
+        super().__init__(identity, rng)
+        self.max_peers = max_peers
+        self.peers: OrderedDict[bytes, _Peer] = OrderedDict()  # oldest activity first
+        self._by_index: dict[int, _Peer] = {}
+        self.ratelimit = RateLimiter()
+        self._next_sweep = 0.0
+
+    def peer(self, static: bytes) -> _Peer | None:
+        return self.peers.get(static)
+
+    def reply(self, incoming: Incoming, msg: sig.Message, now: float) -> None:
+        peer = self.peers.get(incoming.peer_static)
+        if peer is None:
+            self.drops["reply_to_gone_peer"] += 1
+            return
+        self._reply(peer, incoming.msg, msg, now)
+
+    def request(self, static: bytes, msg: sig.Message, now: float) -> sig.Message | None:
+        """A cloud-initiated request (e.g. a route direction for a responder); retransmitted."""
+        peer = self.peers.get(static)
+        if peer is None:
+            return None
+        msg = self._new_request(peer, msg, now, C.SERVER_REQUEST_ID_BASE)
+        self._send_plain(peer, peer.pending[msg.request_id].data, now)
+        return msg
+
+    def notify(self, static: bytes, msg: sig.Message, now: float) -> bool:
+        peer = self.peers.get(static)
+        if peer is None:
+            return False
+        return self._send_plain(peer, sig.encode(replace(msg, request_id=0)), now)
+
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        try:
+            mtype = wire_data.message_type(data)
+            if mtype == hs.CONTROL.initiation_type:
+                self._initiation(data, addr, now)
+            elif mtype == CONTROL_DATA:
+                if len(data) < 8:
+                    raise ParseError("control data too short", reason="short")
+                peer = self._by_index.get(int.from_bytes(data[4:8], "big"))
+                if peer is None:
+                    raise ParseError("control data for an unknown session", reason="unknown_index")
+                plaintext = self._open(peer, data)
+                if peer.recv is not None and peer.recv.local_index == int.from_bytes(data[4:8], "big"):
+                    peer.confirmed = True
+                peer.last_received = now
+                peer.addr = addr  # authenticated and not replayed: the node may have moved
+                self.peers.move_to_end(peer.peer_static)
+                self._deliver(peer, plaintext, addr, now)
+            else:
+                raise ParseError(f"not a control message (type {mtype})", reason="unknown_type")
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+        except (CyphonicError, ValueError, TypeError) as exc:
+            self.drops["internal_" + type(exc).__name__] += 1
+
+    def _initiation(self, data: bytes, addr, now: float) -> None:
+        msg = hs.check_mac1(self.identity, data, hs.CONTROL)
+        if not self.ratelimit.allow(addr[0] if isinstance(addr, tuple) else addr, now):
+            raise RateLimitedError("control initiations from this source too fast")
+        received = hs.consume_initiation(self.identity, msg, hs.CONTROL)
+        peer = self.peers.get(received.peer_static)
+        if peer is not None and received.timestamp <= peer.last_timestamp:
+            raise ReplayError("control initiation not newer than the last", reason="replay_initiation")
+        if peer is None:
+            if len(self.peers) >= self.max_peers:
+                self._evict_oldest()
+            peer = _Peer(received.peer_static, addr)
+            self.peers[received.peer_static] = peer
+        peer.last_timestamp = received.timestamp
+        peer.certificate = received.certificate
+        idx = self.rng.getrandbits(32)
+        while idx == 0 or idx in self._by_index:
+            idx = self.rng.getrandbits(32)
+        response, keys = hs.create_response(self.identity, received, idx)
+        if peer.prev_recv is not None:
+            self._by_index.pop(peer.prev_recv.local_index, None)
+        peer.install(keys, now)
+        self._by_index[idx] = peer
+        peer.addr = addr
+        peer.last_received = now
+        self.peers.move_to_end(peer.peer_static)
+        self._push(response, addr)
+        self.counters["sessions"] += 1
+
+    def _forget(self, peer: _Peer) -> None:
+        self.peers.pop(peer.peer_static, None)
+        for recv in (peer.recv, peer.prev_recv):
+            if recv is not None:
+                self._by_index.pop(recv.local_index, None)
+
+    def _evict_oldest(self) -> None:
+        _, peer = next(iter(self.peers.items()))
+        self._forget(peer)
+        self.drops["peer_evicted"] += 1
+
+    def get_timer(self) -> float | None:
+        times = [self._next_sweep] if self.peers else []
+        if self._timers:
+            times.append(self._timers[0][0])
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, static, rid = heapq.heappop(self._timers)
+            peer = self.peers.get(static)
+            if peer is not None:
+                self._retry_due(peer, rid, now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + C.CONTROL_SWEEP_S
+            for peer in list(self.peers.values()):  # oldest activity first
+                if now - peer.last_received < C.CONTROL_PEER_IDLE_S:
+                    break
+                self._forget(peer)
+                self.counters["sessions_expired"] += 1

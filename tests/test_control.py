@@ -1,0 +1,199 @@
+"""The control channel (node <-> cloud signaling), in memory with a fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cyphonic import constants as C
+from cyphonic import control as ctl
+from cyphonic.handshake import StaticIdentity
+from cyphonic.wire import signaling as sig
+
+T0 = 1_800_000_000.0
+CLOUD = ("198.51.100.1", 4500)
+NODE = ("203.0.113.10", 40001)
+
+
+class Net:
+    def __init__(self):
+        self.now = T0
+        self.cloud_id = StaticIdentity.generate()
+        self.server = ctl.ControlServer(self.cloud_id, rng=random.Random(1))
+        self.node_id = StaticIdentity.generate()
+        self.client = ctl.ControlClient(self.node_id, self.cloud_id.public, CLOUD, rng=random.Random(2))
+        self.drop = None
+        self.sent = []
+        self.node_addr = NODE
+
+    def pump(self):
+        moved = True
+        while moved:
+            moved = False
+            for data, addr in self.client.datagrams_to_send():
+                self.sent.append(("c", data))
+                moved = True
+                if not (self.drop and self.drop("c", data)):
+                    self.server.receive_datagram(data, self.node_addr, self.now)
+            for data, addr in self.server.datagrams_to_send():
+                self.sent.append(("s", data))
+                moved = True
+                if not (self.drop and self.drop("s", data)):
+                    self.client.receive_datagram(data, CLOUD, self.now)
+
+    def advance(self, seconds, step=0.25):
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            for side in (self.client, self.server):
+                t = side.get_timer()
+                if t is not None and t <= self.now:
+                    side.handle_timer(self.now)
+            self.pump()
+
+    def events(self, side):
+        out = []
+        while (e := side.next_event()) is not None:
+            out.append(e)
+        return out
+
+
+def answer_all(net, respond):
+    for e in net.events(net.server):
+        if isinstance(e, ctl.Incoming) and e.msg.request_id:
+            net.server.reply(e, respond(e), net.now)
+    net.pump()
+
+
+def test_login_request_and_reply_through_the_encrypted_channel():
+    net = Net()
+    req = net.client.request(sig.LoginRequest(token=b"tok", name_hint="cam1",
+                                              static_public=net.node_id.public, software="t"), net.now)
+    net.pump()
+    evs = net.events(net.server)
+    inc = [e for e in evs if isinstance(e, ctl.Incoming) and isinstance(e.msg, sig.LoginRequest)]
+    assert len(inc) == 1 and inc[0].peer_static == net.node_id.public and inc[0].addr == NODE
+    assert inc[0].certificate == b""  # first login: no certificate yet
+    net.server.reply(inc[0], sig.Error(code=sig.ErrorCode.TOKEN_UNKNOWN, text="no such token"), net.now)
+    net.pump()
+    replies = [e for e in net.events(net.client) if isinstance(e, ctl.Reply)]
+    assert len(replies) == 1 and replies[0].request == req
+    assert replies[0].msg.code == sig.ErrorCode.TOKEN_UNKNOWN
+    # nothing travelled in clear: the token never appears on the wire
+    assert all(b"tok" not in d for _, d in net.sent)
+
+
+def test_lost_reply_is_answered_from_the_cache_not_processed_twice():
+    net = Net()
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.pump()
+    lost = []
+    net.drop = lambda side, d: side == "s" and d[0] == 8 and len(lost) < 1 and not lost.append(d)
+    answer_all(net, lambda e: sig.Error(code=sig.ErrorCode.UNKNOWN_PEER, text="x"))
+    assert lost
+    net.advance(C.CONTROL_RETRY_S + 0.5)
+    server_events = [e for e in net.events(net.server) if isinstance(e, ctl.Incoming)]
+    assert server_events == []  # the retransmission was not delivered again
+    assert net.server.counters["duplicate_requests"] == 1
+    assert [type(e) for e in net.events(net.client) if isinstance(e, ctl.Reply)] == [ctl.Reply]
+
+
+def test_requests_time_out_when_the_cloud_is_silent():
+    net = Net()
+    net.drop = lambda side, d: True
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.advance(C.REKEY_ATTEMPT_S + 10, step=1.0)
+    evs = net.events(net.client)
+    assert any(isinstance(e, ctl.RequestTimedOut) for e in evs)
+    assert any(isinstance(e, ctl.Unreachable) for e in evs)
+
+
+def test_cloud_initiated_request_and_node_reply():
+    net = Net()
+    net.client.notify(sig.Keepalive(), net.now)
+    net.pump()
+    net.events(net.server)
+    msg = net.server.request(net.node_id.public, sig.TunnelRequest(
+        route_id=5, initiator_fqdn="a.example", initiator_vip4=ipaddress.IPv4Address("100.64.0.1"), initiator_certificate=b"c",
+        initiator_endpoints=(), route_type=sig.RouteType.DIRECT), net.now)
+    assert msg.request_id >= C.SERVER_REQUEST_ID_BASE
+    net.pump()
+    inc = [e for e in net.events(net.client) if isinstance(e, ctl.Incoming)]
+    assert isinstance(inc[0].msg, sig.TunnelRequest)
+    net.client.reply(inc[0], sig.TunnelResponse(route_id=5, accepted=True, code=None), net.now)
+    net.pump()
+    rep = [e for e in net.events(net.server) if isinstance(e, ctl.Reply)]
+    assert rep and rep[0].msg.accepted
+
+
+def test_rekey_keeps_the_channel_and_node_roaming_is_seen():
+    net = Net()
+    for i in range(8):
+        net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+        net.pump()
+        answer_all(net, lambda e: sig.Error(code=sig.ErrorCode.UNKNOWN_PEER, text=""))
+        net.advance(30, step=1.0)
+    assert net.client.counters["initiations_sent"] >= 2
+    net.node_addr = ("192.0.2.99", 5555)
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.pump()
+    inc = [e for e in net.events(net.server) if isinstance(e, ctl.Incoming)]
+    assert inc[-1].addr == ("192.0.2.99", 5555)
+    assert net.server.peer(net.node_id.public).addr == ("192.0.2.99", 5555)
+
+
+def test_replayed_control_packets_are_refused():
+    net = Net()
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.pump()
+    net.events(net.server)
+    for side, d in list(net.sent):
+        if side == "c":
+            net.server.receive_datagram(d, ("203.0.113.66", 1), net.now + 1)
+    assert net.server.drops["replay"] >= 1
+    assert net.server.drops["replay_initiation"] == 1
+    assert net.events(net.server) == []
+
+
+def test_tunnel_messages_are_not_control_messages():
+    from corefixtures import World, ping
+    w = World()
+    a = w.device("alice", "100.64.0.1")
+    b = w.device("bob", "100.64.0.2")
+    a.add_peer(b.identity.certificate, w.now, endpoint=w.addr["bob"])
+    a.send_packet(ping(a, b, 0), w.now)
+    w.collect()
+    net = Net()
+    for data, _, _ in w.wire:
+        net.server.receive_datagram(data, NODE, net.now)
+    assert net.server.drops["unknown_type"] >= 1 and not net.server.peers
+
+
+def test_idle_nodes_are_forgotten_and_the_table_is_bounded():
+    net = Net()
+    net.server.max_peers = 3
+    for i in range(5):
+        c = ctl.ControlClient(StaticIdentity.generate(), net.cloud_id.public, CLOUD, rng=random.Random(i))
+        c.notify(sig.Keepalive(), net.now)
+        for d, _ in c.datagrams_to_send():
+            net.server.receive_datagram(d, ("192.0.2.1", 1000 + i), net.now)
+    assert len(net.server.peers) == 3 and net.server.drops["peer_evicted"] == 2
+    net.advance(C.CONTROL_PEER_IDLE_S + C.CONTROL_SWEEP_S + 1, step=5.0)
+    assert len(net.server.peers) == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=1500), st.sampled_from([b"", b"\x06", b"\x07", b"\x08"]))
+def test_garbage_is_counted_never_raised(blob, prefix):
+    net = Net()
+    net.client.notify(sig.Keepalive(), net.now)
+    net.pump()
+    before = sum(net.server.drops.values()), sum(net.client.drops.values())
+    net.server.receive_datagram(prefix + blob, NODE, net.now)
+    net.client.receive_datagram(prefix + blob, CLOUD, net.now)
+    after = sum(net.server.drops.values()), sum(net.client.drops.values())
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 1
+    assert not any(k.startswith("internal_") for k in list(net.server.drops) + list(net.client.drops))

@@ -123,6 +123,10 @@ class ReceiveSession:
 
     def open(self, datagram: bytes) -> tuple[bytes, int]:
         """Return (plaintext, counter) or raise ParseError / ReplayError / AuthenticationError."""
+        if type(datagram) is not bytes:
+            if not isinstance(datagram, (bytearray, memoryview)):
+                raise ParseError("data packet: expected bytes", reason="type")
+            datagram = bytes(datagram)
         size = len(datagram)
         if size < MIN_DATA_BYTES:
             raise ParseError("data packet too short", reason="short")

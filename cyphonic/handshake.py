@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from . import constants as C
 from . import crypto
-from .errors import AuthenticationError, ParseError
+from .errors import AuthenticationError, LocalProtocolError, ParseError
 from .wire import handshake as wire
 
 PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"
@@ -140,6 +140,8 @@ class InitiatorHandshake:
 
     def create_initiation(self, wall_now: float, *, ephemeral: tuple[bytes, bytes] | None = None) -> bytes:
         """Build message 1. ``ephemeral`` (private, public) is for known-answer tests only."""
+        if self.message:
+            raise LocalProtocolError("one initiation per attempt: make a new InitiatorHandshake")
         ss = self._ss
         e_priv, e_pub = ephemeral or crypto.x25519_keypair()
         self._e_priv = e_priv

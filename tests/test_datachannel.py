@@ -64,12 +64,12 @@ def test_round_trip(size):
     assert tx.counter == 1
 
 
-@pytest.mark.parametrize("size", [C.MAX_DATAGRAM_BYTES - C.DATA_OVERHEAD_BYTES + 1,
-                                  C.MAX_INNER_PACKET_BYTES])
+@pytest.mark.parametrize("size", [C.MAX_INNER_PACKET_BYTES, C.MAX_DATAGRAM_BYTES - C.DATA_OVERHEAD_BYTES + 1,
+                                  65535, 65536])
 def test_largest_inner_packets_seal_only_what_opens(size):
-    """65535 (MAX_INNER_PACKET_BYTES) is accepted by ``seal``: then the datagram must fit
-    MAX_DATAGRAM_BYTES and open at the peer. Either seal refuses it (LocalProtocolError)
-    or the round trip works; sealing a datagram that no peer will open is the bug."""
+    """Whatever ``seal`` accepts must fit MAX_DATAGRAM_BYTES and open at the peer: either
+    seal refuses the size (LocalProtocolError) or the round trip works. (Before the fix,
+    seal took 65535 bytes and produced a datagram that ``open`` refused as oversize.)"""
     tx, rx = pair()
     plaintext = b"\x5a" * size
     try:

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 
 from cyphonic import constants as C
 from cyphonic import crypto
+from cyphonic import handshake as hsmod
 from cyphonic.datachannel import ReceiveSession, SendStream
-from cyphonic.errors import AuthenticationError, ParseError, RemoteProtocolError
+from cyphonic.errors import AuthenticationError, LocalProtocolError, ParseError, RemoteProtocolError
 from cyphonic.handshake import (InitiatorHandshake, StaticIdentity, check_mac1, consume_initiation,
                                 create_response, mac1_key)
 from cyphonic.wire import handshake as wire
@@ -131,6 +132,69 @@ def test_generated_identities():
     assert i.private != r.private and crypto.x25519_public(i.private) == i.public
     hs, _, _, resp, r_keys = handshake(i, r)
     assert hs.consume_response(resp).receive_key == r_keys.send_key
+
+
+def test_create_initiation_twice_on_one_attempt():
+    """One InitiatorHandshake is one attempt. A second create_initiation on it continues
+    the first transcript, so neither message can ever complete: it must be refused
+    (LocalProtocolError), or else produce an initiation that completes."""
+    hs = InitiatorHandshake(INITIATOR, RESPONDER.public, I_INDEX)
+    hs.create_initiation(WALL_NOW)
+    try:
+        second = hs.create_initiation(WALL_NOW + 1)
+    except LocalProtocolError:
+        return
+    received = consume_initiation(RESPONDER, check_mac1(RESPONDER, second))
+    resp, r_keys = create_response(RESPONDER, received, R_INDEX)
+    assert hs.consume_response(resp).send_key == r_keys.receive_key
+
+
+def _control():
+    control = getattr(hsmod, "CONTROL", None)
+    if control is None:
+        pytest.skip("no control-channel purpose in cyphonic.handshake")
+    return control
+
+
+def test_control_purpose_round_trip():
+    control = _control()
+    hs = InitiatorHandshake(INITIATOR, RESPONDER.public, I_INDEX, control)
+    init = hs.create_initiation(WALL_NOW)
+    assert init[0] == control.initiation_type
+    received = consume_initiation(RESPONDER, check_mac1(RESPONDER, init, control), control)
+    resp, r_keys = create_response(RESPONDER, received, R_INDEX)
+    assert resp[0] == control.response_type
+    keys = hs.consume_response(resp)
+    assert keys.send_key == r_keys.receive_key
+
+
+def test_control_and_tunnel_never_mistaken():
+    control = _control()
+    hs = InitiatorHandshake(INITIATOR, RESPONDER.public, I_INDEX, control)
+    c_init = hs.create_initiation(WALL_NOW)
+    # By type: a control initiation is not a tunnel initiation and vice versa.
+    with pytest.raises(ParseError):
+        check_mac1(RESPONDER, c_init)
+    with pytest.raises(ParseError):
+        check_mac1(RESPONDER, INIT, control)
+    with pytest.raises(ParseError):
+        consume_initiation(RESPONDER, check_mac1(RESPONDER, INIT), control)
+    # By transcript: the type byte rewritten (mac1 recomputed) still fails, the prologues differ.
+    as_tunnel = with_mac1(bytes([wire.MSG_INITIATION]) + c_init[1:-32], RESPONDER.public)
+    with pytest.raises(AuthenticationError):
+        consume_initiation(RESPONDER, check_mac1(RESPONDER, as_tunnel))
+    # A tunnel response does not complete a control handshake.
+    received = consume_initiation(RESPONDER, check_mac1(RESPONDER, c_init, control), control)
+    c_resp, _ = create_response(RESPONDER, received, R_INDEX)
+    t_hs, t_resp, _ = fresh_initiator()
+    with pytest.raises(ParseError):
+        t_hs.consume_response(c_resp)
+    with pytest.raises(ParseError):
+        hs.consume_response(t_resp)
+    as_control = with_mac1(bytes([control.response_type]) + t_resp[1:60], INITIATOR.public)
+    with pytest.raises(RemoteProtocolError):
+        hs.consume_response(as_control)
+    hs.consume_response(c_resp)
 
 
 # --- Initiation forgeries ---------------------------------------------------------------------

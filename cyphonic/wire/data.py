@@ -37,6 +37,8 @@ def encode_header(receiver_index: int, counter: int) -> bytes:
 
 def decode_header(data: bytes) -> tuple[int, int]:
     """Return (receiver index, counter) of a data packet or raise ParseError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ParseError("data packet: expected bytes", reason="type")
     if len(data) < MIN_DATA_BYTES:
         raise ParseError(f"data packet: {len(data)} bytes, need at least {MIN_DATA_BYTES}", reason="short")
     if len(data) > C.MAX_DATAGRAM_BYTES:
@@ -49,6 +51,8 @@ def decode_header(data: bytes) -> tuple[int, int]:
 
 def message_type(data: bytes) -> int:
     """First byte of any tunnel datagram, or raise ParseError for an empty one."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ParseError("datagram: expected bytes", reason="type")
     if not data:
         raise ParseError("empty datagram", reason="short")
     return data[0]

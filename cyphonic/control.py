@@ -248,6 +248,7 @@ class ControlClient(_Base):
         self.handshake_started = 0.0
         self.handshake_retry_at = 0.0
         self.queue: deque = deque()
+        self._last_timestamp_ns = 0
 
     @property
     def connected(self) -> bool:
@@ -302,7 +303,8 @@ class ControlClient(_Base):
     def _initiate(self, now: float) -> None:
         idx = self.rng.getrandbits(32) or 1
         self.handshake = hs.InitiatorHandshake(self.identity, self.peer.peer_static, idx, hs.CONTROL)
-        self._push(self.handshake.create_initiation(now), self.peer.addr)
+        self._push(self.handshake.create_initiation(now, after_ns=self._last_timestamp_ns), self.peer.addr)
+        self._last_timestamp_ns = self.handshake.timestamp_ns
         self.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
         self.counters["initiations_sent"] += 1
 

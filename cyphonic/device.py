@@ -58,6 +58,7 @@ class Device:
         self._events: deque = deque()
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
+        self._last_timestamp_ns = 0  # initiation timestamps strictly increase (see handshake)
 
     # --- peers ---------------------------------------------------------------
 
@@ -197,7 +198,8 @@ class Device:
             self._index.pop(peer.handshake.local_index, None)
         idx = self._new_index()
         attempt = hs.InitiatorHandshake(self.identity, peer.static, idx)
-        msg = attempt.create_initiation(now)
+        msg = attempt.create_initiation(now, after_ns=self._last_timestamp_ns)
+        self._last_timestamp_ns = attempt.timestamp_ns
         peer.handshake = attempt
         self._index[idx] = (peer, attempt)
         peer.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S

@@ -137,9 +137,16 @@ class InitiatorHandshake:
         self._ss.mix_hash(peer_static)
         self._e_priv = b""
         self.message = b""
+        self.timestamp_ns = 0
 
-    def create_initiation(self, wall_now: float, *, ephemeral: tuple[bytes, bytes] | None = None) -> bytes:
-        """Build message 1. ``ephemeral`` (private, public) is for known-answer tests only."""
+    def create_initiation(self, wall_now: float, *, ephemeral: tuple[bytes, bytes] | None = None,
+                          after_ns: int = 0) -> bytes:
+        """Build message 1. ``ephemeral`` (private, public) is for known-answer tests only.
+
+        Responders refuse an initiation whose timestamp is not newer than the last one
+        from the same key, so a caller that initiates twice in one clock tick (or after
+        its clock stepped back) passes the previous ``timestamp_ns`` as ``after_ns``:
+        the timestamp is then at least 1 ns later."""
         if self.message:
             raise LocalProtocolError("one initiation per attempt: make a new InitiatorHandshake")
         ss = self._ss
@@ -149,7 +156,8 @@ class InitiatorHandshake:
         ss.mix_key(crypto.x25519(e_priv, self.peer_static))
         enc_static = ss.encrypt_and_hash(self.identity.public)
         ss.mix_key(crypto.x25519(self.identity.private, self.peer_static))
-        payload = wire.encode_payload(wire.encode_timestamp(wall_now), self.identity.certificate)
+        timestamp, self.timestamp_ns = wire.encode_timestamp(wall_now, after_ns)
+        payload = wire.encode_payload(timestamp, self.identity.certificate)
         enc_payload = ss.encrypt_and_hash(payload)
         mtype = self.purpose.initiation_type
         msg = wire.Initiation(self.local_index, e_pub, enc_static, enc_payload, mtype=mtype)

@@ -136,7 +136,11 @@ def decode_payload(plain: bytes) -> tuple[bytes, bytes]:
     return ts, cert
 
 
-def encode_timestamp(wall_now: float) -> bytes:
+def encode_timestamp(wall_now: float, after_ns: int = -1) -> tuple[bytes, int]:
+    """12-byte timestamp (seconds u64, nanoseconds u32) for ``wall_now``, strictly later
+    than ``after_ns``; returns (bytes, nanoseconds since the epoch)."""
     secs = int(wall_now)
-    nanos = int((wall_now - secs) * 1e9) % 1_000_000_000
-    return struct.pack("!QI", secs, nanos)
+    ns = secs * 1_000_000_000 + int((wall_now - secs) * 1e9) % 1_000_000_000
+    ns = max(ns, after_ns + 1)
+    secs, nanos = divmod(ns, 1_000_000_000)
+    return struct.pack("!QI", secs, nanos), ns

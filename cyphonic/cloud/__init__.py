@@ -1,0 +1,1 @@
+"""The cloud: Authentication Service (AS), Node Management Service (NMS), Tunnel Relay Service (TRS)."""

@@ -1,0 +1,181 @@
+"""The thin asyncio UDP edge of the Tunnel Relay Service (``cyphonic.cloud.trs``).
+
+Two sockets on one port: an IPv4 socket and an IPv6-only socket
+(``IPV6_V6ONLY=1``, so IPv4 never arrives as ``::ffff:a.b.c.d`` and each
+family has exactly one way in). That is how an IPv4-only node reaches an
+IPv6-only node: each binds to the relay over its own family, and a datagram
+leaves on the socket whose family matches its destination.
+
+The edge passes ``time.time()`` in (relay tokens expire in Unix seconds),
+sends what comes out, keeps one timer armed at ``service.get_timer()``.
+Socket errors (ICMP unreachable reported as ``ConnectionRefusedError``, a full
+send buffer, a destination of a family with no socket) are counted in
+``errors``, never fatal. While asyncio reports a transport's send buffer
+above its high-water mark, datagrams for that socket are dropped and counted
+(``send_buffer_full``) instead of queued without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from collections import Counter
+from typing import Callable
+
+from . import constants as CC
+from .trs import RelayService
+
+
+class _RelayProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: "RelayServer", family: int) -> None:
+        self.server = server
+        self.family = family
+        self.paused = False
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.server._datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.server.errors[type(exc).__name__] += 1
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+
+class RelayServer:
+    """The running sockets of one ``RelayService``. ``close()`` stops them."""
+
+    def __init__(self, service: RelayService, clock: Callable[[], float] = time.time) -> None:
+        self.service = service
+        self.clock = clock
+        self.errors: Counter = Counter()
+        self.port: int = 0
+        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._protocols: dict[int, _RelayProtocol] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._closed = False
+
+    @property
+    def addresses(self) -> list:
+        """Local socket names, IPv4 first."""
+        return [t.get_extra_info("sockname") for _, t in sorted(self._transports.items())]
+
+    def _datagram_received(self, data: bytes, addr) -> None:
+        self.service.receive_datagram(data, addr, self.clock())
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the service queued, then re-arm the timer if its deadline moved."""
+        for data, addr in self.service.datagrams_to_send():
+            family = socket.AF_INET6 if (len(addr) == 4 or ":" in addr[0]) else socket.AF_INET
+            transport = self._transports.get(family)
+            if transport is None:
+                self.errors["no_socket_for_family"] += 1
+                continue
+            if self._protocols[family].paused:
+                self.errors["send_buffer_full"] += 1
+                continue
+            try:
+                transport.sendto(data, addr)
+            except (OSError, ValueError, TypeError) as exc:
+                self.errors[type(exc).__name__] += 1
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._closed:
+            return
+        deadline = self.service.get_timer()
+        if deadline == self._deadline and (deadline is None or self._timer is not None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = deadline
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._deadline = None
+        self.service.handle_timer(self.clock())
+        self.flush()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
+
+
+def _udp_socket(family: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, CC.RELAY_SOCKET_BUFFER_BYTES)
+            except OSError:
+                pass  # best effort: the kernel caps it at net.core.[rw]mem_max
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_pair(host4: str | None, host6: str | None, port: int) -> dict[int, socket.socket]:
+    """Bind the requested sockets on one port; with port 0, retry until both get the same one."""
+    attempts = 20 if (port == 0 and host4 is not None and host6 is not None) else 1
+    for attempt in range(attempts):
+        socks: dict[int, socket.socket] = {}
+        try:
+            p = port
+            if host4 is not None:
+                socks[socket.AF_INET] = _udp_socket(socket.AF_INET, host4, p)
+                p = socks[socket.AF_INET].getsockname()[1]
+            if host6 is not None:
+                socks[socket.AF_INET6] = _udp_socket(socket.AF_INET6, host6, p)
+            return socks
+        except OSError as exc:
+            for s in socks.values():
+                s.close()
+            if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def serve_relay(service: RelayService, host4: str | None = "0.0.0.0", host6: str | None = "::",
+                      port: int = CC.RELAY_PORT, *,
+                      clock: Callable[[], float] = time.time) -> RelayServer:
+    """Open the TRS sockets (either family may be None to disable it) and start serving."""
+    if host4 is None and host6 is None:
+        raise ValueError("serve_relay: at least one of host4 and host6 is needed")
+    loop = asyncio.get_running_loop()
+    server = RelayServer(service, clock)
+    socks = _bind_pair(host4, host6, port)
+    try:
+        for family, sock in socks.items():
+            proto = _RelayProtocol(server, family)
+            transport, _ = await loop.create_datagram_endpoint(lambda p=proto: p, sock=sock)
+            server._transports[family] = transport
+            server._protocols[family] = proto
+    except BaseException:
+        server.close()
+        for sock in socks.values():
+            sock.close()
+        raise
+    server.port = next(iter(socks.values())).getsockname()[1]
+    server._arm()
+    return server

@@ -1,0 +1,385 @@
+"""The Signaling Module: a node's side of the conversation with the cloud, sans-IO.
+
+The paper's Signaling Module, used as it is by the node daemon and by the
+adapter (once for itself and once per general node). It drives login
+(Authentication Service), registration and keepalives (Node Management
+Service), route requests, route directions pushed by the cloud, and relay
+requests, over ``cyphonic.control`` channels (one per cloud address; the AS
+and the NMS may share one).
+
+Life cycle::
+
+    IDLE --start--> LOGGING_IN --LoginResponse--> REGISTERING --RegisterResponse--> READY
+      LOGGING_IN --token/identity refused--> FAILED      (the operator must act)
+      any --cloud silent (keepalive or request timed out)--> RECONNECTING --backoff--> LOGGING_IN
+
+After a cloud restart the cloud has no session for us: our keepalive times out,
+we handshake, log in again (by key) and re-register, by ourselves. The
+certificate is renewed by a fresh login at two thirds of its lifetime.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from dataclasses import dataclass, replace
+
+from . import constants as C
+from .control import Connected, ControlClient, Incoming, Reply, RequestTimedOut, Unreachable
+from .handshake import StaticIdentity
+from .wire import cert as wire_cert
+from .wire import signaling as sig
+
+E = sig.ErrorCode
+FATAL_LOGIN_CODES = {E.TOKEN_UNKNOWN, E.TOKEN_EXPIRED, E.TOKEN_USED, E.REVOKED, E.UNAUTHENTICATED}
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    LOGGING_IN = "logging in"
+    REGISTERING = "registering"
+    READY = "ready"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+
+
+# --- events -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoggedIn:
+    fqdn: str
+    vip4: str
+    prefix_len: int
+    domain: str
+    certificate: bytes
+    enrolled: bool          # True when this login consumed the enrollment token
+
+
+@dataclass(frozen=True)
+class LoginFailed:
+    code: sig.ErrorCode
+    text: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    observed: sig.Endpoint
+    nat: bool
+
+
+@dataclass(frozen=True)
+class RouteReady:
+    """The cloud's answer to our route request: what to do to reach ``peer_fqdn``."""
+    peer_fqdn: str
+    direction: sig.RouteDirection
+
+
+@dataclass(frozen=True)
+class RouteFailed:
+    peer_fqdn: str
+    code: sig.ErrorCode
+    text: str
+
+
+@dataclass(frozen=True)
+class DirectionPushed:
+    """The cloud tells us about a route another node asked for (we are its responder, or the
+    route changed to the relay). Answer with ``answer_direction``."""
+    direction: sig.RouteDirection
+    incoming: Incoming
+
+
+@dataclass(frozen=True)
+class RelayGranted:
+    grant: sig.RelayGrant
+
+
+@dataclass(frozen=True)
+class Notified:
+    msg: sig.Notify
+
+
+@dataclass(frozen=True)
+class CloudLost:
+    reason: str
+
+
+class SignalingClient:
+    def __init__(self, identity: StaticIdentity, cloud_static: bytes, as_addr, nms_addr=None, *,
+                 token: bytes = b"", name_hint: str = "", software: str = "cyphonic/0.1",
+                 local_endpoints: tuple[sig.Endpoint, ...] = (), rng: random.Random | None = None) -> None:
+        self.identity = identity
+        self.cloud_static = cloud_static
+        self.as_addr = as_addr
+        self.nms_addr = nms_addr or as_addr
+        self.token = token
+        self.name_hint = name_hint
+        self.software = software
+        self.local_endpoints = tuple(local_endpoints)[:C.MAX_ENDPOINTS]
+        self.rng = rng or random.SystemRandom()
+        self.state = State.IDLE
+        self.channels: dict = {}
+        self._events: deque = deque()
+        self._requests: dict[int, str] = {}        # request id -> what it was for
+        self._route_requests: dict[int, str] = {}  # request id -> peer fqdn
+        self.login_info: LoggedIn | None = None
+        self.registration: Registered | None = None
+        self._keepalive_at: float | None = None
+        self._keepalive_s = 25.0
+        self._relogin_at: float | None = None
+        self._reconnect_at: float | None = None
+        self._backoff = RECONNECT_MIN_S
+        self.last_error: str = ""
+        self._sent_token = False
+
+    # --- channels ---------------------------------------------------------------
+
+    def _channel(self, addr) -> ControlClient:
+        ch = self.channels.get(addr)
+        if ch is None:
+            ch = ControlClient(self.identity, self.cloud_static, addr, rng=self.rng)
+            self.channels[addr] = ch
+        return ch
+
+    def owns(self, addr) -> bool:
+        return addr in self.channels
+
+    def datagrams_to_send(self) -> list:
+        out = []
+        for ch in self.channels.values():
+            out.extend(ch.datagrams_to_send())
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def _emit(self, event) -> None:
+        if len(self._events) >= C.MAX_EVENTS_QUEUED:
+            self._events.popleft()
+        self._events.append(event)
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._login(now)
+
+    def _login(self, now: float) -> None:
+        self.state = State.LOGGING_IN
+        token = b"" if self.login_info is not None or self.identity.certificate else self.token
+        self._sent_token = bool(token)
+        msg = sig.LoginRequest(token=token, name_hint=self.name_hint, static_public=self.identity.public,
+                               software=self.software)
+        sent = self._channel(self.as_addr).request(msg, now)
+        self._requests[sent.request_id] = "login"
+
+    def _register(self, now: float) -> None:
+        self.state = State.REGISTERING if self.state != State.READY else State.READY
+        flags = 0
+        for e in self.local_endpoints:
+            flags |= sig.REGISTER_HAS_IPV6 if ":" in e.host else sig.REGISTER_HAS_IPV4
+        sent = self._channel(self.nms_addr).request(
+            sig.RegisterRequest(local_endpoints=self.local_endpoints, flags=flags), now)
+        self._requests[sent.request_id] = "register"
+
+    def set_local_endpoints(self, endpoints, now: float) -> None:
+        """Our addresses changed (roaming): re-register from the new path; the virtual IP stays."""
+        self.local_endpoints = tuple(endpoints)[:C.MAX_ENDPOINTS]
+        if self.state in (State.READY, State.REGISTERING):
+            for ch in self.channels.values():
+                ch.set_cloud_address(ch.peer.addr, now)  # new path: new handshake from the new address
+            self._register(now)
+
+    def request_route(self, peer_fqdn: str, now: float) -> int:
+        sent = self._channel(self.nms_addr).request(sig.RouteRequest(peer_fqdn=peer_fqdn), now)
+        self._route_requests[sent.request_id] = peer_fqdn
+        return sent.request_id
+
+    def confirm_route(self, route_id: int, ok: bool, path_type: sig.RouteType,
+                      endpoint: sig.Endpoint | None, now: float) -> None:
+        self._channel(self.nms_addr).notify(sig.RouteConfirm(
+            route_id=route_id, result=sig.RouteResult.OK if ok else sig.RouteResult.FAILED,
+            path_type=path_type, endpoint=endpoint), now)
+
+    def answer_direction(self, pushed: DirectionPushed, accepted: bool, now: float,
+                         code: sig.ErrorCode | None = None) -> None:
+        self._channel(self.nms_addr).reply(pushed.incoming, sig.TunnelResponse(
+            route_id=pushed.direction.route_id, accepted=accepted, code=None if accepted else code), now)
+
+    def request_relay(self, route_id: int, peer_fqdn: str, now: float) -> None:
+        sent = self._channel(self.nms_addr).request(sig.RelayAllocate(route_id=route_id, peer_fqdn=peer_fqdn), now)
+        self._requests[sent.request_id] = "relay"
+
+    def stop(self, now: float) -> None:
+        """Deregister (best effort: one notification, no retransmission)."""
+        if self.state == State.READY:
+            self._channel(self.nms_addr).notify(sig.Deregister(), now)
+        self.state = State.IDLE
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        ch = self.channels.get(addr)
+        if ch is None:
+            for c in self.channels.values():  # the cloud answered from another address of its own
+                if c.peer.addr is not None and c.peer.addr[:2] == tuple(addr)[:2]:
+                    ch = c
+                    break
+        if ch is None:
+            return
+        ch.receive_datagram(data, addr, now)
+        self._drain(ch, now)
+
+    def _drain(self, ch: ControlClient, now: float) -> None:
+        while (e := ch.next_event()) is not None:
+            if isinstance(e, Reply):
+                self._on_reply(e, now)
+            elif isinstance(e, Incoming):
+                self._on_incoming(ch, e, now)
+            elif isinstance(e, RequestTimedOut):
+                self._on_timeout(e, now)
+            elif isinstance(e, Unreachable):
+                self._lost(f"cloud at {e.addr} unreachable", now)
+            elif isinstance(e, Connected):
+                pass
+
+    def _on_reply(self, e: Reply, now: float) -> None:
+        rid = e.request.request_id
+        msg = e.msg
+        what = self._requests.pop(rid, None)
+        peer = self._route_requests.pop(rid, None)
+        if peer is not None:
+            if isinstance(msg, sig.RouteDirection):
+                self._emit(RouteReady(peer, msg))
+            elif isinstance(msg, sig.Error):
+                self._emit(RouteFailed(peer, msg.code, msg.text))
+                if msg.code == E.NOT_REGISTERED:
+                    self._register(now)
+            return
+        if what == "login":
+            self._on_login(msg, now)
+        elif what == "register":
+            if isinstance(msg, sig.RegisterResponse):
+                self.state = State.READY
+                self._backoff = RECONNECT_MIN_S
+                self._keepalive_s = max(1.0, float(msg.keepalive_interval_s))
+                self._keepalive_at = now + self._keepalive_s
+                self.registration = Registered(msg.observed, msg.nat == sig.NatType.NAT)
+                self._emit(self.registration)
+            elif isinstance(msg, sig.Error):
+                self.last_error = f"registration refused: {msg.code.name} {msg.text}"
+                if msg.code in (E.CERT_INVALID, E.UNAUTHENTICATED):
+                    self._login(now)
+                else:
+                    self._lost(self.last_error, now)
+        elif what == "keepalive":
+            if isinstance(msg, sig.KeepaliveAck):
+                if self.registration is not None and msg.observed != self.registration.observed:
+                    self.registration = Registered(msg.observed, self.registration.nat)
+                    self._emit(self.registration)
+            elif isinstance(msg, sig.Error) and msg.code in (E.NOT_REGISTERED, E.UNAUTHENTICATED, E.CERT_INVALID):
+                self._login(now) if msg.code != E.NOT_REGISTERED else self._register(now)
+        elif what == "relay":
+            if isinstance(msg, sig.RelayGrant):
+                self._emit(RelayGranted(msg))
+            elif isinstance(msg, sig.Error):
+                self._emit(RouteFailed("", msg.code, msg.text))
+
+    def _on_login(self, msg: sig.Message, now: float) -> None:
+        if isinstance(msg, sig.Error):
+            self.last_error = f"login refused: {msg.code.name} ({sig.ERROR_TEXTS.get(msg.code, '')}) {msg.text}"
+            if msg.code in FATAL_LOGIN_CODES:
+                self.state = State.FAILED
+                self._emit(LoginFailed(msg.code, msg.text))
+            else:
+                self._lost(self.last_error, now)
+            return
+        if not isinstance(msg, sig.LoginResponse):
+            self._lost("unexpected answer to login", now)
+            return
+        cert = wire_cert.decode(msg.certificate)
+        enrolled = self._sent_token
+        self._sent_token = False
+        self.identity = self.identity.with_certificate(msg.certificate)
+        self.login_info = LoggedIn(msg.fqdn, str(msg.vip4), msg.prefix_len, msg.overlay_domain,
+                                   msg.certificate, enrolled)
+        self.token = b""  # used up: never send it again
+        self._emit(self.login_info)
+        lifetime = max(60.0, cert.not_after - now)
+        self._relogin_at = now + lifetime * 2 / 3
+        for ch in self.channels.values():
+            ch.set_identity(self.identity)
+        nms = self._channel(self.nms_addr)
+        nms.set_cloud_address(self.nms_addr, now)  # handshake again so the NMS sees our certificate
+        self._register(now)
+
+    def _on_incoming(self, ch: ControlClient, e: Incoming, now: float) -> None:
+        msg = e.msg
+        if isinstance(msg, sig.RouteDirection):
+            self._emit(DirectionPushed(msg, e))
+        elif isinstance(msg, sig.Notify):
+            self._emit(Notified(msg))
+            if msg.kind == sig.NotifyKind.REVOKED:
+                self.state = State.FAILED
+                self._emit(LoginFailed(E.REVOKED, msg.detail))
+            elif msg.kind == sig.NotifyKind.REREGISTER:
+                self._register(now)
+
+    def _on_timeout(self, e: RequestTimedOut, now: float) -> None:
+        rid = e.request.request_id
+        self._requests.pop(rid, None)
+        peer = self._route_requests.pop(rid, None)
+        if peer is not None:
+            self._emit(RouteFailed(peer, E.PEER_UNREACHABLE, "the cloud did not answer"))
+        self._lost(f"the cloud did not answer {type(e.request).__name__}", now)
+
+    def _lost(self, reason: str, now: float) -> None:
+        if self.state == State.FAILED:
+            return
+        was_ready = self.state == State.READY
+        self.state = State.RECONNECTING
+        self.last_error = reason
+        self._keepalive_at = None
+        self._reconnect_at = now + self._backoff * (0.5 + self.rng.random())
+        self._backoff = min(RECONNECT_MAX_S, self._backoff * 2)
+        if was_ready:
+            self._emit(CloudLost(reason))
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (self._keepalive_at, self._relogin_at, self._reconnect_at) if t is not None]
+        times += [t for ch in self.channels.values() if (t := ch.get_timer()) is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for ch in list(self.channels.values()):
+            t = ch.get_timer()
+            if t is not None and t <= now:
+                ch.handle_timer(now)
+                self._drain(ch, now)
+        if self._reconnect_at is not None and now >= self._reconnect_at:
+            self._reconnect_at = None
+            for ch in self.channels.values():
+                ch.set_cloud_address(ch.peer.addr, now)
+            self._login(now)
+        if self._keepalive_at is not None and now >= self._keepalive_at and self.state == State.READY:
+            sent = self._channel(self.nms_addr).request(sig.Keepalive(), now)
+            self._requests[sent.request_id] = "keepalive"
+            self._keepalive_at = now + self._keepalive_s
+        if self._relogin_at is not None and now >= self._relogin_at and self.state == State.READY:
+            self._relogin_at = None
+            sent = self._channel(self.as_addr).request(sig.LoginRequest(
+                token=b"", name_hint=self.name_hint, static_public=self.identity.public,
+                software=self.software), now)
+            self._requests[sent.request_id] = "login"
+
+    def status(self) -> dict:
+        return {"state": self.state.value, "fqdn": self.login_info.fqdn if self.login_info else None,
+                "vip4": self.login_info.vip4 if self.login_info else None,
+                "observed": (f"{self.registration.observed.host}:{self.registration.observed.port}"
+                             if self.registration else None),
+                "nat": self.registration.nat if self.registration else None,
+                "last_error": self.last_error}

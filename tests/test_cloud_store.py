@@ -1,0 +1,591 @@
+"""The cloud's persistent state (cyphonic.cloud.store).
+
+- One suite, run against both ``MemoryStore`` and ``SQLiteStore``: the fake
+  must behave exactly as the real store, errors included.
+- Address allocation is checked against an obviously right model (the lowest
+  host address that is neither reserved nor ever allocated), driven by
+  Hypothesis.
+- Durability: a separate process writes and is killed with SIGKILL right after
+  the write returns; a fresh store sees everything.
+- Concurrency: two processes allocate addresses from one file at the same time
+  and never get the same one.
+- A corrupt file, a newer schema and another program's database are refused
+  with a ``StoreError`` that names the path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cyphonic.cloud.store import (
+    SCHEMA_VERSION, ConflictError, Identity, MemoryStore, NotFoundError, SQLiteStore, Store,
+    StoreError, TokenError, TokenRecord,
+)
+from cyphonic.errors import CyphonicError
+
+ROOT = Path(__file__).resolve().parent.parent
+NET24 = ipaddress.IPv4Network("10.9.8.0/24")
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def token(token_id: str = "t1", *, reusable: bool = False, expires_at: float | None = None,
+          groups: tuple[str, ...] = ("default",), name: str = "") -> TokenRecord:
+    return TokenRecord(token_id=token_id, secret_hash=b"h" * 32, name=name, groups=groups,
+                       reusable=reusable, expires_at=expires_at, created_at=10.0,
+                       used_at=None, uses=0)
+
+
+def enroll(store: Store, i: int, *, prefix: ipaddress.IPv4Network = NET24,
+           reserved: set[str] | None = None, now: float = 100.0) -> Identity:
+    return store.create_identity(key(i), f"n{i}", f"n{i}.overlay.example", ("default",),
+                                 "t1", now, prefix, reserved or set())
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "cloud.sqlite3")
+    yield s
+    s.close()
+
+
+def test_both_implement_the_protocol(store):
+    assert isinstance(store, Store)
+
+
+def test_errors_are_cyphonic_errors():
+    for cls in (ConflictError, NotFoundError, TokenError):
+        assert issubclass(cls, StoreError)
+    assert issubclass(StoreError, CyphonicError)
+
+
+# --- meta -------------------------------------------------------------------------
+
+def test_meta(store):
+    assert store.get_meta("ca_public") is None
+    store.set_meta("ca_public", "abcd")
+    store.set_meta("other", "")
+    assert store.get_meta("ca_public") == "abcd"
+    store.set_meta("ca_public", "ef01")
+    assert store.get_meta("ca_public") == "ef01"
+    assert store.get_meta("other") == ""
+    with pytest.raises(StoreError, match="meta key"):
+        store.set_meta("", "x")
+    with pytest.raises(StoreError, match="meta value"):
+        store.set_meta("k", 5)  # type: ignore[arg-type]
+
+
+# --- tokens -----------------------------------------------------------------------
+
+def test_token_round_trip_and_duplicate(store):
+    rec = token("t1", groups=("cams", "lab"), name="cam1", expires_at=500)
+    store.add_token(rec)
+    got = store.get_token("t1")
+    assert got == rec and isinstance(got.groups, tuple) and got.expires_at == 500.0
+    assert store.get_token("nope") is None
+    with pytest.raises(ConflictError, match="t1"):
+        store.add_token(replace(rec, name="other"))
+    assert store.get_token("t1") == rec
+
+
+def test_one_time_token_consumed_once(store):
+    store.add_token(token("t1"))
+    used = store.consume_token("t1", now=20.0)
+    assert (used.uses, used.used_at) == (1, 20.0)
+    assert store.get_token("t1") == used
+    with pytest.raises(TokenError) as e:
+        store.consume_token("t1", now=21.0)
+    assert e.value.reason == "used" and "t1" in str(e.value)
+    assert store.get_token("t1") == used  # a refused consume changes nothing
+
+
+def test_reusable_token_counts_uses(store):
+    store.add_token(token("multi", reusable=True, expires_at=1000.0))
+    for n in range(1, 6):
+        rec = store.consume_token("multi", now=float(n))
+        assert (rec.uses, rec.used_at) == (n, float(n))
+    assert store.get_token("multi").uses == 5
+
+
+def test_expired_token(store):
+    store.add_token(token("old", expires_at=100.0))
+    store.add_token(token("old-reusable", reusable=True, expires_at=100.0))
+    assert store.consume_token("old-reusable", now=99.9).uses == 1
+    for tid in ("old", "old-reusable"):
+        with pytest.raises(TokenError) as e:
+            store.consume_token(tid, now=100.0)
+        assert e.value.reason == "expired"
+    assert store.get_token("old").uses == 0
+    assert store.get_token("old-reusable").uses == 1
+
+
+def test_used_wins_over_expired(store):
+    store.add_token(token("t", expires_at=100.0))
+    store.consume_token("t", now=50.0)
+    with pytest.raises(TokenError) as e:
+        store.consume_token("t", now=200.0)
+    assert e.value.reason == "used"
+
+
+def test_unknown_token(store):
+    with pytest.raises(TokenError) as e:
+        store.consume_token("ghost", now=1.0)
+    assert e.value.reason == "unknown"
+
+
+def test_list_and_delete_tokens(store):
+    store.add_token(replace(token("b"), created_at=2.0))
+    store.add_token(replace(token("a"), created_at=3.0))
+    store.add_token(replace(token("c"), created_at=1.0))
+    assert [t.token_id for t in store.list_tokens()] == ["c", "b", "a"]
+    store.delete_token("b")
+    assert store.get_token("b") is None
+    assert [t.token_id for t in store.list_tokens()] == ["c", "a"]
+    with pytest.raises(NotFoundError, match="'b'"):
+        store.delete_token("b")
+    with pytest.raises(TokenError):
+        store.consume_token("b", now=5.0)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(token_id=""), dict(groups="default"), dict(groups=("ok", 3)), dict(reusable=1),
+    dict(uses=-1), dict(expires_at="soon"), dict(created_at=float("nan")), dict(secret_hash=b""),
+])
+def test_bad_token_record_refused(store, bad):
+    with pytest.raises(StoreError):
+        store.add_token(replace(token("t1"), **bad))
+    assert store.list_tokens() == []
+
+
+# --- identities and addresses --------------------------------------------------------
+
+def test_identity_round_trip_and_lookups(store):
+    a = store.create_identity(key(1), "cam1", "cam1.overlay.example", ("cams", "lab"), "t1",
+                              100.0, NET24, set())
+    assert a == Identity(key(1), "cam1", "cam1.overlay.example", "10.9.8.1", ("cams", "lab"),
+                         100.0, 0, 0.0, False, "t1")
+    assert store.get_identity(key(1)) == a
+    assert store.get_identity_by_name("cam1") == a
+    assert store.get_identity_by_fqdn("cam1.overlay.example") == a
+    assert store.get_identity_by_vip("10.9.8.1") == a
+    assert store.get_identity(key(2)) is None
+    assert store.get_identity_by_name("cam2") is None
+    assert store.get_identity_by_fqdn("cam2.overlay.example") is None
+    assert store.get_identity_by_vip("10.9.8.2") is None
+    assert store.list_identities() == [a]
+
+
+def test_lowest_free_address(store):
+    reserved = {"10.9.8.1", "10.9.8.3"}
+    vips = [enroll(store, i, reserved=reserved).vip4 for i in range(4)]
+    assert vips == ["10.9.8.2", "10.9.8.4", "10.9.8.5", "10.9.8.6"]
+    # A reservation lifted: its address is now the lowest free one.
+    assert enroll(store, 10, reserved={"10.9.8.3"}).vip4 == "10.9.8.1"
+    assert enroll(store, 11).vip4 == "10.9.8.3"
+    assert enroll(store, 12).vip4 == "10.9.8.7"
+    assert [i.vip4 for i in store.list_identities()] == [
+        f"10.9.8.{n}" for n in (1, 2, 3, 4, 5, 6, 7)]
+
+
+def test_long_runs_are_skipped(store):
+    net = ipaddress.IPv4Network("10.20.0.0/16")
+    vips = [enroll(store, i, prefix=net, reserved={"10.20.1.0"}).vip4 for i in range(300)]
+    want = [str(a) for a in list(net.hosts())[:301] if str(a) != "10.20.1.0"]
+    assert vips == want
+
+
+def test_duplicates_conflict_and_allocate_nothing(store):
+    enroll(store, 1)
+    with pytest.raises(ConflictError, match="static key"):
+        store.create_identity(key(1), "other", "other.overlay.example", (), "t", 1.0, NET24, set())
+    with pytest.raises(ConflictError, match="name 'n1'"):
+        store.create_identity(key(2), "n1", "x.overlay.example", (), "t", 1.0, NET24, set())
+    with pytest.raises(ConflictError, match="fqdn 'n1.overlay.example'"):
+        store.create_identity(key(2), "x", "n1.overlay.example", (), "t", 1.0, NET24, set())
+    assert enroll(store, 2).vip4 == "10.9.8.2"
+    assert len(store.list_identities()) == 2
+
+
+def test_revoked_identity_keeps_its_address(store):
+    net = ipaddress.IPv4Network("10.0.0.0/29")
+    a = enroll(store, 1, prefix=net)
+    store.revoke("n1", now=200.0)
+    assert enroll(store, 2, prefix=net).vip4 == "10.0.0.2"
+    assert store.get_identity_by_vip(a.vip4).revoked
+    # Its name, FQDN and key stay taken too: an identity is never recycled.
+    with pytest.raises(ConflictError):
+        store.create_identity(key(3), "n1", "n1b.overlay.example", (), "t", 1.0, net, set())
+    with pytest.raises(ConflictError):
+        store.create_identity(key(1), "n1b", "n1b.overlay.example", (), "t", 1.0, net, set())
+
+
+def test_pool_exhausted_with_a_30(store):
+    net = ipaddress.IPv4Network("192.0.2.0/30")
+    assert [enroll(store, i, prefix=net).vip4 for i in range(2)] == ["192.0.2.1", "192.0.2.2"]
+    with pytest.raises(StoreError, match="address pool exhausted.*192.0.2.0/30"):
+        enroll(store, 3, prefix=net)
+    assert store.get_identity(key(3)) is None
+    other = ipaddress.IPv4Network("192.0.2.4/30")
+    assert enroll(store, 4, prefix=other, reserved={"192.0.2.5"}).vip4 == "192.0.2.6"
+    with pytest.raises(StoreError, match="exhausted"):
+        enroll(store, 5, prefix=other, reserved={"192.0.2.5"})
+
+
+@pytest.mark.parametrize("bad", [
+    dict(static_public=b"short"), dict(name=""), dict(fqdn=7), dict(groups="g"),
+    dict(prefix="10.0.0.0/24"), dict(reserved={"not-an-ip"}), dict(now=None),
+])
+def test_bad_identity_arguments(store, bad):
+    args = dict(static_public=key(1), name="n", fqdn="n.example", groups=(), token_id="t",
+                now=1.0, prefix=NET24, reserved=set())
+    args.update(bad)
+    with pytest.raises(StoreError):
+        store.create_identity(**args)
+    assert store.list_identities() == []
+
+
+def _fresh_stores():
+    d = tempfile.mkdtemp(prefix="cyphonic-store-")
+    return MemoryStore(), SQLiteStore(os.path.join(d, "cloud.sqlite3"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.frozensets(st.integers(1, 14), max_size=8), min_size=1, max_size=20))
+def test_allocation_matches_model(reserved_per_call):
+    """Both stores hand out exactly the lowest host neither reserved nor ever allocated."""
+    net = ipaddress.IPv4Network("10.1.2.0/28")  # hosts .1 .. .14
+    stores = _fresh_stores()
+    try:
+        allocated: set[int] = set()
+        for i, res in enumerate(reserved_per_call):
+            reserved = {f"10.1.2.{n}" for n in res}
+            free = [n for n in range(1, 15) if n not in res and n not in allocated]
+            if i % 3 == 2 and allocated:
+                victim = sorted(allocated)[0]
+                for s in stores:
+                    s.revoke(s.get_identity_by_vip(f"10.1.2.{victim}").name, now=1.0)
+            results = []
+            for s in stores:
+                try:
+                    results.append(enroll(s, i, prefix=net, reserved=reserved).vip4)
+                except StoreError as e:
+                    assert "exhausted" in str(e)
+                    results.append(None)
+            want = f"10.1.2.{free[0]}" if free else None
+            assert results == [want, want]
+            if free:
+                allocated.add(free[0])
+        assert stores[0].list_identities() == stores[1].list_identities()
+    finally:
+        for s in stores:
+            s.close()
+
+
+# --- serials, certificates, revocation ------------------------------------------------
+
+def test_serials_are_monotonic(store):
+    assert [store.next_serial() for _ in range(5)] == [1, 2, 3, 4, 5]
+    enroll(store, 1)
+    store.set_certificate(key(1), 40, not_after=1000.0)
+    # Never hands out a serial that was already issued.
+    assert store.next_serial() == 41
+
+
+def test_set_certificate(store):
+    enroll(store, 1)
+    enroll(store, 2)
+    s = store.next_serial()
+    store.set_certificate(key(1), s, not_after=86500)
+    ident = store.get_identity(key(1))
+    assert (ident.serial, ident.cert_not_after) == (s, 86500.0)
+    with pytest.raises(NotFoundError):
+        store.set_certificate(key(9), store.next_serial(), 1.0)
+    with pytest.raises(ConflictError, match=f"serial {s}"):
+        store.set_certificate(key(2), s, 1.0)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(StoreError, match="serial"):
+            store.set_certificate(key(2), bad, 1.0)
+    assert store.get_identity(key(2)).serial == 0
+
+
+def test_revocation_collects_every_serial(store):
+    enroll(store, 1)
+    enroll(store, 2)
+    issued = []
+    for _ in range(3):
+        issued.append(store.next_serial())
+        store.set_certificate(key(1), issued[-1], not_after=float(issued[-1]) * 100)
+    other = store.next_serial()
+    store.set_certificate(key(2), other, not_after=1.0)
+    assert store.revoked_serials() == set()
+    ident = store.revoke("n1", now=500.0)
+    assert ident.revoked and ident.serial == issued[-1]
+    assert store.get_identity(key(1)) == ident
+    assert store.revoked_serials() == set(issued)
+    # Idempotent; a revoked identity gets no new certificate.
+    assert store.revoke("n1", now=600.0) == ident
+    with pytest.raises(StoreError, match="revoked"):
+        store.set_certificate(key(1), store.next_serial(), 1.0)
+    store.revoke("n2", now=700.0)
+    assert store.revoked_serials() == set(issued) | {other}
+    with pytest.raises(NotFoundError, match="ghost"):
+        store.revoke("ghost", now=1.0)
+
+
+def test_revoking_without_certificate(store):
+    enroll(store, 1)
+    assert store.revoke("n1", now=1.0).revoked
+    assert store.revoked_serials() == set()
+
+
+# --- policy and lifecycle -------------------------------------------------------
+
+def test_policy_round_trip(store):
+    assert store.get_policy() is None
+    policy = {"default": "same-group",
+              "rules": [{"from": ["group:cams"], "to": ["group:nvr"], "action": "allow"}]}
+    store.set_policy(policy)
+    got = store.get_policy()
+    assert got == policy and got is not policy
+    got["rules"].clear()  # the caller's copy, not the store's
+    assert store.get_policy() == policy
+    store.set_policy({"default": "deny", "rules": []})
+    assert store.get_policy() == {"default": "deny", "rules": []}
+    for bad in (["not", "a", "dict"], {"x": {1, 2}}, {"x": float("inf")}):
+        with pytest.raises(StoreError, match="policy"):
+            store.set_policy(bad)
+    assert store.get_policy() == {"default": "deny", "rules": []}
+
+
+def test_closed_store_refuses(store):
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get_meta("x")
+    with pytest.raises(StoreError, match="closed"):
+        store.next_serial()
+
+
+# --- SQLite only: files, durability, concurrency -----------------------------------------
+
+def _fill(store: Store) -> None:
+    store.set_meta("ca_public", "00ff")
+    store.add_token(token("t1", reusable=True))
+    store.consume_token("t1", now=11.0)
+    a = enroll(store, 1)
+    store.set_certificate(a.static_public, store.next_serial(), 5000.0)
+    enroll(store, 2)
+    store.set_certificate(key(2), store.next_serial(), 6000.0)
+    store.revoke("n2", now=300.0)
+    store.set_policy({"default": "deny", "rules": []})
+
+
+def _check_filled(store: Store) -> None:
+    assert store.get_meta("ca_public") == "00ff"
+    assert store.get_token("t1").uses == 1
+    idents = store.list_identities()
+    assert [(i.name, i.vip4, i.serial, i.revoked) for i in idents] == [
+        ("n1", "10.9.8.1", 1, False), ("n2", "10.9.8.2", 2, True)]
+    assert store.revoked_serials() == {2}
+    assert store.get_policy() == {"default": "deny", "rules": []}
+    assert store.next_serial() == 3
+
+
+def test_reopen_sees_everything(tmp_path):
+    path = tmp_path / "cloud.sqlite3"
+    s = SQLiteStore(path)
+    _fill(s)
+    s.close()
+    s = SQLiteStore(path)
+    _check_filled(s)
+    s.close()
+
+
+def test_file_settings(tmp_path):
+    path = tmp_path / "cloud.sqlite3"
+    s = SQLiteStore(path)
+    db = s._conn()
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    s.close()
+    SQLiteStore(path).close()  # creating the schema again is harmless
+
+
+def _child(script: str, *args: str) -> subprocess.Popen:
+    code = "import sys\n" + textwrap.dedent(script)
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+_WRITER = """
+    import time
+    from tests.test_cloud_store import _fill
+    from cyphonic.cloud.store import SQLiteStore
+    store = SQLiteStore(sys.argv[1])
+    _fill(store)
+    print("written", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_sigkill_after_write_loses_nothing(tmp_path):
+    path = tmp_path / "cloud.sqlite3"
+    proc = _child(_WRITER, str(path))
+    try:
+        line = proc.stdout.readline()
+        assert line == "written\n", proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    s = SQLiteStore(path)
+    _check_filled(s)
+    s.close()
+
+
+_ALLOCATOR = """
+    import ipaddress, json
+    from cyphonic.cloud.store import SQLiteStore
+    path, worker, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    store = SQLiteStore(path)
+    print("ready", flush=True)
+    sys.stdin.readline()  # go
+    net = ipaddress.IPv4Network("10.50.0.0/16")
+    vips = []
+    for i in range(n):
+        name = f"w{worker}-{i}"
+        ident = store.create_identity(bytes([worker, i]) * 16, name, name + ".example",
+                                      (), "t", 1.0, net, {"10.50.0.1"})
+        vips.append(ident.vip4)
+        store.set_certificate(ident.static_public, store.next_serial(), 9.0)
+    store.close()
+    print(json.dumps(vips), flush=True)
+"""
+
+
+def test_two_processes_never_share_an_address(tmp_path):
+    path = tmp_path / "cloud.sqlite3"  # created by whichever child gets there first
+    n = 50
+    procs = [_child(_ALLOCATOR, str(path), str(w), str(n)) for w in (1, 2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n", p.stderr.read()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            results.append(json.loads(out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    vips = results[0] + results[1]
+    assert len(vips) == len(set(vips)) == 2 * n
+    # Serialised allocation: together they took exactly the lowest free addresses.
+    net = ipaddress.IPv4Network("10.50.0.0/16")
+    assert sorted(vips, key=ipaddress.IPv4Address) == [
+        str(a) for a in list(net.hosts())[1:2 * n + 1]]
+    s = SQLiteStore(path)
+    assert len(s.list_identities()) == 2 * n
+    assert sorted(i.serial for i in s.list_identities()) == list(range(1, 2 * n + 1))
+    s.close()
+
+
+@pytest.mark.parametrize("garbage", [b"garbage" * 1000, b"x", os.urandom(8192)])
+def test_corrupt_file_names_the_path(tmp_path, garbage):
+    path = tmp_path / "broken.sqlite3"
+    path.write_bytes(garbage)
+    with pytest.raises(StoreError, match="broken.sqlite3"):
+        SQLiteStore(path)
+
+
+def test_damaged_pages_refused(tmp_path):
+    path = tmp_path / "cloud.sqlite3"
+    s = SQLiteStore(path)
+    for i in range(200):
+        enroll(s, i, prefix=ipaddress.IPv4Network("10.0.0.0/16"))
+    s.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 3 * page
+    data[2 * page:len(data)] = os.urandom(len(data) - 2 * page)  # keep the header, ruin the rest
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=str(path)):
+        s = SQLiteStore(path)
+        s.list_identities()
+
+
+def test_unopenable_path_names_it(tmp_path):
+    path = tmp_path / "no-such-dir" / "cloud.sqlite3"
+    with pytest.raises(StoreError, match="no-such-dir"):
+        SQLiteStore(path)
+
+
+def test_newer_schema_refused(tmp_path):
+    path = tmp_path / "cloud.sqlite3"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=f"{path}.*newer"):
+        SQLiteStore(path)
+
+
+def test_other_programs_database_refused(tmp_path):
+    path = tmp_path / "other.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA application_id = 12345")
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="other.db.*not a cyphonic-cloud database"):
+        SQLiteStore(path)
+
+
+def test_busy_database_times_out_cleanly(tmp_path):
+    path = tmp_path / "cloud.sqlite3"
+    SQLiteStore(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    s = SQLiteStore(path, busy_timeout_s=0.2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            s.next_serial()
+        assert time.monotonic() - t0 >= 0.15
+        assert s.get_meta("x") is None  # readers are not blocked by a writer (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert s.next_serial() == 1  # the failed call consumed nothing
+    s.close()

@@ -44,8 +44,9 @@ DATA_HEADER_BYTES = 16
 DATA_OVERHEAD_BYTES = DATA_HEADER_BYTES + AEAD_TAG_BYTES  # 32, plus IP+UDP outside
 UDP_IPV4_OVERHEAD_BYTES = 20 + 8
 UDP_IPV6_OVERHEAD_BYTES = 40 + 8
-# Inner MTU that fits a 1500-byte underlay over IPv6 too: 1500 - 48 - 32 = 1420.
-DEFAULT_INNER_MTU = 1500 - UDP_IPV6_OVERHEAD_BYTES - DATA_OVERHEAD_BYTES
+RELAY_OVERHEAD_BYTES = 12       # relay framing (cyphonic.wire.relay) when the path goes through the TRS
+# Inner MTU that fits a 1500-byte underlay over IPv6, relayed: 1500 - 48 - 12 - 32 = 1408.
+DEFAULT_INNER_MTU = 1500 - UDP_IPV6_OVERHEAD_BYTES - RELAY_OVERHEAD_BYTES - DATA_OVERHEAD_BYTES
 MAX_DATAGRAM_BYTES = 65535 - UDP_IPV4_OVERHEAD_BYTES
 MAX_INNER_PACKET_BYTES = MAX_DATAGRAM_BYTES - DATA_OVERHEAD_BYTES  # 65475: sealed, it still fits one UDP datagram
 
@@ -84,3 +85,11 @@ MAX_CONTROL_PEERS = 100_000       # nodes one cloud process holds sessions for
 CONTROL_PEER_IDLE_S = 600.0       # a cloud forgets a node's channel after this much silence
 CONTROL_SWEEP_S = 10.0            # how often the cloud looks for idle channels
 SERVER_REQUEST_ID_BASE = 1 << 31  # request ids the cloud starts (client ids stay below)
+
+# Node engine (route execution).
+PATH_ATTEMPT_S = 6.0             # a direct, local or punched path that has not handshaked by then has failed
+RELAY_BIND_EVERY_S = 25.0        # re-send BIND to the relay (keepalive of the relay session and our NAT)
+PUNCH_PACKETS = 3                # punch datagrams sent toward each peer endpoint
+PUNCH_SPACING_S = 0.2            # between punch datagrams
+MAX_PENDING_RESOLVES = 256       # peers being brought up at once
+MSG_PUNCH = 9                    # a datagram that only opens a NAT mapping; receivers drop it silently

@@ -60,6 +60,16 @@ class Device:
         self.counters: Counter = Counter()
         self._last_timestamp_ns = 0  # initiation timestamps strictly increase (see handshake)
 
+    def set_identity(self, identity: hs.StaticIdentity) -> None:
+        """A renewed certificate for the same static key (later handshakes carry it)."""
+        cert = wire_cert.decode(identity.certificate)
+        if identity.public != self.identity.public:
+            raise LocalProtocolError("set_identity keeps the static key; make a new Device instead")
+        if self.local_vip4s == frozenset({self.cert.vip4.packed}):
+            self.local_vip4s = frozenset({cert.vip4.packed})
+        self.identity = identity
+        self.cert = cert
+
     # --- peers ---------------------------------------------------------------
 
     def add_peer(self, certificate: bytes | Certificate, now: float, *, endpoint=None,

@@ -528,6 +528,18 @@ def test_corrupt_file_names_the_path(tmp_path, garbage):
         SQLiteStore(path)
 
 
+@pytest.mark.parametrize("keep", [10, 16, 99, 4096])
+def test_truncated_file_refused(tmp_path, keep):
+    """SQLite would take a file shorter than its header for a new, empty database."""
+    path = tmp_path / "cloud.sqlite3"
+    s = SQLiteStore(path)
+    _fill(s)
+    s.close()
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(StoreError, match=str(path)):
+        SQLiteStore(path)
+
+
 def test_damaged_pages_refused(tmp_path):
     path = tmp_path / "cloud.sqlite3"
     s = SQLiteStore(path)

@@ -13,7 +13,8 @@ pass the same test suite:
 Every write is one transaction: it happens completely or not at all. Misuse
 raises a ``StoreError`` subclass whose message says what was wrong.
 
-Time is an argument (``now``); this module never reads the clock.
+Time is an argument (``now``); the store never reads the wall clock (only a
+monotonic deadline while it waits for another process's lock).
 
 Never: reuse a virtual address (a revoked identity keeps its address for
 ever), let two processes allocate the same address, or forget a serial that
@@ -29,6 +30,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
@@ -329,6 +331,13 @@ def _identity_from_row(row: tuple) -> Identity:
                     serial, not_after, bool(revoked), tid)
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """End an open transaction without committing; a failure to do so changes nothing."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
 class SQLiteStore:
     """The store in one SQLite file; several processes may open the same file."""
 
@@ -379,8 +388,8 @@ class SQLiteStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version} is newer than this "
                              f"program understands ({SCHEMA_VERSION}); upgrade cyphonic")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        mode = self._enable_wal(busy_timeout_s)
+        if mode != "wal":
             raise StoreError(f"{self.path}: cannot use the WAL journal (got {mode!r})")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
@@ -401,6 +410,31 @@ class SQLiteStore:
                 cur.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _enable_wal(self, busy_timeout_s: float) -> str:
+        """Switch the file to WAL (persistent, so once is enough) and return the mode.
+
+        Changing the journal mode needs an exclusive lock and SQLite does not
+        call the busy handler for it: when another process is opening the same
+        new file at this moment we retry here, within the busy timeout.
+        """
+        db = self._db
+        assert db is not None
+        deadline = time.monotonic() + busy_timeout_s
+        delay = 0.005
+        while True:
+            mode = str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            if mode == "wal":
+                return mode
+            try:
+                return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
     # Transactions. Every public method is exactly one of these.
 
     def _conn(self) -> sqlite3.Connection:
@@ -419,8 +453,7 @@ class SQLiteStore:
                 try:
                     yield cur
                 except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+                    _rollback(db)
                     raise
                 cur.execute("COMMIT")
             except StoreError:
@@ -428,8 +461,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError as e:
                 raise ConflictError(f"{self.path}: {e}") from e
             except sqlite3.Error as e:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                _rollback(db)
                 raise StoreError(f"{self.path}: {e}") from e
 
     @contextlib.contextmanager
@@ -443,8 +475,7 @@ class SQLiteStore:
                 try:
                     yield cur
                 finally:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+                    _rollback(db)
             except StoreError:
                 raise
             except sqlite3.Error as e:

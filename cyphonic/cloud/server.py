@@ -1,0 +1,214 @@
+"""`cyphonic-cloud serve`: the cloud process, a thin asyncio edge around the sans-IO cores.
+
+One process runs the services named in the config (by default all three):
+- AS and NMS share the control channel on ``signaling_port`` (``CloudCore``),
+- the TRS listens on ``relay_port`` (``RelayService``),
+each on an IPv4 socket and an IPv6-only socket. Log lines go to stdout, one
+per event (journald on the appliance adds the time). Counters are written
+atomically to ``<state_dir>/stats.json`` every STATS_EVERY_S for
+``cyphonic-cloud stats``. SIGTERM and SIGINT stop it cleanly; after
+``kill -9`` a restart finds every identity, token, revocation and policy in
+the store, and nodes come back by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+
+from ..wire import signaling as sig
+from .config import CloudConfig
+from .core import CloudCore
+from .keys import load_keys
+from .store import SQLiteStore
+from .trs import RelayService
+from .trs_server import serve_relay
+
+STATS_EVERY_S = 2.0
+
+
+def database_path(config: CloudConfig) -> str:
+    return config.database or os.path.join(config.state_dir, "cloud.sqlite3")
+
+
+def _specific(host: str) -> bool:
+    return bool(host) and not ipaddress.ip_address(host).is_unspecified
+
+
+def relay_endpoints(config: CloudConfig, port: int) -> dict[int, sig.Endpoint]:
+    eps = {}
+    h4 = config.public_relay_host4 or (config.listen4 if _specific(config.listen4) else "")
+    h6 = config.public_relay_host6 or (config.listen6 if _specific(config.listen6) else "")
+    if h4:
+        eps[4] = sig.Endpoint(h4, port)
+    if h6:
+        eps[6] = sig.Endpoint(h6, port)
+    return eps
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, server: "CloudServer") -> None:
+        self.server = server
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.server.on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.server.errors[type(exc).__name__] += 1
+
+
+class CloudServer:
+    def __init__(self, config: CloudConfig, *, out=None) -> None:
+        self.config = config
+        self.out = out or sys.stdout
+        self.errors: Counter = Counter()
+        self.store = SQLiteStore(database_path(config))
+        self.keys = load_keys(config.state_dir)
+        self.core: CloudCore | None = None
+        self.relay: RelayService | None = None
+        self.relay_server = None
+        self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopping = asyncio.Event()
+        self.started = time.time()
+
+    def log(self, line: str) -> None:
+        print(f"cyphonic-cloud: {line}", file=self.out, flush=True)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        relay_port = cfg.relay_port
+        if "trs" in cfg.services:
+            self.relay = RelayService(self.keys.relay_key)
+            self.relay_server = await serve_relay(self.relay, cfg.listen4 or None, cfg.listen6 or None,
+                                                  cfg.relay_port)
+            relay_port = self.relay_server.port
+            self.log(f"TRS listening on {', '.join(map(str, self.relay_server.addresses))}")
+        if "as" in cfg.services or "nms" in cfg.services:
+            services = tuple(s for s in cfg.services if s in ("as", "nms"))
+            self.core = CloudCore(store=self.store, keys=self.keys, domain=cfg.domain, prefix=cfg.prefix,
+                                  services=services, cert_lifetime_s=cfg.cert_lifetime_s,
+                                  registration_lifetime_s=cfg.registration_lifetime_s,
+                                  keepalive_interval_s=cfg.keepalive_interval_s,
+                                  relay_endpoints=relay_endpoints(cfg, relay_port))
+            for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
+                if not host:
+                    continue
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, cfg.signaling_port))
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
+                self._transports[family] = transport
+                self.log(f"{'+'.join(s.upper() for s in services)} listening on {host} udp {cfg.signaling_port}")
+        self.log(f"cloud key {self.keys.cloud_key}")
+        self._arm()
+        loop.call_later(STATS_EVERY_S, self._write_stats_periodic)
+
+    def on_datagram(self, data: bytes, addr) -> None:
+        if self.core is None:
+            return
+        self.core.receive_datagram(data, addr, time.time())
+        self._flush()
+
+    def _flush(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        for data, addr in core.datagrams_to_send():
+            family = socket.AF_INET6 if ":" in str(addr[0]) else socket.AF_INET
+            transport = self._transports.get(family)
+            if transport is None:
+                self.errors["no_socket_for_family"] += 1
+                continue
+            try:
+                transport.sendto(data, addr)
+            except OSError as exc:
+                self.errors[type(exc).__name__] += 1
+        while core.logs:
+            self.log(core.logs.popleft())
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.core is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        deadline = self.core.get_timer()
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.core is not None:
+            self.core.handle_timer(time.time())
+            self._flush()
+
+    def stats(self) -> dict:
+        out = {"pid": os.getpid(), "services": list(self.config.services), "started": self.started,
+               "written": time.time(), "socket_errors": dict(self.errors)}
+        if self.core is not None:
+            out.update(self.core.stats())
+            if self.core.nms is not None:
+                out["registrations"] = self.core.nms.status(time.time())
+        if self.relay is not None:
+            out["relay"] = self.relay.stats()
+        return out
+
+    def _write_stats_periodic(self) -> None:
+        try:
+            write_stats(self.config.state_dir, self.stats())
+        except OSError as exc:
+            self.errors["stats_" + type(exc).__name__] += 1
+        if not self._stopping.is_set():
+            asyncio.get_running_loop().call_later(STATS_EVERY_S, self._write_stats_periodic)
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig_ in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig_, self._stopping.set)
+        await self._stopping.wait()
+        self.log("stopping")
+        self.close()
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in self._transports.values():
+            t.close()
+        if self.relay_server is not None:
+            self.relay_server.close()
+        try:
+            write_stats(self.config.state_dir, self.stats())
+        except OSError:
+            pass
+        self.store.close()
+
+
+def write_stats(state_dir: str, stats: dict) -> None:
+    path = os.path.join(state_dir, "stats.json")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats, f, default=str)
+    os.replace(tmp, path)
+
+
+async def serve(config: CloudConfig) -> int:
+    server = CloudServer(config)
+    await server.start()
+    await server.run_until_stopped()
+    return 0

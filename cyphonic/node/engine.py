@@ -1,0 +1,365 @@
+"""A node's overlay engine, sans-IO: signaling + tunnels + relay paths on one UDP socket.
+
+``NodeEngine`` joins the Signaling Module (``cyphonic.signaling``), the tunnel
+device (``cyphonic.device``) and the relay framing (``cyphonic.wire.relay``)
+and carries out the route directions of the NMS:
+
+- asked to reach a peer (``resolve``, triggered by DNS), it requests a route;
+  on the direction it installs the peer from the certificate the NMS handed
+  out (checked against the pinned CA) and, as initiator, handshakes to the
+  given endpoints (several at once when punching or on the same LAN);
+- told by the cloud that a peer will come (``DirectionPushed``), it accepts,
+  installs the peer, punches its NAT toward the peer's endpoints, or
+  initiates itself (reversed route);
+- a path that does not handshake within PATH_ATTEMPT_S is reported failed to
+  the NMS, which pushes a relay direction to both ends; over the relay the
+  peer's endpoint is a ``RelayPath`` and datagrams are wrapped in relay DATA;
+- a relayed peer that later reaches us directly moves to the direct path
+  by itself (the device moves an endpoint on any authenticated packet).
+
+Zero trust: the device accepts initiations only from peers the cloud told us
+about. Demultiplexing of one socket is by the first byte: 1, 2, 4 tunnel;
+5 relay; 6, 7, 8 control channel; 9 punch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from .. import constants as C
+from .. import events as ev
+from .. import signaling as sg
+from ..certs import TrustStore
+from ..device import Device
+from ..errors import CyphonicError, ParseError
+from ..handshake import StaticIdentity
+from ..wire import relay as wire_relay
+from ..wire import signaling as sig
+
+RT = sig.RouteType
+
+
+@dataclass(frozen=True)
+class RelayPath:
+    """A peer endpoint that is a relay session at the TRS."""
+    trs: tuple
+    session_id: int
+
+    def __str__(self) -> str:
+        return f"relay {self.trs[0]}:{self.trs[1]}#{self.session_id:x}"
+
+
+# --- events --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TunnelUp:
+    fqdn: str
+    vip4: str
+    path: str           # "direct", "local", "punched", "reversed", "relay"
+    endpoint: object
+
+
+@dataclass(frozen=True)
+class TunnelFailed:
+    fqdn: str
+    code: sig.ErrorCode
+    text: str
+
+
+@dataclass
+class _Route:
+    fqdn: str
+    direction: sig.RouteDirection | None
+    deadline: float | None
+    relay: RelayPath | None = None
+    asked: bool = True          # we asked (vs. the cloud told us)
+    done: bool = False
+    fell_back: bool = False     # the path failed and we asked the NMS for the relay
+
+
+def endpoint_tuple(e: sig.Endpoint) -> tuple:
+    return (e.host, e.port)
+
+
+class NodeEngine:
+    def __init__(self, identity: StaticIdentity, ca_public: bytes, cloud_static: bytes, cloud_addr, *,
+                 token: bytes = b"", name_hint: str = "", local_endpoints=(), nms_addr=None,
+                 rng: random.Random | None = None, local_vip4s=None) -> None:
+        self.rng = rng or random.SystemRandom()
+        self.ca_public = ca_public
+        self.signaling = sg.SignalingClient(identity, cloud_static, cloud_addr, nms_addr, token=token,
+                                            name_hint=name_hint, local_endpoints=tuple(local_endpoints),
+                                            rng=self.rng)
+        self.trust = TrustStore.of(ca_public)
+        self.device: Device | None = None
+        self._local_vip4s = local_vip4s
+        self.routes: dict[str, _Route] = {}
+        self._relay_binds: dict[RelayPath, tuple[bytes, float]] = {}  # path -> (token, next bind)
+        self._punches: deque = deque()                                 # (when, data, addr)
+        self._events: deque = deque()
+        self._out: deque = deque()
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+
+    # --- API ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.device is not None and self.signaling.state == sg.State.READY
+
+    def start(self, now: float) -> None:
+        self.signaling.start(now)
+
+    def stop(self, now: float) -> None:
+        self.signaling.stop(now)
+
+    def resolve(self, fqdn: str, now: float) -> str | None:
+        """Bring the tunnel to ``fqdn`` up. Returns its virtual IP if it is up already;
+        otherwise TunnelUp or TunnelFailed follows."""
+        if self.device is not None:
+            peer = self.device.peer(fqdn)
+            if peer is not None and peer.sendable(now) is not None:
+                return str(peer.cert.vip4)
+        route = self.routes.get(fqdn)
+        if route is not None and not route.done:
+            return None
+        if len(self.routes) >= C.MAX_PENDING_RESOLVES:
+            self._prune_routes()
+        if not self.ready:
+            self._emit(TunnelFailed(fqdn, sig.ErrorCode.NOT_REGISTERED, "not connected to the cloud"))
+            return None
+        self.routes[fqdn] = _Route(fqdn, None, None)
+        self.signaling.request_route(fqdn, now)
+        return None
+
+    def send_packet(self, packet: bytes, now: float) -> None:
+        if self.device is None:
+            self.drops["tx_not_ready"] += 1
+            return
+        self.device.send_packet(packet, now)
+
+    def set_local_endpoints(self, endpoints, now: float) -> None:
+        self.signaling.set_local_endpoints(endpoints, now)
+        for path in self._relay_binds:
+            self._relay_binds[path] = (self._relay_binds[path][0], now)  # re-bind from the new address
+
+    def datagrams_to_send(self) -> list:
+        out = list(self._out)
+        self._out.clear()
+        out.extend(self.signaling.datagrams_to_send())
+        if self.device is not None:
+            for data, addr in self.device.datagrams_to_send():
+                if isinstance(addr, RelayPath):
+                    out.append((wire_relay.encode_data(addr.session_id, data), addr.trs))
+                else:
+                    out.append((data, addr))
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def _emit(self, e) -> None:
+        if len(self._events) >= C.MAX_EVENTS_QUEUED:
+            self._events.popleft()
+            self.drops["event_queue_full"] += 1
+        self._events.append(e)
+
+    # --- input -------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        if not data:
+            self.drops["empty"] += 1
+            return
+        t = data[0]
+        if t in (6, 7, 8):
+            self.signaling.receive_datagram(data, addr, now)
+        elif t in (1, 2, 4):
+            if self.device is None:
+                self.drops["tunnel_before_login"] += 1
+            else:
+                self.device.receive_datagram(data, addr, now)
+        elif t == wire_relay.MSG_RELAY:
+            self._receive_relay(data, addr, now)
+        elif t == C.MSG_PUNCH:
+            self.counters["punches_received"] += 1
+        else:
+            self.drops["unknown_type"] += 1
+        self._process(now)
+
+    def _receive_relay(self, data: bytes, addr, now: float) -> None:
+        try:
+            pkt = wire_relay.decode(data)
+        except ParseError as exc:
+            self.drops["relay_" + exc.reason] += 1
+            return
+        path = RelayPath(tuple(addr)[:2], pkt.session_id)
+        if path not in self._relay_binds:
+            self.drops["relay_unknown_session"] += 1
+            return
+        if pkt.op == wire_relay.OP_DATA and self.device is not None:
+            self.device.receive_datagram(pkt.inner, path, now)
+        elif pkt.op == wire_relay.OP_BOUND:
+            self.counters["relay_bound"] += 1
+            for route in self.routes.values():
+                if route.relay == path and route.direction is not None and \
+                        route.direction.role == sig.Role.INITIATOR and not route.done:
+                    self.device.connect(route.fqdn, now)
+        elif pkt.op == wire_relay.OP_ERROR:
+            self.counters["relay_errors"] += 1
+            token, _ = self._relay_binds[path]
+            self._relay_binds[path] = (token, now + 1.0)  # re-bind soon (e.g. the TRS restarted)
+
+    # --- events from the parts --------------------------------------------------------------
+
+    def _process(self, now: float) -> None:
+        for _ in range(10_000):
+            e = self.signaling.next_event()
+            if e is None:
+                break
+            self._on_signaling(e, now)
+        if self.device is not None:
+            while (e := self.device.next_event()) is not None:
+                self._on_device(e, now)
+
+    def _on_signaling(self, e, now: float) -> None:
+        if isinstance(e, sg.LoggedIn):
+            identity = self.signaling.identity
+            if self.device is None:
+                self.device = Device(identity, self.trust, accept_unknown_peers=False,
+                                     local_vip4s=self._local_vip4s, rng=self.rng)
+            else:
+                self.device.set_identity(identity)  # a renewed certificate
+            self._emit(e)
+        elif isinstance(e, sg.RouteReady):
+            self._apply_direction(e.direction, now, asked=True)
+        elif isinstance(e, sg.RouteFailed):
+            route = self.routes.get(e.peer_fqdn)
+            if route is not None:
+                route.done = True
+            self._emit(TunnelFailed(e.peer_fqdn, e.code, e.text))
+        elif isinstance(e, sg.DirectionPushed):
+            ok = self._apply_direction(e.direction, now, asked=False)
+            self.signaling.answer_direction(e, ok, now, code=None if ok else sig.ErrorCode.CERT_INVALID)
+        else:
+            self._emit(e)  # LoginFailed, Registered, CloudLost, Notified, RelayGranted
+
+    def _apply_direction(self, d: sig.RouteDirection, now: float, *, asked: bool) -> bool:
+        if self.device is None:
+            return False
+        try:
+            endpoints = [endpoint_tuple(x) for x in d.peer_endpoints]
+            relay = None
+            if d.route_type == RT.RELAY:
+                if d.relay_endpoint is None:
+                    raise CyphonicError("relay direction without a relay endpoint")
+                relay = RelayPath(endpoint_tuple(d.relay_endpoint), d.relay_session_id)
+                endpoints = [relay]
+            self.device.add_peer(d.peer_certificate, now, endpoint=endpoints[0] if endpoints else None,
+                                 candidates=endpoints[1:], expected_fqdn=d.peer_fqdn,
+                                 persistent_keepalive_s=C.NAT_KEEPALIVE_S if self._behind_nat() else 0.0)
+        except CyphonicError as exc:
+            self.drops["bad_direction"] += 1
+            self._emit(TunnelFailed(d.peer_fqdn, sig.ErrorCode.CERT_INVALID, str(exc)))
+            return False
+        route = self.routes.get(d.peer_fqdn)
+        if route is None or route.done:
+            route = self.routes[d.peer_fqdn] = _Route(d.peer_fqdn, d, None, asked=asked)
+        route.direction = d
+        route.relay = relay
+        route.done = False
+        route.fell_back = False
+        route.deadline = now + (C.REKEY_ATTEMPT_S if relay else C.PATH_ATTEMPT_S)
+        if relay is not None:
+            self._relay_binds[relay] = (d.relay_token, now)  # bind now; initiator connects on BOUND
+        elif d.role == sig.Role.INITIATOR:
+            self.device.connect(d.peer_fqdn, now)
+        if d.route_type == RT.HOLE_PUNCH and d.role == sig.Role.RESPONDER:
+            for i in range(C.PUNCH_PACKETS):
+                for addr in endpoints:
+                    self._punches.append((now + i * C.PUNCH_SPACING_S, addr))
+        return True
+
+    def _behind_nat(self) -> bool:
+        reg = self.signaling.registration
+        return bool(reg and reg.nat)
+
+    def _on_device(self, e, now: float) -> None:
+        if isinstance(e, ev.HandshakeCompleted):
+            route = self.routes.get(e.fqdn)
+            path = "direct"
+            if route is not None and route.direction is not None:
+                t = route.direction.route_type
+                path = {RT.DIRECT: "direct", RT.LOCAL: "local", RT.HOLE_PUNCH: "punched",
+                        RT.REVERSED: "reversed", RT.RELAY: "relay"}[t]
+                if isinstance(e.endpoint, RelayPath):
+                    path = "relay"
+                if not route.done:
+                    route.done = True
+                    route.deadline = None
+                    if e.initiator or t == RT.REVERSED:
+                        self.signaling.confirm_route(route.direction.route_id, True, t, None, now)
+            self._emit(TunnelUp(e.fqdn, e.vip4, path, e.endpoint))
+        elif isinstance(e, ev.HandshakeFailed):
+            self._path_failed(e.fqdn, now, "no handshake answer")
+        self._emit(e)
+
+    def _path_failed(self, fqdn: str, now: float, why: str) -> None:
+        route = self.routes.get(fqdn)
+        if route is None or route.done or route.direction is None:
+            return
+        d = route.direction
+        route.deadline = None
+        if d.route_type == RT.RELAY:
+            route.done = True
+            self._emit(TunnelFailed(fqdn, sig.ErrorCode.PEER_UNREACHABLE, f"relay path failed: {why}"))
+            return
+        self.counters["paths_failed"] += 1
+        # Report it; the NMS pushes a relay direction to both ends.
+        self.signaling.confirm_route(d.route_id, False, d.route_type, None, now)
+        route.fell_back = True
+        route.deadline = now + C.PATH_ATTEMPT_S * 3   # the relay direction should come well before this
+
+    def _prune_routes(self) -> None:
+        for fqdn in [f for f, r in self.routes.items() if r.done][: len(self.routes) // 2 + 1]:
+            del self.routes[fqdn]
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (self.signaling.get_timer(), self.device.get_timer() if self.device else None)
+                 if t is not None]
+        times += [r.deadline for r in self.routes.values() if r.deadline is not None and not r.done]
+        times += [t for _, t in self._relay_binds.values()]
+        if self._punches:
+            times.append(self._punches[0][0])
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self.signaling.handle_timer(now)
+        if self.device is not None:
+            self.device.handle_timer(now)
+        for fqdn, route in list(self.routes.items()):
+            if route.deadline is not None and not route.done and now >= route.deadline:
+                if route.direction is not None and route.direction.route_type != RT.RELAY \
+                        and not route.fell_back:
+                    self._path_failed(fqdn, now, "timed out")
+                else:
+                    route.done = True
+                    route.deadline = None
+                    self._emit(TunnelFailed(fqdn, sig.ErrorCode.PEER_UNREACHABLE, "no path to the peer"))
+        for path, (token, when) in list(self._relay_binds.items()):
+            if now >= when:
+                self._out.append((wire_relay.encode_bind(path.session_id, token), path.trs))
+                self._relay_binds[path] = (token, now + C.RELAY_BIND_EVERY_S)
+        while self._punches and self._punches[0][0] <= now:
+            _, addr = self._punches.popleft()
+            self._out.append((bytes([C.MSG_PUNCH]) + self.rng.getrandbits(64).to_bytes(8, "big"), addr))
+        self._process(now)
+
+    def status(self, now: float) -> dict:
+        out = {"signaling": self.signaling.status(), "drops": dict(self.drops), "counters": dict(self.counters)}
+        if self.device is not None:
+            out["device"] = self.device.status(now)
+        return out

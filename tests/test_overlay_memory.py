@@ -1,0 +1,189 @@
+"""The whole overlay in memory: cloud (AS+NMS), relay (TRS) and node engines on a
+simulated network with NAT filtering, a fake clock, and every route type end to end."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cyphonic import events as ev
+from cyphonic.cloud.trs import RelayService
+from cyphonic.handshake import StaticIdentity
+from cyphonic.ipv4 import icmp_echo
+from cyphonic.node.engine import NodeEngine, TunnelFailed, TunnelUp
+from cyphonic.wire import signaling as sig
+
+from cloudfixtures import CLOUD, CloudNet
+
+TRS4 = ("198.51.100.1", 47102)
+TRS6 = ("2001:db8::1", 47102)
+
+
+class Host:
+    def __init__(self, name, engine, public, local, mode):
+        self.name, self.engine, self.public, self.local, self.mode = name, engine, public, local, mode
+        self.sent_to: set = set()   # remote (host, port) this host has sent to (NAT filter state)
+
+
+class Sim:
+    def __init__(self):
+        self.net = CloudNet()
+        self.trs = RelayService(self.net.keys.relay_key)
+        self.hosts: dict[str, Host] = {}
+        self.now = self.net.now
+        self.log = []
+
+    def add(self, name, public, local=None, mode="open", groups=("default",)):
+        tok = self.net.token(name, groups=groups).encode()
+        local = local or public
+        eng = NodeEngine(StaticIdentity.generate(), self.net.keys.ca.public, self.net.keys.signaling.public,
+                         CLOUD, token=tok, name_hint=name, local_endpoints=[sig.Endpoint(*local)],
+                         rng=random.Random(len(self.hosts) + 100))
+        self.hosts[name] = Host(name, eng, public, local, mode)
+        return eng
+
+    def _deliver(self, data, src, dst):
+        if dst == CLOUD:
+            self.net.cloud.receive_datagram(data, src, self.now)
+            return
+        if dst in (TRS4, TRS6):
+            self.trs.receive_datagram(data, src, self.now)
+            return
+        for h in self.hosts.values():
+            if dst in (h.public, h.local):
+                if dst == h.local and h.local != h.public and src[0].split(".")[:2] != h.local[0].split(".")[:2]:
+                    continue  # private address not reachable from outside its LAN
+                if h.mode == "nat" and dst == h.public and src not in h.sent_to and src not in (CLOUD, TRS4, TRS6):
+                    self.log.append(("filtered", h.name, src))
+                    return
+                if h.mode == "blocked" and src not in (CLOUD, TRS4, TRS6):
+                    self.log.append(("blocked", h.name, src))
+                    return
+                h.engine.receive_datagram(data, src, self.now)
+                return
+        self.log.append(("nowhere", dst))
+
+    def pump(self, limit=20000):
+        n = 0
+        moved = True
+        while moved and n < limit:
+            moved = False
+            for h in self.hosts.values():
+                for data, dst in h.engine.datagrams_to_send():
+                    moved = True
+                    n += 1
+                    dst = tuple(dst)[:2]
+                    h.sent_to.add(dst)
+                    same_lan = any(dst == o.local and o.local != o.public and
+                                   o.local[0].split(".")[:2] == h.local[0].split(".")[:2]
+                                   for o in self.hosts.values() if o is not h)
+                    self._deliver(data, h.local if same_lan else h.public, dst)
+            for data, dst in self.net.cloud.datagrams_to_send() + self.trs.datagrams_to_send():
+                moved = True
+                n += 1
+                src = CLOUD if data[0] in (6, 7, 8) else (TRS6 if ":" in dst[0] else TRS4)
+                self._deliver(data, src, tuple(dst)[:2])
+
+    def advance(self, seconds, step=0.1):
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            self.net.now = self.now
+            parts = [h.engine for h in self.hosts.values()] + [self.net.cloud, self.trs]
+            for p in parts:
+                t = p.get_timer()
+                if t is not None and t <= self.now:
+                    p.handle_timer(self.now)
+            self.pump()
+
+    def start(self):
+        for h in self.hosts.values():
+            h.engine.start(self.now)
+        self.pump()
+        self.advance(1)
+        for h in self.hosts.values():
+            assert h.engine.ready, (h.name, h.engine.status(self.now))
+
+    def events(self, name, cls=None):
+        out = []
+        while (e := self.hosts[name].engine.next_event()) is not None:
+            if cls is None or isinstance(e, cls):
+                out.append(e)
+        return out
+
+    def vip(self, name):
+        return str(self.hosts[name].engine.device.cert.vip4)
+
+    def ping_ok(self, a, b, seq=1):
+        pa = icmp_echo(self.vip(a), self.vip(b), 9, seq, b"hello")
+        self.hosts[a].engine.send_packet(pa, self.now)
+        self.pump()
+        self.advance(0.5)
+        got = [e.packet for e in self.events(b, ev.PacketReceived)]
+        return pa in got
+
+
+def bring_up(sim, a, b):
+    sim.events(a)
+    sim.events(b)
+    sim.hosts[a].engine.resolve(f"{b}.ov.example", sim.now)
+    sim.pump()
+    sim.advance(30)
+    evs = sim.events(a)
+    ups = [e for e in evs if isinstance(e, TunnelUp)]
+    fails = [e for e in evs if isinstance(e, TunnelFailed)]
+    return ups, fails
+
+
+@pytest.mark.parametrize("case,a,b,expect", [
+    ("direct", dict(public=("192.0.2.1", 1000)), dict(public=("192.0.2.2", 2000)), "direct"),
+    ("reversed", dict(public=("192.0.2.1", 1000)),
+     dict(public=("203.0.113.2", 40000), local=("10.2.0.2", 2000), mode="nat"), "reversed"),
+    ("punched", dict(public=("203.0.113.1", 30000), local=("10.1.0.2", 1000), mode="nat"),
+     dict(public=("203.0.113.2", 40000), local=("10.2.0.2", 2000), mode="nat"), "punched"),
+    ("local", dict(public=("203.0.113.1", 30000), local=("10.1.0.2", 1000), mode="nat"),
+     dict(public=("203.0.113.1", 30001), local=("10.1.0.3", 2000), mode="nat"), "local"),
+    ("punch fails: relay", dict(public=("203.0.113.1", 30000), local=("10.1.0.2", 1000), mode="blocked"),
+     dict(public=("203.0.113.2", 40000), local=("10.2.0.2", 2000), mode="blocked"), "relay"),
+    ("ipv4 meets ipv6: relay", dict(public=("192.0.2.1", 1000)), dict(public=("2001:db8::2", 2000)), "relay"),
+])
+def test_route_types_end_to_end(case, a, b, expect):
+    sim = Sim()
+    sim.add("a", **a)
+    sim.add("b", **b)
+    sim.start()
+    ups, fails = bring_up(sim, "a", "b")
+    assert not fails, fails
+    assert ups and ups[-1].path == expect, (ups, sim.log[-5:])
+    assert sim.ping_ok("a", "b", 1)
+    assert sim.ping_ok("b", "a", 2)
+    if expect == "relay":
+        assert sum(s["packets_relayed"][0] + s["packets_relayed"][1]
+                   for s in sim.trs.session_status(sim.now)) > 0
+
+
+def test_policy_refusal_reaches_the_node():
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000), groups=("cams",))
+    sim.add("b", public=("192.0.2.2", 2000), groups=("servers",))
+    sim.start()
+    ups, fails = bring_up(sim, "a", "b")
+    assert not ups and fails[0].code == sig.ErrorCode.POLICY_DENIED
+
+
+def test_zero_trust_a_node_refuses_initiations_the_cloud_did_not_announce():
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.add("c", public=("192.0.2.3", 3000))
+    sim.start()
+    ups, _ = bring_up(sim, "a", "b")
+    assert ups
+    # c learns b's certificate somehow and tries to handshake without asking the NMS
+    dev_c = sim.hosts["c"].engine.device
+    b_cert = sim.hosts["b"].engine.device.identity.certificate
+    dev_c.add_peer(b_cert, sim.now, endpoint=("192.0.2.2", 2000))
+    dev_c.connect("b.ov.example", sim.now)
+    sim.pump()
+    assert sim.hosts["b"].engine.device.drops["unknown_peer"] >= 1

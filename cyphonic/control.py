@@ -94,6 +94,7 @@ class _Pending:
     next_at: float
     interval: float
     tries: int
+    retries: int = C.CONTROL_RETRIES
 
 
 class _Peer:
@@ -167,7 +168,8 @@ class _Base:
 
     # requests and answers
 
-    def _new_request(self, peer: _Peer, msg: sig.Message, now: float, first_id: int) -> sig.Message:
+    def _new_request(self, peer: _Peer, msg: sig.Message, now: float, first_id: int,
+                     retries: int = C.CONTROL_RETRIES) -> sig.Message:
         if len(peer.pending) >= C.CONTROL_MAX_PENDING:
             raise LocalProtocolError("too many outstanding control requests")
         span = C.SERVER_REQUEST_ID_BASE - 1
@@ -175,7 +177,7 @@ class _Base:
         rid = first_id + peer.next_id - 1
         msg = replace(msg, request_id=rid)
         data = sig.encode(msg)
-        peer.pending[rid] = _Pending(msg, data, now + C.CONTROL_RETRY_S, C.CONTROL_RETRY_S, 0)
+        peer.pending[rid] = _Pending(msg, data, now + C.CONTROL_RETRY_S, C.CONTROL_RETRY_S, 0, retries)
         self._arm(now + C.CONTROL_RETRY_S, peer, rid)
         return msg
 
@@ -215,7 +217,7 @@ class _Base:
         p = peer.pending.get(rid)
         if p is None or p.next_at > now:
             return
-        if p.tries >= C.CONTROL_RETRIES:
+        if p.tries >= p.retries:
             del peer.pending[rid]
             self._emit(RequestTimedOut(p.msg, peer.peer_static))
             return
@@ -265,9 +267,10 @@ class ControlClient(_Base):
         """After login: the certificate goes into later handshakes."""
         self.identity = identity
 
-    def request(self, msg: sig.Message, now: float) -> sig.Message:
-        """Send a request that expects an answer; returns it with its request id."""
-        msg = self._new_request(self.peer, msg, now, 1)
+    def request(self, msg: sig.Message, now: float, retries: int = C.CONTROL_RETRIES) -> sig.Message:
+        """Send a request that expects an answer; returns it with its request id. Without an
+        answer it is sent ``retries`` more times (1 s, 2 s, 4 s, 8 s, 8 s apart), then times out."""
+        msg = self._new_request(self.peer, msg, now, 1, retries)
         self._send_or_queue(self.peer.pending[msg.request_id].data, now)
         return msg
 

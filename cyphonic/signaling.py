@@ -35,6 +35,7 @@ E = sig.ErrorCode
 FATAL_LOGIN_CODES = {E.TOKEN_UNKNOWN, E.TOKEN_EXPIRED, E.TOKEN_USED, E.REVOKED, E.UNAUTHENTICATED}
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
+KEEPALIVE_RETRIES = 2
 
 
 class State(enum.Enum):
@@ -338,6 +339,8 @@ class SignalingClient:
     def _lost(self, reason: str, now: float) -> None:
         if self.state == State.FAILED:
             return
+        if self.state == State.RECONNECTING and self._reconnect_at is not None:
+            return  # already counting down: more timeouts of the old session change nothing
         was_ready = self.state == State.READY
         self.state = State.RECONNECTING
         self.last_error = reason
@@ -366,9 +369,11 @@ class SignalingClient:
                 ch.set_cloud_address(ch.peer.addr, now)
             self._login(now)
         if self._keepalive_at is not None and now >= self._keepalive_at and self.state == State.READY:
-            sent = self._channel(self.nms_addr).request(sig.Keepalive(), now)
-            self._requests[sent.request_id] = "keepalive"
             self._keepalive_at = now + self._keepalive_s
+            if "keepalive" not in self._requests.values():  # one outstanding keepalive at a time
+                # Few retries: a silent cloud is noticed within about 7 s and we reconnect.
+                sent = self._channel(self.nms_addr).request(sig.Keepalive(), now, retries=KEEPALIVE_RETRIES)
+                self._requests[sent.request_id] = "keepalive"
         if self._relogin_at is not None and now >= self._relogin_at and self.state == State.READY:
             self._relogin_at = None
             sent = self._channel(self.as_addr).request(sig.LoginRequest(

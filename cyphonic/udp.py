@@ -1,4 +1,8 @@
-"""The thin asyncio UDP edge around the sans-IO ``Device`` (aioquic's protocol.py, in small).
+"""The thin asyncio UDP edge around a sans-IO core (aioquic's protocol.py, in small).
+
+Any core with ``receive_datagram(data, addr, now)``, ``datagrams_to_send()``,
+``get_timer()``, ``handle_timer(now)`` and ``next_event()`` runs on it: the
+tunnel ``Device``, the node's ``NodeEngine``, the cloud's cores.
 
 It passes ``time.time()`` in, sends what comes out, keeps one timer armed at
 ``device.get_timer()`` and hands events to a callback. Socket errors (for
@@ -12,11 +16,12 @@ import time
 from collections import Counter
 from typing import Callable
 
-from .device import Device
 
 
 class DeviceProtocol(asyncio.DatagramProtocol):
-    def __init__(self, device: Device, on_event: Callable[[object], None] | None = None,
+    """Drives ``device`` (any sans-IO core) from one UDP socket."""
+
+    def __init__(self, device, on_event: Callable[[object], None] | None = None,
                  clock: Callable[[], float] = time.time,
                  tap: Callable[[bytes, object], None] | None = None) -> None:
         self.device = device
@@ -81,7 +86,7 @@ class DeviceProtocol(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-async def open_device(device: Device, local_addr: tuple[str, int],
+async def open_device(device, local_addr: tuple[str, int],
                       on_event: Callable[[object], None] | None = None,
                       tap: Callable[[bytes, object], None] | None = None) -> DeviceProtocol:
     loop = asyncio.get_running_loop()

@@ -24,12 +24,12 @@ def make_keys(seed: int = 9) -> CloudKeys:
 
 
 class CloudNet:
-    def __init__(self, store=None, relay=True):
+    def __init__(self, store=None, relay=True, prefix="100.64.0.0/24"):
         self.now = T0
         self.store = store or MemoryStore()
         self.keys = make_keys()
         relay_eps = {4: sig.Endpoint("198.51.100.1", 47102), 6: sig.Endpoint("2001:db8::1", 47102)} if relay else {}
-        self.cloud = CloudCore(store=self.store, keys=self.keys, domain=DOMAIN, prefix="100.64.0.0/24",
+        self.cloud = CloudCore(store=self.store, keys=self.keys, domain=DOMAIN, prefix=prefix,
                                relay_endpoints=relay_eps, rng=random.Random(5))
         self.nodes: dict[str, sg.SignalingClient] = {}
         self.addrs: dict[str, tuple] = {}

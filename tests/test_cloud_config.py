@@ -35,7 +35,7 @@ def test_defaults():
     assert c.domain == "overlay.cyphonic.example"
     assert c.prefix == ipaddress.IPv4Network("100.64.0.0/10")
     assert (c.listen4, c.listen6) == ("0.0.0.0", "::")
-    assert (c.signaling_port, c.relay_port) == (4500, 4501)
+    assert (c.signaling_port, c.relay_port) == (47101, 47102)
     assert c.services == ("as", "nms", "trs")
     assert (c.cert_lifetime_s, c.token_lifetime_s) == (86400, 604800)
     assert (c.registration_lifetime_s, c.keepalive_interval_s) == (120, 25)
@@ -131,7 +131,7 @@ def test_relay_host_defaults_to_specific_listen_address(tmp_path):
     ("signaling_port = true", "signaling_port", "must be an integer, not a boolean"),
     ("relay_port = -1", "relay_port", "not a port number"),
     ("relay_port = 4500.0", "relay_port", "must be an integer, not a float"),
-    ("relay_port = 4500", "relay_port", "also signaling_port"),
+    ("relay_port = 47101", "relay_port", "also signaling_port"),
     ("services = []", "services", "at least one"),
     ('services = ["as", "dns"]', "services", "'dns' is not a service"),
     ('services = ["as", "as"]', "services", "twice"),

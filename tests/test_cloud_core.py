@@ -256,3 +256,30 @@ def test_garbage_never_stops_the_cloud():
     assert sum(net.cloud.server.drops.values()) >= 300
     route(net, "a", "a.ov.example")
     assert net.nodes["a"].state == sg.State.READY
+
+
+def test_full_address_pool_refuses_enrollment_and_keeps_the_token():
+    net = CloudNet(prefix="100.64.0.0/30")  # two host addresses
+    net.node("a", ("192.0.2.1", 1))
+    net.node("b", ("192.0.2.2", 1))
+    tok = net.token("c")
+    c = net.node("c", ("192.0.2.3", 1), token=tok)
+    net.start_all()
+    ready(net, "a", "b")
+    assert c.state != sg.State.READY and not of(net.events("c"), sg.LoggedIn)
+    assert "INTERNAL" in c.last_error and "address pool exhausted" in c.last_error
+    assert any("login refused node=c code=INTERNAL" in l for l in net.cloud.logs)
+    token_id = tok.split(".")[0]
+    assert net.store.get_token(token_id).uses == 0  # nothing lost: the token is still unused
+    assert net.store.get_identity(c.identity.public) is None
+    net.advance(10, step=1)                          # retries fail the same way, still lossless
+    assert c.state != sg.State.READY and net.store.get_token(token_id).uses == 0
+    # The operator widens the pool; the same token now enrolls the node.
+    from cyphonic.cloud.core import CloudCore
+    import random
+    net.cloud = CloudCore(store=net.store, keys=net.keys, domain="ov.example", prefix="100.64.0.0/29",
+                          rng=random.Random(78))
+    net.advance(120, step=1)
+    ready(net, "c")
+    assert net.store.get_token(token_id).uses == 1
+    assert net.store.get_identity(c.identity.public).vip4 == "100.64.0.3"

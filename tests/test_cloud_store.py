@@ -8,7 +8,10 @@
 - Durability: a separate process writes and is killed with SIGKILL right after
   the write returns; a fresh store sees everything.
 - Concurrency: two processes allocate addresses from one file at the same time
-  and never get the same one.
+  and never get the same one; two processes enrolling with one one-time token
+  at the same time: exactly one gets an identity.
+- ``enroll`` is all or nothing: a refused token, a full address pool or no free
+  name leaves the token as it was and creates no identity.
 - A corrupt file, a newer schema and another program's database are refused
   with a ``StoreError`` that names the path.
 """
@@ -247,6 +250,124 @@ def test_pool_exhausted_with_a_30(store):
     assert enroll(store, 4, prefix=other, reserved={"192.0.2.5"}).vip4 == "192.0.2.6"
     with pytest.raises(StoreError, match="exhausted"):
         enroll(store, 5, prefix=other, reserved={"192.0.2.5"})
+
+
+# --- enroll: token and identity in one transaction ------------------------------------
+
+DOMAIN = "overlay.example"
+NET30 = ipaddress.IPv4Network("192.0.2.0/30")
+
+
+def enroll_tok(store: Store, tid: str, i: int, names: list[str] | None = None, *,
+               prefix: ipaddress.IPv4Network = NET24, now: float = 100.0,
+               reserved: set[str] | None = None) -> tuple[Identity, TokenRecord]:
+    return store.enroll(tid, key(i), names if names is not None else [f"n{i}"], DOMAIN, now,
+                        prefix, reserved or set())
+
+
+def _snapshot(store: Store) -> tuple:
+    return store.list_tokens(), store.list_identities()
+
+
+def test_enroll_creates_identity_and_consumes_token(store):
+    store.add_token(token("t1", groups=("cams", "lab"), name="cam1"))
+    ident, rec = enroll_tok(store, "t1", 1, ["cam1"], now=50.0)
+    assert ident == Identity(key(1), "cam1", "cam1.overlay.example", "10.9.8.1", ("cams", "lab"),
+                             50.0, 0, 0.0, False, "t1")
+    assert (rec.uses, rec.used_at) == (1, 50.0)
+    assert store.get_token("t1") == rec
+    assert store.get_identity(key(1)) == ident
+    assert store.get_identity_by_fqdn("cam1.overlay.example") == ident
+    # Reserved addresses are skipped exactly as create_identity skips them.
+    store.add_token(token("t2"))
+    ident2, _ = enroll_tok(store, "t2", 2, reserved={"10.9.8.2"})
+    assert ident2.vip4 == "10.9.8.3" and ident2.groups == ("default",) and ident2.token_id == "t2"
+
+
+def test_enroll_reusable_token_counts_uses(store):
+    store.add_token(token("multi", reusable=True, groups=("g",)))
+    for i in range(1, 4):
+        ident, rec = enroll_tok(store, "multi", i, now=float(i))
+        assert (ident.name, ident.vip4, ident.groups) == (f"n{i}", f"10.9.8.{i}", ("g",))
+        assert (rec.uses, rec.used_at) == (i, float(i))
+    assert store.get_token("multi").uses == 3
+
+
+def test_enroll_token_reasons_change_nothing(store):
+    store.add_token(token("old", expires_at=100.0))
+    store.add_token(token("once"))
+    enroll_tok(store, "once", 1)
+    before = _snapshot(store)
+    for tid, i, now, reason in (("ghost", 2, 1.0, "unknown"), ("old", 3, 100.0, "expired"),
+                                ("once", 4, 101.0, "used")):
+        with pytest.raises(TokenError) as e:
+            enroll_tok(store, tid, i, now=now)
+        assert e.value.reason == reason and tid in str(e.value)
+        assert _snapshot(store) == before
+    assert enroll_tok(store, "old", 3, now=99.0)[1].uses == 1  # not yet expired: works
+
+
+def test_enroll_pool_exhausted_keeps_the_token(store):
+    for i in range(2):
+        store.add_token(token(f"t{i}"))
+        assert enroll_tok(store, f"t{i}", i, prefix=NET30)[0].vip4 == f"192.0.2.{i + 1}"
+    store.add_token(token("t2"))
+    store.add_token(token("multi", reusable=True))
+    before = _snapshot(store)
+    for tid in ("t2", "multi", "t2"):
+        with pytest.raises(StoreError, match="address pool exhausted.*192.0.2.0/30"):
+            enroll_tok(store, tid, 2, prefix=NET30)
+        assert _snapshot(store) == before
+    assert store.get_token("t2").uses == 0 and store.get_token("t2").used_at is None
+    assert store.get_token("multi").uses == 0
+    assert store.get_identity(key(2)) is None and store.get_identity_by_name("n2") is None
+    # The token was not lost: with room in the pool it enrolls.
+    ident, rec = enroll_tok(store, "t2", 2, prefix=ipaddress.IPv4Network("192.0.2.0/29"))
+    assert (ident.vip4, rec.uses) == ("192.0.2.3", 1)
+
+
+def test_enroll_name_conflicts_fall_through(store):
+    store.create_identity(key(1), "cam", "cam.overlay.example", (), "x", 1.0, NET24, set())
+    store.create_identity(key(2), "other", "cam-1.overlay.example", (), "x", 1.0, NET24, set())
+    store.add_token(token("multi", reusable=True))
+    # "cam" is taken as a name, "cam-1" as an FQDN: the third candidate wins.
+    ident, rec = enroll_tok(store, "multi", 3, ["cam", "cam-1", "cam-2", "cam-3"])
+    assert (ident.name, ident.fqdn, ident.vip4) == ("cam-2", "cam-2.overlay.example", "10.9.8.3")
+    assert rec.uses == 1
+    ident, _ = enroll_tok(store, "multi", 4, ["cam", "cam-1", "cam-2", "cam-3"])
+    assert ident.name == "cam-3"
+
+
+def test_enroll_all_names_taken_changes_nothing(store):
+    store.create_identity(key(1), "cam", "cam.overlay.example", (), "x", 1.0, NET24, set())
+    store.create_identity(key(2), "cam-1", "cam-1.overlay.example", (), "x", 1.0, NET24, set())
+    store.add_token(token("t1"))
+    before = _snapshot(store)
+    with pytest.raises(ConflictError, match="no free name.*'cam' .. 'cam-1'"):
+        enroll_tok(store, "t1", 3, ["cam", "cam-1"])
+    assert _snapshot(store) == before
+    # A static key that already has an identity is a conflict, not a new identity.
+    with pytest.raises(ConflictError, match="static key .* already enrolled as 'cam'"):
+        enroll_tok(store, "t1", 1, ["fresh"])
+    assert _snapshot(store) == before
+    assert store.get_token("t1").uses == 0
+    assert enroll_tok(store, "t1", 3, ["cam", "cam-1", "cam-2"])[0].name == "cam-2"
+
+
+@pytest.mark.parametrize("bad", [
+    dict(names=[]), dict(names="n"), dict(names=["n", ""]), dict(domain=""),
+    dict(static_public=b"short"), dict(prefix="10.0.0.0/24"), dict(reserved={"nope"}),
+    dict(now=float("nan")), dict(token_id=""),
+])
+def test_enroll_bad_arguments_change_nothing(store, bad):
+    store.add_token(token("t1"))
+    args = dict(token_id="t1", static_public=key(1), names=["n"], domain=DOMAIN, now=1.0,
+                prefix=NET24, reserved=set())
+    args.update(bad)
+    before = _snapshot(store)
+    with pytest.raises(StoreError):
+        store.enroll(**args)
+    assert _snapshot(store) == before
 
 
 @pytest.mark.parametrize("bad", [
@@ -518,6 +639,54 @@ def test_two_processes_never_share_an_address(tmp_path):
     assert len(s.list_identities()) == 2 * n
     assert sorted(i.serial for i in s.list_identities()) == list(range(1, 2 * n + 1))
     s.close()
+
+
+_ENROLLER = """
+    import ipaddress
+    from cyphonic.cloud.store import SQLiteStore, StoreError, TokenError
+    path, worker = sys.argv[1], int(sys.argv[2])
+    store = SQLiteStore(path)
+    print("ready", flush=True)
+    sys.stdin.readline()  # go
+    try:
+        ident, rec = store.enroll("once", bytes([worker]) * 32, ["node", f"node-{worker}"],
+                                  "example", 5.0, ipaddress.IPv4Network("10.60.0.0/24"), set())
+        print(f"ok {ident.name} {ident.vip4} {rec.uses}", flush=True)
+    except TokenError as e:
+        print(f"token {e.reason}", flush=True)
+    store.close()
+"""
+
+
+def test_two_processes_enroll_one_time_token_once(tmp_path):
+    for r in range(3):  # a few races, each on a fresh file
+        path = tmp_path / f"cloud{r}.sqlite3"
+        s = SQLiteStore(path)
+        s.add_token(token("once"))
+        s.close()
+        procs = [_child(_ENROLLER, str(path), str(w)) for w in (1, 2)]
+        try:
+            for p in procs:
+                assert p.stdout.readline() == "ready\n", p.stderr.read()
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            outs = []
+            for p in procs:
+                out, err = p.communicate(timeout=60)
+                assert p.returncode == 0, err
+                outs.append(out.strip())
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert "token used" in outs and sum(o == "ok node 10.60.0.1 1" for o in outs) == 1, outs
+        s = SQLiteStore(path)
+        assert s.get_token("once").uses == 1
+        [ident] = s.list_identities()
+        assert (ident.name, ident.token_id) == ("node", "once")
+        s.close()
 
 
 @pytest.mark.parametrize("garbage", [b"garbage" * 1000, b"x", os.urandom(8192)])

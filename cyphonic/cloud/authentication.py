@@ -5,8 +5,10 @@
 - ``login`` answers a ``LoginRequest`` that arrived over the control channel,
   whose handshake already proved the node holds the static key it claims:
   - a known identity logs in by that proof alone and gets a fresh certificate;
-  - an unknown key must bring a valid token, which is consumed atomically, and
-    becomes an identity with an FQDN and a virtual IPv4 that never change;
+  - an unknown key must bring a valid token and becomes an identity with an
+    FQDN and a virtual IPv4 that never change; the token is consumed in the
+    same store transaction (``Store.enroll``), so a failed enrollment (no free
+    address or name) leaves it usable;
   - revoked, unknown, replayed (used) and expired credentials are refused with
     an ``ErrorCode`` the node prints.
 Sans-IO: the store is the only state, ``now`` is an argument.
@@ -25,7 +27,7 @@ from ..errors import CyphonicError, ParseError
 from ..wire import signaling as sig
 from ..wire.common import validate_fqdn
 from . import constants as CC
-from .store import ConflictError, Identity, Store, StoreError, TokenError, TokenRecord
+from .store import Identity, Store, StoreError, TokenError, TokenRecord
 
 
 def _hash_secret(secret: bytes) -> bytes:
@@ -101,14 +103,14 @@ class AuthenticationService:
             record = self.store.get_token(token_id)
             if record is None or not crypto.constant_time_eq(_hash_secret(secret), record.secret_hash):
                 return refuse(sig.ErrorCode.TOKEN_UNKNOWN, "unknown enrollment token")
+            names = self._candidate_names(record, msg.name_hint)
             try:
-                record = self.store.consume_token(token_id, now)
+                identity, record = self.store.enroll(token_id, peer_static, names, self.domain, now,
+                                                     self.prefix, set())
             except TokenError as exc:
                 code = {"expired": sig.ErrorCode.TOKEN_EXPIRED, "used": sig.ErrorCode.TOKEN_USED}.get(
                     exc.reason, sig.ErrorCode.TOKEN_UNKNOWN)
                 return refuse(code, f"enrollment token {exc.reason}", record.name)
-            try:
-                identity = self._enroll(record, msg.name_hint, peer_static, now)
             except StoreError as exc:
                 return refuse(sig.ErrorCode.INTERNAL, str(exc), record.name)
             how = "enrolled"
@@ -130,20 +132,16 @@ class AuthenticationService:
         return LoginResult(reply, f"{how} ok node={identity.fqdn} vip={identity.vip4} serial={serial}",
                            identity, encoded)
 
-    def _enroll(self, record: TokenRecord, name_hint: str, static: bytes, now: float) -> Identity:
-        names = [record.name]
-        if record.reusable:
-            hint_ok = False
-            try:
-                hint_ok = bool(name_hint) and validate_name(name_hint) == name_hint
-            except CyphonicError:
-                pass
-            names = ([name_hint] if hint_ok else []) + [f"{record.name}-{record.uses + i}" for i in range(0, 50)]
-        last: Exception | None = None
-        for name in names:
-            try:
-                return self.store.create_identity(static, name, f"{name}.{self.domain}", record.groups,
-                                                  record.token_id, now, self.prefix, set())
-            except ConflictError as exc:
-                last = exc
-        raise StoreError(f"no free name for token {record.token_id}: {last}")
+    @staticmethod
+    def _candidate_names(record: TokenRecord, name_hint: str) -> list[str]:
+        """The names to try, in order: the token's, or for a reusable token the node's
+        hint (if valid) and then ``<name>-<n>`` numbered from this enrollment's use count."""
+        if not record.reusable:
+            return [record.name]
+        hint_ok = False
+        try:
+            hint_ok = bool(name_hint) and validate_name(name_hint) == name_hint
+        except CyphonicError:
+            pass
+        uses = record.uses + 1  # the count once this enrollment has consumed the token
+        return ([name_hint] if hint_ok else []) + [f"{record.name}-{uses + i}" for i in range(0, 50)]

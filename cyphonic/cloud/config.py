@@ -69,9 +69,9 @@ class CloudConfig:
         'IPv4 address to listen on; "" disables IPv4.'))
     listen6: str = field(default="::", metadata=_doc(
         'IPv6 address to listen on; "" disables IPv6.'))
-    signaling_port: int = field(default=4500, metadata=_doc(
+    signaling_port: int = field(default=47101, metadata=_doc(
         "UDP port of the control channel (AS and NMS)."))
-    relay_port: int = field(default=4501, metadata=_doc(
+    relay_port: int = field(default=47102, metadata=_doc(
         "UDP port of the Tunnel Relay Service (TRS)."))
     services: tuple[str, ...] = field(default=SERVICES, metadata=_doc(
         'Services this process runs, any of "as", "nms", "trs".'))

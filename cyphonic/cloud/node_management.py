@@ -87,7 +87,7 @@ class NodeManagementService:
         self.relay_key = relay_key
         self.relay_endpoints = relay_endpoints
         self.lifetime_s = registration_lifetime_s
-        self.keepalive_s = keepalive_interval_s
+        self.keepalive_s = max(1, int(keepalive_interval_s))
         self.log = log
         self.rng = rng or random.SystemRandom()
         self.registrations: OrderedDict[bytes, Registration] = OrderedDict()

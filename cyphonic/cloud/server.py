@@ -14,7 +14,6 @@ the store, and nodes come back by themselves.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import signal
@@ -34,18 +33,9 @@ from .trs_server import serve_relay
 STATS_EVERY_S = 2.0
 
 
-def database_path(config: CloudConfig) -> str:
-    return config.database or os.path.join(config.state_dir, "cloud.sqlite3")
-
-
-def _specific(host: str) -> bool:
-    return bool(host) and not ipaddress.ip_address(host).is_unspecified
-
-
 def relay_endpoints(config: CloudConfig, port: int) -> dict[int, sig.Endpoint]:
     eps = {}
-    h4 = config.public_relay_host4 or (config.listen4 if _specific(config.listen4) else "")
-    h6 = config.public_relay_host6 or (config.listen6 if _specific(config.listen6) else "")
+    h4, h6 = config.relay_host4, config.relay_host6
     if h4:
         eps[4] = sig.Endpoint(h4, port)
     if h6:
@@ -73,7 +63,7 @@ class CloudServer:
         self.config = config
         self.out = out or sys.stdout
         self.errors: Counter = Counter()
-        self.store = SQLiteStore(database_path(config))
+        self.store = SQLiteStore(config.database_path)
         self.keys = load_keys(config.state_dir)
         self.core: CloudCore | None = None
         self.relay: RelayService | None = None

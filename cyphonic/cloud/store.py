@@ -11,7 +11,9 @@ pass the same test suite:
   behaviour, errors included.
 
 Every write is one transaction: it happens completely or not at all. Misuse
-raises a ``StoreError`` subclass whose message says what was wrong.
+raises a ``StoreError`` subclass whose message says what was wrong. ``enroll``
+spends a one-time token and creates the identity in one transaction, so a
+failed enrollment (no free address or name) leaves the token usable.
 
 Time is an argument (``now``); the store never reads the wall clock (only a
 monotonic deadline while it waits for another process's lock).
@@ -133,6 +135,9 @@ class Store(Protocol):
     def create_identity(self, static_public: bytes, name: str, fqdn: str,
                         groups: tuple[str, ...], token_id: str, now: float,
                         prefix: ipaddress.IPv4Network, reserved: set[str]) -> Identity: ...
+    def enroll(self, token_id: str, static_public: bytes, names: list[str], domain: str,
+               now: float, prefix: ipaddress.IPv4Network,
+               reserved: set[str]) -> tuple[Identity, TokenRecord]: ...
     def get_identity(self, static_public: bytes) -> Identity | None: ...
     def get_identity_by_name(self, name: str) -> Identity | None: ...
     def get_identity_by_fqdn(self, fqdn: str) -> Identity | None: ...
@@ -260,6 +265,63 @@ def _lowest_free(first: int, last: int, reserved: set[int], used: Callable[[int]
         else:
             return str(ipaddress.IPv4Address(c))
     raise StoreError(f"address pool exhausted: no free address in {prefix}")
+
+
+@dataclass(frozen=True)
+class _NewIdentity:
+    """Checked arguments of a new identity, apart from its name and FQDN."""
+
+    static_public: bytes
+    groups: tuple[str, ...]
+    token_id: str
+    now: float
+    prefix: ipaddress.IPv4Network
+    first: int
+    last: int
+    reserved: set[int]
+
+    def identity(self, name: str, fqdn: str, vip4: str) -> Identity:
+        return Identity(self.static_public, name, fqdn, vip4, self.groups, self.now,
+                        0, 0.0, False, self.token_id)
+
+
+def _check_new_identity(static_public: Any, groups: Any, token_id: Any, now: Any,
+                        prefix: Any, reserved: Any) -> _NewIdentity:
+    static_public = _check_static(static_public)
+    groups = _check_groups(groups)
+    _check_str(token_id, "token_id", empty_ok=True)
+    now = _check_time(now, "now")
+    first, last = _host_range(prefix)
+    return _NewIdentity(static_public, groups, token_id, now, prefix, first, last,
+                        _reserved_ints(reserved))
+
+
+def _check_candidates(names: Any, domain: Any) -> list[str]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)) or not names:
+        raise StoreError(f"names must be a non-empty list of strings, not {names!r}")
+    for n in names:
+        _check_str(n, "each candidate name")
+    _check_str(domain, "domain")
+    return list(names)
+
+
+def _pick_name(lookup: Callable[[str, Any], Identity | None], token_id: str,
+               static_public: bytes, names: list[str], domain: str) -> tuple[str, str]:
+    """The first candidate whose name and FQDN are both free, as (name, fqdn).
+
+    A static key that is already enrolled is a ``ConflictError``, and so is a
+    list in which every name or FQDN is taken.
+    """
+    if (other := lookup("static_public", static_public)) is not None:
+        raise ConflictError(f"static key {static_public.hex()} is already enrolled "
+                            f"as {other.name!r}")
+    for name in names:
+        fqdn = f"{name}.{domain}"
+        if lookup("name", name) is None and lookup("fqdn", fqdn) is None:
+            return name, fqdn
+    shown = repr(names[0]) if len(names) == 1 else f"{names[0]!r} .. {names[-1]!r}"
+    raise ConflictError(f"enrollment token {token_id!r}: no free name: all {len(names)} "
+                        f"candidate name(s) ({shown}) in {domain!r} are taken")
 
 
 def _policy_json(policy: Any) -> str:
@@ -546,40 +608,55 @@ class SQLiteStore:
                           (value,)).fetchone()
         return None if row is None else _identity_from_row(row)
 
+    def _insert_identity(self, cur: sqlite3.Cursor, new: _NewIdentity, name: str,
+                         fqdn: str) -> Identity:
+        """Allocate the lowest free address and insert the identity, in ``cur``'s transaction."""
+        _check_unique(lambda col, v: self._identity_where(cur, col, v),
+                      new.static_public, name, fqdn)
+
+        def used(c: int) -> bool:
+            return cur.execute("SELECT 1 FROM identities WHERE vip4_int = ?",
+                               (c,)).fetchone() is not None
+
+        def end_of_run(c: int) -> int:
+            return cur.execute(
+                "SELECT MIN(i.vip4_int) + 1 FROM identities i WHERE i.vip4_int >= ? "
+                "AND NOT EXISTS (SELECT 1 FROM identities j WHERE j.vip4_int = i.vip4_int + 1)",
+                (c,)).fetchone()[0]
+
+        vip4 = _lowest_free(new.first, new.last, new.reserved, used, end_of_run, new.prefix)
+        ident = new.identity(name, fqdn, vip4)
+        cur.execute(
+            "INSERT INTO identities (static_public, name, fqdn, vip4, vip4_int, groups, "
+            "created_at, serial, cert_not_after, revoked, revoked_at, token_id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ident.static_public, name, fqdn, vip4, int(ipaddress.IPv4Address(vip4)),
+             json.dumps(ident.groups), ident.created_at, 0, 0.0, 0, None, ident.token_id))
+        return ident
+
     def create_identity(self, static_public: bytes, name: str, fqdn: str,
                         groups: tuple[str, ...], token_id: str, now: float,
                         prefix: ipaddress.IPv4Network, reserved: set[str]) -> Identity:
-        static_public = _check_static(static_public)
+        new = _check_new_identity(static_public, groups, token_id, now, prefix, reserved)
         _check_str(name, "name")
         _check_str(fqdn, "fqdn")
-        groups = _check_groups(groups)
-        _check_str(token_id, "token_id", empty_ok=True)
-        now = _check_time(now, "now")  # type: ignore[assignment]
-        first, last = _host_range(prefix)
-        reserved_ints = _reserved_ints(reserved)
         with self._write() as cur:
-            _check_unique(lambda col, v: self._identity_where(cur, col, v),
-                          static_public, name, fqdn)
+            return self._insert_identity(cur, new, name, fqdn)
 
-            def used(c: int) -> bool:
-                return cur.execute("SELECT 1 FROM identities WHERE vip4_int = ?",
-                                   (c,)).fetchone() is not None
-
-            def end_of_run(c: int) -> int:
-                return cur.execute(
-                    "SELECT MIN(i.vip4_int) + 1 FROM identities i WHERE i.vip4_int >= ? "
-                    "AND NOT EXISTS (SELECT 1 FROM identities j WHERE j.vip4_int = i.vip4_int + 1)",
-                    (c,)).fetchone()[0]
-
-            vip4 = _lowest_free(first, last, reserved_ints, used, end_of_run, prefix)
-            ident = Identity(static_public, name, fqdn, vip4, groups, now, 0, 0.0, False, token_id)
-            cur.execute(
-                "INSERT INTO identities (static_public, name, fqdn, vip4, vip4_int, groups, "
-                "created_at, serial, cert_not_after, revoked, revoked_at, token_id) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (static_public, name, fqdn, vip4, int(ipaddress.IPv4Address(vip4)),
-                 json.dumps(groups), now, 0, 0.0, 0, None, token_id))
-        return ident
+    def enroll(self, token_id: str, static_public: bytes, names: list[str], domain: str,
+               now: float, prefix: ipaddress.IPv4Network,
+               reserved: set[str]) -> tuple[Identity, TokenRecord]:
+        _check_str(token_id, "token_id")
+        new = _check_new_identity(static_public, (), token_id, now, prefix, reserved)
+        names = _check_candidates(names, domain)
+        with self._write() as cur:
+            rec = _consume(self._get_token(cur, token_id), token_id, new.now)
+            name, fqdn = _pick_name(lambda col, v: self._identity_where(cur, col, v),
+                                    token_id, new.static_public, names, domain)
+            ident = self._insert_identity(cur, replace(new, groups=rec.groups), name, fqdn)
+            cur.execute("UPDATE tokens SET used_at = ?, uses = ? WHERE token_id = ?",
+                        (rec.used_at, rec.uses, token_id))
+        return ident, rec
 
     def get_identity(self, static_public: bytes) -> Identity | None:
         static_public = _check_static(static_public)
@@ -778,31 +855,47 @@ class MemoryStore:
             return self._identities.get(value)
         return next((i for i in self._identities.values() if getattr(i, attr) == value), None)
 
+    def _insert_identity(self, new: _NewIdentity, name: str, fqdn: str) -> Identity:
+        """Allocate the lowest free address and add the identity; the caller holds the lock.
+
+        Nothing changes until every check has passed, so a failure leaves no trace.
+        """
+        _check_unique(self._find, new.static_public, name, fqdn)
+
+        def end_of_run(c: int) -> int:
+            while c in self._used_vips:
+                c += 1
+            return c
+
+        vip4 = _lowest_free(new.first, new.last, new.reserved, self._used_vips.__contains__,
+                            end_of_run, new.prefix)
+        ident = new.identity(name, fqdn, vip4)
+        self._identities[ident.static_public] = ident
+        self._used_vips.add(int(ipaddress.IPv4Address(vip4)))
+        return ident
+
     def create_identity(self, static_public: bytes, name: str, fqdn: str,
                         groups: tuple[str, ...], token_id: str, now: float,
                         prefix: ipaddress.IPv4Network, reserved: set[str]) -> Identity:
-        static_public = _check_static(static_public)
+        new = _check_new_identity(static_public, groups, token_id, now, prefix, reserved)
         _check_str(name, "name")
         _check_str(fqdn, "fqdn")
-        groups = _check_groups(groups)
-        _check_str(token_id, "token_id", empty_ok=True)
-        now = _check_time(now, "now")  # type: ignore[assignment]
-        first, last = _host_range(prefix)
-        reserved_ints = _reserved_ints(reserved)
         with self._txn():
-            _check_unique(self._find, static_public, name, fqdn)
+            return self._insert_identity(new, name, fqdn)
 
-            def end_of_run(c: int) -> int:
-                while c in self._used_vips:
-                    c += 1
-                return c
-
-            vip4 = _lowest_free(first, last, reserved_ints, self._used_vips.__contains__,
-                                end_of_run, prefix)
-            ident = Identity(static_public, name, fqdn, vip4, groups, now, 0, 0.0, False, token_id)
-            self._identities[static_public] = ident
-            self._used_vips.add(int(ipaddress.IPv4Address(vip4)))
-            return ident
+    def enroll(self, token_id: str, static_public: bytes, names: list[str], domain: str,
+               now: float, prefix: ipaddress.IPv4Network,
+               reserved: set[str]) -> tuple[Identity, TokenRecord]:
+        _check_str(token_id, "token_id")
+        new = _check_new_identity(static_public, (), token_id, now, prefix, reserved)
+        names = _check_candidates(names, domain)
+        with self._txn():
+            rec = _consume(self._tokens.get(token_id), token_id, new.now)
+            name, fqdn = _pick_name(self._find, token_id, new.static_public, names, domain)
+            # Allocation, the last step that can fail, comes before the token is spent.
+            ident = self._insert_identity(replace(new, groups=rec.groups), name, fqdn)
+            self._tokens[token_id] = rec
+            return ident, rec
 
     def get_identity(self, static_public: bytes) -> Identity | None:
         static_public = _check_static(static_public)

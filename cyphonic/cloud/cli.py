@@ -1,0 +1,262 @@
+"""`cyphonic-cloud`: run and administer the cloud (AS, NMS, TRS).
+
+    cyphonic-cloud init [--domain D] [--prefix P] [--state-dir DIR]
+    cyphonic-cloud serve
+    cyphonic-cloud enroll NAME [--group G]... [--reusable] [--expires 7d|12h|3600s|never]
+    cyphonic-cloud nodes [--json]
+    cyphonic-cloud revoke NAME
+    cyphonic-cloud policy show [--json] | policy set FILE
+    cyphonic-cloud stats [--json]
+
+The config file is ``--config`` (or ``$CYPHONIC_CLOUD_CONFIG``, default
+``/etc/cyphonic/cloud.toml``). Exit codes: 0 done, 1 refused or failed (the
+message on stderr says why), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+import tomllib
+
+import click
+
+from ..errors import CyphonicError
+from . import authentication, policy as pol
+from .config import CloudConfig, ConfigError, example_config, load_config
+from .keys import create_keys, load_keys
+from .store import SQLiteStore, StoreError
+
+DEFAULT_CONFIG = "/etc/cyphonic/cloud.toml"
+
+
+def fail(message: str) -> None:
+    click.echo(f"cyphonic-cloud: {message}", err=True)
+    sys.exit(1)
+
+
+def _config(ctx: click.Context) -> CloudConfig:
+    try:
+        return load_config(ctx.obj["config"])
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _store(cfg: CloudConfig) -> SQLiteStore:
+    try:
+        return SQLiteStore(cfg.database_path)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def parse_duration(text: str) -> float | None:
+    if text in ("never", "0"):
+        return None
+    m = re.fullmatch(r"(\d+)\s*([smhdw]?)", text.strip())
+    if not m:
+        raise click.BadParameter(f"{text!r}: use a number with s, m, h, d or w, or 'never'")
+    n, unit = int(m.group(1)), m.group(2) or "s"
+    return float(n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="CYPHONIC_CLOUD_CONFIG", default=DEFAULT_CONFIG,
+              show_default=True, help="The cloud's TOML config file.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str) -> None:
+    """Run and administer the CYPHONIC cloud (AS, NMS, TRS)."""
+    ctx.obj = {"config": config_path}
+
+
+@main.command()
+@click.option("--domain", help="Overlay domain (FQDN = <name>.<domain>).")
+@click.option("--prefix", help="Virtual IPv4 prefix, e.g. 100.64.0.0/10.")
+@click.option("--state-dir", help="Where keys and the database live.")
+@click.option("--listen4", help="IPv4 address to listen on.")
+@click.option("--listen6", help="IPv6 address to listen on (\"\" disables IPv6).")
+@click.pass_context
+def init(ctx, domain, prefix, state_dir, listen4, listen6) -> None:
+    """Create the config (if missing), the CA and service keys; print the cloud key."""
+    path = ctx.obj["config"]
+    if not os.path.exists(path):
+        text = example_config()
+        for key, value in (("domain", domain), ("prefix", prefix), ("state_dir", state_dir),
+                           ("listen4", listen4), ("listen6", listen6)):
+            if value is not None:
+                text, n = re.subn(rf'(?m)^{key} = .*$', f"{key} = {json.dumps(value)}", text)
+                if n != 1:
+                    fail(f"internal: no {key} line in the example config")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "x") as f:
+            f.write(text)
+        click.echo(f"wrote {path}")
+    elif any(v is not None for v in (domain, prefix, state_dir, listen4, listen6)):
+        fail(f"{path} exists: edit it instead of passing options to init")
+    cfg = _config(ctx)
+    try:
+        keys = create_keys(str(cfg.state_dir))
+    except CyphonicError as exc:
+        fail(str(exc))
+    store = _store(cfg)
+    store.set_meta("domain", cfg.domain)
+    store.set_meta("prefix", str(cfg.prefix))
+    store.close()
+    click.echo(f"created keys in {cfg.state_dir} (0600)")
+    click.echo(f"overlay domain {cfg.domain}, virtual prefix {cfg.prefix}")
+    click.echo(f"cloud key (nodes pin this): {keys.cloud_key}")
+
+
+@main.command()
+@click.pass_context
+def serve(ctx) -> None:
+    """Run the services named in the config until SIGTERM."""
+    from .server import serve as _serve
+    cfg = _config(ctx)
+    try:
+        sys.exit(asyncio.run(_serve(cfg)))
+    except (CyphonicError, OSError) as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--group", "groups", multiple=True, help="Group (repeatable); default: default.")
+@click.option("--reusable", is_flag=True, help="Many nodes may enroll with it (names NAME-n or their hint).")
+@click.option("--expires", default=None, help="Lifetime: 7d, 12h, 3600s or never (default from config).")
+@click.pass_context
+def enroll(ctx, name, groups, reusable, expires) -> None:
+    """Print an enrollment token for a node called NAME."""
+    cfg = _config(ctx)
+    lifetime = cfg.token_lifetime_s if expires is None else parse_duration(expires)
+    store = _store(cfg)
+    try:
+        if not reusable and store.get_identity_by_name(name) is not None:
+            fail(f"a node named {name} exists (revoke it first, or pick another name)")
+        token = authentication.create_token(store, name, time.time(), groups=tuple(groups) or ("default",),
+                                            reusable=reusable, lifetime_s=lifetime)
+    except CyphonicError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    click.echo(token)
+
+
+def _read_stats(cfg: CloudConfig) -> dict | None:
+    try:
+        with open(os.path.join(cfg.state_dir, "stats.json")) as f:
+            stats = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return stats if time.time() - stats.get("written", 0) < 30 else None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def nodes(ctx, as_json) -> None:
+    """List enrolled nodes (and whether they are registered now)."""
+    cfg = _config(ctx)
+    store = _store(cfg)
+    idents = store.list_identities()
+    store.close()
+    stats = _read_stats(cfg) or {}
+    regs = {r["fqdn"]: r for r in stats.get("registrations", [])}
+    rows = [{"name": i.name, "fqdn": i.fqdn, "vip4": i.vip4, "groups": list(i.groups), "revoked": i.revoked,
+             "serial": i.serial, "registered": i.fqdn in regs,
+             "observed": regs.get(i.fqdn, {}).get("observed"), "nat": regs.get(i.fqdn, {}).get("nat")}
+            for i in idents]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'NAME':16} {'FQDN':36} {'VIP':15} {'GROUPS':16} {'STATE':12} OBSERVED")
+    for r in rows:
+        state = "revoked" if r["revoked"] else ("registered" if r["registered"] else "offline")
+        click.echo(f"{r['name']:16} {r['fqdn']:36} {r['vip4']:15} {','.join(r['groups']):16} {state:12} "
+                   f"{r['observed'] or '-'}{' (NAT)' if r['nat'] else ''}")
+
+
+@main.command()
+@click.argument("name")
+@click.pass_context
+def revoke(ctx, name) -> None:
+    """Revoke node NAME: its certificates are refused from now on (a running cloud applies it within 5 s)."""
+    cfg = _config(ctx)
+    store = _store(cfg)
+    try:
+        ident = store.revoke(name, time.time())
+    except CyphonicError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    click.echo(f"revoked {ident.fqdn} ({ident.vip4}); its address is never given to another node")
+
+
+@main.group()
+def policy() -> None:
+    """Show or set the tunnel policy (docs/cloud.md)."""
+
+
+@policy.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policy_show(ctx, as_json) -> None:
+    cfg = _config(ctx)
+    store = _store(cfg)
+    current = store.get_policy()
+    store.close()
+    doc = current or pol.DEFAULT_POLICY
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"default = {json.dumps(doc['default'])}" + ("" if current else "    # built-in default"))
+    for rule in doc["rules"]:
+        click.echo(f"[[rules]]\nfrom = {json.dumps(rule['from'])}\nto = {json.dumps(rule['to'])}\n"
+                   f"action = {json.dumps(rule['action'])}")
+
+
+@policy.command("set")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.pass_context
+def policy_set(ctx, file) -> None:
+    """Replace the policy with FILE (TOML or JSON)."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+        doc = json.loads(raw) if file.endswith(".json") else tomllib.loads(raw.decode())
+        doc = pol.validate(doc)
+    except (ValueError, tomllib.TOMLDecodeError, pol.PolicyError) as exc:
+        fail(f"{file}: {exc}")
+    cfg = _config(ctx)
+    store = _store(cfg)
+    store.set_policy(doc)
+    store.close()
+    click.echo(f"policy set: default {doc['default']}, {len(doc['rules'])} rules (a running cloud applies it within 5 s)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stats(ctx, as_json) -> None:
+    """Counters of the running cloud process."""
+    cfg = _config(ctx)
+    st = _read_stats(cfg)
+    if st is None:
+        fail(f"no recent {os.path.join(cfg.state_dir, 'stats.json')}: is `cyphonic-cloud serve` running?")
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"pid {st['pid']}, services {', '.join(st['services'])}, up {time.time() - st['started']:.0f} s")
+    click.echo(f"control sessions {st.get('sessions', 0)}, registered nodes {st.get('registered', 0)}")
+    for section in ("counters", "nms", "control", "control_drops", "relay", "socket_errors"):
+        values = st.get(section)
+        if values:
+            flat = values if section != "relay" else {k: v for k, v in values.items() if not isinstance(v, (dict, list))}
+            click.echo(f"{section}: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,20 @@
-"""`make demo`: the protocol core working for real, over UDP on loopback.
+"""`make demo`: the overlay working for real, on loopback.
 
-Two end nodes run as two processes. A throwaway certificate authority (the
-Authentication Service's role) issues each a certificate; the nodes handshake
-(Noise IK, each verifying the other's certificate), exchange encrypted ICMP
-echo packets, and then an attacker replays and tampers with captured
-datagrams. The report says who talked, which keys were verified, how many
-packets went each way and how many replays and forgeries were refused.
+What it runs (all real processes and real UDP sockets on 127.0.0.1):
+1. a cloud (`cyphonic-cloud init` + `serve`: Authentication, Node Management
+   and Tunnel Relay services) in a throwaway state directory;
+2. two end nodes, alice and bob, each enrolled with a one-time token from
+   `cyphonic-cloud enroll`. Each logs in (the AS issues its certificate, FQDN
+   and virtual IP) and registers (the NMS notes its address and NAT status);
+3. alice asks for bob by FQDN: the NMS checks the policy, selects the route,
+   tells bob, then answers alice; alice and bob handshake directly (Noise IK,
+   each verifying the other's certificate; the cloud never sees a session key)
+   and exchange encrypted ICMP echo packets;
+4. an attacker replays captured datagrams and forges one; bob refuses them.
+The report says who talked, what the cloud decided, which keys were verified,
+how many packets went each way and what was refused; everything is torn down.
 
-Usage: ``python -m cyphonic.demo`` (the orchestrator), or internally
-``python -m cyphonic.demo node ...`` for one end node.
+Usage: ``python -m cyphonic.demo`` (``python -m cyphonic.demo node FILE`` runs one node).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,206 +31,281 @@ import tempfile
 import time
 
 from . import events as ev
-from .certs import CertificateAuthority, TrustStore, key_id
-from .device import Device
+from .cloud.keys import parse_cloud_key
 from .handshake import StaticIdentity
 from .ipv4 import icmp_echo, parse_icmp_echo
+from .node.engine import NodeEngine, TunnelFailed, TunnelUp
+from .signaling import LoggedIn, LoginFailed, Registered
 from .udp import open_device
-from .wire import cert as wire_cert
+from .wire import signaling as sig
 
 DOMAIN = "demo.cyphonic.example"
-NODES = {"alice": "100.64.0.1", "bob": "100.64.0.2"}
 PINGS = 20
-TIMEOUT_S = 20.0
+TIMEOUT_S = 30.0
 
 
-def _free_udp_port() -> int:
+def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _load(path: str) -> tuple[StaticIdentity, TrustStore, dict]:
-    with open(path) as f:
-        d = json.load(f)
-    ident = StaticIdentity(bytes.fromhex(d["private"]), bytes.fromhex(d["public"]), bytes.fromhex(d["cert"]))
-    return ident, TrustStore.of(bytes.fromhex(d["ca_public"])), d
+# --- one end node (a child process) --------------------------------------------------
 
-
-async def _run_node(name: str, workdir: str) -> dict:
-    ident, trust, conf = _load(os.path.join(workdir, f"{name}.json"))
-    device = Device(ident, trust, accept_unknown_peers=True)
+async def _run_node(conf: dict) -> dict:
+    ca, sig_pub = parse_cloud_key(conf["cloud_key"])
+    port = _free_port()
+    engine = NodeEngine(StaticIdentity.generate(), ca, sig_pub, ("127.0.0.1", conf["cloud_port"]),
+                        token=conf["token"].encode(), name_hint=conf["name"],
+                        local_endpoints=[sig.Endpoint("127.0.0.1", port)])
     log: list[str] = []
     replies: dict[int, float] = {}
     sent_at: dict[int, float] = {}
-    done = asyncio.Event()
+    bye = asyncio.Event()
     captured: list[bytes] = []
-    proto_box: list = []
+    box: list = []
+    result: dict = {"name": conf["name"], "log": log, "port": port}
 
     def on_event(e) -> None:
-        if isinstance(e, ev.HandshakeCompleted):
-            log.append(f"handshake with {e.fqdn} ({e.vip4}) complete as "
-                       f"{'initiator' if e.initiator else 'responder'}; peer certificate serial "
-                       f"{e.certificate_serial} verified against CA {trust_id}")
+        if isinstance(e, LoggedIn):
+            result.update(fqdn=e.fqdn, vip4=e.vip4)
+            log.append(f"logged in with its enrollment token: the AS issued {e.fqdn}, virtual IP {e.vip4}, "
+                       f"certificate of {len(e.certificate)} bytes")
+        elif isinstance(e, LoginFailed):
+            log.append(f"login refused: {e.code.name} {e.text}")
+        elif isinstance(e, Registered):
+            log.append(f"registered with the NMS: observed {e.observed.host}:{e.observed.port}, "
+                       f"{'behind NAT' if e.nat else 'no NAT'}")
         elif isinstance(e, ev.PeerAdded):
-            log.append(f"initiation from {e.fqdn} ({e.vip4}): certificate verified, static key matches")
+            log.append(f"the NMS announced {e.fqdn} ({e.vip4}); its certificate verified against the pinned CA")
+        elif isinstance(e, ev.HandshakeCompleted):
+            log.append(f"handshake with {e.fqdn} complete as {'initiator' if e.initiator else 'responder'}: "
+                       f"peer certificate serial {e.certificate_serial} and static key verified")
+        elif isinstance(e, TunnelUp):
+            result["path"] = e.path
+            log.append(f"tunnel to {e.fqdn} ({e.vip4}) is up, path {e.path} via {e.endpoint[0]}:{e.endpoint[1]}")
+        elif isinstance(e, TunnelFailed):
+            log.append(f"tunnel to {e.fqdn} failed: {e.code.name} {e.text}")
         elif isinstance(e, ev.PacketReceived):
             pkt = parse_icmp_echo(e.packet)
             if pkt is None:
                 return
-            src, dst, itype, ident_, seq, data = pkt
+            src, dst, itype, ident, seq, data = pkt
             if itype == 8:
                 if data == b"bye":
-                    done.set()
-                proto_box[0].send_packet(icmp_echo(dst, src, ident_, seq, data, reply=True))
+                    bye.set()
+                engine.send_packet(icmp_echo(dst, src, ident, seq, data, reply=True), time.time())
             elif itype == 0 and seq in sent_at:
                 replies[seq] = time.perf_counter() - sent_at[seq]
 
-    trust_id = key_id(next(iter(trust.ca_keys.values()))).hex()
-    proto = await open_device(device, ("127.0.0.1", conf["port"]), on_event,
-                              tap=lambda d, a: captured.append(d))
-    proto_box.append(proto)
-    result: dict = {"name": name, "fqdn": device.cert.fqdn, "vip4": str(device.cert.vip4),
-                    "port": conf["port"], "log": log}
+    proto = await open_device(engine, ("127.0.0.1", port), on_event,
+                              tap=lambda d, a: captured.append(d) if d[:1] in (b"\x01", b"\x04") else None)
+    box.append(proto)
+    engine.start(time.time())
+    proto.flush()
     try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not engine.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not engine.ready:
+            log.append(f"not ready: {engine.signaling.status()}")
+            return result
         if conf["role"] == "initiator":
-            peer = conf["peer"]
-            device.add_peer(bytes.fromhex(peer["cert"]), time.time(), endpoint=("127.0.0.1", peer["port"]))
-            log.append(f"peer {peer['fqdn']}: certificate verified before the handshake")
-            me, them = str(device.cert.vip4), peer["vip4"]
+            # Wait until the peer has registered too, then ask for it by name.
+            await asyncio.sleep(0.5)
+            peer = conf["peer_fqdn"]
+            log.append(f"asks the NMS for {peer}")
+            t0 = time.perf_counter()
+            vip = engine.resolve(peer, time.time())
+            proto.flush()
+            while vip is None and time.monotonic() < deadline:
+                p = engine.device.peer(peer)
+                if "path" in result or any("failed" in line for line in log):
+                    break
+                await asyncio.sleep(0.005)
+            result["setup_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            p = engine.device.peer(peer)
+            if p is None or "path" not in result:
+                return result
+            me, them = result["vip4"], str(p.cert.vip4)
             for seq in range(1, PINGS + 1):
                 sent_at[seq] = time.perf_counter()
-                proto.send_packet(icmp_echo(me, them, 0x4359, seq, b"cyphonic demo payload"))
+                engine.send_packet(icmp_echo(me, them, 0x4359, seq, b"cyphonic demo payload"), time.time())
+                proto.flush()
                 await asyncio.sleep(0.02)
-            deadline = time.monotonic() + 5
             while len(replies) < PINGS and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            # The attacker: replay captured datagrams from another socket, then tamper with one.
-            data_packets = [d for d in captured if d[0] == 4 and len(d) > 32]
-            initiations = [d for d in captured if d[0] == 1]
+            # The attacker: replay captured tunnel datagrams from another socket, then forge one.
+            target = p.endpoint
             attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            target = ("127.0.0.1", peer["port"])
+            data_packets = [d for d in captured if d[0] == 4]
+            initiations = [d for d in captured if d[0] == 1][:1]
             replays = data_packets[:10]
-            for d in replays:
+            for d in replays + initiations:
                 attacker.sendto(d, target)
-            for d in initiations[:1]:
-                attacker.sendto(d, target)
-            # A forgery with a fresh counter (so the replay window lets it through to the AEAD).
             forged = bytearray(data_packets[-1])
-            counter = int.from_bytes(forged[8:16], "big") + 1000
-            forged[8:16] = counter.to_bytes(8, "big")
+            forged[8:16] = (int.from_bytes(forged[8:16], "big") + 1000).to_bytes(8, "big")  # fresh counter
             forged[20] ^= 0x80
             attacker.sendto(bytes(forged), target)
             attacker.close()
-            result["attack"] = {"replayed_data": len(replays), "replayed_initiations": len(initiations[:1]),
-                                "tampered": 1}
+            result["attack"] = {"replayed": len(replays), "initiations": len(initiations), "forged": 1}
             await asyncio.sleep(0.2)
-            proto.send_packet(icmp_echo(me, them, 0x4359, PINGS + 1, b"bye"))
+            engine.send_packet(icmp_echo(me, them, 0x4359, PINGS + 1, b"bye"), time.time())
+            proto.flush()
             await asyncio.sleep(0.3)
             rtts = sorted(replies.values())
             result["pings"] = {"sent": PINGS, "replies": len(replies),
                                "rtt_ms_median": round(rtts[len(rtts) // 2] * 1000, 3) if rtts else None}
         else:
             try:
-                await asyncio.wait_for(done.wait(), TIMEOUT_S)
+                await asyncio.wait_for(bye.wait(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 log.append("timed out waiting for the peer")
             await asyncio.sleep(0.2)
     finally:
+        engine.stop(time.time())
+        proto.flush()
         proto.close()
-    result["status"] = device.status(time.time())
+        result["status"] = engine.status(time.time())
     return result
 
 
-def _node_main(name: str, workdir: str) -> int:
-    result = asyncio.run(_run_node(name, workdir))
-    print(json.dumps(result))
+def _node_main(path: str) -> int:
+    with open(path) as f:
+        conf = json.load(f)
+    print(json.dumps(asyncio.run(_run_node(conf)), default=str))
     return 0
 
 
-def _setup(workdir: str) -> dict:
-    now = int(time.time())
-    ca = CertificateAuthority.generate()
-    ports = {n: _free_udp_port() for n in NODES}
-    confs = {}
-    for serial, (name, vip) in enumerate(NODES.items(), start=1):
-        ident = StaticIdentity.generate()
-        cert = ca.issue(serial=serial, fqdn=f"{name}.{DOMAIN}", vip4=vip, static_public=ident.public,
-                        not_before=now - 60, not_after=now + 3600, groups=("demo",))
-        confs[name] = {"private": ident.private.hex(), "public": ident.public.hex(),
-                       "cert": cert.encode().hex(), "ca_public": ca.public.hex(),
-                       "fqdn": cert.fqdn, "vip4": vip, "port": ports[name]}
-    confs["alice"]["role"], confs["bob"]["role"] = "initiator", "responder"
-    confs["alice"]["peer"] = {k: confs["bob"][k] for k in ("cert", "fqdn", "vip4", "port")}
-    for name, conf in confs.items():
-        path = os.path.join(workdir, f"{name}.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(conf, f)
-    return {"ca_key_id": ca.key_id.hex(), "confs": confs}
+# --- the orchestrator ------------------------------------------------------------------------
+
+class _Cloud:
+    def __init__(self, workdir: str) -> None:
+        self.config = os.path.join(workdir, "cloud.toml")
+        self.env = dict(os.environ, CYPHONIC_CLOUD_CONFIG=self.config)
+        self.log_path = os.path.join(workdir, "cloud.log")
+        self.proc: subprocess.Popen | None = None
+        out = self.cli("init", "--state-dir", os.path.join(workdir, "state"), "--domain", DOMAIN,
+                       "--listen4", "127.0.0.1", "--listen6", "")
+        self.cloud_key = re.search(r"cloud key \(nodes pin this\): (\S+)", out).group(1)
+        self.port = _free_port()
+        text = open(self.config).read()
+        text = re.sub(r"(?m)^signaling_port = .*$", f"signaling_port = {self.port}", text)
+        text = re.sub(r"(?m)^relay_port = .*$", f"relay_port = {_free_port()}", text)
+        open(self.config, "w").write(text)
+
+    def cli(self, *args: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env,
+                           capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"cyphonic-cloud {args[0]} failed: {p.stderr.strip()}")
+        return p.stdout
+
+    def start(self) -> None:
+        self.logf = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cyphonic.cloud.cli", "serve"], env=self.env,
+                                     stdout=self.logf, stderr=subprocess.STDOUT)
+        deadline = time.time() + 15
+        while "cloud key" not in self.log():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the cloud did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "logf"):
+            self.logf.close()
 
 
 def main() -> int:
-    print("CYPHONIC protocol core demo: two end nodes, one throwaway CA, UDP on 127.0.0.1\n")
+    print("CYPHONIC demo: a cloud and two end nodes, real processes, UDP on 127.0.0.1\n")
     with tempfile.TemporaryDirectory(prefix="cyphonic-demo-") as workdir:
-        info = _setup(workdir)
-        print(f"CA (Authentication Service) Ed25519 key id {info['ca_key_id']}")
-        for name in NODES:
-            c = info["confs"][name]
-            cert = wire_cert.decode(bytes.fromhex(c["cert"]))
-            print(f"  issued {cert.fqdn:32} vip {c['vip4']:12} serial {cert.serial} "
-                  f"static key {c['public'][:16]}...  udp 127.0.0.1:{c['port']}")
-        procs = {}
+        cloud = _Cloud(workdir)
+        procs: dict[str, subprocess.Popen] = {}
         try:
+            cloud.start()
+            print(f"cloud: AS + NMS on udp 127.0.0.1:{cloud.port}, domain {DOMAIN}")
+            print(f"cloud key (pinned by the nodes): {cloud.cloud_key[:40]}...")
+            tokens = {n: cloud.cli("enroll", n, "--expires", "1h").strip() for n in ("alice", "bob")}
+            for n, t in tokens.items():
+                print(f"  cyphonic-cloud enroll {n:5} -> one-time token {t[:18]}...")
             for name in ("bob", "alice"):
-                procs[name] = subprocess.Popen([sys.executable, "-m", "cyphonic.demo", "node", name, workdir],
+                conf = {"name": name, "token": tokens[name], "cloud_key": cloud.cloud_key,
+                        "cloud_port": cloud.port, "role": "initiator" if name == "alice" else "responder",
+                        "peer_fqdn": f"bob.{DOMAIN}"}
+                path = os.path.join(workdir, f"{name}.json")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(conf, f)
+                procs[name] = subprocess.Popen([sys.executable, "-m", "cyphonic.demo", "node", path],
                                                stdout=subprocess.PIPE, text=True)
-                if name == "bob":
-                    time.sleep(0.3)
             results = {}
             for name, p in procs.items():
-                out, _ = p.communicate(timeout=TIMEOUT_S + 10)
-                if p.returncode != 0:
+                out, _ = p.communicate(timeout=TIMEOUT_S + 15)
+                if p.returncode != 0 or not out.strip():
                     print(f"demo: node {name} failed (exit {p.returncode})", file=sys.stderr)
                     return 1
                 results[name] = json.loads(out.strip().splitlines()[-1])
+            time.sleep(2.2)  # one stats interval, so `nodes` shows the registrations
+            nodes_table = cloud.cli("nodes")
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-    return _report(results)
+            cloud.stop()
+        return _report(results, cloud.log(), nodes_table)
 
 
-def _report(results: dict) -> int:
+def _report(results: dict, cloud_log: str, nodes_table: str) -> int:
     a, b = results["alice"], results["bob"]
     print()
     for r in (a, b):
-        print(f"{r['name']} ({r['fqdn']}, {r['vip4']}):")
+        print(f"{r['name']} ({r.get('fqdn')}, {r.get('vip4')}):")
         for line in r["log"]:
             print(f"  - {line}")
-    pa = a["status"]["peers"][0] if a["status"]["peers"] else {}
-    pb = b["status"]["peers"][0] if b["status"]["peers"] else {}
+    print("\nthe cloud's log:")
+    for line in cloud_log.splitlines():
+        if "listening" in line or "cloud key" in line:
+            continue
+        print(f"  {line}")
+    print("\n$ cyphonic-cloud nodes")
+    print("  " + nodes_table.rstrip().replace("\n", "\n  "))
+    dev_a = a.get("status", {}).get("device", {})
+    dev_b = b.get("status", {}).get("device", {})
+    pa = (dev_a.get("peers") or [{}])[0]
+    pb = (dev_b.get("peers") or [{}])[0]
     pings = a.get("pings", {})
-    print(f"\npackets: alice sent {pa.get('tx_packets', 0)} and received {pa.get('rx_packets', 0)}; "
+    drops = dev_b.get("drops", {})
+    att = a.get("attack", {})
+    print(f"\ntunnel set-up (route selection + handshake): {a.get('setup_ms')} ms, path {a.get('path')}")
+    print(f"packets: alice sent {pa.get('tx_packets', 0)} and received {pa.get('rx_packets', 0)}; "
           f"bob received {pb.get('rx_packets', 0)} and sent {pb.get('tx_packets', 0)} "
           f"(encrypted ICMP echo, {pings.get('replies', 0)}/{pings.get('sent', 0)} replies, "
           f"median RTT {pings.get('rtt_ms_median')} ms)")
-    drops = b["status"]["drops"]
-    att = a.get("attack", {})
-    print(f"attacker: replayed {att.get('replayed_data', 0)} data packets and "
-          f"{att.get('replayed_initiations', 0)} handshake initiation, tampered with {att.get('tampered', 0)}")
-    print(f"bob refused: {drops.get('replay', 0)} replayed data packets, "
-          f"{drops.get('replay_initiation', 0) + drops.get('ratelimited_peer', 0)} replayed initiation, "
-          f"{drops.get('auth', 0)} forged packet; bob's endpoint for alice stayed {pb.get('endpoint')}")
-    ok = (pings.get("replies") == pings.get("sent") and drops.get("replay", 0) == att.get("replayed_data")
-          and drops.get("auth", 0) == att.get("tampered")
-          and drops.get("replay_initiation", 0) + drops.get("ratelimited_peer", 0) == att.get("replayed_initiations"))
+    refused_init = drops.get("replay_initiation", 0) + drops.get("ratelimited_peer", 0)
+    print(f"attacker: replayed {att.get('replayed', 0)} data packets and {att.get('initiations', 0)} handshake "
+          f"initiation, forged {att.get('forged', 0)}")
+    print(f"bob refused: {drops.get('replay', 0)} replayed data packets, {refused_init} replayed initiation, "
+          f"{drops.get('auth', 0)} forged; bob's endpoint for alice stayed {pb.get('endpoint')}")
+    ok = (pings.get("replies") == pings.get("sent") == PINGS and drops.get("replay", 0) == att.get("replayed")
+          and refused_init == att.get("initiations") == 1
+          and drops.get("auth", 0) == att.get("forged") == 1 and a.get("path") == "direct")
     print("\nresult:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "node":
-        sys.exit(_node_main(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "node":
+        sys.exit(_node_main(sys.argv[2]))
     sys.exit(main())

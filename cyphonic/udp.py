@@ -53,17 +53,27 @@ class DeviceProtocol(asyncio.DatagramProtocol):
 
     def flush(self) -> None:
         """Send queued datagrams, deliver events, re-arm the timer."""
+        for _ in range(64):  # event handlers may send (an echo reply): go round until quiet
+            sent = self._send_queued()
+            delivered = 0
+            while (event := self.device.next_event()) is not None:
+                self.on_event(event)
+                delivered += 1
+            if not sent and not delivered:
+                break
+        self._arm()
+
+    def _send_queued(self) -> int:
+        out = self.device.datagrams_to_send()
         if self.transport is not None:
-            for data, addr in self.device.datagrams_to_send():
+            for data, addr in out:
                 if self.tap is not None:
                     self.tap(data, addr)
                 try:
                     self.transport.sendto(data, addr)
                 except OSError as exc:
                     self.errors[type(exc).__name__] += 1
-        while (event := self.device.next_event()) is not None:
-            self.on_event(event)
-        self._arm()
+        return len(out)
 
     def _arm(self) -> None:
         if self._timer is not None:

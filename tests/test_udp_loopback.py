@@ -76,4 +76,6 @@ def test_make_demo_runs_and_reports_ok():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result: OK" in proc.stdout
     assert "20/20 replies" in proc.stdout
-    assert "refused: 10 replayed data packets, 1 replayed initiation, 1 forged packet" in proc.stdout
+    assert "bob refused: 10 replayed data packets, 1 replayed initiation, 1 forged" in proc.stdout
+    assert "route DIRECT from=alice.demo.cyphonic.example to=bob.demo.cyphonic.example" in proc.stdout
+    assert "enrolled ok node=bob.demo.cyphonic.example" in proc.stdout

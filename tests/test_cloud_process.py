@@ -231,3 +231,69 @@ def test_kill_9_loses_nothing_and_nodes_come_back_by_themselves(tmp_path):
         assert "later" in nodes
     finally:
         cloud.stop()
+
+
+def test_each_service_runs_alone_against_one_database(tmp_path):
+    """AS, NMS and TRS as three processes sharing the state directory (keys and SQLite)."""
+    import re
+    from cloudproc import free_port
+    base = CloudProcess(str(tmp_path))            # writes the config and keys (init)
+    text = open(base.config).read()
+    procs = {}
+    ports = {"as": free_port(), "nms": free_port(), "trs": free_port()}
+    for svc in ("as", "nms", "trs"):
+        cfg = tmp_path / f"{svc}.toml"
+        t = re.sub(r"(?m)^services = .*$", f'services = ["{svc}"]', text)
+        t = re.sub(r"(?m)^signaling_port = .*$", f"signaling_port = {ports['as' if svc == 'as' else 'nms']}", t)
+        t = re.sub(r"(?m)^relay_port = .*$", f"relay_port = {ports['trs']}", t)
+        cfg.write_text(t)
+        p = CloudProcess.__new__(CloudProcess)
+        p.dir, p.config, p.state = str(tmp_path), str(cfg), base.state
+        p.env = dict(os.environ, CYPHONIC_CLOUD_CONFIG=str(cfg))
+        p.proc = None
+        p.log_path = str(tmp_path / f"{svc}.log")
+        p.cloud_key = base.cloud_key
+        procs[svc] = p.start()
+    try:
+        ta = base.cli("enroll", "four").strip()
+        tb = base.cli("enroll", "six").strip()
+        ca, sig_pub = parse_cloud_key(base.cloud_key)
+
+        async def scenario():
+            nodes = []
+            for name, host, tok in (("four", "127.0.0.1", ta), ("six", "::1", tb)):
+                h = NodeHarness(base, name, host, tok)
+                loop_host = "::1" if ":" in host else "127.0.0.1"
+                h.engine_args = (h.identity, ca, sig_pub, (loop_host, ports["as"]))
+                nodes.append(h)
+            for h in nodes:
+                loop = asyncio.get_running_loop()
+                fam = socket.AF_INET6 if ":" in h.host else socket.AF_INET
+                s = socket.socket(fam, socket.SOCK_DGRAM)
+                s.bind((h.host, 0))
+                port = s.getsockname()[1]
+                s.close()
+                nms = ("::1" if ":" in h.host else "127.0.0.1", ports["nms"])
+                h.engine = NodeEngine(*h.engine_args, token=h.token, name_hint=h.name, nms_addr=nms,
+                                      local_endpoints=[sig.Endpoint(h.host, port)])
+                h.proto = await open_device(h.engine, (h.host, port), h._on_event)
+                h.engine.start(time.time())
+                h.proto.flush()
+            a, b = nodes
+            try:
+                assert await a.wait(lambda: a.engine.ready and b.engine.ready), \
+                    (a.engine.status(time.time()), procs["as"].log(), procs["nms"].log())
+                up = await connect(a, "six.ov.test")
+                assert isinstance(up, TunnelUp) and up.path == "relay", up
+                assert await ping(a, b, 3) == 3
+            finally:
+                a.close()
+                b.close()
+
+        asyncio.run(scenario())
+        assert "enrolled ok node=four.ov.test" in procs["as"].log()
+        assert "route RELAY from=four.ov.test to=six.ov.test" in procs["nms"].log()
+        assert "TRS listening" in procs["trs"].log() and "AS" not in procs["trs"].log().split("TRS")[0]
+    finally:
+        for p in procs.values():
+            p.stop()

@@ -146,8 +146,9 @@ def enroll(ctx, name, groups, reusable, expires) -> None:
 
 
 def _read_stats(cfg: CloudConfig) -> dict | None:
+    from .server import stats_path
     try:
-        with open(os.path.join(cfg.state_dir, "stats.json")) as f:
+        with open(stats_path(cfg)) as f:
             stats = json.load(f)
     except (OSError, ValueError):
         return None
@@ -245,7 +246,8 @@ def stats(ctx, as_json) -> None:
     cfg = _config(ctx)
     st = _read_stats(cfg)
     if st is None:
-        fail(f"no recent {os.path.join(cfg.state_dir, 'stats.json')}: is `cyphonic-cloud serve` running?")
+        from .server import stats_path
+        fail(f"no recent {stats_path(cfg)}: is `cyphonic-cloud serve` running with this config?")
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

@@ -160,7 +160,7 @@ class CloudServer:
 
     def _write_stats_periodic(self) -> None:
         try:
-            write_stats(self.config.state_dir, self.stats())
+            write_stats(stats_path(self.config), self.stats())
         except OSError as exc:
             self.errors["stats_" + type(exc).__name__] += 1
         if not self._stopping.is_set():
@@ -183,14 +183,21 @@ class CloudServer:
         if self.relay_server is not None:
             self.relay_server.close()
         try:
-            write_stats(self.config.state_dir, self.stats())
+            write_stats(stats_path(self.config), self.stats())
         except OSError:
             pass
         self.store.close()
 
 
-def write_stats(state_dir: str, stats: dict) -> None:
-    path = os.path.join(state_dir, "stats.json")
+def stats_path(config: CloudConfig) -> str:
+    """``stats.json`` for the default all-in-one process, ``stats-<services>.json`` otherwise,
+    so processes that share a state directory do not overwrite each other's counters."""
+    services = sorted(config.services)
+    name = "stats.json" if services == ["as", "nms", "trs"] else f"stats-{'-'.join(services)}.json"
+    return os.path.join(config.state_dir, name)
+
+
+def write_stats(path: str, stats: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(stats, f, default=str)

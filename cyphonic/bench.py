@@ -11,6 +11,10 @@ ratios, not absolute numbers):
 
 Each measurement is the best of several interleaved rounds. The table is
 printed and written to ``<out>/crypto.json``.
+
+Then (``--only cloud|crypto|all``, default all) ``cyphonic.cloud.bench``:
+logins, registrations and route selections per second against one real
+cloud process, written to ``<out>/cloud.json``.
 """
 
 from __future__ import annotations
@@ -110,7 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/bench")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--packets", type=int, default=100_000)
+    ap.add_argument("--only", choices=("crypto", "cloud", "all"), default="all",
+                    help="crypto core, the cloud process (cyphonic.cloud.bench), or both")
     args = ap.parse_args(argv)
+    if args.only in ("crypto", "all"):
+        bench_crypto(args)
+    if args.only in ("cloud", "all"):
+        from .cloud import bench as cloud_bench
+        cloud_bench.run(args.out)
+    return 0
+
+
+def bench_crypto(args: argparse.Namespace) -> None:
     rows = bench_sizes(args.rounds, args.packets)
     hs = bench_handshakes(2.0)
     print("crypto core, one core, best of %d rounds of %d packets" % (args.rounds, args.packets))
@@ -134,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
                    "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "sizes": rows, "handshake": hs, "targets": targets}, f, indent=2)
     print(f"written {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -68,20 +68,21 @@ HANDSHAKE_RATE_PER_SOURCE_PER_S = 20.0   # token bucket refill per source addres
 HANDSHAKE_BURST_PER_SOURCE = 40          # bucket size
 RATELIMIT_TABLE_MAX = 4096               # source addresses tracked at once (oldest evicted)
 MAX_PEERS = 4096                         # tunnels one device keeps
-MAX_PENDING_HANDSHAKES = 1024            # responder-side indexes awaiting confirmation
 STAGED_PACKETS_PER_PEER = 128            # packets queued while a handshake is under way
 MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (oldest dropped, counted)
 MAX_DATAGRAMS_QUEUED = 4096              # datagrams not yet pulled by the caller
-MAX_RECEIVE_STREAMS_PER_SESSION = 64     # replay windows a session allocates (per sender stream)
+MAX_RECEIVE_STREAMS_PER_SESSION = 64     # replay windows a session allocates: a sender uses at most
+                                         # 64 of the 256 stream ids under one key, then rekeys
 
 # Control channel (node <-> cloud signaling), docs/protocol.md "Signaling".
 CONTROL_RETRY_S = 1.0             # first retransmission of an unanswered request
 CONTROL_RETRY_MAX_S = 8.0         # back-off doubles up to this
-CONTROL_RETRIES = 5               # then the request times out (event), total about 1+2+4+8+8 s
+CONTROL_RETRIES = 5               # resent after 1, 3, 7, 15 and 23 s; times out at 31 s (event)
 CONTROL_MAX_PENDING = 256         # outstanding requests per peer
 CONTROL_ANSWERED_CACHE = 64       # replies kept per peer to answer retransmitted requests
 CONTROL_QUEUE_MAX = 64            # messages waiting for the control session to come up
-MAX_CONTROL_PEERS = 100_000       # nodes one cloud process holds sessions for
+MAX_CONTROL_PEERS = 100_000       # nodes one cloud process holds confirmed sessions for
+MAX_CONTROL_UNCONFIRMED = 4096    # handshakes answered but not yet confirmed by a data packet
 CONTROL_PEER_IDLE_S = 600.0       # a cloud forgets a node's channel after this much silence
 CONTROL_SWEEP_S = 10.0            # how often the cloud looks for idle channels
 SERVER_REQUEST_ID_BASE = 1 << 31  # request ids the cloud starts (client ids stay below)

@@ -108,6 +108,7 @@ class _Peer:
         self.recv: ReceiveSession | None = None
         self.prev_recv: ReceiveSession | None = None
         self.created = 0.0
+        self.prev_created = 0.0
         self.confirmed = False
         self.last_received = float("-inf")
         self.last_timestamp = b""
@@ -117,6 +118,7 @@ class _Peer:
 
     def install(self, keys: hs.SessionKeys, now: float) -> None:
         self.prev_recv = self.recv
+        self.prev_created = self.created
         self.send = SendStream(keys.send_key, keys.remote_index, mtype=CONTROL_DATA)
         self.recv = ReceiveSession(keys.receive_key, keys.local_index, mtype=CONTROL_DATA)
         self.created = now
@@ -231,9 +233,12 @@ class _Base:
     def _on_retry(self, peer: _Peer, p: _Pending, now: float) -> None:
         self._send_plain(peer, p.data, now)
 
-    def _open(self, peer: _Peer, data: bytes) -> bytes:
-        for recv in (peer.recv, peer.prev_recv):
-            if recv is not None and recv.local_index == int.from_bytes(data[4:8], "big"):
+    def _open(self, peer: _Peer, data: bytes, now: float) -> bytes:
+        index = int.from_bytes(data[4:8], "big")
+        for recv, created in ((peer.recv, peer.created), (peer.prev_recv, peer.prev_created)):
+            if recv is not None and recv.local_index == index:
+                if now - created >= C.REJECT_AFTER_S:
+                    raise ReplayError("control session expired", reason="expired")
                 plaintext, _ = recv.open(data)
                 return plaintext
         raise ParseError("control data for an old session", reason="unknown_index")
@@ -330,7 +335,7 @@ class ControlClient(_Base):
             elif mtype == CONTROL_DATA:
                 if len(data) < 8:
                     raise ParseError("control data too short", reason="short")
-                plaintext = self._open(self.peer, data)
+                plaintext = self._open(self.peer, data, now)
                 self.peer.last_received = now
                 self._deliver(self.peer, plaintext, addr, now)
             else:
@@ -373,7 +378,11 @@ class ControlServer(_Base):
                  max_peers: int = C.MAX_CONTROL_PEERS) -> None:
         super().__init__(identity, rng)
         self.max_peers = max_peers
-        self.peers: OrderedDict[bytes, _Peer] = OrderedDict()  # oldest activity first
+        self.peers: OrderedDict[bytes, _Peer] = OrderedDict()  # confirmed, oldest activity first
+        # Handshakes answered but not yet confirmed by a data packet live apart, in a smaller
+        # table: a flood of initiations (fresh keys, spoofed sources) can only evict other
+        # unconfirmed entries, never the sessions of nodes that proved their return path.
+        self._unconfirmed: OrderedDict[bytes, _Peer] = OrderedDict()
         self._by_index: dict[int, _Peer] = {}
         self.ratelimit = RateLimiter()
         self._next_sweep = 0.0
@@ -414,12 +423,17 @@ class ControlServer(_Base):
                 peer = self._by_index.get(int.from_bytes(data[4:8], "big"))
                 if peer is None:
                     raise ParseError("control data for an unknown session", reason="unknown_index")
-                plaintext = self._open(peer, data)
+                plaintext = self._open(peer, data, now)
                 if peer.recv is not None and peer.recv.local_index == int.from_bytes(data[4:8], "big"):
                     peer.confirmed = True
+                    if self._unconfirmed.pop(peer.peer_static, None) is not None:
+                        if len(self.peers) >= self.max_peers:
+                            self._evict_oldest()
+                        self.peers[peer.peer_static] = peer
                 peer.last_received = now
                 peer.addr = addr  # authenticated and not replayed: the node may have moved
-                self.peers.move_to_end(peer.peer_static)
+                if peer.peer_static in self.peers:
+                    self.peers.move_to_end(peer.peer_static)
                 self._deliver(peer, plaintext, addr, now)
             else:
                 raise ParseError(f"not a control message (type {mtype})", reason="unknown_type")
@@ -433,14 +447,17 @@ class ControlServer(_Base):
         if not self.ratelimit.allow(addr[0] if isinstance(addr, tuple) else addr, now):
             raise RateLimitedError("control initiations from this source too fast")
         received = hs.consume_initiation(self.identity, msg, hs.CONTROL)
-        peer = self.peers.get(received.peer_static)
+        static = received.peer_static
+        peer = self.peers.get(static) or self._unconfirmed.get(static)
         if peer is not None and received.timestamp <= peer.last_timestamp:
             raise ReplayError("control initiation not newer than the last", reason="replay_initiation")
         if peer is None:
-            if len(self.peers) >= self.max_peers:
-                self._evict_oldest()
-            peer = _Peer(received.peer_static, addr)
-            self.peers[received.peer_static] = peer
+            if len(self._unconfirmed) >= C.MAX_CONTROL_UNCONFIRMED:
+                _, stale = self._unconfirmed.popitem(last=False)
+                self._forget(stale)
+                self.drops["unconfirmed_evicted"] += 1
+            peer = _Peer(static, addr)
+            self._unconfirmed[static] = peer
         peer.last_timestamp = received.timestamp
         peer.certificate = received.certificate
         idx = self.rng.getrandbits(32)
@@ -451,14 +468,19 @@ class ControlServer(_Base):
             self._by_index.pop(peer.prev_recv.local_index, None)
         peer.install(keys, now)
         self._by_index[idx] = peer
-        peer.addr = addr
+        if static in self.peers:
+            self.peers.move_to_end(static)
+        else:
+            peer.addr = addr  # a confirmed peer's address moves only with authenticated data
         peer.last_received = now
-        self.peers.move_to_end(peer.peer_static)
         self._push(response, addr)
         self.counters["sessions"] += 1
 
     def _forget(self, peer: _Peer) -> None:
-        self.peers.pop(peer.peer_static, None)
+        if self.peers.get(peer.peer_static) is peer:
+            del self.peers[peer.peer_static]
+        if self._unconfirmed.get(peer.peer_static) is peer:
+            del self._unconfirmed[peer.peer_static]
         for recv in (peer.recv, peer.prev_recv):
             if recv is not None:
                 self._by_index.pop(recv.local_index, None)
@@ -469,7 +491,7 @@ class ControlServer(_Base):
         self.drops["peer_evicted"] += 1
 
     def get_timer(self) -> float | None:
-        times = [self._next_sweep] if self.peers else []
+        times = [self._next_sweep] if (self.peers or self._unconfirmed) else []
         if self._timers:
             times.append(self._timers[0][0])
         return min(times) if times else None
@@ -482,8 +504,9 @@ class ControlServer(_Base):
                 self._retry_due(peer, rid, now)
         if now >= self._next_sweep:
             self._next_sweep = now + C.CONTROL_SWEEP_S
-            for peer in list(self.peers.values()):  # oldest activity first
-                if now - peer.last_received < C.CONTROL_PEER_IDLE_S:
-                    break
-                self._forget(peer)
-                self.counters["sessions_expired"] += 1
+            for table, idle_s in ((self.peers, C.CONTROL_PEER_IDLE_S), (self._unconfirmed, C.REKEY_ATTEMPT_S)):
+                for peer in list(table.values()):  # oldest activity first
+                    if now - peer.last_received < idle_s:
+                        break
+                    self._forget(peer)
+                    self.counters["sessions_expired"] += 1

@@ -136,6 +136,8 @@ class ReceiveSession:
         if mtype != self.mtype or idx != self.local_index or datagram[1:4] != b"\x00\x00\x00":
             raise ParseError("data packet for another session", reason="index")
         stream = counter >> _STREAM_SHIFT
+        if counter & _STREAM_COUNTER_MASK >= C.REJECT_AFTER_MESSAGES:
+            raise ReplayError("counter past the per-stream limit", reason="counter_limit")
         window = self._windows.get(stream)
         if window is not None and not window.check(counter & _STREAM_COUNTER_MASK):
             raise ReplayError("counter replayed or too old")

@@ -92,7 +92,12 @@ class Device:
         if len(self.peers_by_static) >= C.MAX_PEERS:
             raise LocalProtocolError("peer table full")
         old = self.peers_by_vip.get(cert.vip4.packed) or self.peers_by_fqdn.get(cert.fqdn)
-        if old is not None:  # the identity was re-keyed: the new certificate replaces the old peer
+        if old is not None:
+            # Another static key holds this name or address. Only a newer certificate (a higher
+            # serial from the same CA) replaces it; an older one is someone replaying the past.
+            if cert.serial <= old.cert.serial:
+                raise RemoteProtocolError(f"{cert.fqdn}: an older certificate for a known peer",
+                                          reason="identity_conflict")
             self.remove_peer(old.fqdn)
         peer = Tunnel(cert)
         self.peers_by_static[cert.static_public] = peer
@@ -250,12 +255,11 @@ class Device:
                 raise RemoteProtocolError("initiation from a peer we were not told about", reason="unknown_peer")
             peer = self._new_peer(cert)
             self._emit(ev.PeerAdded(cert.fqdn, str(cert.vip4), True))
-        else:
-            peer.cert = cert
         if received.timestamp <= peer.last_timestamp:
             raise ReplayError("initiation timestamp not newer than the last", reason="replay_initiation")
         if now - peer.last_initiation_consumed < C.HANDSHAKE_INITIATION_MIN_INTERVAL_S:
             raise RateLimitedError("initiations from this peer too fast", reason="ratelimited_peer")
+        peer.cert = cert  # (a renewed certificate) only once the initiation passed every check
         peer.last_timestamp = received.timestamp
         peer.last_initiation_consumed = now
         idx = self._new_index()
@@ -264,7 +268,11 @@ class Device:
             self._index.pop(peer.next.local_index, None)
         peer.next = Keypair.from_keys(keys, now)
         self._index[idx] = (peer, peer.next)
-        self._move_endpoint(peer, addr)
+        if peer.endpoint is None:
+            peer.endpoint = addr
+        # Otherwise the endpoint moves with the first data packet of the new session (key
+        # confirmation): a replayed initiation, say after a restart forgot the last timestamp,
+        # can then not redirect a live tunnel.
         self._push(response, addr)
         self.counters["responses_sent"] += 1
 

@@ -172,17 +172,52 @@ def test_tunnel_messages_are_not_control_messages():
     assert net.server.drops["unknown_type"] >= 1 and not net.server.peers
 
 
+def _handshake_only(net, i, host="192.0.2.1"):
+    c = ctl.ControlClient(StaticIdentity.generate(), net.cloud_id.public, CLOUD, rng=random.Random(i))
+    c.notify(sig.Keepalive(), net.now)
+    for d, _ in c.datagrams_to_send():
+        net.server.receive_datagram(d, (host, 1000 + i), net.now)
+    return c
+
+
+def _confirmed(net, i):
+    c = _handshake_only(net, i)
+    for d, _ in net.server.datagrams_to_send():
+        c.receive_datagram(d, CLOUD, net.now)
+    for d, _ in c.datagrams_to_send():
+        net.server.receive_datagram(d, ("192.0.2.1", 1000 + i), net.now)
+    return c
+
+
 def test_idle_nodes_are_forgotten_and_the_table_is_bounded():
     net = Net()
     net.server.max_peers = 3
     for i in range(5):
-        c = ctl.ControlClient(StaticIdentity.generate(), net.cloud_id.public, CLOUD, rng=random.Random(i))
-        c.notify(sig.Keepalive(), net.now)
-        for d, _ in c.datagrams_to_send():
-            net.server.receive_datagram(d, ("192.0.2.1", 1000 + i), net.now)
+        _confirmed(net, i)
     assert len(net.server.peers) == 3 and net.server.drops["peer_evicted"] == 2
     net.advance(C.CONTROL_PEER_IDLE_S + C.CONTROL_SWEEP_S + 1, step=5.0)
     assert len(net.server.peers) == 0
+
+
+def test_an_initiation_flood_cannot_evict_confirmed_nodes(monkeypatch):
+    net = Net()
+    monkeypatch.setattr(C, "MAX_CONTROL_UNCONFIRMED", 8)
+    real = [_confirmed(net, i) for i in range(3)]
+    for i in range(100):  # fresh keys, never confirmed (spoofed sources cannot answer)
+        _handshake_only(net, 100 + i, host=f"198.18.0.{i + 1}")
+    assert len(net.server.peers) == 3
+    assert len(net.server._unconfirmed) == 8 and net.server.drops["unconfirmed_evicted"] == 92
+    assert all(net.server.peer(c.identity.public) is not None for c in real)
+
+
+def test_control_data_under_expired_keys_is_refused():
+    net = Net()
+    net.client.notify(sig.Keepalive(), net.now)
+    net.pump()
+    old = [d for side, d in net.sent if side == "c" and d[0] == 8][-1]
+    bumped = bytearray(old)
+    net.server.receive_datagram(bytes(bumped), NODE, net.now + C.REJECT_AFTER_S + 1)
+    assert net.server.drops["expired"] == 1
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

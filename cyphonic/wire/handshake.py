@@ -7,7 +7,7 @@ Initiation (type 1), variable length because it carries the initiator's certific
     4   4  sender index (initiator's receiver index for this session)
     8  32  initiator ephemeral X25519 public key (clear)
     40 48  initiator static public key, AEAD-encrypted (32 + 16 tag)
-    88  2  L: length of the encrypted payload (28 + 2 + 0 .. 16 + 12 + 2 + MAX_CERT_BYTES)
+    88  2  L: length of the encrypted payload (16 + 12 + 2 + 0 = 30 .. 16 + 12 + 2 + MAX_CERT_BYTES)
     90  L  encrypted payload: timestamp (12) || certificate length (2) || certificate
     ..  16 mac1: keyed BLAKE2b-128 of all bytes before it, key = HASH("mac1----" || responder static)
     ..  16 mac2: reserved for a cookie under load; zero

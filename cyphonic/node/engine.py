@@ -152,6 +152,9 @@ class NodeEngine:
         if self.device is not None:
             for data, addr in self.device.datagrams_to_send():
                 if isinstance(addr, RelayPath):
+                    if len(data) > wire_relay.MAX_RELAY_PAYLOAD_BYTES:
+                        self.drops["relay_oversize"] += 1
+                        continue
                     out.append((wire_relay.encode_data(addr.session_id, data), addr.trs))
                 else:
                     out.append((data, addr))

@@ -471,6 +471,7 @@ class ControlServer(_Base):
         if static in self.peers:
             self.peers.move_to_end(static)
         else:
+            self._unconfirmed.move_to_end(static)
             peer.addr = addr  # a confirmed peer's address moves only with authenticated data
         peer.last_received = now
         self._push(response, addr)

@@ -91,13 +91,15 @@ class Device:
     def _new_peer(self, cert: Certificate) -> Tunnel:
         if len(self.peers_by_static) >= C.MAX_PEERS:
             raise LocalProtocolError("peer table full")
-        old = self.peers_by_vip.get(cert.vip4.packed) or self.peers_by_fqdn.get(cert.fqdn)
-        if old is not None:
-            # Another static key holds this name or address. Only a newer certificate (a higher
-            # serial from the same CA) replaces it; an older one is someone replaying the past.
+        holders = {id(p): p for p in (self.peers_by_vip.get(cert.vip4.packed),
+                                      self.peers_by_fqdn.get(cert.fqdn)) if p is not None}
+        # Another static key holds this name or address. Only a newer certificate (a higher
+        # serial from the same CA) replaces it; an older one is someone replaying the past.
+        for old in holders.values():
             if cert.serial <= old.cert.serial:
                 raise RemoteProtocolError(f"{cert.fqdn}: an older certificate for a known peer",
                                           reason="identity_conflict")
+        for old in holders.values():
             self.remove_peer(old.fqdn)
         peer = Tunnel(cert)
         self.peers_by_static[cert.static_public] = peer

@@ -283,3 +283,25 @@ def test_full_address_pool_refuses_enrollment_and_keeps_the_token():
     ready(net, "c")
     assert net.store.get_token(token_id).uses == 1
     assert net.store.get_identity(c.identity.public).vip4 == "100.64.0.3"
+
+
+def test_concurrent_routes_of_different_nodes_are_not_crossed():
+    """Cloud request ids are counted per node: two responders answering at once must each
+    settle their own route (found by the benchmark: keyed by id alone, answers crossed)."""
+    net = CloudNet()
+    for n in ("a1", "a2", "b1", "b2"):
+        net.node(n, (f"192.0.2.{len(net.nodes) + 1}", 1000))
+    net.start_all()
+    for n in net.nodes:
+        net.events(n)
+    net.nodes["a1"].request_route("b1.ov.example", net.now)
+    net.nodes["a2"].request_route("b2.ov.example", net.now)
+    net.pump()
+    p1 = of(net.events("b1"), sg.DirectionPushed)[0]
+    p2 = of(net.events("b2"), sg.DirectionPushed)[0]
+    assert p1.incoming.msg.request_id == p2.incoming.msg.request_id  # the collision case
+    net.nodes["b2"].answer_direction(p2, False, net.now, code=E.POLICY_DENIED)
+    net.nodes["b1"].answer_direction(p1, True, net.now)
+    net.pump()
+    assert of(net.events("a1"), sg.RouteReady)[0].direction.peer_fqdn == "b1.ov.example"
+    assert of(net.events("a2"), sg.RouteFailed)[0].code == E.POLICY_DENIED

@@ -187,3 +187,20 @@ def test_zero_trust_a_node_refuses_initiations_the_cloud_did_not_announce():
     dev_c.connect("b.ov.example", sim.now)
     sim.pump()
     assert sim.hosts["b"].engine.device.drops["unknown_peer"] >= 1
+
+
+def test_a_peer_asked_for_by_virtual_ip_comes_up():
+    from cyphonic.node.engine import Resolved
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.start()
+    vip_b = sim.vip("b")
+    ptr = ".".join(reversed(vip_b.split("."))) + ".in-addr.arpa"
+    sim.hosts["a"].engine.resolve(ptr, sim.now)
+    sim.pump()
+    sim.advance(5)
+    evs = sim.events("a")
+    assert any(isinstance(e, Resolved) and e.fqdn == "b.ov.example" and e.vip4 == vip_b for e in evs)
+    assert any(isinstance(e, TunnelUp) and e.fqdn == "b.ov.example" for e in evs)
+    assert sim.ping_ok("a", "b")

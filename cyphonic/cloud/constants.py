@@ -31,8 +31,11 @@ CERT_BACKDATE_S = 60               # certificates start this much in the past (c
 # --- Node Management Service (NMS) ------------------------------------------------
 
 MAX_REGISTRATIONS = 100_000        # registered nodes one NMS holds
-MAX_PENDING_ROUTES = 10_000        # route selections waiting for the responder's answer
+MAX_ROUTES = 50_000                # routes remembered (pending, or answered and awaiting RouteConfirm)
 ROUTE_PENDING_S = 30.0             # a route waiting longer than this is answered PEER_UNREACHABLE
+ROUTE_KEEP_S = 60.0                # an answered route is remembered this long (confirmations, relay fallback)
+IDENTITY_CACHE_S = 5.0             # identities read from the store are reused this long (revocation applies within it)
+IDENTITY_CACHE_MAX = 100_000
 REGISTRATION_SWEEP_S = 5.0         # how often expired registrations are removed
 SIGNALING_PORT = 47101             # default UDP port of the AS+NMS control channel
 MAX_LOG_LINES_QUEUED = 10_000      # log lines not yet printed by the I/O edge

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 
 from ..certs import TrustStore
 from ..control import ControlServer, Incoming, Reply, RequestTimedOut
@@ -50,6 +50,7 @@ class CloudCore:
                                          keepalive_interval_s=keepalive_interval_s,
                                          log=self.log, rng=rng) if "nms" in services else None
         self._next_refresh = 0.0
+        self._identities: OrderedDict = OrderedDict()
 
     def log(self, line: str) -> None:
         self.logs.append(line)
@@ -128,7 +129,7 @@ class CloudCore:
         elif self.nms is None:
             reply = sig.Error(code=sig.ErrorCode.BAD_MESSAGE, text="this cloud process runs no NMS")
         else:
-            identity = self.store.get_identity(inc.peer_static)
+            identity = self._identity(inc.peer_static, now)
             if identity is None:
                 reply = sig.Error(code=sig.ErrorCode.UNAUTHENTICATED, text="unknown identity: log in first")
             elif identity.revoked:
@@ -139,6 +140,20 @@ class CloudCore:
             if isinstance(reply, sig.Error):
                 self.counters[f"errors_{reply.code.name.lower()}"] += 1
             self.server.reply(inc, reply, now)
+
+    def _identity(self, static: bytes, now: float):
+        """The node's identity, from a short-lived cache (the store is the truth; a revocation
+        reaches the cache within IDENTITY_CACHE_S)."""
+        hit = self._identities.get(static)
+        if hit is not None and now - hit[0] < CC.IDENTITY_CACHE_S:
+            return hit[1]
+        identity = self.store.get_identity(static)
+        if identity is not None:
+            self._identities[static] = (now, identity)
+            self._identities.move_to_end(static)
+            while len(self._identities) > CC.IDENTITY_CACHE_MAX:
+                self._identities.popitem(last=False)
+        return identity
 
     def stats(self) -> dict:
         out = {"counters": dict(self.counters), "control_drops": dict(self.server.drops),

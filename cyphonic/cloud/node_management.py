@@ -27,6 +27,7 @@ ROUTE_PENDING_S is answered PEER_UNREACHABLE.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -68,6 +69,18 @@ class Route:
     confirmed: dict = field(default_factory=dict)
 
 
+def vip_from_ptr_name(name: str) -> str | None:
+    """``2.0.64.100.in-addr.arpa`` -> ``100.64.0.2``: a node asks for a peer by virtual IP this
+    way when a packet, not a DNS query, brings the tunnel up."""
+    if not name.endswith(".in-addr.arpa"):
+        return None
+    parts = name[: -len(".in-addr.arpa")].split(".")
+    try:
+        return str(ipaddress.IPv4Address(".".join(reversed(parts))))
+    except ValueError:
+        return None
+
+
 def _family(host: str) -> int:
     return 6 if ":" in host else 4
 
@@ -89,10 +102,14 @@ class NodeManagementService:
         self.lifetime_s = registration_lifetime_s
         self.keepalive_s = max(1, int(keepalive_interval_s))
         self.log = log
-        self.rng = rng or random.SystemRandom()
+        # Route and relay session ids need to be unique, not secret: a seeded PRNG (no system call each)
+        self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
         self.registrations: OrderedDict[bytes, Registration] = OrderedDict()
         self.routes: OrderedDict[int, Route] = OrderedDict()
-        self._server_requests: dict[int, int] = {}  # cloud request id -> route id
+        # (node static key, cloud request id) -> route id. Request ids are counted per node,
+        # so the id alone would cross two nodes' answers.
+        self._server_requests: dict[tuple[bytes, int], int] = {}
+        self._verified: OrderedDict[bytes, tuple[bytes, object]] = OrderedDict()  # static -> (cert, parsed)
         self.counters: Counter = Counter()
         self._next_sweep = 0.0
         self._policy_cache: dict | None = None
@@ -136,8 +153,7 @@ class NodeManagementService:
 
     def _register(self, inc: Incoming, identity: Identity, now: float) -> sig.Message:
         try:
-            self.trust.verify(inc.certificate, now, expected_static=inc.peer_static,
-                              expected_fqdn=identity.fqdn)
+            self._verify_session_cert(inc, identity, now)
         except CertificateError as exc:
             return sig.Error(code=E.CERT_INVALID, text=f"log in again: {exc}"[:200])
         observed = _endpoint_of(inc.addr)
@@ -170,6 +186,23 @@ class NodeManagementService:
         self.counters["keepalives"] += 1
         return sig.KeepaliveAck(observed=observed) if inc.msg.request_id else None
 
+    def _verify_session_cert(self, inc: Incoming, identity: Identity, now: float) -> None:
+        """The certificate the node's control handshake carried. The signature is checked once
+        per certificate; validity and revocation every time (both are cheap)."""
+        cached = self._verified.get(inc.peer_static)
+        if cached is not None and cached[0] == inc.certificate:
+            cert = cached[1]
+            if cert.serial in self.trust.revoked or now - C.MAX_CLOCK_SKEW_S > cert.not_after \
+                    or cert.fqdn != identity.fqdn:
+                self._verified.pop(inc.peer_static, None)
+                cached = None
+        if cached is None:
+            cert = self.trust.verify(inc.certificate, now, expected_static=inc.peer_static,
+                                     expected_fqdn=identity.fqdn)
+            self._verified[inc.peer_static] = (inc.certificate, cert)
+            while len(self._verified) > CC.MAX_REGISTRATIONS:
+                self._verified.popitem(last=False)
+
     # --- route selection ----------------------------------------------------------
 
     def select(self, a: Registration, b: Registration) -> sig.RouteType:
@@ -187,7 +220,8 @@ class NodeManagementService:
 
     def _route_request(self, inc: Incoming, a: Registration, now: float) -> sig.Message | None:
         fqdn = inc.msg.peer_fqdn
-        target = self.store.get_identity_by_fqdn(fqdn)
+        vip = vip_from_ptr_name(fqdn)
+        target = self.store.get_identity_by_vip(vip) if vip else self.store.get_identity_by_fqdn(fqdn)
         if target is None or target.revoked:
             self.counters["routes_unknown_peer"] += 1
             return sig.Error(code=E.UNKNOWN_PEER, text=f"no node {fqdn}")
@@ -203,9 +237,11 @@ class NodeManagementService:
         if b.static == a.static:
             return sig.Error(code=E.BAD_MESSAGE, text="a route to oneself")
         route_type = self.select(a, b)
-        if len(self.routes) >= CC.MAX_PENDING_ROUTES:
-            self.routes.popitem(last=False)
+        if len(self.routes) >= CC.MAX_ROUTES:
+            _, old = self.routes.popitem(last=False)
             self.counters["routes_evicted"] += 1
+            if old.request is not None:  # never leave an initiator without an answer
+                self.server.reply(old.request, sig.Error(code=E.PEER_UNREACHABLE, text="cloud busy"), now)
         route = Route(self.rng.getrandbits(63) or 1, route_type, a, b, inc, now)
         self.routes[route.route_id] = route
         return self._direct_responder(route, now)
@@ -222,7 +258,7 @@ class NodeManagementService:
         if sent is None:
             self.routes.pop(route.route_id, None)
             return sig.Error(code=E.PEER_UNREACHABLE, text=f"{route.b.identity.fqdn} has no control session")
-        self._server_requests[sent.request_id] = route.route_id
+        self._server_requests[(route.b.static, sent.request_id)] = route.route_id
         self.counters[f"routes_{route.route_type.name.lower()}"] += 1
         self.log(f"route {route.route_type.name} from={route.a.identity.fqdn} to={route.b.identity.fqdn} "
                  f"id={route.route_id}")
@@ -267,7 +303,7 @@ class NodeManagementService:
                                   relay_token=token, expires_s=int(CC.ROUTE_PENDING_S))
 
     def on_reply(self, event: Reply, now: float) -> None:
-        route_id = self._server_requests.pop(event.request.request_id, None)
+        route_id = self._server_requests.pop((event.peer_static, event.request.request_id), None)
         route = self.routes.get(route_id) if route_id is not None else None
         if route is None:
             return
@@ -284,7 +320,7 @@ class NodeManagementService:
             self.log(f"route refused by responder from={route.a.identity.fqdn} to={route.b.identity.fqdn}")
 
     def on_timeout(self, event: RequestTimedOut, now: float) -> None:
-        route_id = self._server_requests.pop(event.request.request_id, None)
+        route_id = self._server_requests.pop((event.peer_static, event.request.request_id), None)
         route = self.routes.pop(route_id, None) if route_id is not None else None
         if route is not None and route.request is not None:
             self.server.reply(route.request, sig.Error(code=E.PEER_UNREACHABLE,
@@ -336,7 +372,7 @@ class NodeManagementService:
                 continue
             sent = self.server.request(reg.static, self._direction(route, for_a=for_a), now)
             if sent is not None:
-                self._server_requests[sent.request_id] = route.route_id
+                self._server_requests[(reg.static, sent.request_id)] = route.route_id
         return None
 
     # --- timers ---------------------------------------------------------------------
@@ -353,10 +389,13 @@ class NodeManagementService:
                 del self.registrations[static]
                 self.counters["registrations_expired"] += 1
                 self.log(f"registration expired node={reg.identity.fqdn}")
-        for rid, route in list(self.routes.items()):
-            if now - route.created < CC.ROUTE_PENDING_S * 4:
+        for rid, route in list(self.routes.items()):  # oldest first
+            if now - route.created < max(CC.ROUTE_KEEP_S, CC.ROUTE_PENDING_S):
                 break
             del self.routes[rid]
+            if route.request is not None:
+                self.server.reply(route.request, sig.Error(code=E.PEER_UNREACHABLE,
+                                                           text=f"{route.b.identity.fqdn} did not answer"), now)
 
     def status(self, now: float) -> list[dict]:
         return [{"fqdn": r.identity.fqdn, "vip4": r.identity.vip4,

@@ -62,6 +62,14 @@ class TunnelUp:
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """A peer asked for by virtual IP (``asked``, a PTR name) turned out to be ``fqdn``."""
+    asked: str
+    fqdn: str
+    vip4: str
+
+
+@dataclass(frozen=True)
 class TunnelFailed:
     fqdn: str
     code: sig.ErrorCode
@@ -236,6 +244,9 @@ class NodeEngine:
                 self.device.set_identity(identity)  # a renewed certificate
             self._emit(e)
         elif isinstance(e, sg.RouteReady):
+            if e.peer_fqdn != e.direction.peer_fqdn:  # asked by virtual IP (a PTR name)
+                self.routes.pop(e.peer_fqdn, None)
+                self._emit(Resolved(e.peer_fqdn, e.direction.peer_fqdn, str(e.direction.peer_vip4)))
             self._apply_direction(e.direction, now, asked=True)
         elif isinstance(e, sg.RouteFailed):
             route = self.routes.get(e.peer_fqdn)

@@ -1,0 +1,179 @@
+"""`cyphonic-node` configuration: a TOML file, every key checked, errors that name the key.
+
+See ``docs/node.md`` and the commented example (``example_config()``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, fields
+
+from .. import constants as C
+from ..cloud.keys import parse_cloud_key
+from ..errors import CyphonicError
+
+EXAMPLE = """\
+# cyphonic-node configuration (TOML). Keys not given take the defaults shown.
+
+# The cloud: address of the Authentication + Node Management services, and its key
+# (printed by `cyphonic-cloud init`). Both are required.
+cloud = "198.51.100.1:47101"
+cloud_key = "cyk1:<CA public key hex>:<signaling public key hex>"
+# A separate Node Management Service, if it runs apart from the AS ("" = same as cloud).
+cloud_nms = ""
+
+# Enrollment token from `cyphonic-cloud enroll NAME`: used once, at the first start.
+# token_file is read instead when token is empty (and may be deleted afterwards).
+token = ""
+token_file = ""
+# The name this node asks for (the cloud may choose another for reusable tokens).
+name = ""
+
+# Keys (0600), the certificate and the cached login live here.
+state_dir = "/var/lib/cyphonic-node"
+
+# UDP port for tunnels and signaling (one socket per address family); 0 = any free port.
+port = 47100
+listen4 = "0.0.0.0"
+listen6 = "::"          # "" disables IPv6
+
+# The TUN interface carrying the overlay.
+interface = "cy0"
+mtu = 1408              # 1500 - IPv6 48 - relay 12 - tunnel 32
+
+# The DNS stub: overlay names bring tunnels up; other names go upstream.
+dns_listen = "127.0.0.53:53"
+dns_upstream = ""       # "host:port"; "" = the first nameserver of /etc/resolv.conf, "none" = refuse
+dns_hold_s = 5.0
+
+# cyadm talks to the daemon here.
+status_socket = "/run/cyphonic/node.sock"
+"""
+
+DEFAULTS = {
+    "cloud": "", "cloud_key": "", "cloud_nms": "", "token": "", "token_file": "", "name": "",
+    "state_dir": "/var/lib/cyphonic-node", "port": 47100, "listen4": "0.0.0.0", "listen6": "::",
+    "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "dns_listen": "127.0.0.53:53", "dns_upstream": "",
+    "dns_hold_s": 5.0, "status_socket": "/run/cyphonic/node.sock",
+}
+
+
+class NodeConfigError(CyphonicError):
+    pass
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        p = int(port)
+        if not sep or not 0 < p < 65536:
+            raise ValueError
+    except ValueError:
+        raise NodeConfigError(f"{what}: expected address:port (e.g. 192.0.2.1:47101 or [::1]:47101), "
+                              f"not {text!r}") from None
+    return host, p
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    cloud: str
+    cloud_key: str
+    cloud_nms: str
+    token: str
+    token_file: str
+    name: str
+    state_dir: str
+    port: int
+    listen4: str
+    listen6: str
+    interface: str
+    mtu: int
+    dns_listen: str
+    dns_upstream: str
+    dns_hold_s: float
+    status_socket: str
+
+    @property
+    def cloud_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.cloud, "cloud")
+
+    @property
+    def nms_addr(self) -> tuple[str, int] | None:
+        return parse_hostport(self.cloud_nms, "cloud_nms") if self.cloud_nms else None
+
+    @property
+    def dns_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.dns_listen, "dns_listen")
+
+
+def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> NodeConfig:
+    def fail(key: str, what: str) -> NodeConfigError:
+        return NodeConfigError(f"{source}: {key}: {what}")
+
+    unknown = set(doc) - set(DEFAULTS)
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown key")
+    values = dict(DEFAULTS)
+    for key, value in doc.items():
+        want = type(DEFAULTS[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise fail(key, f"must be {want.__name__}, not {type(value).__name__}")
+        values[key] = value
+    for key in ("state_dir", "token_file", "status_socket"):
+        if values[key] and not os.path.isabs(values[key]):
+            values[key] = os.path.normpath(os.path.join(base_dir, values[key]))
+    if not values["cloud"]:
+        raise fail("cloud", "required (address:port of the cloud)")
+    if not values["cloud_key"]:
+        raise fail("cloud_key", "required (printed by `cyphonic-cloud init`)")
+    cfg = NodeConfig(**values)
+    try:
+        cfg.cloud_addr, cfg.nms_addr, cfg.dns_addr
+        parse_cloud_key(cfg.cloud_key)
+    except CyphonicError as exc:
+        raise NodeConfigError(f"{source}: {exc}") from None
+    if not 0 <= cfg.port < 65536:
+        raise fail("port", "must be 0..65535")
+    if not 576 <= cfg.mtu <= 65000:
+        raise fail("mtu", "must be 576..65000")
+    if not cfg.interface or len(cfg.interface) > 15:
+        raise fail("interface", "must be 1..15 characters")
+    if not cfg.listen4 and not cfg.listen6:
+        raise fail("listen4", "listen4 and listen6 cannot both be empty")
+    if cfg.dns_upstream not in ("", "none"):
+        try:
+            parse_hostport(cfg.dns_upstream, "dns_upstream")
+        except CyphonicError as exc:
+            raise NodeConfigError(f"{source}: {exc}") from None
+    if not 0.1 <= cfg.dns_hold_s <= 60:
+        raise fail("dns_hold_s", "must be 0.1..60 seconds")
+    return cfg
+
+
+def load_config(path: str) -> NodeConfig:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise NodeConfigError(f"{path}: no such file (an example: `cyphonic-node --example-config`)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(doc, path, os.path.dirname(os.path.abspath(path)))
+
+
+def example_config() -> str:
+    return EXAMPLE
+
+
+def _check_defaults_documented() -> None:
+    names = {f.name for f in fields(NodeConfig)}
+    assert names == set(DEFAULTS), names ^ set(DEFAULTS)
+
+
+_check_defaults_documented()

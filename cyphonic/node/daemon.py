@@ -1,0 +1,560 @@
+"""`cyphonic-node`: the conventional CYPHONIC node daemon (the paper's CMN).
+
+One process, one asyncio loop:
+- the node engine (signaling, tunnels, relay paths) on one UDP socket per family;
+- Interface Handling: a TUN interface with the node's virtual IP (``tun``);
+- the Resolver: a DNS stub where overlay names bring tunnels up (``cyphonic.resolver``);
+- Packet Handling: TUN -> engine -> UDP and back; a packet to a peer's
+  virtual IP with no earlier query brings the tunnel up too (it waits in a
+  bounded queue meanwhile);
+- roaming: the host's addresses are watched; a change re-registers and the
+  tunnels carry on (the virtual IP stays);
+- status on a Unix socket for ``cyadm status``.
+
+State (0600 under ``state_dir``): ``identity.key`` (X25519), ``certificate``,
+``login.json``. The enrollment token is used once, at the first start. A clean
+stop removes the TUN interface and its routes (it is non-persistent, so a crash
+does too) and the status socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter, OrderedDict, deque
+
+from pyroute2 import IPRoute
+
+from .. import constants as C
+from .. import crypto
+from .. import events as ev
+from .. import signaling as sg
+from ..cloud.keys import parse_cloud_key, read_secret, write_secret
+from ..handshake import StaticIdentity
+from ..wire import cert as wire_cert
+from ..wire import signaling as sig
+from .config import NodeConfig, parse_hostport
+from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
+from .tun import Tun, TunError
+
+READ_BATCH = 256
+ADDRESS_POLL_S = 1.0
+VIP_QUEUE_PACKETS = 64
+VIP_QUEUE_PEERS = 256
+FATAL_EXIT = 2
+
+
+def ptr_name(vip: str) -> str:
+    return ".".join(reversed(vip.split("."))) + ".in-addr.arpa"
+
+
+def load_identity(state_dir: str) -> StaticIdentity:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    key_path = os.path.join(state_dir, "identity.key")
+    if not os.path.exists(key_path):
+        write_secret(key_path, crypto.random_bytes(32))
+    priv = read_secret(key_path, 32)
+    cert = b""
+    cert_path = os.path.join(state_dir, "certificate")
+    if os.path.exists(cert_path):
+        with open(cert_path) as f:
+            cert = bytes.fromhex(f.read().strip())
+    return StaticIdentity(priv, crypto.x25519_public(priv), cert)
+
+
+def host_addresses(exclude: set[str]) -> list[str]:
+    """Addresses of this host usable for tunnels: not loopback, link-local or our TUN."""
+    out = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for a in ipr.get_addr():
+            if names.get(a["index"]) in exclude:
+                continue
+            addr = a.get_attr("IFA_ADDRESS")
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
+                continue
+            out.append(addr)
+    return sorted(set(out))
+
+
+class NodeDaemon:
+    def __init__(self, cfg: NodeConfig, *, out=None) -> None:
+        self.cfg = cfg
+        self.out = out or sys.stdout
+        self.ca_public, self.cloud_static = parse_cloud_key(cfg.cloud_key)
+        self.identity = load_identity(cfg.state_dir)
+        self.socks: dict[int, socket.socket] = {}
+        self.port = cfg.port
+        self.engine: NodeEngine | None = None
+        self.tun: Tun | None = None
+        self.resolver = None
+        self.dns = None
+        self.login: dict = self._load_login()
+        self.paths: dict[str, str] = {}
+        self.vip_queue: OrderedDict[str, deque] = OrderedDict()
+        self.asked_by_vip: dict[str, str] = {}
+        self.drops: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.health_events: deque = deque(maxlen=20)
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop = asyncio.Event()
+        self.exit_code = 0
+        self.local_addrs: list[str] = []
+        self.started = time.time()
+        self.status_server = None
+
+    # --- logging and persistence -------------------------------------------------------
+
+    def log(self, line: str) -> None:
+        print(f"cyphonic-node: {line}", file=self.out, flush=True)
+
+    def _load_login(self) -> dict:
+        try:
+            with open(os.path.join(self.cfg.state_dir, "login.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _save_login(self, e: sg.LoggedIn) -> None:
+        path = os.path.join(self.cfg.state_dir, "certificate")
+        write_secret(path, e.certificate)
+        self.login = {"fqdn": e.fqdn, "vip4": e.vip4, "prefix_len": e.prefix_len, "domain": e.domain}
+        tmp = os.path.join(self.cfg.state_dir, "login.json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.login, f)
+        os.replace(tmp, os.path.join(self.cfg.state_dir, "login.json"))
+
+    def _token(self) -> bytes:
+        if self.identity.certificate:
+            return b""
+        if self.cfg.token:
+            return self.cfg.token.encode()
+        if self.cfg.token_file:
+            try:
+                with open(self.cfg.token_file) as f:
+                    return f.read().strip().encode()
+            except OSError as exc:
+                self.log(f"cannot read token_file {self.cfg.token_file}: {exc.strerror}")
+        return b""
+
+    # --- start and stop ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, self._stop.set)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            self.close()
+        return self.exit_code
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
+            if not host:
+                continue
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            try:
+                s.bind((host, self.port))
+            except OSError as exc:
+                if family == socket.AF_INET6 and exc.errno in (97, 99):  # no IPv6 here
+                    s.close()
+                    continue
+                raise
+            self.port = s.getsockname()[1]
+            s.setblocking(False)
+            self.socks[family] = s
+            loop.add_reader(s.fileno(), self._on_udp, s)
+        self.local_addrs = host_addresses({cfg.interface})
+        token = self._token()
+        if not self.identity.certificate and not token:
+            self.log("not enrolled: set `token` (from `cyphonic-cloud enroll NAME`) in the config")
+        self.engine = NodeEngine(self.identity, self.ca_public, self.cloud_static, cfg.cloud_addr,
+                                 token=token, name_hint=cfg.name, nms_addr=cfg.nms_addr,
+                                 local_endpoints=self._endpoints())
+        self.engine.start(time.time())
+        await self._start_status()
+        if self.login.get("domain"):
+            await self._start_dns(self.login["domain"])
+        loop.call_later(ADDRESS_POLL_S, self._poll_addresses)
+        self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
+                 f"{self.identity.public.hex()[:16]}...")
+        self.flush()
+
+    def close(self) -> None:
+        loop = asyncio.get_event_loop()
+        if self.engine is not None:
+            self.engine.stop(time.time())
+            self._send_out()
+        for s in self.socks.values():
+            loop.remove_reader(s.fileno())
+            s.close()
+        self.socks.clear()
+        if self.tun is not None:
+            loop.remove_reader(self.tun.fd)
+            self.tun.close()
+            self.log(f"removed {self.cfg.interface}")
+            self.tun = None
+        if self.dns is not None:
+            self.dns.close()
+        if self.status_server is not None:
+            self.status_server.close()
+            try:
+                os.unlink(self.cfg.status_socket)
+            except OSError:
+                pass
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _endpoints(self) -> list[sig.Endpoint]:
+        eps = []
+        for a in self.local_addrs:
+            fam = socket.AF_INET6 if ":" in a else socket.AF_INET
+            if fam in self.socks:
+                eps.append(sig.Endpoint(a, self.port))
+        return eps[:C.MAX_ENDPOINTS]
+
+    def _poll_addresses(self) -> None:
+        try:
+            addrs = host_addresses({self.cfg.interface})
+        except Exception as exc:  # netlink trouble must not stop the daemon
+            self.errors["address_poll"] += 1
+            addrs = self.local_addrs
+            self.log(f"cannot read addresses: {exc}")
+        if addrs != self.local_addrs and self.engine is not None:
+            self.log(f"addresses changed: {', '.join(self.local_addrs) or '-'} -> {', '.join(addrs) or '-'}; "
+                     "re-registering")
+            self.local_addrs = addrs
+            self.engine.set_local_endpoints(self._endpoints(), time.time())
+            self.flush()
+        if not self._stop.is_set():
+            asyncio.get_running_loop().call_later(ADDRESS_POLL_S, self._poll_addresses)
+
+    # --- the data path -------------------------------------------------------------------------
+
+    def _on_udp(self, s: socket.socket) -> None:
+        engine = self.engine
+        now = time.time()
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors surface here; never fatal
+                self.errors[type(exc).__name__] += 1
+                continue
+            engine.receive_datagram(data, addr[:2], now)
+        self.flush()
+
+    def _on_tun(self) -> None:
+        engine = self.engine
+        tun = self.tun
+        now = time.time()
+        device = engine.device
+        for _ in range(READ_BATCH):
+            try:
+                packet = tun.read()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.errors["tun_" + type(exc).__name__] += 1
+                break
+            if device is None or len(packet) < 20 or packet[0] >> 4 != 4:
+                self.drops["tun_not_ipv4"] += 1
+                continue
+            if packet[16:20] in device.peers_by_vip:
+                engine.send_packet(packet, now)
+            else:
+                self._queue_for_vip(packet, now)
+        self.flush()
+
+    def _queue_for_vip(self, packet: bytes, now: float) -> None:
+        vip = str(ipaddress.IPv4Address(packet[16:20]))
+        q = self.vip_queue.get(vip)
+        if q is None:
+            if len(self.vip_queue) >= VIP_QUEUE_PEERS:
+                _, old = self.vip_queue.popitem(last=False)
+                self.drops["vip_queue_evicted"] += len(old)
+            q = self.vip_queue[vip] = deque()
+            self.asked_by_vip[ptr_name(vip)] = vip
+            self.engine.resolve(ptr_name(vip), now)
+        if len(q) >= VIP_QUEUE_PACKETS:
+            q.popleft()
+            self.drops["vip_queue_full"] += 1
+        q.append(packet)
+
+    def _send_out(self) -> int:
+        out = self.engine.datagrams_to_send()
+        for data, addr in out:
+            s = self.socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+            if s is None:
+                self.drops["no_socket_for_family"] += 1
+                continue
+            try:
+                s.sendto(data, addr)
+            except BlockingIOError:
+                self.drops["udp_send_buffer_full"] += 1
+            except OSError as exc:
+                self.errors[type(exc).__name__] += 1
+        return len(out)
+
+    def flush(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        for _ in range(64):
+            sent = self._send_out()
+            n = 0
+            while (e := engine.next_event()) is not None:
+                n += 1
+                if isinstance(e, ev.PacketReceived):
+                    if self.tun is not None:
+                        try:
+                            self.tun.write(e.packet)
+                        except OSError as exc:
+                            self.errors["tun_write_" + type(exc).__name__] += 1
+                    continue
+                self._on_event(e)
+            if self.dns is not None:
+                self.dns.flush()
+            if not sent and not n:
+                break
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        t = self.engine.get_timer()
+        if t is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, t - time.time()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.engine.handle_timer(time.time())
+        self.flush()
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def _on_event(self, e) -> None:
+        now = time.time()
+        if isinstance(e, sg.LoggedIn):
+            self._save_login(e)
+            self.identity = self.engine.signaling.identity
+            self.log(f"logged in as {e.fqdn} ({e.vip4}/{e.prefix_len})" + (" (enrolled)" if e.enrolled else ""))
+            self._setup_tun(e)
+            if self.dns is None:
+                asyncio.get_running_loop().create_task(self._start_dns(e.domain))
+            elif self.resolver is not None:
+                self.resolver.self_names = {e.fqdn: e.vip4}
+        elif isinstance(e, sg.LoginFailed):
+            self.log(f"login refused: {e.code.name}: {e.text}")
+            self.health_events.append(("login-failed", "error", f"{e.code.name}: {e.text}", now))
+            if e.code in sg.FATAL_LOGIN_CODES:
+                self.exit_code = FATAL_EXIT
+                self._stop.set()
+        elif isinstance(e, sg.Registered):
+            self.log(f"registered: observed {e.observed.host}:{e.observed.port}"
+                     f"{' (behind NAT)' if e.nat else ''}")
+        elif isinstance(e, sg.CloudLost):
+            self.log(f"cloud link lost: {e.reason}; reconnecting")
+        elif isinstance(e, Resolved):
+            self.asked_by_vip[e.fqdn] = self.asked_by_vip.pop(e.asked, e.vip4)
+        elif isinstance(e, TunnelUp):
+            self.paths[e.fqdn] = e.path
+            ep = e.endpoint
+            self.log(f"tunnel up: {e.fqdn} ({e.vip4}) path {e.path} via {ep}")
+            if self.resolver is not None:
+                self.resolver.tunnel_up(e.fqdn, e.vip4, now)
+            q = self.vip_queue.pop(e.vip4, None)
+            self.asked_by_vip.pop(e.fqdn, None)
+            for packet in q or ():
+                self.engine.send_packet(packet, now)
+        elif isinstance(e, TunnelFailed):
+            self.log(f"tunnel to {e.fqdn} failed: {e.code.name} {e.text}")
+            self.health_events.append(("tunnel-failed", "warning", f"{e.fqdn}: {e.code.name} {e.text}", now))
+            vip = self.asked_by_vip.pop(e.fqdn, None)
+            if vip is not None:
+                self.drops["vip_queue_failed"] += len(self.vip_queue.pop(vip, ()))
+            if self.resolver is not None:
+                self.resolver.tunnel_failed(e.fqdn, e.code, now)
+        elif isinstance(e, ev.EndpointChanged):
+            self.log(f"{e.fqdn} moved: {e.old} -> {e.new}")
+        elif isinstance(e, ev.HandshakeFailed):
+            self.log(f"handshake with {e.fqdn} failed: {e.reason} ({e.packets_dropped} packets dropped)")
+
+    def _setup_tun(self, e: sg.LoggedIn) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self.tun is None:
+                self.tun = Tun(self.cfg.interface)
+                loop.add_reader(self.tun.fd, self._on_tun)
+            self.tun.configure(e.vip4, e.prefix_len, self.cfg.mtu)
+            self.log(f"interface {self.cfg.interface}: {e.vip4}/{e.prefix_len}, mtu {self.cfg.mtu}")
+        except TunError as exc:
+            self.log(str(exc))
+            self.health_events.append(("tun-failed", "error", str(exc), time.time()))
+
+    async def _start_dns(self, domain: str) -> None:
+        if self.dns is not None:
+            return
+        from ..dns_server import serve_dns
+        from ..resolver import OverlayResolver
+        cfg = self.cfg
+        upstream = None
+        if cfg.dns_upstream and cfg.dns_upstream != "none":
+            upstream = parse_hostport(cfg.dns_upstream, "dns_upstream")
+        elif not cfg.dns_upstream:
+            upstream = _resolv_conf_upstream(cfg.dns_addr[0])
+        prefix = None
+        if self.login.get("vip4"):
+            prefix = str(ipaddress.IPv4Network(f"{self.login['vip4']}/{self.login['prefix_len']}", strict=False))
+        self.resolver = OverlayResolver(domain, self_names={self.login["fqdn"]: self.login["vip4"]}
+                                        if self.login.get("fqdn") else {},
+                                        prefix=prefix, hold_s=cfg.dns_hold_s, passthrough=upstream is not None)
+        host, port = cfg.dns_addr
+        try:
+            self.dns = await serve_dns(self.resolver, host, port, on_resolve=self._dns_resolve, upstream=upstream)
+            self.log(f"DNS on {host}:{port} for *.{domain}" + (f", upstream {upstream[0]}:{upstream[1]}"
+                                                                if upstream else ", no upstream"))
+        except OSError as exc:
+            self.log(f"cannot serve DNS on {host}:{port}: {exc.strerror}")
+            self.health_events.append(("dns-down", "error", f"{host}:{port}: {exc.strerror}", time.time()))
+            self.resolver = None
+
+    def _dns_resolve(self, fqdn: str, asker) -> None:
+        vip = self.engine.resolve(fqdn, time.time())
+        if vip is not None and self.resolver is not None:
+            self.resolver.tunnel_up(fqdn, vip, time.time())
+        self.flush()
+
+    # --- status ----------------------------------------------------------------------------------
+
+    async def _start_status(self) -> None:
+        path = self.cfg.status_socket
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a crash; we own this path
+        self.status_server = await asyncio.start_unix_server(self._status_client, path=path)
+        os.chmod(path, 0o660)
+
+    async def _status_client(self, reader, writer) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                req = json.loads(line or b"{}")
+            except ValueError:
+                req = {}
+            reply = self.status() if req.get("cmd", "status") == "status" else {"error": "unknown command"}
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def health(self) -> list[dict]:
+        now = time.time()
+        out = []
+        st = self.engine.signaling.state if self.engine else None
+        if st == sg.State.RECONNECTING:
+            out.append({"code": "cloud-unreachable", "severity": "error",
+                        "text": self.engine.signaling.last_error or "reconnecting to the cloud"})
+        elif st == sg.State.FAILED:
+            out.append({"code": "login-failed", "severity": "error", "text": self.engine.signaling.last_error})
+        elif st in (sg.State.LOGGING_IN, sg.State.REGISTERING, sg.State.IDLE):
+            out.append({"code": "connecting", "severity": "warning", "text": f"cloud link: {st.value}"})
+        if self.identity.certificate:
+            cert = wire_cert.decode(self.identity.certificate)
+            if cert.not_after - now < 3600:
+                out.append({"code": "certificate-expiring", "severity": "warning",
+                            "text": f"certificate expires in {int(cert.not_after - now)} s"})
+        for code, sev, text, when in self.health_events:
+            if now - when < 300 and not any(h["code"] == code for h in out):
+                out.append({"code": code, "severity": sev, "text": text})
+        return out
+
+    def status(self) -> dict:
+        now = time.time()
+        eng = self.engine
+        sigst = eng.signaling.status() if eng else {}
+        tunnels = []
+        if eng and eng.device:
+            for p in eng.device.peers_by_fqdn.values():
+                ps = p.status(now)
+                ep = p.endpoint
+                tunnels.append({"peer": p.fqdn, "vip4": ps["vip4"], "path": self.paths.get(p.fqdn, "-"),
+                                "endpoint": str(ep) if ep is not None and not isinstance(ep, tuple)
+                                else (f"{ep[0]}:{ep[1]}" if ep else None),
+                                "up": ps["session"], "last_handshake_age_s": ps["last_handshake_age_s"],
+                                "rx_bytes": ps["rx_bytes"], "tx_bytes": ps["tx_bytes"],
+                                "rx_packets": ps["rx_packets"], "tx_packets": ps["tx_packets"]})
+        cert = wire_cert.decode(self.identity.certificate) if self.identity.certificate else None
+        return {
+            "kind": "node", "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
+            "identity": {"fqdn": self.login.get("fqdn"), "vip4": self.login.get("vip4"),
+                         "static_key": self.identity.public.hex(),
+                         "cert_serial": cert.serial if cert else None,
+                         "cert_expires": cert.not_after if cert else None},
+            "cloud": {"address": self.cfg.cloud, **sigst},
+            "interface": {"name": self.cfg.interface, "mtu": self.cfg.mtu, "present": self.tun is not None},
+            "udp_port": self.port,
+            "dns": {"listen": self.cfg.dns_listen, "running": self.dns is not None,
+                    "counters": dict(self.resolver.counters) if self.resolver else {}},
+            "tunnels": tunnels,
+            "health": self.health(),
+            "drops": {**dict(self.drops), **{f"engine_{k}": v for k, v in (eng.drops.items() if eng else ())},
+                      **{f"device_{k}": v for k, v in (eng.device.drops.items() if eng and eng.device else ())}},
+            "errors": dict(self.errors),
+        }
+
+
+def _resolv_conf_upstream(own_host: str) -> tuple[str, int] | None:
+    try:
+        with open("/etc/resolv.conf") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver" and parts[1] != own_host:
+                    return parts[1], 53
+    except OSError:
+        pass
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from .config import NodeConfigError, example_config, load_config
+    ap = argparse.ArgumentParser(prog="cyphonic-node", description="The CYPHONIC node daemon.")
+    ap.add_argument("--config", default="/etc/cyphonic/node.toml")
+    ap.add_argument("--example-config", action="store_true", help="print a commented example config")
+    args = ap.parse_args(argv)
+    if args.example_config:
+        print(example_config(), end="")
+        return 0
+    try:
+        cfg = load_config(args.config)
+        return asyncio.run(NodeDaemon(cfg).run())
+    except (NodeConfigError, TunError) as exc:
+        print(f"cyphonic-node: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cyphonic-node: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -180,7 +180,8 @@ class NodeDaemon:
             s.setblocking(False)
             self.socks[family] = s
             loop.add_reader(s.fileno(), self._on_udp, s)
-        self.local_addrs = host_addresses({cfg.interface})
+        # pyroute2's synchronous IPRoute runs its own event loop: call it from a worker thread
+        self.local_addrs = await asyncio.to_thread(host_addresses, {cfg.interface})
         token = self._token()
         if not self.identity.certificate and not token:
             self.log("not enrolled: set `token` (from `cyphonic-cloud enroll NAME`) in the config")
@@ -191,7 +192,7 @@ class NodeDaemon:
         await self._start_status()
         if self.login.get("domain"):
             await self._start_dns(self.login["domain"])
-        loop.call_later(ADDRESS_POLL_S, self._poll_addresses)
+        self._tasks = [loop.create_task(self._watch_addresses())]
         self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
                  f"{self.identity.public.hex()[:16]}...")
         self.flush()
@@ -220,6 +221,8 @@ class NodeDaemon:
                 pass
         if self._timer is not None:
             self._timer.cancel()
+        for t in getattr(self, "_tasks", []):
+            t.cancel()
 
     def _endpoints(self) -> list[sig.Endpoint]:
         eps = []
@@ -229,21 +232,23 @@ class NodeDaemon:
                 eps.append(sig.Endpoint(a, self.port))
         return eps[:C.MAX_ENDPOINTS]
 
-    def _poll_addresses(self) -> None:
-        try:
-            addrs = host_addresses({self.cfg.interface})
-        except Exception as exc:  # netlink trouble must not stop the daemon
-            self.errors["address_poll"] += 1
-            addrs = self.local_addrs
-            self.log(f"cannot read addresses: {exc}")
-        if addrs != self.local_addrs and self.engine is not None:
-            self.log(f"addresses changed: {', '.join(self.local_addrs) or '-'} -> {', '.join(addrs) or '-'}; "
-                     "re-registering")
-            self.local_addrs = addrs
-            self.engine.set_local_endpoints(self._endpoints(), time.time())
-            self.flush()
-        if not self._stop.is_set():
-            asyncio.get_running_loop().call_later(ADDRESS_POLL_S, self._poll_addresses)
+    async def _watch_addresses(self) -> None:
+        """Roaming: read the host's addresses through netlink every ADDRESS_POLL_S; a change
+        re-registers from the new address (tunnels carry on, the virtual IP stays)."""
+        while not self._stop.is_set():
+            await asyncio.sleep(ADDRESS_POLL_S)
+            try:
+                addrs = await asyncio.to_thread(host_addresses, {self.cfg.interface})
+            except Exception as exc:  # netlink trouble must not stop the daemon
+                self.errors["address_poll"] += 1
+                self.log(f"cannot read addresses: {exc}")
+                continue
+            if addrs != self.local_addrs and self.engine is not None:
+                self.log(f"addresses changed: {', '.join(self.local_addrs) or '-'} -> "
+                         f"{', '.join(addrs) or '-'}; re-registering")
+                self.local_addrs = addrs
+                self.engine.set_local_endpoints(self._endpoints(), time.time())
+                self.flush()
 
     # --- the data path -------------------------------------------------------------------------
 
@@ -403,8 +408,16 @@ class NodeDaemon:
             if self.tun is None:
                 self.tun = Tun(self.cfg.interface)
                 loop.add_reader(self.tun.fd, self._on_tun)
-            self.tun.configure(e.vip4, e.prefix_len, self.cfg.mtu)
-            self.log(f"interface {self.cfg.interface}: {e.vip4}/{e.prefix_len}, mtu {self.cfg.mtu}")
+        except TunError as exc:
+            self.log(str(exc))
+            self.health_events.append(("tun-failed", "error", str(exc), time.time()))
+            return
+        loop.create_task(self._configure_tun(e.vip4, e.prefix_len))
+
+    async def _configure_tun(self, vip4: str, prefix_len: int) -> None:
+        try:
+            await asyncio.to_thread(self.tun.configure, vip4, prefix_len, self.cfg.mtu)
+            self.log(f"interface {self.cfg.interface}: {vip4}/{prefix_len}, mtu {self.cfg.mtu}")
         except TunError as exc:
             self.log(str(exc))
             self.health_events.append(("tun-failed", "error", str(exc), time.time()))

@@ -478,9 +478,10 @@ class Lab:
         rules = f"table inet {table}\ndelete table inet {table}\n"   # idempotent delete
         if percent:
             hooks = ["forward"] if isinstance(node, Router) else ["input", "output"]
+            match = "" if percent == 100 else f"numgen random mod 100 < {percent} "
             rules += f"table inet {table} {{\n" + "".join(
                 f"  chain {h} {{\n    type filter hook {h} priority filter; policy accept;\n"
-                f"    numgen random mod 100 < {percent} drop\n  }}\n" for h in hooks) + "}\n"
+                f"    {match}drop\n  }}\n" for h in hooks) + "}\n"
         _nsexec(ns, NFT, "-f", "-", input=rules)
 
     def move(self, host: Host, to: str | Segment | None = None) -> Host:

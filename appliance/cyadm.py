@@ -1,0 +1,161 @@
+"""`cyadm`: the admin CLI of the node daemon and (later) the adapter appliance.
+
+It never touches the data path: it asks the daemon over its Unix socket
+(one JSON request line, one JSON answer line), as `tailscale status` asks
+tailscaled. Every listing has ``--json``.
+
+Exit codes a script can rely on:
+  0  the daemon answered and reports no error-level health warning
+  1  the daemon could not be reached or answered an error
+  2  bad usage
+  3  the daemon answered, with at least one error-level health warning
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+import click
+
+DEFAULT_SOCKETS = ("/run/cyphonic/adapter.sock", "/run/cyphonic/node.sock")
+EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_UNHEALTHY = 0, 1, 2, 3
+
+
+def ask(path: str, cmd: str = "status", timeout: float = 5.0) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > 16 << 20:
+                raise ValueError("answer too large")
+    finally:
+        s.close()
+    return json.loads(buf)
+
+
+def _socket_path(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    for p in DEFAULT_SOCKETS:
+        if os.path.exists(p):
+            return p
+    return DEFAULT_SOCKETS[-1]
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "never"
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _bytes(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@click.group()
+@click.option("--socket", "socket_path", envvar="CYADM_SOCKET", default=None,
+              help="The daemon's status socket (default: the adapter's, else the node's).")
+@click.pass_context
+def main(ctx: click.Context, socket_path: str | None) -> None:
+    """Ask the CYPHONIC daemon (node or adapter) how it is."""
+    ctx.obj = {"socket": _socket_path(socket_path)}
+
+
+def _status(ctx) -> dict:
+    path = ctx.obj["socket"]
+    try:
+        return ask(path)
+    except FileNotFoundError:
+        click.echo(f"cyadm: no daemon socket at {path}: is cyphonic-node (or cyphonic-adapter) running?", err=True)
+    except (ConnectionRefusedError, socket.timeout, OSError, ValueError) as exc:
+        click.echo(f"cyadm: cannot talk to the daemon at {path}: {exc}", err=True)
+    sys.exit(EXIT_UNREACHABLE)
+
+
+def _exit_for(st: dict) -> None:
+    if any(h.get("severity") == "error" for h in st.get("health", [])):
+        sys.exit(EXIT_UNHEALTHY)
+    sys.exit(EXIT_OK)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx, as_json) -> None:
+    """The identity, the cloud link, every tunnel and the health warnings."""
+    st = _status(ctx)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        _exit_for(st)
+    ident, cloud = st.get("identity", {}), st.get("cloud", {})
+    exp = ident.get("cert_expires")
+    click.echo(f"{ident.get('fqdn') or '(not enrolled)'}  {ident.get('vip4') or '-'}  "
+               f"{st.get('kind', 'daemon')} pid {st.get('pid')}, up {st.get('uptime_s', 0):.0f}s")
+    if exp:
+        click.echo(f"  certificate serial {ident.get('cert_serial')}, expires in {(exp - time.time()) / 3600:.1f} h")
+    obs = cloud.get("observed")
+    click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}"
+               + (f", seen as {obs}{' (behind NAT)' if cloud.get('nat') else ''}" if obs else ""))
+    iface = st.get("interface", {})
+    if iface:
+        click.echo(f"  interface {iface.get('name')} mtu {iface.get('mtu')}"
+                   f"{'' if iface.get('present') else ' (not present)'}; udp port {st.get('udp_port')}")
+    dns = st.get("dns", {})
+    if dns:
+        click.echo(f"  dns {dns.get('listen')}: {'serving' if dns.get('running') else 'not running'}")
+    tunnels = st.get("tunnels", [])
+    if tunnels:
+        click.echo(f"\n  {'PEER':34} {'VIP':15} {'PATH':9} {'ENDPOINT':24} {'HANDSHAKE':10} {'RX':>10} {'TX':>10}")
+        for t in tunnels:
+            click.echo(f"  {t['peer']:34} {t['vip4']:15} {t['path']:9} {str(t.get('endpoint') or '-'):24} "
+                       f"{_age(t.get('last_handshake_age_s')):10} {_bytes(t.get('rx_bytes')):>10} "
+                       f"{_bytes(t.get('tx_bytes')):>10}")
+    else:
+        click.echo("\n  no tunnels")
+    health = st.get("health", [])
+    if health:
+        click.echo("\n  health:")
+        for h in health:
+            click.echo(f"    [{h['severity']}] {h['code']}: {h['text']}")
+    _exit_for(st)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def tunnels(ctx, as_json) -> None:
+    """Only the tunnels."""
+    st = _status(ctx)
+    rows = st.get("tunnels", [])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for t in rows:
+            click.echo(f"{t['peer']} {t['vip4']} {t['path']} {t.get('endpoint') or '-'} "
+                       f"rx {t.get('rx_bytes', 0)} tx {t.get('tx_bytes', 0)}")
+    _exit_for(st)
+
+
+if __name__ == "__main__":
+    main()

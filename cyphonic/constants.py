@@ -88,7 +88,8 @@ CONTROL_SWEEP_S = 10.0            # how often the cloud looks for idle channels
 SERVER_REQUEST_ID_BASE = 1 << 31  # request ids the cloud starts (client ids stay below)
 
 # Node engine (route execution).
-PATH_ATTEMPT_S = 6.0             # a direct, local or punched path that has not handshaked by then has failed
+PATH_ATTEMPT_S = 3.0             # a direct, local or punched path that has not handshaked by then has failed
+PATH_RESEND_S = 0.5              # meanwhile the initiation is re-sent this often (a lost one costs 0.5 s, not 5)
 RELAY_BIND_EVERY_S = 25.0        # re-send BIND to the relay (keepalive of the relay session and our NAT)
 PUNCH_PACKETS = 3                # punch datagrams sent toward each peer endpoint
 PUNCH_SPACING_S = 0.2            # between punch datagrams

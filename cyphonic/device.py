@@ -147,6 +147,16 @@ class Device:
         self._begin_handshake(peer, now)
         return False
 
+    def keepalive_all(self, now: float) -> int:
+        """Send a keepalive on every live session (after our address changed: the peers move
+        their endpoint for us on these authenticated packets at once). Returns how many."""
+        n = 0
+        for peer in self.peers_by_fqdn.values():
+            if peer.sendable(now) is not None and peer.endpoint is not None:
+                self._send_on(peer, b"", now)
+                n += 1
+        return n
+
     def send_packet(self, packet: bytes, now: float) -> None:
         """Seal an inner IPv4 packet toward the peer owning its destination (crypto routing out)."""
         if len(packet) < 20 or packet[0] >> 4 != 4:

@@ -163,13 +163,18 @@ def parse_query(data: bytes) -> dns.message.Message:
         raise DnsQueryError(f"malformed: {type(exc).__name__}", dns.rcode.FORMERR, "malformed") from None
     if len(msg.question) != 1:  # cannot happen with qdcount 1, but the rest relies on it
         raise DnsQueryError("not exactly one question", dns.rcode.FORMERR, "qdcount")
+    if _question_length(data) is None:   # only a pointer into the header could be there: nonsense
+        raise DnsQueryError("compressed question name", dns.rcode.FORMERR, "malformed")
     return msg
 
 
-def _question_length(data: bytes) -> int:
-    """Bytes of the (uncompressed, already validated) first question from offset 12."""
+def _question_length(data: bytes) -> int | None:
+    """Bytes of the first question from offset 12 (parsed by dnspython already), or None
+    if its name is compressed."""
     i = HEADER_BYTES
     while data[i]:
+        if data[i] >= 0x40:
+            return None
         i += 1 + data[i]
     return i + 1 + 4 - HEADER_BYTES
 
@@ -186,7 +191,7 @@ class OverlayResolver:
                  max_forwards: int = DEFAULT_MAX_FORWARDS) -> None:
         self.domain = dns.name.from_text(domain.strip(".").lower() + ".")
         self.self_names: dict[str, str] = {}
-        self._reverse: OrderedDict[str, str] = OrderedDict()   # vip4 -> fqdn (self names pinned first)
+        self._reverse: OrderedDict[str, str] = OrderedDict()   # vip4 -> fqdn of tunnels seen up (LRU)
         self._self_reverse: dict[str, str] = {}
         for name, vip in (self_names or {}).items():
             fqdn = self._norm(name)

@@ -46,7 +46,7 @@ mtu = 1408              # 1500 - IPv6 48 - relay 12 - tunnel 32
 # The DNS stub: overlay names bring tunnels up; other names go upstream.
 dns_listen = "127.0.0.53:53"
 dns_upstream = ""       # "host:port"; "" = the first nameserver of /etc/resolv.conf, "none" = refuse
-dns_hold_s = 5.0
+dns_hold_s = 8.0        # how long a query for an overlay name waits for its tunnel
 
 # cyadm talks to the daemon here.
 status_socket = "/run/cyphonic/node.sock"
@@ -56,7 +56,7 @@ DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "", "token": "", "token_file": "", "name": "",
     "state_dir": "/var/lib/cyphonic-node", "port": 47100, "listen4": "0.0.0.0", "listen6": "::",
     "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "dns_listen": "127.0.0.53:53", "dns_upstream": "",
-    "dns_hold_s": 5.0, "status_socket": "/run/cyphonic/node.sock",
+    "dns_hold_s": 8.0, "status_socket": "/run/cyphonic/node.sock",
 }
 
 

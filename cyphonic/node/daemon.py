@@ -44,7 +44,7 @@ from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
 from .tun import Tun, TunError
 
 READ_BATCH = 256
-ADDRESS_POLL_S = 1.0
+ADDRESS_POLL_S = 0.5
 VIP_QUEUE_PACKETS = 64
 VIP_QUEUE_PEERS = 256
 FATAL_EXIT = 2

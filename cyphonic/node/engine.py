@@ -85,6 +85,7 @@ class _Route:
     asked: bool = True          # we asked (vs. the cloud told us)
     done: bool = False
     fell_back: bool = False     # the path failed and we asked the NMS for the relay
+    resend_at: float | None = None  # next re-send of the outstanding initiation (path attempt)
 
 
 def endpoint_tuple(e: sig.Endpoint) -> tuple:
@@ -149,7 +150,11 @@ class NodeEngine:
         self.device.send_packet(packet, now)
 
     def set_local_endpoints(self, endpoints, now: float) -> None:
+        """Our addresses changed (roaming): re-register, and tell every peer at once with an
+        authenticated keepalive from the new address, so their packets follow us."""
         self.signaling.set_local_endpoints(endpoints, now)
+        if self.device is not None:
+            self.counters["roaming_keepalives"] += self.device.keepalive_all(now)
         for path in self._relay_binds:
             self._relay_binds[path] = (self._relay_binds[path][0], now)  # re-bind from the new address
 
@@ -289,6 +294,7 @@ class NodeEngine:
             self._relay_binds[relay] = (d.relay_token, now)  # bind now; initiator connects on BOUND
         elif d.role == sig.Role.INITIATOR:
             self.device.connect(d.peer_fqdn, now)
+            route.resend_at = now + C.PATH_RESEND_S
         if d.route_type == RT.HOLE_PUNCH and d.role == sig.Role.RESPONDER:
             for i in range(C.PUNCH_PACKETS):
                 for addr in endpoints:
@@ -335,6 +341,22 @@ class NodeEngine:
         route.fell_back = True
         route.deadline = now + C.PATH_ATTEMPT_S * 3   # the relay direction should come well before this
 
+    def _resend_initiation(self, route: _Route, now: float) -> None:
+        """While a path is being tried, send the same initiation again every PATH_RESEND_S: a
+        lost one then costs half a second, and a NAT mapping being punched gets another packet.
+        The responder takes the first copy that arrives and refuses the rest as replays."""
+        route.resend_at = None
+        if route.done or route.fell_back or self.device is None:
+            return
+        peer = self.device.peer(route.fqdn)
+        if peer is None or peer.handshake is None or not peer.handshake.message:
+            return
+        targets = ([peer.endpoint] if peer.endpoint is not None else []) + list(peer.candidates)
+        for addr in targets:
+            self.device._push(peer.handshake.message, addr)
+        self.counters["initiations_resent"] += 1
+        route.resend_at = now + C.PATH_RESEND_S
+
     def _prune_routes(self) -> None:
         for fqdn in [f for f, r in self.routes.items() if r.done][: len(self.routes) // 2 + 1]:
             del self.routes[fqdn]
@@ -345,6 +367,7 @@ class NodeEngine:
         times = [t for t in (self.signaling.get_timer(), self.device.get_timer() if self.device else None)
                  if t is not None]
         times += [r.deadline for r in self.routes.values() if r.deadline is not None and not r.done]
+        times += [r.resend_at for r in self.routes.values() if r.resend_at is not None and not r.done]
         times += [t for _, t in self._relay_binds.values()]
         if self._punches:
             times.append(self._punches[0][0])
@@ -355,6 +378,8 @@ class NodeEngine:
         if self.device is not None:
             self.device.handle_timer(now)
         for fqdn, route in list(self.routes.items()):
+            if route.resend_at is not None and now >= route.resend_at:
+                self._resend_initiation(route, now)
             if route.deadline is not None and not route.done and now >= route.deadline:
                 if route.direction is not None and route.direction.route_type != RT.RELAY \
                         and not route.fell_back:

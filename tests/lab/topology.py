@@ -428,11 +428,19 @@ class Lab:
         r.lan.gateway4, r.lan.gateway6 = port.addr4, port.addr6
         flags = " random,fully-random" if kind == "hard" else ""
         families = ["ip"] + (["ip6"] if lan6 and wan.net6 else [])
+        # Like a home router: masquerade out of wan0, and a firewall that drops unsolicited
+        # packets from the WAN to the router itself. The drop happens before conntrack confirms
+        # the flow, so a peer's early hole-punching packet leaves no entry behind that would
+        # collide with (and re-port) our own outgoing packet to that peer a moment later.
         rules = "".join(
             f"table {fam} {self.prefix}_nat {{\n"
             f"  chain postrouting {{\n"
             f"    type nat hook postrouting priority srcnat; policy accept;\n"
             f"    oifname \"wan0\" masquerade{flags}\n"
+            f"  }}\n"
+            f"  chain input {{\n"
+            f"    type filter hook input priority filter; policy accept;\n"
+            f"    iifname \"wan0\" ct state new meta l4proto udp drop\n"
             f"  }}\n}}\n" for fam in families)
         _nsexec(r.name, NFT, "-f", "-", input=rules)
         self.hosts[name] = r

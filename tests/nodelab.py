@@ -1,0 +1,110 @@
+"""A cloud and cyphonic-node daemons in a lab topology (tests/lab): for tests, demo and bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+DOMAIN = "ov.test"
+
+
+class Overlay:
+    """Runs `cyphonic-cloud` on a lab host and `cyphonic-node` daemons on others."""
+
+    def __init__(self, lab, cloud_host, workdir: str, *, keepalive_s: int = 5, lifetime_s: int = 30) -> None:
+        self.lab = lab
+        self.cloud_host = cloud_host
+        self.dir = workdir
+        self.config = os.path.join(workdir, "cloud.toml")
+        self.env = dict(os.environ, CYPHONIC_CLOUD_CONFIG=self.config)
+        out = self.cli("init", "--state-dir", os.path.join(workdir, "cloud"), "--domain", DOMAIN,
+                       "--listen4", cloud_host.addr4 or "", "--listen6", cloud_host.addr6 or "")
+        self.cloud_key = re.search(r"cloud key \(nodes pin this\): (\S+)", out).group(1)
+        text = open(self.config).read()
+        for k, v in (("keepalive_interval_s", keepalive_s), ("registration_lifetime_s", lifetime_s)):
+            text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
+        open(self.config, "w").write(text)
+        self.cloud_log = os.path.join(workdir, "cloud.log")
+        self.nodes: dict[str, dict] = {}
+
+    def cli(self, *args: str) -> str:
+        p = subprocess.run([PY, "-m", "cyphonic.cloud.cli", *args], env=self.env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise AssertionError(f"cyphonic-cloud {' '.join(args)}: {p.stderr}")
+        return p.stdout
+
+    def start_cloud(self) -> None:
+        self.cloud_proc = self.lab.spawn(self.cloud_host, [PY, "-m", "cyphonic.cloud.cli", "--config",
+                                                           self.config, "serve"], log=self.cloud_log, cwd=ROOT)
+        self.wait_log(self.cloud_log, "cloud key", 15)
+
+    def wait_log(self, path: str, needle: str, timeout: float) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if needle in open(path).read():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in {path} after {timeout}s:\n{open(path).read()[-3000:]}")
+
+    def add_node(self, name: str, host, *, group: str = "default") -> dict:
+        token = self.cli("enroll", name, "--group", group).strip()
+        cloud = self.cloud_host.addr4 if host.addr4 else f"[{self.cloud_host.addr6}]"
+        conf = {
+            "cloud": f"{cloud}:47101", "cloud_key": self.cloud_key, "token": token, "name": name,
+            "state_dir": os.path.join(self.dir, name), "interface": "cy0",
+            "listen4": "0.0.0.0" if host.addr4 else "", "listen6": "::" if host.addr6 else "",
+            "dns_listen": "127.0.0.1:53", "dns_upstream": "none",
+            "status_socket": os.path.join(self.dir, f"{name}.sock"),
+        }
+        path = os.path.join(self.dir, f"{name}.toml")
+        with open(path, "w") as f:
+            for k, v in conf.items():
+                f.write(f"{k} = {json.dumps(v)}\n")
+        log = os.path.join(self.dir, f"{name}.log")
+        proc = self.lab.spawn(host, [PY, "-m", "cyphonic.node.daemon", "--config", path], log=log, cwd=ROOT)
+        node = {"name": name, "host": host, "config": path, "log": log, "proc": proc,
+                "socket": conf["status_socket"], "fqdn": f"{name}.{DOMAIN}"}
+        self.nodes[name] = node
+        return node
+
+    def wait_ready(self, name: str, timeout: float = 20) -> dict:
+        node = self.nodes[name]
+        self.wait_log(node["log"], "registered:", timeout)
+        self.wait_log(node["log"], "interface cy0", timeout)
+        self.wait_log(node["log"], "DNS on", timeout)
+        return self.status(name)
+
+    def status(self, name: str) -> dict:
+        sys.path.insert(0, ROOT)
+        from appliance.cyadm import ask
+        return ask(self.nodes[name]["socket"])
+
+    def dig(self, name: str, fqdn: str, *extra: str) -> subprocess.CompletedProcess:
+        return self.lab.exec(self.nodes[name]["host"], ["dig", "@127.0.0.1", fqdn, "A", "+tries=1",
+                                                          "+time=8", *extra], timeout=15)
+
+    def resolve(self, name: str, fqdn: str) -> str:
+        out = self.dig(name, fqdn, "+short").stdout.strip().splitlines()
+        return out[-1] if out else ""
+
+    def ping(self, name: str, target: str, count: int = 5, interval: float = 0.2) -> tuple[int, int, str]:
+        p = self.lab.exec(self.nodes[name]["host"], ["ping", "-n", "-c", str(count), "-i", str(interval),
+                                                     "-W", "2", target], timeout=count * interval + 15)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", p.stdout)
+        return (int(m.group(1)), int(m.group(2)), p.stdout) if m else (count, 0, p.stdout + p.stderr)
+
+    def path(self, name: str, peer: str) -> str | None:
+        for t in self.status(name).get("tunnels", []):
+            if t["peer"] == f"{peer}.{DOMAIN}" or t["peer"] == peer:
+                return t["path"]
+        return None

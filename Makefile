@@ -12,6 +12,9 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
 	libnetfilter-queue-dev libnfnetlink-dev nftables iptables iproute2 \
 	iperf3 bind9-dnsutils isc-dhcp-client iputils-ping procps tcpdump
 
+# Only `make bench` needs these (the node benchmark's wireguard-go baseline).
+BENCH_APT_PACKAGES := wireguard-go wireguard-tools
+
 .PHONY: setup apt venv test test-fast demo bench clean distclean help
 
 help:
@@ -42,6 +45,7 @@ demo: setup
 	$(PY) -m cyphonic.demo
 
 bench: setup
+	@scripts/ensure-apt.sh $(BENCH_APT_PACKAGES)
 	@mkdir -p $(BUILD)/bench
 	$(PY) -m cyphonic.bench --out $(BUILD)/bench
 

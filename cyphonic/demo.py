@@ -227,8 +227,8 @@ class _Cloud:
             self.logf.close()
 
 
-def main() -> int:
-    print("CYPHONIC demo: a cloud and two end nodes, real processes, UDP on 127.0.0.1\n")
+def loopback_demo() -> int:
+    print("Part 2: the protocol under attack (processes on 127.0.0.1)\n")
     with tempfile.TemporaryDirectory(prefix="cyphonic-demo-") as workdir:
         cloud = _Cloud(workdir)
         procs: dict[str, subprocess.Popen] = {}
@@ -303,6 +303,19 @@ def _report(results: dict, cloud_log: str, nodes_table: str) -> int:
           and drops.get("auth", 0) == att.get("forged") == 1 and a.get("path") == "direct")
     print("\nresult:", "OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def main() -> int:
+    """Part 1 (as root): node daemons in network namespaces. Part 2: the attack demo."""
+    if "--loopback" in sys.argv:
+        return loopback_demo()
+    if os.geteuid() != 0:
+        print("(not root: skipping part 1, the node daemons in network namespaces; run `make demo` as root)\n")
+        return loopback_demo()
+    from .netns_demo import run as netns_demo
+    rc = netns_demo()
+    print()
+    return rc or loopback_demo()
 
 
 if __name__ == "__main__":

@@ -162,3 +162,17 @@ def test_tunnels_come_up_and_carry_traffic_over_a_lossy_underlay(lab, tmp_path):
     assert ov.resolve("behind", f"out.{DOMAIN}") == vip
     sent, got, out = ov.ping("behind", vip, count=40, interval=0.05)
     assert got >= 15, out                # about 64 % expected through two 20 % drops
+
+
+def test_make_demo_runs_end_to_end_and_leaves_nothing_behind():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "cyphonic.demo"], cwd=root, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert "part 1 result: OK (path punched)" in p.stdout
+    assert "torn down: no namespace left" in p.stdout
+    assert "result: OK" in p.stdout.split("Part 2")[1]
+    assert not [n for n in os.listdir("/var/run/netns") if n.startswith("cyd-")]
+    assert not os.path.exists("/etc/netns/cyd-alpha")

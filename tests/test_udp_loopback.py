@@ -71,7 +71,7 @@ def test_two_devices_over_real_udp_sockets():
 
 
 def test_make_demo_runs_and_reports_ok():
-    proc = subprocess.run([sys.executable, "-m", "cyphonic.demo"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cyphonic.demo", "--loopback"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result: OK" in proc.stdout

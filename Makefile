@@ -10,7 +10,7 @@ BUILD := build
 # Debian packages the project needs (installed with --no-install-recommends).
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
 	libnetfilter-queue-dev libnfnetlink-dev nftables iptables iproute2 \
-	iperf3 bind9-dnsutils isc-dhcp-client iputils-ping procps tcpdump
+	iperf3 bind9-dnsutils isc-dhcp-client udhcpc dhcpcd-base iputils-ping procps tcpdump
 
 # Only `make bench` needs these (the node benchmark's wireguard-go baseline).
 BENCH_APT_PACKAGES := wireguard-go wireguard-tools

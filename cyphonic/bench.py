@@ -12,9 +12,12 @@ ratios, not absolute numbers):
 Each measurement is the best of several interleaved rounds. The table is
 printed and written to ``<out>/crypto.json``.
 
-Then (``--only cloud|crypto|all``, default all) ``cyphonic.cloud.bench``:
+Then (``--only cloud|crypto|node|all``, default all) ``cyphonic.cloud.bench``:
 logins, registrations and route selections per second against one real
-cloud process, written to ``<out>/cloud.json``.
+cloud process, written to ``<out>/cloud.json``; and ``cyphonic.node.bench``:
+two cyphonic-node daemons against plain routing and wireguard-go in network
+namespaces (ping RTT, iperf3 UDP and TCP, tunnel set-up, memory), written to
+``<out>/node.json`` (needs root, wireguard-go and wireguard-tools).
 """
 
 from __future__ import annotations
@@ -114,14 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/bench")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--packets", type=int, default=100_000)
-    ap.add_argument("--only", choices=("crypto", "cloud", "all"), default="all",
-                    help="crypto core, the cloud process (cyphonic.cloud.bench), or both")
+    ap.add_argument("--only", choices=("crypto", "cloud", "node", "all"), default="all",
+                    help="crypto core, the cloud process (cyphonic.cloud.bench), the node pair "
+                         "against wireguard-go (cyphonic.node.bench), or all of them")
     args = ap.parse_args(argv)
     if args.only in ("crypto", "all"):
         bench_crypto(args)
     if args.only in ("cloud", "all"):
         from .cloud import bench as cloud_bench
         cloud_bench.run(args.out)
+    if args.only in ("node", "all"):
+        from .node import bench as node_bench
+        node_bench.run(args.out)
     return 0
 
 

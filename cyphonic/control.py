@@ -40,6 +40,7 @@ from . import handshake as hs
 from .datachannel import ReceiveSession, SendStream
 from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedError,
                      RemoteProtocolError, ReplayError)
+from .outbox import Outbox
 from .ratelimit import RateLimiter
 from .wire import data as wire_data
 from .wire import signaling as sig
@@ -129,7 +130,7 @@ class _Peer:
                 and not self.send.exhausted)
 
 
-class _Base:
+class _Base(Outbox):
     """What client and server share: queues, counters, the request/answer logic."""
 
     purpose = hs.CONTROL
@@ -137,32 +138,10 @@ class _Base:
     def __init__(self, identity: hs.StaticIdentity, rng: random.Random | None) -> None:
         self.identity = identity
         self.rng = rng or random.SystemRandom()
-        self._out: deque = deque()
-        self._events: deque = deque()
-        self.drops: Counter = Counter()
+        Outbox.__init__(self)
         self.counters: Counter = Counter()
         self._timers: list = []  # heap of (deadline, seq, peer static, request id)
         self._seq = 0
-
-    def datagrams_to_send(self) -> list:
-        out = list(self._out)
-        self._out.clear()
-        return out
-
-    def next_event(self):
-        return self._events.popleft() if self._events else None
-
-    def _push(self, data: bytes, addr) -> None:
-        if len(self._out) >= C.MAX_DATAGRAMS_QUEUED:
-            self._out.popleft()
-            self.drops["out_queue_full"] += 1
-        self._out.append((data, addr))
-
-    def _emit(self, event) -> None:
-        if len(self._events) >= C.MAX_EVENTS_QUEUED:
-            self._events.popleft()
-            self.drops["event_queue_full"] += 1
-        self._events.append(event)
 
     def _arm(self, when: float, peer: _Peer, rid: int) -> None:
         self._seq += 1

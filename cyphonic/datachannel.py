@@ -24,7 +24,6 @@ the tag verified, or return a plaintext whose tag did not verify.
 
 from __future__ import annotations
 
-import struct
 
 from nacl._sodium import ffi, lib
 

@@ -28,6 +28,7 @@ from . import events as ev
 from . import handshake as hs
 from .certs import Certificate, TrustStore
 from .datachannel import crypto_route_ok
+from .outbox import Outbox
 from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedError,
                      RemoteProtocolError, ReplayError)
 from .ratelimit import RateLimiter
@@ -38,7 +39,7 @@ from .wire import data as wire_data
 _MAX_INDEXES = C.MAX_PEERS * 4
 
 
-class Device:
+class Device(Outbox):
     def __init__(self, identity: hs.StaticIdentity, trust: TrustStore, *,
                  accept_unknown_peers: bool = True,
                  local_vip4s: Iterable[bytes] | None = None,
@@ -54,9 +55,7 @@ class Device:
         self.peers_by_vip: dict[bytes, Tunnel] = {}
         self.peers_by_fqdn: dict[str, Tunnel] = {}
         self._index: dict[int, tuple[Tunnel, object]] = {}  # local index -> (peer, handshake or keypair)
-        self._out: deque = deque()
-        self._events: deque = deque()
-        self.drops: Counter = Counter()
+        Outbox.__init__(self)
         self.counters: Counter = Counter()
         self._last_timestamp_ns = 0  # initiation timestamps strictly increase (see handshake)
 
@@ -129,14 +128,6 @@ class Device:
 
     # --- caller API --------------------------------------------------------------
 
-    def datagrams_to_send(self) -> list:
-        out = list(self._out)
-        self._out.clear()
-        return out
-
-    def next_event(self):
-        return self._events.popleft() if self._events else None
-
     def connect(self, fqdn: str, now: float) -> bool:
         """Bring the tunnel to ``fqdn`` up (DNS-triggered). True if a session is already up."""
         peer = self.peers_by_fqdn.get(fqdn)
@@ -188,18 +179,6 @@ class Device:
             peer.tx_packets += 1
         if peer.wants_rekey(now):
             self._begin_handshake(peer, now)
-
-    def _push(self, datagram: bytes, addr) -> None:
-        if len(self._out) >= C.MAX_DATAGRAMS_QUEUED:
-            self._out.popleft()
-            self.drops["out_queue_full"] += 1
-        self._out.append((datagram, addr))
-
-    def _emit(self, event) -> None:
-        if len(self._events) >= C.MAX_EVENTS_QUEUED:
-            self._events.popleft()
-            self.drops["event_queue_full"] += 1
-        self._events.append(event)
 
     # --- handshake, initiator side ---------------------------------------------
 

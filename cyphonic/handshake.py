@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import constants as C
 from . import crypto
 from .errors import AuthenticationError, LocalProtocolError, ParseError
 from .wire import handshake as wire

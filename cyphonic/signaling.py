@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import random
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import constants as C
 from .control import Connected, ControlClient, Incoming, Reply, RequestTimedOut, Unreachable

@@ -28,7 +28,7 @@ import click
 from ..errors import CyphonicError
 from . import authentication, policy as pol
 from .config import CloudConfig, ConfigError, example_config, load_config
-from .keys import create_keys, load_keys
+from .keys import create_keys
 from .store import SQLiteStore, StoreError
 
 DEFAULT_CONFIG = "/etc/cyphonic/cloud.toml"

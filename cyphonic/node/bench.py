@@ -1,0 +1,754 @@
+"""`make bench`, node part: two hosts, three ways between them (the paper's Tables II and III).
+
+One lab (tests/lab, prefix ``cyb``): an "internet" segment with a cloud host and node hosts
+n1, n2 (plus f1, f2 used only to time fresh tunnel set-ups). Traffic goes from n1 to n2:
+
+- ``plain``: n1's address to n2's address over the segment (the limit);
+- ``cyphonic``: ``cyphonic-node`` daemons on n1 and n2 (tests/nodelab.Overlay), to n2's
+  virtual IP (resolved first, so the tunnel is up);
+- ``wireguard-go``: Debian's wireguard-go (in the foreground, one per namespace, unique
+  interface names because its control socket ``/var/run/wireguard/<if>.sock`` is shared by
+  all namespaces) configured with ``wg``; 10.250.0.1/24 and .2, default MTU 1420.
+
+Measured in ONE run, interleaved (each step runs all paths back to back, in rotating order),
+so the noise of this shared 2-core machine hits all paths alike:
+
+- ping RTT: 200 echoes at 10 ms intervals (four interleaved chunks of 50): min, avg,
+  median, max. Userspace paths show a few ~4 ms samples (a scheduler tick): compare medians;
+- iperf3 UDP, 1400-byte datagrams (a 1428-byte IP packet: both tunnels' default MTUs are
+  smaller, so every datagram is two tunnel packets on both tunnels), offered 10..50 Mbit/s:
+  received rate, jitter, loss; then unlimited offered load (``-b 0``): received rate and
+  loss; then a bounded search for the highest offered rate carried with < 1 % loss;
+- iperf3 TCP (5 s) throughput;
+- cyphonic tunnel set-up: the first ``dig`` for a fresh peer (the answer waits for the
+  tunnel), for six fresh pairs, against a repeated query once the tunnel is up;
+- RSS and CPU time of the tunnel processes (cyphonic-node and wireguard-go, both ends).
+
+Loss bookkeeping, so that receive-buffer drops are not mistaken for path loss: every UDP
+measurement records n2's ``UdpRcvbufErrors`` (from /proc/net/snmp of n2's namespace) split
+into drops at the tunnel's own UDP socket (a real tunnel limit) and the rest (the iperf3
+server's socket), n1's ``UdpSndbufErrors``, and the TX drops of n1's tunnel interface
+(packets the tunnel process did not read in time). iperf3 uses ``-w 2M``;
+``net.core.rmem_max`` is not per-namespace here (read-only inside one), so it is only
+checked.
+
+The table is printed and ``<out>/node.json`` written, with the issue's targets:
+(a) cyphonic's highest offered UDP rate with < 1 % loss >= wireguard-go's;
+(b) cyphonic's median ping RTT <= wireguard-go's.
+
+    python -m cyphonic.bench --only node --out build/bench
+    python -m cyphonic.node.bench --out build/bench        # the same, this part alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PATHS = ("plain", "cyphonic", "wireguard-go")
+UDP_BYTES = 1400
+FIXED_RATES_MBIT = (10, 20, 30, 40, 50)
+LOSS_LIMIT_PERCENT = 1.0
+WG_NET = "10.250.0"
+WG_MTU = 1420
+WG_PORT = 51820
+IPERF_PORT = 5201
+
+# Bounds (time and count) of every loop.
+PING_COUNT = 200              # per path, in PING_CHUNKS interleaved chunks
+PING_CHUNKS = 4
+PING_INTERVAL_S = 0.01
+FIXED_SECONDS = 2             # each fixed-rate UDP run (10..50 Mbit/s: thousands of datagrams)
+SWEEP_SECONDS = 3             # unlimited and each search step
+SWEEP_MAX_STEPS = 6           # per path
+SWEEP_RESOLUTION = 0.06       # stop when (first bad - last good) <= 6 % of the last good
+TCP_SECONDS = 5
+SERVER_READY_S = 3.0
+CLIENT_GRACE_S = 15.0
+FRESH_PAIRS = (("n1", "f1"), ("n2", "f2"), ("f1", "f2"), ("n1", "f2"), ("n2", "f1"), ("n1", "n2"))
+NODE_NAMES = {"n1": "alpha", "n2": "beta", "f1": "fresh1", "f2": "fresh2"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- /proc readers (a process living in a namespace shows that namespace in /proc/PID/net) ---
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def proc_memory_kb(pid: int) -> dict:
+    out = {}
+    try:
+        for line in _read(f"/proc/{pid}/status").splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def net_counters(anchor_pid: int, udp_ports: dict[str, int], ifaces: tuple[str, ...]) -> dict:
+    """UDP MIB counters, per-socket drops of the given local ports, interface drops, of the
+    namespace ``anchor_pid`` lives in."""
+    out: dict = {}
+    lines = _read(f"/proc/{anchor_pid}/net/snmp").splitlines()
+    for a, b in zip(lines, lines[1:]):
+        if a.startswith("Udp:") and b.startswith("Udp:"):
+            out.update({f"Udp{k}": int(v) for k, v in zip(a.split()[1:], b.split()[1:])})
+            break
+    by_port = {p: n for n, p in udp_ports.items()}
+    for line in _read(f"/proc/{anchor_pid}/net/udp").splitlines()[1:]:
+        f = line.split()
+        port = int(f[1].split(":")[1], 16)
+        if port in by_port:
+            out[f"sock_drops_{by_port[port]}"] = out.get(f"sock_drops_{by_port[port]}", 0) + int(f[-1])
+    for line in _read(f"/proc/{anchor_pid}/net/dev").splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        name = name.strip()
+        if name in ifaces:
+            v = rest.split()
+            out[f"{name}_rx_dropped"] = int(v[3])
+            out[f"{name}_tx_dropped"] = int(v[11])
+            out[f"{name}_tx_packets"] = int(v[9])
+    return out
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+class NodeBench:
+    def __init__(self, lab, work: str, log=print) -> None:
+        self.lab = lab
+        self.work = work
+        self.say = log
+        self.prefix = lab.prefix
+        self.wg_if = (f"wg{self.prefix}1", f"wg{self.prefix}2")
+        self.cpu: dict[str, float] = {p: 0.0 for p in PATHS}  # tunnel-process CPU s per path
+
+    # --- topology --------------------------------------------------------------------------
+
+    def build(self) -> None:
+        sys.path.insert(0, ROOT)
+        from tests.nodelab import DOMAIN, Overlay
+        self.domain = DOMAIN
+        lab = self.lab
+        inet = lab.switch("inet", "198.18.0.0/24")
+        self.cloud = lab.host("cloud", inet, v6=False)
+        self.h = {n: lab.host(n, inet, v6=False) for n in ("n1", "n2", "f1", "f2")}
+        # an idle process per namespace: /proc/<its pid>/net is that namespace's
+        self.anchor = {n: lab.spawn(self.h[n], ["sleep", "3600"]).pid for n in ("n1", "n2")}
+        self.ov = Overlay(lab, self.cloud, os.path.join(self.work, "overlay"))
+        self.ov.start_cloud()
+        for hn, name in NODE_NAMES.items():
+            self.ov.add_node(name, self.h[hn])
+        st = {hn: self.ov.wait_ready(name, timeout=40) for hn, name in NODE_NAMES.items()}
+        self.vip = {hn: s["identity"]["vip4"] for hn, s in st.items()}
+        self.cy_port = st["n2"]["udp_port"]
+        self.cy_mtu = st["n2"]["interface"]["mtu"]
+        self.cy_pids = [self.ov.nodes[NODE_NAMES[n]]["proc"].pid for n in ("n1", "n2")]
+        self._start_wireguard()
+
+    def _start_wireguard(self) -> None:
+        lab = self.lab
+        keys = []
+        for i in range(2):
+            priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True,
+                                  timeout=10).stdout.strip()
+            pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True,
+                                 check=True, timeout=10).stdout.strip()
+            path = os.path.join(self.work, f"wg{i + 1}.key")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(priv + "\n")
+            keys.append((path, pub))
+        self.wg_procs = []
+        for i, hn in enumerate(("n1", "n2")):
+            ifname = self.wg_if[i]
+            sock = f"/var/run/wireguard/{ifname}.sock"
+            # a crashed earlier run of this prefix: Lab's enter killed everything in our
+            # namespaces, so a socket of this (prefix-unique) name is stale
+            if os.path.exists(sock):
+                os.unlink(sock)
+            p = lab.spawn(self.h[hn], ["wireguard-go", "-f", ifname],
+                          log=os.path.join(self.work, f"{ifname}.log"))
+            self.wg_procs.append(p)
+            end = time.monotonic() + 10
+            while not os.path.exists(sock):
+                if p.poll() is not None or time.monotonic() > end:
+                    raise BenchError(f"wireguard-go {ifname} did not start: "
+                                     f"{_read(os.path.join(self.work, f'{ifname}.log'))[-1500:]}")
+                time.sleep(0.05)
+        for i, hn in enumerate(("n1", "n2")):
+            j = 1 - i
+            peer_host = self.h[("n1", "n2")[j]]
+            ifname = self.wg_if[i]
+            for argv in (["wg", "set", ifname, "private-key", keys[i][0], "listen-port", str(WG_PORT + i),
+                          "peer", keys[j][1], "endpoint", f"{peer_host.addr4}:{WG_PORT + j}",
+                          "allowed-ips", f"{WG_NET}.{j + 1}/32"],
+                         ["ip", "addr", "add", f"{WG_NET}.{i + 1}/24", "dev", ifname],
+                         ["ip", "link", "set", ifname, "mtu", str(WG_MTU), "up"]):
+                lab.exec(self.h[hn], argv, check=True)
+        self.wg_pids = [p.pid for p in self.wg_procs]
+
+    def stop_wireguard(self) -> None:
+        for p in getattr(self, "wg_procs", []):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        for ifname in self.wg_if:
+            try:
+                os.unlink(f"/var/run/wireguard/{ifname}.sock")
+            except OSError:
+                pass
+
+    def path_info(self, path: str) -> dict:
+        n2 = self.h["n2"]
+        if path == "plain":
+            return {"target": n2.addr4, "pids": [], "port": None, "tun": None}
+        if path == "cyphonic":
+            return {"target": self.vip["n2"], "pids": self.cy_pids, "port": self.cy_port, "tun": "cy0"}
+        return {"target": f"{WG_NET}.2", "pids": self.wg_pids, "port": WG_PORT + 1, "tun": self.wg_if[0],
+                "tun2": self.wg_if[1]}
+
+    def _cpu(self, pids) -> float:
+        return sum(cpu_seconds(p) for p in pids)
+
+    def _counters(self, info: dict) -> dict:
+        n1_ifs = (info["tun"],) if info["tun"] else ()
+        ports = {"tunnel": info["port"]} if info["port"] else {}
+        return {"n1": net_counters(self.anchor["n1"], {}, n1_ifs + ("eth0",)),
+                "n2": net_counters(self.anchor["n2"], ports, (info.get("tun2") or info["tun"] or "eth0", "eth0"))}
+
+    # --- set-up time -------------------------------------------------------------------------
+
+    def tunnel_setup(self) -> dict:
+        samples = []
+        for a, b in FRESH_PAIRS:
+            fqdn = f"{NODE_NAMES[b]}.{self.domain}"
+            t = time.perf_counter()
+            d = self.ov.dig(NODE_NAMES[a], fqdn)
+            wall = (time.perf_counter() - t) * 1000
+            m = re.search(r"Query time: (\d+) msec", d.stdout)
+            ok = "status: NOERROR" in d.stdout and self.vip[b] in d.stdout
+            samples.append({"from": a, "to": b, "ok": ok, "query_ms": int(m.group(1)) if m else None,
+                            "wall_ms": round(wall, 1)})
+        warm = []
+        for _ in range(3):
+            d = self.ov.dig("alpha", f"beta.{self.domain}")
+            m = re.search(r"Query time: (\d+) msec", d.stdout)
+            warm.append(int(m.group(1)) if m else None)
+        good = [s["query_ms"] for s in samples if s["ok"] and s["query_ms"] is not None]
+        return {"fresh": samples, "warm_query_ms": warm,
+                "fresh_median_ms": statistics.median(good) if good else None,
+                "fresh_max_ms": max(good) if good else None,
+                "fresh_ok": sum(s["ok"] for s in samples), "fresh_tried": len(samples),
+                "note": "dig's own Query time for the first query of a fresh peer (answered once the "
+                        "tunnel is up: route request via the cloud + handshake); wall_ms adds `ip netns "
+                        "exec` and dig start-up"}
+
+    def stop_fresh_nodes(self) -> None:
+        for hn in ("f1", "f2"):
+            p = self.ov.nodes[NODE_NAMES[hn]]["proc"]
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    # --- ping --------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        for path in PATHS:
+            target = self.path_info(path)["target"]
+            p = self.lab.exec(self.h["n1"], ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target], timeout=15)
+            if " 0% packet loss" not in p.stdout and " 0.0% packet loss" not in p.stdout:
+                # one more try: the wireguard handshake may have eaten the first echo
+                p = self.lab.exec(self.h["n1"], ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target],
+                                  timeout=15)
+                if "bytes from" not in p.stdout:
+                    raise BenchError(f"no ping through {path} to {target}: {p.stdout}{p.stderr}")
+
+    def ping(self) -> dict:
+        times: dict[str, list[float]] = {p: [] for p in PATHS}
+        sent = {p: 0 for p in PATHS}
+        per = PING_COUNT // PING_CHUNKS
+        for chunk in range(PING_CHUNKS):
+            for path in _rotate(PATHS, chunk):
+                target = self.path_info(path)["target"]
+                p = self.lab.exec(self.h["n1"], ["ping", "-n", "-c", str(per), "-i", str(PING_INTERVAL_S),
+                                                 "-W", "2", target], timeout=per * PING_INTERVAL_S + 20)
+                times[path] += [float(x) for x in re.findall(r"time=([\d.]+) ms", p.stdout)]
+                sent[path] += per
+        out = {}
+        for path in PATHS:
+            xs = times[path]
+            out[path] = {"sent": sent[path], "received": len(xs),
+                         "min_ms": round(min(xs), 3) if xs else None,
+                         "avg_ms": round(statistics.fmean(xs), 3) if xs else None,
+                         "median_ms": round(statistics.median(xs), 3) if xs else None,
+                         "p90_ms": round(_percentile(xs, 0.9), 3) if xs else None,
+                         "max_ms": round(max(xs), 3) if xs else None,
+                         "over_3ms": sum(x > 3.0 for x in xs)}
+        return out
+
+    # --- iperf3 ------------------------------------------------------------------------------
+
+    def _server(self, target: str) -> subprocess.Popen:
+        log = os.path.join(self.work, "iperf3-server.log")
+        p = self.lab.spawn(self.h["n2"], ["iperf3", "-s", "-1", "-B", target, "-p", str(IPERF_PORT)], log=log)
+        hexport = f":{IPERF_PORT:04X}"
+        end = time.monotonic() + SERVER_READY_S
+        while time.monotonic() < end:
+            listening = any(f[1].endswith(hexport) and f[3] == "0A"
+                            for f in (line.split() for line in
+                                      _read(f"/proc/{self.anchor['n2']}/net/tcp").splitlines()[1:]))
+            if listening or p.poll() is not None:
+                break
+            time.sleep(0.02)
+        return p
+
+    def iperf(self, path: str, args: list[str], seconds: int) -> dict:
+        info = self.path_info(path)
+        server = self._server(info["target"])
+        before = self._counters(info)
+        cpu0 = self._cpu(info["pids"])
+        t0 = time.perf_counter()
+        res: dict = {}
+        try:
+            r = self.lab.exec(self.h["n1"], ["iperf3", "-c", info["target"], "-p", str(IPERF_PORT), "-t",
+                                             str(seconds), "-J", *args], timeout=seconds + CLIENT_GRACE_S)
+            try:
+                res = json.loads(r.stdout)
+            except ValueError:
+                res = {"error": (r.stdout + r.stderr)[-500:] or f"exit {r.returncode}"}
+        except subprocess.TimeoutExpired:
+            res = {"error": "iperf3 client timed out"}
+        wall = time.perf_counter() - t0
+        cpu = self._cpu(info["pids"]) - cpu0
+        self.cpu[path] += cpu
+        after = self._counters(info)
+        try:
+            server.wait(3)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(3)
+        out = {"wall_s": round(wall, 2), "tunnel_cpu_s": round(cpu, 3),
+               "n1": _delta(after["n1"], before["n1"]), "n2": _delta(after["n2"], before["n2"])}
+        if "error" in res:
+            out["error"] = str(res["error"])[:500]
+        out["raw_end"] = res.get("end", {})
+        return out
+
+    def udp(self, path: str, rate_mbit: float | None, seconds: int) -> dict:
+        b = "0" if rate_mbit is None else f"{rate_mbit:g}M"
+        r = self.iperf(path, ["-u", "-l", str(UDP_BYTES), "-b", b, "-w", "2M"], seconds)
+        end = r.pop("raw_end")
+        rcv, snt = end.get("sum_received") or {}, end.get("sum_sent") or {}
+        n2 = r["n2"]
+        rcvbuf = n2.get("UdpRcvbufErrors", 0)
+        tunnel_sock = n2.get("sock_drops_tunnel", 0)
+        row = {"offered_mbit": rate_mbit, "seconds": seconds,
+               "sent_mbit": round(snt.get("bits_per_second", 0) / 1e6, 2),
+               "received_mbit": round(rcv.get("bits_per_second", 0) / 1e6, 2),
+               "jitter_ms": round(rcv.get("jitter_ms", 0), 4) if rcv else None,
+               "packets": rcv.get("packets", 0), "lost_packets": rcv.get("lost_packets", 0),
+               "lost_percent": round(rcv.get("lost_percent", 100.0), 3) if rcv else 100.0,
+               "n2_rcvbuf_errors": rcvbuf, "n2_tunnel_socket_drops": tunnel_sock,
+               "n2_receiver_app_rcvbuf_drops": max(0, rcvbuf - tunnel_sock),
+               "n1_sndbuf_errors": r["n1"].get("UdpSndbufErrors", 0),
+               "n1_tunnel_if_tx_dropped": sum(v for k, v in r["n1"].items() if k.endswith("_tx_dropped")
+                                              and not k.startswith("eth0")),
+               "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"]}
+        pk = row["packets"] - row["lost_packets"]
+        row["tunnel_cpu_us_per_datagram"] = round(r["tunnel_cpu_s"] / pk * 1e6, 2) if pk > 0 and path != "plain" else None
+        if "error" in r:
+            row["error"] = r["error"]
+        return row
+
+    def tcp(self, path: str) -> dict:
+        r = self.iperf(path, [], TCP_SECONDS)
+        end = r.pop("raw_end")
+        rcv = end.get("sum_received") or {}
+        snt = end.get("sum_sent") or {}
+        row = {"received_mbit": round(rcv.get("bits_per_second", 0) / 1e6, 1),
+               "retransmits": snt.get("retransmits"), "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"]}
+        if "error" in r:
+            row["error"] = r["error"]
+        return row
+
+    def udp_fixed(self) -> dict:
+        out: dict = {p: [] for p in PATHS}
+        for i, rate in enumerate(FIXED_RATES_MBIT):
+            for path in _rotate(PATHS, i):
+                out[path].append(self.udp(path, rate, FIXED_SECONDS))
+            self.say(f"  udp {rate} Mbit/s: " + ", ".join(
+                f"{p} {out[p][-1]['received_mbit']} Mbit/s {out[p][-1]['lost_percent']}% lost" for p in PATHS))
+        return out
+
+    def udp_unlimited(self) -> dict:
+        out = {}
+        for path in _rotate(PATHS, 1):
+            out[path] = self.udp(path, None, SWEEP_SECONDS)
+        self.say("  udp unlimited: " + ", ".join(
+            f"{p} {out[p]['received_mbit']} Mbit/s {out[p]['lost_percent']}% lost" for p in PATHS))
+        return out
+
+    def udp_sweep(self, fixed: dict, unlimited: dict) -> dict:
+        """Per path: the highest offered rate with < 1 % loss. Start from the fixed rates that
+        passed; first candidate near the unlimited received rate; grow by 25 % while passing,
+        bisect once something failed; at most SWEEP_MAX_STEPS runs per path, interleaved."""
+        st = {}
+        for path in PATHS:
+            good = [r["offered_mbit"] for r in fixed[path] if r["lost_percent"] < LOSS_LIMIT_PERCENT]
+            bad = [r["offered_mbit"] for r in fixed[path] if r["lost_percent"] >= LOSS_LIMIT_PERCENT]
+            lo = max(good, default=0.0)
+            hi = min((b for b in bad if b > lo), default=None)
+            seed = _round_rate(max(unlimited[path]["received_mbit"] * 0.95, lo * 1.25, 10))
+            if hi is not None:
+                seed = _round_rate((lo + hi) / 2)
+            st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": []}
+        for step in range(SWEEP_MAX_STEPS):
+            active = [p for p in _rotate(PATHS, step) if st[p]["next"] is not None]
+            if not active:
+                break
+            for path in active:
+                s = st[path]
+                rate = s["next"]
+                row = self.udp(path, rate, SWEEP_SECONDS)
+                s["trials"].append(row)
+                if row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row:
+                    s["lo"] = max(s["lo"], rate)
+                else:
+                    s["hi"] = rate if s["hi"] is None else min(s["hi"], rate)
+                lo, hi = s["lo"], s["hi"]
+                if hi is None:
+                    nxt = _round_rate(lo * 1.25)
+                elif lo <= 0:
+                    nxt = _round_rate(hi * 0.6)
+                else:
+                    nxt = _round_rate((lo + hi) / 2)
+                if hi is not None and lo > 0 and hi - lo <= max(2.0, SWEEP_RESOLUTION * lo):
+                    nxt = None
+                if nxt is not None and (nxt <= lo or (hi is not None and nxt >= hi)):
+                    nxt = None
+                s["next"] = nxt
+            self.say(f"  udp search step {step + 1}: " + ", ".join(
+                f"{p} {st[p]['trials'][-1]['offered_mbit']:g}M->{st[p]['trials'][-1]['lost_percent']}%"
+                for p in active))
+        return {p: {"highest_offered_mbit_below_1pct_loss": st[p]["lo"],
+                    "lowest_offered_mbit_failed": st[p]["hi"],
+                    "converged": st[p]["next"] is None,
+                    "trials": st[p]["trials"]} for p in PATHS}
+
+    def tcp_all(self) -> dict:
+        return {p: self.tcp(p) for p in _rotate(PATHS, 2)}
+
+    # --- processes -------------------------------------------------------------------------------
+
+    def processes(self) -> dict:
+        return {"cyphonic": [{"host": hn, "pid": pid, "cpu_s": round(cpu_seconds(pid), 3),
+                              "threads": threads(pid), **proc_memory_kb(pid)}
+                             for hn, pid in zip(("n1", "n2"), self.cy_pids)],
+                "wireguard-go": [{"host": hn, "pid": pid, "cpu_s": round(cpu_seconds(pid), 3),
+                                  "threads": threads(pid), **proc_memory_kb(pid)}
+                                 for hn, pid in zip(("n1", "n2"), self.wg_pids)]}
+
+    def status_drops(self) -> dict:
+        out = {}
+        for hn in ("n1", "n2"):
+            try:
+                st = self.ov.status(NODE_NAMES[hn])
+                out[hn] = {"drops": st.get("drops"), "errors": st.get("errors"),
+                           "tunnels": [{k: t[k] for k in ("peer", "path", "rx_packets", "tx_packets")}
+                                       for t in st.get("tunnels", [])]}
+            except Exception as exc:  # status is a nicety; never fail the bench on it
+                out[hn] = {"error": str(exc)}
+        return out
+
+
+def _rotate(seq, i: int):
+    i %= len(seq)
+    return tuple(seq[i:]) + tuple(seq[:i])
+
+
+def _round_rate(x: float) -> float:
+    """Candidate rates: multiples of 5 Mbit/s (of 1 below 20)."""
+    if x < 20:
+        return float(max(1, round(x)))
+    return float(5 * round(x / 5))
+
+
+def _rmem_max() -> dict:
+    try:
+        v = int(_read("/proc/sys/net/core/rmem_max"))
+    except (OSError, ValueError):
+        v = None
+    return {"net.core.rmem_max": v, "enough_for_w_2M": v is not None and v >= 2 << 20,
+            "note": "not writable inside a namespace on this kernel; the host's value applies"}
+
+
+def _machine() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu_model": model,
+            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
+
+
+def _versions() -> dict:
+    out = {}
+    for name, argv in (("wireguard-go", ["wireguard-go", "--version"]), ("iperf3", ["iperf3", "--version"]),
+                       ("wg", ["wg", "--version"])):
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            out[name] = (p.stdout or p.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            out[name] = None
+    return out
+
+
+def _check_tools() -> None:
+    missing = [t for t in ("wireguard-go", "wg", "iperf3", "ping", "dig") if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"missing tools: {' '.join(missing)} (`make bench` installs them: "
+                         f"scripts/ensure-apt.sh wireguard-go wireguard-tools)")
+    if os.geteuid() != 0:
+        raise BenchError("the node bench needs root (network namespaces)")
+
+
+def _raise_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
+    """Build the lab, measure, print the table, write ``<out_dir>/node.json``."""
+    _check_tools()
+    sys.path.insert(0, ROOT)
+    from tests.lab import Lab
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    machine = _machine()
+    t_start = time.perf_counter()
+    work = tempfile.mkdtemp(prefix="cyphonic-node-bench-")
+    os.makedirs(os.path.join(work, "overlay"))
+    old_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: tear the lab down like Ctrl-C
+        old_term = signal.signal(signal.SIGTERM, _raise_exit)
+    result: dict = {}
+    failed = True
+    try:
+        with Lab(prefix=prefix) as lab:
+            b = NodeBench(lab, work, log=say)
+            try:
+                say("node bench: building the lab (cloud, 4 cyphonic-node daemons, 2 wireguard-go)")
+                b.build()
+                t_built = time.perf_counter()
+                say("node bench: tunnel set-up times (fresh peers)")
+                setup = b.tunnel_setup()
+                b.stop_fresh_nodes()
+                b.warm_up()
+                mem_rest = b.processes()
+                cpu_rest = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in ("cyphonic", "wireguard-go")}
+                say("node bench: ping")
+                ping = b.ping()
+                say("node bench: UDP at fixed rates")
+                fixed = b.udp_fixed()
+                unlimited = b.udp_unlimited()
+                say("node bench: UDP highest rate with < 1% loss")
+                sweep = b.udp_sweep(fixed, unlimited)
+                say("node bench: TCP")
+                tcp = b.tcp_all()
+                mem_load = b.processes()
+                drops = b.status_drops()
+                phases_s = round(time.perf_counter() - t_built, 1)
+            except BaseException:
+                _dump_logs(work, say)
+                raise
+            finally:
+                b.stop_wireguard()
+        failed = False
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if failed:
+            say(f"node bench: logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    sw = {p: sweep[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS}
+    targets = {
+        "a_udp_highest_offered_rate_cyphonic_ge_wireguard_go": {
+            "cyphonic_mbit": sw["cyphonic"], "wireguard_go_mbit": sw["wireguard-go"],
+            "met": sw["cyphonic"] >= sw["wireguard-go"] and sw["cyphonic"] > 0},
+        "b_median_ping_rtt_cyphonic_le_wireguard_go": {
+            "cyphonic_ms": ping["cyphonic"]["median_ms"], "wireguard_go_ms": ping["wireguard-go"]["median_ms"],
+            "met": (ping["cyphonic"]["median_ms"] is not None and ping["wireguard-go"]["median_ms"] is not None
+                    and ping["cyphonic"]["median_ms"] <= ping["wireguard-go"]["median_ms"])},
+    }
+    result = {
+        "what": "n1 -> n2 in network namespaces on one segment: plain routing, cyphonic-node "
+                "daemons, wireguard-go; all in one run, interleaved",
+        "machine": machine,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "parameters": {"udp_datagram_bytes": UDP_BYTES, "udp_ip_packet_bytes": UDP_BYTES + 28,
+                       "mtu": {"plain": 1500, "cyphonic": b.cy_mtu, "wireguard-go": WG_MTU},
+                       "fragmentation_note": "a 1400-byte UDP datagram is a 1428-byte IP packet: larger "
+                                             "than both tunnel MTUs, so each is sent as two fragments, "
+                                             "i.e. two tunnel packets, on both tunnels (not on plain)",
+                       "ping": f"{PING_COUNT} echoes, -i {PING_INTERVAL_S}, {PING_CHUNKS} interleaved chunks",
+                       "fixed_rates_mbit": FIXED_RATES_MBIT, "fixed_seconds": FIXED_SECONDS,
+                       "unlimited_and_search_seconds": SWEEP_SECONDS, "search_max_steps": SWEEP_MAX_STEPS,
+                       "loss_limit_percent": LOSS_LIMIT_PERCENT, "iperf3_udp_window": "2M",
+                       "tcp_seconds": TCP_SECONDS, "receive_buffers": _rmem_max()},
+        "ping": ping,
+        "udp_fixed": fixed,
+        "udp_unlimited": unlimited,
+        "udp_highest_rate": sweep,
+        "tcp": tcp,
+        "tunnel_setup": setup,
+        "processes": {"at_rest": mem_rest, "after_load": mem_load, "cpu_s_at_rest": cpu_rest,
+                      "tunnel_cpu_s_during_measurements": {p: round(v, 3) for p, v in b.cpu.items()
+                                                           if p != "plain"}},
+        "cyphonic_status_after_load": drops,
+        "targets": targets,
+        "runtime_s": {"total": round(time.perf_counter() - t_start, 1), "measurements": phases_s},
+    }
+    print_table(result, say)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "node.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    say(f"written {path}")
+    return result
+
+
+def _dump_logs(work: str, say) -> None:
+    for root, _, files in os.walk(work):
+        for name in sorted(files):
+            if name.endswith(".log"):
+                try:
+                    say(f"--- {name} (tail)\n{_read(os.path.join(root, name))[-1500:]}")
+                except OSError:
+                    pass
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def _ratio(c, w) -> str:
+    if not isinstance(c, (int, float)) or not isinstance(w, (int, float)) or not w:
+        return "-"
+    return f"{c / w:.2f}"
+
+
+def print_table(r: dict, say=print) -> None:
+    rows: list[tuple[str, object, object, object]] = []
+    ping = r["ping"]
+    for k in ("min_ms", "avg_ms", "median_ms", "max_ms"):
+        rows.append((f"ping RTT {k[:-3]} (ms)", *(ping[p][k] for p in PATHS)))
+    rows.append(("ping received / sent", *(f"{ping[p]['received']}/{ping[p]['sent']}" for p in PATHS)))
+    for i, rate in enumerate(FIXED_RATES_MBIT):
+        rr = {p: r["udp_fixed"][p][i] for p in PATHS}
+        rows.append((f"UDP {rate}M: received (Mbit/s)", *(rr[p]["received_mbit"] for p in PATHS)))
+        rows.append((f"UDP {rate}M: jitter (ms)", *(rr[p]["jitter_ms"] for p in PATHS)))
+        rows.append((f"UDP {rate}M: loss (%)", *(rr[p]["lost_percent"] for p in PATHS)))
+    un = r["udp_unlimited"]
+    rows.append(("UDP unlimited: sent (Mbit/s)", *(un[p]["sent_mbit"] for p in PATHS)))
+    rows.append(("UDP unlimited: received (Mbit/s)", *(un[p]["received_mbit"] for p in PATHS)))
+    rows.append(("UDP unlimited: loss (%)", *(un[p]["lost_percent"] for p in PATHS)))
+    rows.append(("UDP unlimited: rcvbuf drops iperf3/tunnel",
+                 *(f"{un[p]['n2_receiver_app_rcvbuf_drops']}/{un[p]['n2_tunnel_socket_drops']}" for p in PATHS)))
+    rows.append(("UDP unlimited: tunnel CPU µs/datagram", *(un[p]["tunnel_cpu_us_per_datagram"] for p in PATHS)))
+    hr = r["udp_highest_rate"]
+    rows.append(("UDP highest offered <1% loss (Mbit/s)",
+                 *(hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
+    rows.append(("UDP lowest offered that failed (Mbit/s)", *(hr[p]["lowest_offered_mbit_failed"] for p in PATHS)))
+    rows.append(("TCP 5 s (Mbit/s)", *(r["tcp"][p]["received_mbit"] for p in PATHS)))
+    st = r["tunnel_setup"]
+    rows.append(("tunnel set-up, fresh dig median (ms)", None, st["fresh_median_ms"], None))
+    rows.append(("tunnel set-up, fresh dig max (ms)", None, st["fresh_max_ms"], None))
+    rows.append(("DNS answer, tunnel up (ms)", None, statistics.median([x for x in st["warm_query_ms"]
+                                                                         if x is not None] or [0]), None))
+    pr = r["processes"]
+    for label, key in (("RSS at rest n1/n2 (MB)", "at_rest"), ("RSS after load n1/n2 (MB)", "after_load")):
+        vals = {p: "/".join(f"{x.get('VmRSS', 0) / 1024:.1f}" for x in pr[key][p]) for p in ("cyphonic", "wireguard-go")}
+        rows.append((label, None, vals["cyphonic"], vals["wireguard-go"]))
+    rows.append(("peak RSS n1/n2 (MB)", None,
+                 *("/".join(f"{x.get('VmHWM', 0) / 1024:.1f}" for x in pr["after_load"][p])
+                   for p in ("cyphonic", "wireguard-go"))))
+    cpu = pr["tunnel_cpu_s_during_measurements"]
+    rows.append(("tunnel CPU s during measurements (both)", None, cpu["cyphonic"], cpu["wireguard-go"]))
+    rows.append(("threads per tunnel process", None,
+                 *(str(max(x["threads"] for x in pr["after_load"][p])) for p in ("cyphonic", "wireguard-go"))))
+    rows.append(("MTU", *(r["parameters"]["mtu"][p] for p in PATHS)))
+    w = max(len(x[0]) for x in rows) + 1
+    say(f"\nnode pair n1 -> n2 (one run, interleaved; {r['machine']['cpus']} CPUs, shared: quote ratios)")
+    say(f"{'metric':<{w}} {'plain':>12} {'cyphonic':>12} {'wireguard-go':>13} {'cy/wg':>7}")
+    for name, a, c, g in rows:
+        say(f"{name:<{w}} {_fmt(a):>12} {_fmt(c):>12} {_fmt(g):>13} {_ratio(c, g):>7}")
+    say("targets: " + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'}" for k, v in r["targets"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="build/bench")
+    ap.add_argument("--prefix", default="cyb", help="lab prefix (namespaces <prefix>-*)")
+    args = ap.parse_args(argv)
+    run(args.out, prefix=args.prefix)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

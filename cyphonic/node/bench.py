@@ -65,7 +65,9 @@ LOSS_LIMIT_PERCENT = 1.0
 WG_NET = "10.250.0"
 WG_MTU = 1420
 WG_PORT = 51820
-IPERF_PORT = 5201
+IPERF_PORT = 5201             # each iperf3 run takes the next of IPERF_PORTS ports: datagrams still
+IPERF_PORTS = 100             # queued in a tunnel from an overload run then never reach the next
+                              # server (an iperf3 UDP server takes the first datagram's sender as its client)
 
 # Bounds (time and count) of every loop.
 PING_COUNT = 200              # per path, in PING_CHUNKS interleaved chunks
@@ -77,6 +79,11 @@ SWEEP_MAX_STEPS = 6           # per path
 SWEEP_RESOLUTION = 0.06       # stop when (first bad - last good) <= 6 % of the last good
 TCP_SECONDS = 5
 SERVER_READY_S = 3.0
+DRAIN_MAX_S = 5.0             # after each run: wait (at most this) until the tunnel processes are idle
+DRAIN_IDLE_CPU_S = 0.005      # ... i.e. used less than this CPU time in DRAIN_WINDOW_S
+DRAIN_WINDOW_S = 0.1
+SENDER_KEEPS_UP = 0.95        # a run whose sender sent less than this share of the offered rate is
+                              # sender-limited: the search for that path stops there
 CLIENT_GRACE_S = 15.0
 FRESH_PAIRS = (("n1", "f1"), ("n2", "f2"), ("f1", "f2"), ("n1", "f2"), ("n2", "f1"), ("n1", "n2"))
 NODE_NAMES = {"n1": "alpha", "n2": "beta", "f1": "fresh1", "f2": "fresh2"}
@@ -164,6 +171,8 @@ class NodeBench:
         self.prefix = lab.prefix
         self.wg_if = (f"wg{self.prefix}1", f"wg{self.prefix}2")
         self.cpu: dict[str, float] = {p: 0.0 for p in PATHS}  # tunnel-process CPU s per path
+        self.runs = 0
+        self.drain_s = 0.0
 
     # --- topology --------------------------------------------------------------------------
 
@@ -337,10 +346,10 @@ class NodeBench:
 
     # --- iperf3 ------------------------------------------------------------------------------
 
-    def _server(self, target: str) -> subprocess.Popen:
+    def _server(self, target: str, port: int) -> subprocess.Popen:
         log = os.path.join(self.work, "iperf3-server.log")
-        p = self.lab.spawn(self.h["n2"], ["iperf3", "-s", "-1", "-B", target, "-p", str(IPERF_PORT)], log=log)
-        hexport = f":{IPERF_PORT:04X}"
+        p = self.lab.spawn(self.h["n2"], ["iperf3", "-s", "-1", "-B", target, "-p", str(port)], log=log)
+        hexport = f":{port:04X}"
         end = time.monotonic() + SERVER_READY_S
         while time.monotonic() < end:
             listening = any(f[1].endswith(hexport) and f[3] == "0A"
@@ -351,15 +360,31 @@ class NodeBench:
             time.sleep(0.02)
         return p
 
+    def drain(self) -> float:
+        """Wait until every tunnel process is idle (queues from an overload run emptied), so the
+        next run neither inherits its backlog nor competes with it for the CPUs. Bounded."""
+        pids = self.cy_pids + self.wg_pids
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < DRAIN_MAX_S:
+            c0 = self._cpu(pids)
+            time.sleep(DRAIN_WINDOW_S)
+            if self._cpu(pids) - c0 < DRAIN_IDLE_CPU_S:
+                break
+        waited = time.monotonic() - t0
+        self.drain_s += waited
+        return waited
+
     def iperf(self, path: str, args: list[str], seconds: int) -> dict:
         info = self.path_info(path)
-        server = self._server(info["target"])
+        port = IPERF_PORT + self.runs % IPERF_PORTS
+        self.runs += 1
+        server = self._server(info["target"], port)
         before = self._counters(info)
         cpu0 = self._cpu(info["pids"])
         t0 = time.perf_counter()
         res: dict = {}
         try:
-            r = self.lab.exec(self.h["n1"], ["iperf3", "-c", info["target"], "-p", str(IPERF_PORT), "-t",
+            r = self.lab.exec(self.h["n1"], ["iperf3", "-c", info["target"], "-p", str(port), "-t",
                                              str(seconds), "-J", *args], timeout=seconds + CLIENT_GRACE_S)
             try:
                 res = json.loads(r.stdout)
@@ -376,7 +401,8 @@ class NodeBench:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(3)
-        out = {"wall_s": round(wall, 2), "tunnel_cpu_s": round(cpu, 3),
+        drained = self.drain()
+        out = {"wall_s": round(wall, 2), "tunnel_cpu_s": round(cpu, 3), "drain_s": round(drained, 2),
                "n1": _delta(after["n1"], before["n1"]), "n2": _delta(after["n2"], before["n2"])}
         if "error" in res:
             out["error"] = str(res["error"])[:500]
@@ -402,7 +428,12 @@ class NodeBench:
                "n1_sndbuf_errors": r["n1"].get("UdpSndbufErrors", 0),
                "n1_tunnel_if_tx_dropped": sum(v for k, v in r["n1"].items() if k.endswith("_tx_dropped")
                                               and not k.startswith("eth0")),
-               "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"]}
+               "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"], "drain_s": r["drain_s"]}
+        if rate_mbit is not None:
+            row["sender_limited"] = row["sent_mbit"] < SENDER_KEEPS_UP * rate_mbit
+        if rcv and snt and rcv.get("packets", 0) < 0.5 * snt.get("packets", 0) and "error" not in r:
+            r["error"] = (f"the server counted {rcv.get('packets', 0)} datagrams of "
+                          f"{snt.get('packets', 0)} sent (it did not see this run's stream)")
         pk = row["packets"] - row["lost_packets"]
         row["tunnel_cpu_us_per_datagram"] = round(r["tunnel_cpu_s"] / pk * 1e6, 2) if pk > 0 and path != "plain" else None
         if "error" in r:
@@ -450,7 +481,7 @@ class NodeBench:
             seed = _round_rate(max(unlimited[path]["received_mbit"] * 0.95, lo * 1.25, 10))
             if hi is not None:
                 seed = _round_rate((lo + hi) / 2)
-            st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": []}
+            st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": [], "sender_limited": False}
         for step in range(SWEEP_MAX_STEPS):
             active = [p for p in _rotate(PATHS, step) if st[p]["next"] is not None]
             if not active:
@@ -460,7 +491,16 @@ class NodeBench:
                 rate = s["next"]
                 row = self.udp(path, rate, SWEEP_SECONDS)
                 s["trials"].append(row)
-                if row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row:
+                passed = row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row
+                if row["sender_limited"]:
+                    # iperf3 could not offer this rate: what it did offer is the most this run
+                    # shows (the plain path: the limit is the sender, not the path); stop here
+                    s["sender_limited"] = True
+                    if passed:
+                        s["lo"] = max(s["lo"], row["sent_mbit"])
+                    s["next"] = None
+                    continue
+                if passed:
                     s["lo"] = max(s["lo"], rate)
                 else:
                     s["hi"] = rate if s["hi"] is None else min(s["hi"], rate)
@@ -482,6 +522,7 @@ class NodeBench:
         return {p: {"highest_offered_mbit_below_1pct_loss": st[p]["lo"],
                     "lowest_offered_mbit_failed": st[p]["hi"],
                     "converged": st[p]["next"] is None,
+                    "sender_limited": st[p]["sender_limited"],
                     "trials": st[p]["trials"]} for p in PATHS}
 
     def tcp_all(self) -> dict:
@@ -658,7 +699,8 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
                                                            if p != "plain"}},
         "cyphonic_status_after_load": drops,
         "targets": targets,
-        "runtime_s": {"total": round(time.perf_counter() - t_start, 1), "measurements": phases_s},
+        "runtime_s": {"total": round(time.perf_counter() - t_start, 1), "measurements": phases_s,
+                      "waiting_for_tunnels_to_drain": round(b.drain_s, 1)},
     }
     print_table(result, say)
     os.makedirs(out_dir, exist_ok=True)
@@ -711,10 +753,16 @@ def print_table(r: dict, say=print) -> None:
     rows.append(("UDP unlimited: rcvbuf drops iperf3/tunnel",
                  *(f"{un[p]['n2_receiver_app_rcvbuf_drops']}/{un[p]['n2_tunnel_socket_drops']}" for p in PATHS)))
     rows.append(("UDP unlimited: tunnel CPU µs/datagram", *(un[p]["tunnel_cpu_us_per_datagram"] for p in PATHS)))
+    top = {p: r["udp_fixed"][p][-1] for p in PATHS}
+    rows.append((f"UDP {FIXED_RATES_MBIT[-1]}M: tunnel CPU µs/datagram", *(top[p]["tunnel_cpu_us_per_datagram"]
+                                                                          for p in PATHS)))
     hr = r["udp_highest_rate"]
     rows.append(("UDP highest offered <1% loss (Mbit/s)",
                  *(hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
-    rows.append(("UDP lowest offered that failed (Mbit/s)", *(hr[p]["lowest_offered_mbit_failed"] for p in PATHS)))
+    rows.append(("UDP lowest offered that failed (Mbit/s)",
+                 *("sender-limited" if hr[p]["sender_limited"] else hr[p]["lowest_offered_mbit_failed"]
+                   for p in PATHS)))
+    rows.append(("UDP search runs", *(len(hr[p]["trials"]) for p in PATHS)))
     rows.append(("TCP 5 s (Mbit/s)", *(r["tcp"][p]["received_mbit"] for p in PATHS)))
     st = r["tunnel_setup"]
     rows.append(("tunnel set-up, fresh dig median (ms)", None, st["fresh_median_ms"], None))

@@ -260,7 +260,7 @@ def render(config: PacketFilterConfig, mode: str | None = None) -> str:
         passthrough_clamp = _lines("# passthrough off: nothing from the LAN is routed in clear")
         passthrough_forward = _lines("# passthrough off: zero trust")
         nat_chain = ""
-    dhcp = (_lines(f'udp dport 67 counter name dhcp_in accept') if c.allow_dhcp
+    dhcp = (_lines('udp dport 67 counter name dhcp_in accept') if c.allow_dhcp
             else _lines("# DHCP not allowed"))
     dns = (_lines(f"ip daddr {c.lan_address} meta l4proto {{ tcp, udp }} th dport 53 "
                   f"counter name dns_in accept") if c.allow_dns else _lines("# DNS not allowed"))

@@ -292,11 +292,12 @@ def _nft_check(w, text: str) -> subprocess.CompletedProcess:
     return w.lab.exec(w.adapter, ["nft", "-c", "-f", "-"], input=text)
 
 
-def test_detect_and_check_mode(world):
+def test_detect_and_check_mode(world, monkeypatch):
     """`nft -c` reaches the kernel (it reports the missing nft_queue, verified here against a
     real load), so it is the probe; every rendering passes check mode, except the nft-path one
     on a kernel without nft_queue, which fails at the queue statement only."""
     w = world
+    monkeypatch.delenv(pf.MODE_ENV, raising=False)           # probe for real
     mode = _pf(w, "detect").stdout.strip()
     assert mode in ("nft", "xt")
     assert pf.detect_queue_support() == mode                  # same kernel, root namespace

@@ -3,7 +3,7 @@
     .venv/bin/python tests/vectors/dhcp/capture.py
 
 A lab (prefix "cyc"): switch "lan", namespace "adapter" (eth0 100.64.0.254/24) running our
-server (`python -m appliance.dhcp_server`, lease 8 s so renew and rebind come quickly), a
+server (`python -m appliance.dhcp_server`, lease 20 s so renew and rebind come quickly), a
 namespace "gn" with a bare eth0 whose MAC is 02:cd:00:00:00:07 (bound to 100.64.0.7), and a
 "squat" namespace that takes 100.64.0.7 itself for the DECLINE scenarios. tcpdump on the bridge
 records every DHCP packet; the client -> server payloads are stored as hex with a label and a
@@ -13,10 +13,10 @@ mount namespace with /run/dhcpcd and /var/lib/dhcpcd bind-mounted from a tempora
 
 Scenarios per client:
   isc-dhcp-client  DORA, renew (unicast at T1), rebind (server stopped, broadcast at T2),
-                   release (dhclient -r), INIT-REBOOT (second run with the lease file)
+                   INIT-REBOOT (a second run with the lease file), release (dhclient -r)
   udhcpc           DORA, renew (SIGUSR1), release (SIGUSR2), DISCOVER with -r (option 50),
                    DECLINE (-a: ARP check finds the squatter)
-  dhcpcd           DORA (rapid commit asked), renew (T1), release (dhcpcd -k), INIT-REBOOT,
+  dhcpcd           DORA (rapid commit asked), renew (T1), INIT-REBOOT, release (dhcpcd -4 -k),
                    INFORM (-s), DECLINE (ARP probe finds the squatter)
 """
 
@@ -41,7 +41,7 @@ MAC = "02:cd:00:00:00:07"
 VIP = "100.64.0.7"
 SERVER_IP = "100.64.0.254"
 PY = sys.executable
-LEASE_S = 16                # T1 8 s, T2 14 s
+LEASE_S = 20                # T1 10 s, T2 17.5 s (dhcpcd takes no lease under 20 s)
 DHCLIENT_CONF = """option rfc3442-classless-static-routes code 121 = array of unsigned integer 8;
 send host-name "gn";
 request subnet-mask, broadcast-address, time-offset, routers,
@@ -51,7 +51,7 @@ request subnet-mask, broadcast-address, time-offset, routers,
 \trfc3442-classless-static-routes, ntp-servers;
 timeout 10;
 """
-NAMES = {1: "discover", 3: "request", 4: "decline", 7: "release", 8: "inform"}
+NAMES = {1: "discover", 2: "offer", 3: "request", 4: "decline", 5: "ack", 6: "nak", 7: "release", 8: "inform"}
 
 
 def version(argv):
@@ -81,7 +81,15 @@ def label(pkt) -> str:
     return name
 
 
+def timeline(pcap: str) -> str:
+    pkts = [p for p in rdpcap(pcap) if BOOTP in p]
+    t0 = pkts[0].time if pkts else 0
+    return "\n".join(f"{float(p.time - t0):7.2f} {p[IP].src:>15} -> {p[IP].dst:<15} ciaddr={p[BOOTP].ciaddr} "
+                     f"{label(p)}" for p in pkts)
+
+
 def extract(pcap: str) -> list[dict]:
+    print(timeline(pcap))
     out = []
     for pkt in rdpcap(pcap):
         if UDP in pkt and pkt[UDP].dport == 67 and BOOTP in pkt:
@@ -108,7 +116,9 @@ class Rig:
                     'bound|renew) ip addr replace "$ip/$mask" dev "$interface";; esac\nexit 0\n')
         os.chmod(self.script, 0o755)
 
-    def server(self, on: bool):
+    def server(self, on: bool, fresh: bool = False):
+        if fresh and os.path.exists(os.path.join(self.work, "leases.json")):
+            os.unlink(os.path.join(self.work, "leases.json"))
         if self.srv is not None:
             self.srv.send_signal(signal.SIGTERM)
             self.srv.wait(5)
@@ -133,6 +143,18 @@ class Rig:
         return p, path
 
 
+def run(r, node, argv, timeout=20):
+    """Run a client to completion (bounded); its output goes to the work dir's clients.log."""
+    try:
+        p = r.lab.exec(node, argv, timeout=timeout)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = f"{e.stdout or ''}{e.stderr or ''}", "timeout"
+    with open(os.path.join(r.work, "clients.log"), "a") as f:
+        f.write(f"$ {' '.join(argv)}\n{out}\n[exit {rc}]\n")
+    print(" ".join(argv[-3:]), "->", rc)
+
+
 def stop(p, sig=signal.SIGTERM, wait=5):
     if p.poll() is None:
         p.send_signal(sig)
@@ -150,17 +172,18 @@ def capture_dhclient(r: Rig) -> list[dict]:
     base = ["dhclient", "-4", "-v", "-sf", r.script, "-cf", conf, "-lf", os.path.join(w, "dhclient.leases"),
             "-pf", os.path.join(w, "dhclient.pid")]
     r.reset_gn()
-    r.server(True)
+    r.server(True, fresh=True)
     tcp, pcap = r.tcpdump("dhclient")
-    r.lab.exec(r.gn, base + ["-1", "eth0"], timeout=20, check=True)   # DORA, then it daemonizes
-    time.sleep(LEASE_S * 0.5 + 1.5)      # renew at T1 (unicast), answered
-    r.server(False)
-    time.sleep(LEASE_S * 0.875 - 1.0)    # the next renew goes unanswered; rebind at T2 (broadcast)
-    r.server(True)
-    time.sleep(4)
-    r.lab.exec(r.gn, base + ["-r", "eth0"], timeout=20)               # release (stops the daemon)
-    r.lab.exec(r.gn, base + ["-1", "eth0"], timeout=20, check=True)   # INIT-REBOOT from the lease file
-    r.lab.exec(r.gn, base + ["-x", "eth0"], timeout=20)
+    t0 = time.monotonic()
+    run(r, r.gn, base + ["-1", "eth0"])  # DORA, then it daemonizes
+    time.sleep(LEASE_S * 0.5 + 1.5)      # renew at T1 (unicast), answered at about 10 s
+    r.server(False)                      # the next renew (about 20 s) goes unanswered ...
+    time.sleep(max(0.0, t0 + LEASE_S * 0.5 + LEASE_S * 0.875 - 2.5 - time.monotonic()))
+    r.server(True)                       # ... the rebind (broadcast, about 27.5 s) is answered
+    time.sleep(5)
+    run(r, r.gn, base + ["-x", "eth0"])  # stop, keeping the lease
+    run(r, r.gn, base + ["-1", "eth0"])  # INIT-REBOOT from the lease file
+    run(r, r.gn, base + ["-r", "eth0"])  # release (stops the daemon)
     time.sleep(0.5)
     stop(tcp)
     return extract(pcap)
@@ -168,7 +191,7 @@ def capture_dhclient(r: Rig) -> list[dict]:
 
 def capture_udhcpc(r: Rig) -> list[dict]:
     r.reset_gn()
-    r.server(True)
+    r.server(True, fresh=True)
     tcp, pcap = r.tcpdump("udhcpc")
     p = r.lab.spawn(r.gn, ["udhcpc", "-i", "eth0", "-f", "-t", "3", "-T", "1", "-s", r.script],
                     log=os.path.join(r.work, "udhcpc.log"))
@@ -179,8 +202,8 @@ def capture_udhcpc(r: Rig) -> list[dict]:
     time.sleep(1)
     stop(p)
     r.reset_gn()
-    r.lab.exec(r.gn, ["udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "3", "-T", "1", "-r", VIP,
-                      "-s", r.script], timeout=20)
+    run(r, r.gn, ["udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "3", "-T", "1", "-r", VIP,
+                  "-s", r.script])
     r.reset_gn()
     r.lab.exec(r.squat, ["ip", "addr", "add", f"{VIP}/24", "dev", "eth0"], check=True)
     p = r.lab.spawn(r.gn, ["udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "1", "-T", "1", "-a",
@@ -204,24 +227,28 @@ def capture_dhcpcd(r: Rig) -> list[dict]:
         return ["unshare", "-m", "sh", "-c", pre + "dhcpcd " + args]
 
     r.reset_gn()
-    r.server(True)
+    r.server(True, fresh=True)
     tcp, pcap = r.tcpdump("dhcpcd")
     p = r.lab.spawn(r.gn, dhcpcd(f"-4 -B -A -t 10 -c {r.script} eth0"), log=os.path.join(w, "dhcpcd.log"))
     time.sleep(LEASE_S * 0.5 + 2)        # DORA, renew at T1
-    r.lab.exec(r.gn, dhcpcd("-k eth0"), timeout=20)                 # release
-    time.sleep(1)
+    stop(p)                              # SIGTERM: stops, keeping the lease file
+    r.reset_gn()
+    run(r, r.gn, dhcpcd(f"-1 -4 -B -A -t 10 -c {r.script} eth0"))   # INIT-REBOOT from the lease
+    r.reset_gn()
+    p = r.lab.spawn(r.gn, dhcpcd(f"-4 -B -A -t 10 -c {r.script} eth0"), log=os.path.join(w, "dhcpcd.log"))
+    time.sleep(2)
+    run(r, r.gn, dhcpcd("-4 -k eth0"))   # release (SIGALRM to the daemon; it then exits)
     stop(p)
     r.reset_gn()
-    # INIT-REBOOT: the lease file of the first run is still there (dhcpcd -k keeps it? else DORA)
-    r.lab.exec(r.gn, dhcpcd(f"-1 -4 -B -A -t 10 -c {r.script} eth0"), timeout=20)
-    r.reset_gn()
-    r.lab.exec(r.gn, dhcpcd(f"-1 -4 -B -A -t 10 -s {VIP}/24 -c {r.script} eth0"), timeout=20)  # INFORM
+    run(r, r.gn, dhcpcd(f"-1 -4 -B -A -t 10 -s {VIP}/24 -c {r.script} eth0"))  # INFORM
     r.reset_gn()
     for f in os.listdir(os.path.join(w, "dhcpcd-db")):
         if f.endswith(".lease"):
             os.unlink(os.path.join(w, "dhcpcd-db", f))
     r.lab.exec(r.squat, ["ip", "addr", "add", f"{VIP}/24", "dev", "eth0"], check=True)
-    r.lab.exec(r.gn, dhcpcd(f"-1 -4 -B -t 6 -c {r.script} eth0"), timeout=20)   # ARP probe: DECLINE
+    p = r.lab.spawn(r.gn, dhcpcd(f"-1 -4 -B -t 6 -c {r.script} eth0"))   # ARP probe: DECLINE
+    time.sleep(6)
+    stop(p)
     r.reset_gn()
     time.sleep(0.5)
     stop(tcp)
@@ -252,6 +279,7 @@ def main() -> int:
             print(name, [p["label"] for p in pkts])
         rig.server(False)
         print(open(os.path.join(work, "server.log")).read())
+        print(open(os.path.join(work, "clients.log")).read())
     with open(os.path.join(HERE, "golden.json"), "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")

@@ -25,12 +25,12 @@ DEFAULT_SOCKETS = ("/run/cyphonic/adapter.sock", "/run/cyphonic/node.sock")
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_UNHEALTHY = 0, 1, 2, 3
 
 
-def ask(path: str, cmd: str = "status", timeout: float = 5.0) -> dict:
+def ask(path: str, cmd: str = "status", timeout: float = 5.0, **args) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
-        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -82,10 +82,10 @@ def main(ctx: click.Context, socket_path: str | None) -> None:
     ctx.obj = {"socket": _socket_path(socket_path)}
 
 
-def _status(ctx) -> dict:
+def _status(ctx, cmd: str = "status", **args) -> dict:
     path = ctx.obj["socket"]
     try:
-        return ask(path)
+        return ask(path, cmd, **args)
     except FileNotFoundError:
         click.echo(f"cyadm: no daemon socket at {path}: is cyphonic-node (or cyphonic-adapter) running?", err=True)
     except (ConnectionRefusedError, socket.timeout, OSError, ValueError) as exc:
@@ -155,6 +155,67 @@ def tunnels(ctx, as_json) -> None:
             click.echo(f"{t['peer']} {t['vip4']} {t['path']} {t.get('endpoint') or '-'} "
                        f"rx {t.get('rx_bytes', 0)} tx {t.get('tx_bytes', 0)}")
     _exit_for(st)
+
+
+@main.group()
+def gn() -> None:
+    """General nodes of an adapter: add, remove, list (by MAC)."""
+
+
+def _answer(reply: dict) -> None:
+    if "error" in reply:
+        click.echo(f"cyadm: {reply['error']}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+@gn.command("add")
+@click.argument("mac")
+@click.option("--name", required=True, help="Its name: the FQDN becomes NAME.<overlay domain>.")
+@click.option("--group", default="", help="Group (needs a token enrolled with it).")
+@click.option("--token", default="", help="An enrollment token for this node (default: the adapter's).")
+@click.pass_context
+def gn_add(ctx, mac, name, group, token) -> None:
+    """Enroll the general node with this MAC."""
+    reply = _status(ctx, "gn_add", mac=mac, name=name, group=group, token=token)
+    _answer(reply)
+    click.echo(f"added {reply['name']} ({reply['mac']}): it logs in to the cloud now, then gets its lease")
+
+
+@gn.command("remove")
+@click.argument("mac")
+@click.pass_context
+def gn_remove(ctx, mac) -> None:
+    """Stop serving the general node with this MAC."""
+    _answer(_status(ctx, "gn_remove", mac=mac))
+    click.echo(f"removed {mac}")
+
+
+@gn.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def gn_list(ctx, as_json) -> None:
+    rows = _status(ctx, "gn_list").get("general_nodes", [])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'MAC':18} {'NAME':14} {'FQDN':32} {'VIP':15} {'LEASE':10} CLOUD")
+    for r in rows:
+        lease = f"{r['lease_expires_in_s']}s" if r.get("lease_expires_in_s") else "-"
+        click.echo(f"{r['mac']:18} {r['name']:14} {str(r.get('fqdn') or '-'):32} {str(r.get('vip4') or '-'):15} "
+                   f"{lease:10} {r.get('cloud')}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def leases(ctx, as_json) -> None:
+    """DHCP leases of the adapter's general nodes."""
+    rows = [r for r in _status(ctx, "gn_list").get("general_nodes", []) if r.get("lease_expires_in_s")]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['mac']} {r['vip4']} {r['name']} expires in {r['lease_expires_in_s']} s")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,13 @@ class Device(Outbox):
         self._begin_handshake(peer, now)
         return False
 
+    def maintain(self, now: float) -> None:
+        """Start the rekeys that are due. A node daemon's device rekeys as it sends; the adapter's
+        controller does not see the data its workers seal, so it calls this on a timer."""
+        for peer in self.peers_by_fqdn.values():
+            if peer.wants_rekey(now):
+                self._begin_handshake(peer, now)
+
     def keepalive_all(self, now: float) -> int:
         """Send a keepalive on every live session (after our address changed: the peers move
         their endpoint for us on these authenticated packets at once). Returns how many."""

@@ -92,9 +92,18 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class DnsServer:
+    def _asker(self, client) -> object:
+        if self.asker_of is None:
+            return None
+        try:
+            return self.asker_of(client)
+        except Exception:  # noqa: BLE001 - a lookup must not stop DNS
+            return None
+
     def __init__(self, resolver, *, on_resolve: Callable[[str, object], object],
                  upstream: tuple[str, int] | None, clock: Callable[[], float] = time.time) -> None:
         self.resolver = resolver
+        self.asker_of: Callable[[object], object] | None = None
         self.on_resolve = on_resolve
         self.clock = clock
         self.upstream = upstream
@@ -160,7 +169,7 @@ class DnsServer:
     def _on_query_datagram(self, data: bytes, addr) -> None:
         if self._closed:
             return
-        self.resolver.receive_query(data, addr, self.clock(), tcp=False)
+        self.resolver.receive_query(data, addr, self.clock(), tcp=False, asker=self._asker(addr))
         self.flush()
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -178,7 +187,7 @@ class DnsServer:
                     self.errors["tcp_bad_length"] += 1
                     break
                 data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_S)
-                self.resolver.receive_query(data, client, self.clock(), tcp=True)
+                self.resolver.receive_query(data, client, self.clock(), tcp=True, asker=self._asker(client))
                 self.flush()
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
             pass   # the client went away or idled out
@@ -306,10 +315,12 @@ class DnsServer:
 
 
 async def serve_dns(resolver, host: str, port: int, *, on_resolve: Callable[[str, object], object],
-                    upstream: tuple[str, int] | None, clock: Callable[[], float] = time.time) -> DnsServer:
+                    upstream: tuple[str, int] | None, clock: Callable[[], float] = time.time,
+                    asker_of: Callable[[object], object] | None = None) -> DnsServer:
     """Start UDP and TCP listeners on (host, port) (port 0: a free port, the same for
     both; see ``DnsServer.port``) and the upstream socket."""
     server = DnsServer(resolver, on_resolve=on_resolve, upstream=upstream, clock=clock)
+    server.asker_of = asker_of  # the adapter: which general node asked (by its address)
     try:
         await server._start(host, port)
     except BaseException:

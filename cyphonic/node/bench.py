@@ -77,6 +77,7 @@ FIXED_SECONDS = 2             # each fixed-rate UDP run (10..50 Mbit/s: thousand
 SWEEP_SECONDS = 3             # unlimited and each search step
 SWEEP_MAX_STEPS = 6           # per path
 SWEEP_RESOLUTION = 0.06       # stop when (first bad - last good) <= 6 % of the last good
+CONFIRM_ROUNDS = 2            # then re-run each path's result (a failure steps down once more)
 TCP_SECONDS = 5
 SERVER_READY_S = 3.0
 DRAIN_MAX_S = 5.0             # after each run: wait (at most this) until the tunnel processes are idle
@@ -238,6 +239,17 @@ class NodeBench:
                          ["ip", "link", "set", ifname, "mtu", str(WG_MTU), "up"]):
                 lab.exec(self.h[hn], argv, check=True)
         self.wg_pids = [p.pid for p in self.wg_procs]
+
+    def socket_buffers(self) -> dict:
+        """Receive buffers of the tunnels' UDP sockets on n2 (ss -uam): the tunnel's own limit."""
+        out = {}
+        text = self.lab.exec(self.h["n2"], ["ss", "-uamnH"]).stdout
+        for m in re.finditer(r"(\S+):(\d+)\s+\S+\s*\n?\s*skmem:\(r\d+,rb(\d+)", text):
+            port = int(m.group(2))
+            for name, p in (("cyphonic", self.cy_port), ("wireguard-go", WG_PORT + 1)):
+                if port == p:
+                    out.setdefault(name, {})[m.group(1)] = int(m.group(3))
+        return out
 
     def stop_wireguard(self) -> None:
         for p in getattr(self, "wg_procs", []):
@@ -519,11 +531,38 @@ class NodeBench:
             self.say(f"  udp search step {step + 1}: " + ", ".join(
                 f"{p} {st[p]['trials'][-1]['offered_mbit']:g}M->{st[p]['trials'][-1]['lost_percent']}%"
                 for p in active))
+        # The search keeps the best of single noisy runs, which flatters every path: run each
+        # result once more (interleaved); a failed confirmation steps down to the next lower
+        # rate that passed (or 85 %) and confirms that in the next round.
+        for p in PATHS:
+            st[p]["confirmations"] = []
+            st[p]["confirmed"] = st[p]["sender_limited"] or st[p]["lo"] <= max(FIXED_RATES_MBIT)
+        for rnd in range(CONFIRM_ROUNDS):
+            todo = [p for p in _rotate(PATHS, rnd) if not st[p]["confirmed"] and st[p]["lo"] > 0]
+            if not todo:
+                break
+            for path in todo:
+                s = st[path]
+                rate = s["lo"]
+                row = self.udp(path, rate, SWEEP_SECONDS)
+                s["confirmations"].append(row)
+                if row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row and not row["sender_limited"]:
+                    s["confirmed"] = True
+                    continue
+                s["hi"] = rate if s["hi"] is None else min(s["hi"], rate)
+                lower = [t["offered_mbit"] for t in s["trials"] + s["confirmations"]
+                         if t["offered_mbit"] is not None and t["offered_mbit"] < rate
+                         and t["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in t]
+                s["lo"] = max(lower) if lower else _round_rate(rate * 0.85)
+            self.say(f"  udp confirmation {rnd + 1}: " + ", ".join(
+                f"{p} {st[p]['confirmations'][-1]['offered_mbit']:g}M->{st[p]['confirmations'][-1]['lost_percent']}%"
+                for p in todo))
         return {p: {"highest_offered_mbit_below_1pct_loss": st[p]["lo"],
                     "lowest_offered_mbit_failed": st[p]["hi"],
                     "converged": st[p]["next"] is None,
+                    "confirmed": st[p]["confirmed"],
                     "sender_limited": st[p]["sender_limited"],
-                    "trials": st[p]["trials"]} for p in PATHS}
+                    "trials": st[p]["trials"], "confirmations": st[p]["confirmations"]} for p in PATHS}
 
     def tcp_all(self) -> dict:
         return {p: self.tcp(p) for p in _rotate(PATHS, 2)}
@@ -635,6 +674,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
                 b.stop_fresh_nodes()
                 b.warm_up()
                 mem_rest = b.processes()
+                sockbufs = b.socket_buffers()
                 cpu_rest = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in ("cyphonic", "wireguard-go")}
                 say("node bench: ping")
                 ping = b.ping()
@@ -687,7 +727,12 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
                        "fixed_rates_mbit": FIXED_RATES_MBIT, "fixed_seconds": FIXED_SECONDS,
                        "unlimited_and_search_seconds": SWEEP_SECONDS, "search_max_steps": SWEEP_MAX_STEPS,
                        "loss_limit_percent": LOSS_LIMIT_PERCENT, "iperf3_udp_window": "2M",
-                       "tcp_seconds": TCP_SECONDS, "receive_buffers": _rmem_max()},
+                       "tcp_seconds": TCP_SECONDS, "receive_buffers": _rmem_max(),
+                       "tunnel_udp_socket_rcvbuf_bytes_n2": sockbufs,
+                       "rcvbuf_note": "cyphonic-node asks for 4 MiB (SO_RCVBUF, doubled by the kernel); "
+                                      "wireguard-go 0.0.20220316 keeps net.core.rmem_default, which cannot "
+                                      "be raised inside a namespace here: its losses near its limit are "
+                                      "drops at its own UDP socket (n2_tunnel_socket_drops)"},
         "ping": ping,
         "udp_fixed": fixed,
         "udp_unlimited": unlimited,
@@ -762,7 +807,9 @@ def print_table(r: dict, say=print) -> None:
     rows.append(("UDP lowest offered that failed (Mbit/s)",
                  *("sender-limited" if hr[p]["sender_limited"] else hr[p]["lowest_offered_mbit_failed"]
                    for p in PATHS)))
-    rows.append(("UDP search runs", *(len(hr[p]["trials"]) for p in PATHS)))
+    rows.append(("UDP search runs (+ confirmations)",
+                 *(f"{len(hr[p]['trials'])}+{len(hr[p]['confirmations'])}" for p in PATHS)))
+    rows.append(("UDP highest rate confirmed by a re-run", *("yes" if hr[p]["confirmed"] else "NO" for p in PATHS)))
     rows.append(("TCP 5 s (Mbit/s)", *(r["tcp"][p]["received_mbit"] for p in PATHS)))
     st = r["tunnel_setup"]
     rows.append(("tunnel set-up, fresh dig median (ms)", None, st["fresh_median_ms"], None))

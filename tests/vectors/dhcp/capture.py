@@ -17,7 +17,7 @@ Scenarios per client:
   udhcpc           DORA, renew (SIGUSR1), release (SIGUSR2), DISCOVER with -r (option 50),
                    DECLINE (-a: ARP check finds the squatter)
   dhcpcd           DORA (rapid commit asked), renew (T1), INIT-REBOOT, release (dhcpcd -4 -k),
-                   INFORM (-s), DECLINE (ARP probe finds the squatter)
+                   DECLINE (ARP probe finds the squatter). No INFORM: see capture_dhcpcd.
 """
 
 from __future__ import annotations
@@ -239,8 +239,8 @@ def capture_dhcpcd(r: Rig) -> list[dict]:
     time.sleep(2)
     run(r, r.gn, dhcpcd("-4 -k eth0"))   # release (SIGALRM to the daemon; it then exits)
     stop(p)
-    r.reset_gn()
-    run(r, r.gn, dhcpcd(f"-1 -4 -B -A -t 10 -s {VIP}/24 -c {r.script} eth0"))  # INFORM
+    # No INFORM: dhcpcd 9.4.1 (privsep build) hangs after "ps_ctl_listen: read: Success" with
+    # -s/--inform in this setup and never sends it; the INFORM tests use dhcppython packets.
     r.reset_gn()
     for f in os.listdir(os.path.join(w, "dhcpcd-db")):
         if f.endswith(".lease"):

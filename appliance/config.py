@@ -1,0 +1,114 @@
+"""`cyphonic-adapter` configuration (``/etc/cyphonic/adapter.toml``), every key checked."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+
+from cyphonic import constants as C
+from cyphonic.cloud.keys import parse_cloud_key
+from cyphonic.errors import CyphonicError
+from cyphonic.node.config import parse_hostport
+
+DEFAULTS = {
+    "cloud": "", "cloud_key": "", "cloud_nms": "",
+    "gn_token": "",                 # (reusable) enrollment token the adapter uses for its general nodes
+    "state_dir": "/var/lib/cyphonic",
+    "lan_interface": "lan0", "wan_interface": "wan0",
+    "lan_address": "100.127.255.254",  # the adapter on the LAN: router and DNS for the general nodes
+    "prefix": "100.64.0.0/10",      # the overlay prefix (must be the cloud's)
+    "gn_port_base": 47200,          # general node i uses UDP port base + i on the WAN side
+    "workers": 0,                   # NFQUEUE workers; 0 = one per core
+    "queue_first": 0,
+    "mtu": C.DEFAULT_INNER_MTU,
+    "lease_s": 3600,
+    "dns_upstream": "none",         # "host:port" forwards other names (passthrough), "none" refuses them
+    "passthrough": False,           # LAN -> WAN in clear (off: zero trust)
+    "auto_enroll": False,           # serve unknown MACs by enrolling them automatically
+    "status_socket": "/run/cyphonic/adapter.sock",
+}
+
+
+class AdapterConfigError(CyphonicError):
+    pass
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    cloud: str
+    cloud_key: str
+    cloud_nms: str
+    gn_token: str
+    state_dir: str
+    lan_interface: str
+    wan_interface: str
+    lan_address: str
+    prefix: str
+    gn_port_base: int
+    workers: int
+    queue_first: int
+    mtu: int
+    lease_s: int
+    dns_upstream: str
+    passthrough: bool
+    auto_enroll: bool
+    status_socket: str
+
+    @property
+    def cloud_addr(self):
+        return parse_hostport(self.cloud, "cloud")
+
+    @property
+    def nms_addr(self):
+        return parse_hostport(self.cloud_nms, "cloud_nms") if self.cloud_nms else None
+
+    @property
+    def nworkers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
+    def fail(key, what):
+        return AdapterConfigError(f"{source}: {key}: {what}")
+
+    unknown = set(doc) - set(DEFAULTS)
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown key")
+    values = dict(DEFAULTS)
+    for k, v in doc.items():
+        want = type(DEFAULTS[k])
+        if want is bool and not isinstance(v, bool) or want is not bool and (isinstance(v, bool)
+                                                                             or not isinstance(v, want)):
+            raise fail(k, f"must be {want.__name__}")
+        values[k] = v
+    for k in ("cloud", "cloud_key"):
+        if not values[k]:
+            raise fail(k, "required")
+    cfg = AdapterConfig(**values)
+    try:
+        cfg.cloud_addr, cfg.nms_addr
+        parse_cloud_key(cfg.cloud_key)
+        net = ipaddress.IPv4Network(cfg.prefix)
+        if ipaddress.IPv4Address(cfg.lan_address) not in net:
+            raise fail("lan_address", f"must be inside prefix {cfg.prefix}")
+    except ValueError as exc:
+        raise fail("prefix", str(exc)) from None
+    except CyphonicError as exc:
+        raise AdapterConfigError(f"{source}: {exc}") from None
+    if not 1 <= cfg.gn_port_base <= 65000:
+        raise fail("gn_port_base", "must be 1..65000")
+    if not 0 <= cfg.workers <= 64:
+        raise fail("workers", "must be 0..64")
+    return cfg
+
+
+def load_config(path: str) -> AdapterConfig:
+    try:
+        with open(path, "rb") as f:
+            return parse_config(tomllib.load(f), path)
+    except FileNotFoundError:
+        raise AdapterConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AdapterConfigError(f"{path}: not valid TOML: {exc}") from None

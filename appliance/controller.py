@@ -1,0 +1,639 @@
+"""`cyphonic-adapter`: the controller of the CYPHONIC adapter appliance (the paper's Fig. 2 and 4).
+
+One asyncio process that joins the parts (docs/adapter-design.md):
+- General Node Management: the registry of general nodes (GNs) by MAC, an
+  identity and a ``NodeEngine`` per GN (its own UDP port on the WAN side);
+- Address Configuration: DHCP on the LAN port, the GN's virtual IP as its address;
+- Resolver: DNS on the LAN port; a GN's query brings up *that GN's* tunnel;
+- Interface Handling: proxy ARP for overlay addresses, injection toward the GN;
+- Packet Handling: the packet filter and the NFQUEUE worker pool (sealing);
+  the controller opens, checks and injects the way back;
+- the status socket for ``cyadm``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+
+from pyroute2 import IPRoute
+
+from cyphonic import constants as C
+from cyphonic import events as ev
+from cyphonic import signaling as sg
+from cyphonic.cloud.keys import parse_cloud_key
+from cyphonic.node.daemon import ptr_name
+from cyphonic.node.engine import NodeEngine, RelayPath, Resolved, TunnelFailed, TunnelUp
+from cyphonic.wire import signaling as sig
+
+from . import packet_filter as pf
+from .address_config import Binding, DhcpServer
+from .config import AdapterConfig
+from .dhcp_server import serve_dhcp
+from .general_nodes import GeneralNodeError, Registry
+from .interface_handling import ArpResponder, Injector, OverlayArpPolicy, interface_mac, serve_arp
+from .leases import LeaseStore
+from .packet_handling import worker_main
+
+SYNC_S = 0.25
+MAX_STREAMS_PER_KEY = C.MAX_RECEIVE_STREAMS_PER_SESSION - 1
+
+
+def _ipr(fn):
+    with IPRoute() as ipr:
+        return fn(ipr)
+
+
+def _first_addr(ifname: str) -> str | None:
+    def q(ipr):
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=socket.AF_INET):
+            return a.get_attr("IFA_ADDRESS")
+        return None
+    return _ipr(q)
+
+
+class GnRuntime:
+    def __init__(self, gn, engine: NodeEngine, sock: socket.socket, port: int) -> None:
+        self.gn = gn
+        self.engine = engine
+        self.sock = sock
+        self.port = port
+        self.paths: dict[str, str] = {}
+        self.installed: dict[bytes, tuple] = {}   # peer vip -> (keypair id, endpoint, worker generation)
+        self.routed = False
+
+
+class Adapter:
+    def __init__(self, cfg: AdapterConfig, *, out=None) -> None:
+        self.cfg = cfg
+        self.out = out or sys.stdout
+        self.ca_public, self.cloud_static = parse_cloud_key(cfg.cloud_key)
+        self.registry = Registry(cfg.state_dir)
+        self.leases = LeaseStore(os.path.join(cfg.state_dir, "leases.json"), log=self.log)
+        self.prefix = ipaddress.IPv4Network(cfg.prefix)
+        self.gns: dict[str, GnRuntime] = {}          # mac -> runtime
+        self.workers: list[dict] = []                # {"proc", "conn", "queue", "generation", "stats"}
+        self.worker_restarts = 0
+        self._streams: dict[int, int] = {}           # id(keypair) -> next stream id
+        self._keypairs: dict[int, object] = {}       # keep keypairs alive while their id is in use
+        self.health_events: list = []
+        self.drops: Counter = Counter()
+        self._stop = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self.injector: Injector | None = None
+        self.resolver = None
+        self.dns = None
+        self.dhcp = None
+        self.arp = None
+        self.started = time.time()
+        self.filter_mode = ""
+        self.wan_addr: str | None = None
+
+    def log(self, line: str) -> None:
+        print(f"cyphonic-adapter: {line}", file=self.out, flush=True)
+
+    # --- start / stop ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, self._stop.set)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.close()
+        return 0
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if self.registry.warning:
+            self.log(self.registry.warning)
+        await asyncio.to_thread(self._setup_lan)
+        # pyroute2's synchronous API runs its own event loop: only ever from a worker thread
+        self.wan_addr = await asyncio.to_thread(_first_addr, cfg.wan_interface)
+        self.injector = Injector(cfg.lan_interface)
+        for gn in list(self.registry.nodes.values()):
+            self._start_gn(gn)
+        self.filter_mode = await asyncio.to_thread(pf.load, pf.PacketFilterConfig(
+            lan_if=cfg.lan_interface, wan_if=cfg.wan_interface, prefix=cfg.prefix, lan_address=cfg.lan_address,
+            queues=(cfg.queue_first, cfg.nworkers), mtu=cfg.mtu, passthrough=cfg.passthrough))
+        self.log(f"packet filter loaded ({self.filter_mode} NFQUEUE path), queues "
+                 f"{cfg.queue_first}..{cfg.queue_first + cfg.nworkers - 1}")
+        self._start_workers()
+        self.dhcp = await serve_dhcp(DhcpServer(
+            server_ip=cfg.lan_address, netmask=str(self.prefix.netmask), router=cfg.lan_address,
+            dns=cfg.lan_address, domain=self._domain() or "overlay", mtu=cfg.mtu, lease_s=cfg.lease_s,
+            bindings=self._binding, leases=self.leases, log=self.log), cfg.lan_interface)
+        policy = OverlayArpPolicy(cfg.prefix, gateway=cfg.lan_address,
+                                  vip_of_mac=lambda mac: self._vip_of_mac(mac),
+                                  local_vips=lambda: {r.gn.vip4 for r in self.gns.values() if r.gn.vip4})
+        self.arp = await serve_arp(ArpResponder(interface_mac(cfg.lan_interface), answer_for=policy),
+                                   cfg.lan_interface)
+        await self._start_status()
+        if self._domain():
+            await self._start_dns(self._domain())
+        asyncio.get_running_loop().create_task(self._sync_loop())
+        self.log(f"started: LAN {cfg.lan_interface} ({cfg.lan_address}), WAN {cfg.wan_interface}, "
+                 f"{len(self.gns)} general nodes, {cfg.nworkers} workers")
+
+    def _setup_lan(self) -> None:
+        cfg = self.cfg
+
+        def q(ipr):
+            idx = ipr.link_lookup(ifname=cfg.lan_interface)
+            if not idx:
+                raise pf.PacketFilterError(f"LAN interface {cfg.lan_interface} not found")
+            idx = idx[0]
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
+            if cfg.lan_address not in have:
+                ipr.addr("add", index=idx, address=cfg.lan_address, prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+        _ipr(q)
+
+    async def close(self) -> None:
+        for r in self.gns.values():
+            r.engine.stop(time.time())
+            self._send_out(r)
+        for w in self.workers:
+            try:
+                w["conn"].send(("stop",))
+            except (OSError, BrokenPipeError):
+                pass
+        for w in self.workers:
+            w["proc"].join(2)
+            if w["proc"].is_alive():
+                w["proc"].kill()
+        await asyncio.to_thread(pf.unload)
+        for x in (self.dhcp, self.arp, self.dns):
+            if x is not None:
+                x.close()
+        loop = asyncio.get_running_loop()
+        for r in self.gns.values():
+            loop.remove_reader(r.sock.fileno())
+            r.sock.close()
+        if getattr(self, "status_server", None) is not None:
+            self.status_server.close()
+            try:
+                os.unlink(self.cfg.status_socket)
+            except OSError:
+                pass
+        self.log("stopped: packet filter removed, workers stopped")
+
+    # --- general nodes --------------------------------------------------------------------------
+
+    def _domain(self) -> str:
+        for gn in self.registry.nodes.values():
+            if gn.domain:
+                return gn.domain
+        return ""
+
+    def _binding(self, mac: str) -> Binding | None:
+        gn = self.registry.get(mac)
+        if gn is None or not gn.vip4:
+            return None
+        return Binding(gn.mac, gn.vip4, gn.name)
+
+    def _vip_of_mac(self, mac: bytes) -> str | None:
+        gn = self.registry.get(":".join(f"{b:02x}" for b in mac))
+        return gn.vip4 if gn else None
+
+    def _start_gn(self, gn) -> GnRuntime:
+        index = sorted(self.registry.nodes).index(gn.mac)
+        port = self.cfg.gn_port_base + index
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+        wan = self.wan_addr
+        identity = self.registry.identity(gn)
+        token = gn.token or self.cfg.gn_token
+        engine = NodeEngine(identity, self.ca_public, self.cloud_static, self.cfg.cloud_addr,
+                            token=b"" if identity.certificate else token.encode(), name_hint=gn.name,
+                            nms_addr=self.cfg.nms_addr,
+                            local_endpoints=[sig.Endpoint(wan, port)] if wan else [])
+        r = GnRuntime(gn, engine, s, port)
+        self.gns[gn.mac] = r
+        asyncio.get_running_loop().add_reader(s.fileno(), self._on_udp, r)
+        engine.start(time.time())
+        self._flush(r)
+        return r
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        for i in range(self.cfg.nworkers):
+            self.workers.append(self._spawn_worker(i, generation=0))
+
+    def _spawn_worker(self, i: int, generation: int) -> dict:
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        sockets = {r.port: r.sock for r in self.gns.values()}
+        queue = self.cfg.queue_first + i
+        proc = ctx.Process(target=worker_main, args=(i, queue, child, sockets), daemon=True,
+                           name=f"cyphonic-worker-{i}")
+        proc.start()
+        child.close()
+        w = {"index": i, "proc": proc, "conn": parent, "queue": queue, "generation": generation,
+             "stats": {}, "started": time.time()}
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_worker, w)
+        return w
+
+    def _on_worker(self, w: dict) -> None:
+        try:
+            while w["conn"].poll():
+                msg = w["conn"].recv()
+                if msg[0] == "miss":
+                    self._on_miss(msg[1], msg[2])
+                elif msg[0] == "stats":
+                    w["stats"] = msg[1]
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(w["conn"].fileno())
+            w["dead"] = True
+
+    def _supervise(self) -> None:
+        """Restart a dead worker; its sessions are installed again with fresh stream ids."""
+        for i, w in enumerate(self.workers):
+            if w.get("dead") or not w["proc"].is_alive():
+                try:
+                    asyncio.get_running_loop().remove_reader(w["conn"].fileno())
+                except (ValueError, OSError):
+                    pass
+                code = w["proc"].exitcode
+                self.worker_restarts += 1
+                self.log(f"worker {i} (pid {w['proc'].pid}) died (exit {code}); restarting")
+                self.health_events.append(("worker-restarted", "warning",
+                                           f"worker {i} died (exit {code}) and was restarted", time.time()))
+                self.workers[i] = self._spawn_worker(i, w["generation"] + 1)
+                for r in self.gns.values():
+                    r.installed.clear()  # reinstall everywhere, fresh stream ids
+
+    def _on_miss(self, gn_vip: bytes, peer_vip: bytes) -> None:
+        gn_ip = str(ipaddress.IPv4Address(gn_vip))
+        for r in self.gns.values():
+            if r.gn.vip4 == gn_ip:
+                if r.engine.device is not None and peer_vip in r.engine.device.peers_by_vip:
+                    self._sync_sessions(r, time.time())  # the tunnel is up: the worker lacks it yet
+                    return
+                peer = str(ipaddress.IPv4Address(peer_vip))
+                if ipaddress.IPv4Address(peer) in self.prefix:
+                    r.engine.resolve(ptr_name(peer), time.time())
+                    self._flush(r)
+                return
+
+    def _sync_sessions(self, r: GnRuntime, now: float) -> None:
+        """Install each live send session into every worker, each with a fresh stream id."""
+        device = r.engine.device
+        if device is None or not r.gn.vip4:
+            return
+        gn_vip = ipaddress.IPv4Address(r.gn.vip4).packed
+        gen = tuple(w["generation"] for w in self.workers)
+        for peer_vip, peer in list(device.peers_by_vip.items()):
+            kp = peer.sendable(now)
+            if kp is None or peer.endpoint is None:
+                if peer_vip in r.installed:
+                    del r.installed[peer_vip]
+                    for w in self.workers:
+                        self._send_worker(w, ("untx", gn_vip, peer_vip))
+                continue
+            ep = peer.endpoint
+            endpoint = ("relay", ep.trs, ep.session_id) if isinstance(ep, RelayPath) else tuple(ep)
+            want = (id(kp), endpoint, gen)
+            if r.installed.get(peer_vip) == want:
+                continue
+            first = self._streams.get(id(kp), 1)
+            if first + len(self.workers) > MAX_STREAMS_PER_KEY:
+                device._begin_handshake(peer, now)  # out of stream ids for this key: rekey
+                continue
+            self._streams[id(kp)] = first + len(self.workers)
+            self._keypairs[id(kp)] = kp
+            for i, w in enumerate(self.workers):
+                self._send_worker(w, ("tx", gn_vip, peer_vip, kp.keys.send_key, kp.keys.remote_index,
+                                      first + i, endpoint, r.port))
+            r.installed[peer_vip] = want
+        if len(self._keypairs) > 4 * C.MAX_PEERS:
+            live = {v[0] for rr in self.gns.values() for v in rr.installed.values()}
+            for k in [k for k in self._keypairs if k not in live]:
+                self._keypairs.pop(k, None)
+                self._streams.pop(k, None)
+
+    def _send_worker(self, w: dict, msg) -> None:
+        try:
+            w["conn"].send(msg)
+        except (OSError, BrokenPipeError):
+            w["dead"] = True
+
+    async def _sync_loop(self) -> None:
+        last_stats = 0.0
+        while not self._stop.is_set():
+            await asyncio.sleep(SYNC_S)
+            now = time.time()
+            self._supervise()
+            for r in self.gns.values():
+                if r.engine.device is not None:
+                    r.engine.device.maintain(now)
+                self._sync_sessions(r, now)
+                self._flush(r)
+            if now - last_stats > 1.0:
+                last_stats = now
+                for w in self.workers:
+                    self._send_worker(w, ("stats",))
+
+    # --- the way back and the engines ------------------------------------------------------------
+
+    def _on_udp(self, r: GnRuntime) -> None:
+        now = time.time()
+        for _ in range(256):
+            try:
+                data, addr = r.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.drops["udp_error"] += 1
+                continue
+            r.engine.receive_datagram(data, addr[:2], now)
+        self._flush(r)
+
+    def _send_out(self, r: GnRuntime) -> int:
+        out = r.engine.datagrams_to_send()
+        for data, addr in out:
+            try:
+                r.sock.sendto(data, addr)
+            except OSError:
+                self.drops["udp_send_error"] += 1
+        return len(out)
+
+    def _flush(self, r: GnRuntime) -> None:
+        for _ in range(64):
+            sent = self._send_out(r)
+            n = 0
+            while (e := r.engine.next_event()) is not None:
+                n += 1
+                if isinstance(e, ev.PacketReceived):
+                    if not self.injector.inject(e.packet):
+                        self.drops["inject_failed"] += 1
+                    continue
+                self._on_event(r, e)
+            if self.dns is not None:
+                self.dns.flush()
+            if not sent and not n:
+                break
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        times = [t for r in self.gns.values() if (t := r.engine.get_timer()) is not None]
+        if times:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, min(times) - time.time()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.time()
+        for r in self.gns.values():
+            t = r.engine.get_timer()
+            if t is not None and t <= now:
+                r.engine.handle_timer(now)
+                self._flush(r)
+        self._arm()
+
+    def _on_event(self, r: GnRuntime, e) -> None:
+        now = time.time()
+        gn = r.gn
+        if isinstance(e, sg.LoggedIn):
+            self.registry.save_login(gn, e.certificate, e.fqdn, e.vip4, e.prefix_len, e.domain)
+            self.log(f"general node {gn.name} ({gn.mac}) logged in as {e.fqdn} ({e.vip4})"
+                     + (" (enrolled)" if e.enrolled else ""))
+            asyncio.get_running_loop().create_task(self._route_gn(e.vip4))
+            if self.dns is None:
+                asyncio.get_running_loop().create_task(self._start_dns(e.domain))
+        elif isinstance(e, sg.LoginFailed):
+            self.log(f"general node {gn.name}: login refused: {e.code.name} {e.text}")
+            self.health_events.append(("gn-login-failed", "error", f"{gn.name}: {e.code.name} {e.text}", now))
+        elif isinstance(e, sg.Registered):
+            self.log(f"general node {gn.name}: registered, observed {e.observed.host}:{e.observed.port}")
+        elif isinstance(e, TunnelUp):
+            r.paths[e.fqdn] = e.path
+            self.log(f"{gn.name}: tunnel up to {e.fqdn} ({e.vip4}) path {e.path}")
+            self._sync_sessions(r, now)
+            if self.resolver is not None:
+                self.resolver.tunnel_up(e.fqdn, e.vip4, now, asker=gn.mac)
+        elif isinstance(e, TunnelFailed):
+            self.log(f"{gn.name}: tunnel to {e.fqdn} failed: {e.code.name} {e.text}")
+            if self.resolver is not None:
+                self.resolver.tunnel_failed(e.fqdn, e.code, now, asker=gn.mac)
+        elif isinstance(e, (ev.HandshakeCompleted, ev.EndpointChanged)):
+            self._sync_sessions(r, now)
+        elif isinstance(e, Resolved):
+            pass
+        elif isinstance(e, sg.CloudLost):
+            self.log(f"{gn.name}: cloud link lost: {e.reason}")
+
+    async def _route_gn(self, vip4: str) -> None:
+        """A host route to the GN's virtual IP on the LAN port (DNS answers, DHCP unicast)."""
+        def q(ipr):
+            idx = ipr.link_lookup(ifname=self.cfg.lan_interface)[0]
+            try:
+                ipr.route("replace", dst=f"{vip4}/32", oif=idx)
+            except Exception as exc:  # noqa: BLE001
+                return str(exc)
+            return None
+        err = await asyncio.to_thread(_ipr, q)
+        if err:
+            self.log(f"cannot route {vip4} to the LAN: {err}")
+
+    # --- DNS -------------------------------------------------------------------------------------
+
+    async def _start_dns(self, domain: str) -> None:
+        if self.dns is not None:
+            return
+        from cyphonic.dns_server import serve_dns
+        from cyphonic.node.config import parse_hostport
+        from cyphonic.resolver import OverlayResolver
+        upstream = None if self.cfg.dns_upstream == "none" else parse_hostport(self.cfg.dns_upstream, "dns_upstream")
+        self.resolver = OverlayResolver(domain, prefix=self.cfg.prefix, passthrough=upstream is not None,
+                                        hold_s=8.0)
+        self.dns = await serve_dns(self.resolver, self.cfg.lan_address, 53, on_resolve=self._dns_resolve,
+                                   upstream=upstream, asker_of=self._asker_of)
+        self.log(f"DNS on {self.cfg.lan_address}:53 for *.{domain}")
+
+    def _asker_of(self, client) -> str | None:
+        gn = self.registry.by_vip(client[0])
+        return gn.mac if gn else None
+
+    def _dns_resolve(self, fqdn: str, asker) -> str | None:
+        r = self.gns.get(asker) if asker else None
+        if r is None:
+            self.drops["dns_unknown_asker"] += 1
+            return None
+        vip = r.engine.resolve(fqdn, time.time())
+        self._flush(r)
+        return vip
+
+    # --- status ----------------------------------------------------------------------------------
+
+    async def _start_status(self) -> None:
+        path = self.cfg.status_socket
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        self.status_server = await asyncio.start_unix_server(self._status_client, path=path)
+        os.chmod(path, 0o660)
+
+    async def _status_client(self, reader, writer) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                req = json.loads(line or b"{}")
+            except ValueError:
+                req = {}
+            reply = self._command(req)
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _command(self, req: dict) -> dict:
+        cmd = req.get("cmd", "status")
+        try:
+            if cmd == "status":
+                return self.status()
+            if cmd == "gn_add":
+                gn = self.registry.add(req["mac"], req["name"], group=req.get("group", ""),
+                                       token=req.get("token", ""))
+                self._restart_workers_with(self._start_gn(gn))
+                self.log(f"general node {gn.name} ({gn.mac}) added")
+                return {"ok": True, "mac": gn.mac, "name": gn.name}
+            if cmd == "gn_remove":
+                gn = self.registry.remove(req["mac"])
+                r = self.gns.pop(gn.mac, None)
+                if r is not None:
+                    r.engine.stop(time.time())
+                    self._send_out(r)
+                    asyncio.get_running_loop().remove_reader(r.sock.fileno())
+                    r.sock.close()
+                self.log(f"general node {gn.name} ({gn.mac}) removed")
+                return {"ok": True}
+            if cmd == "gn_list":
+                return {"general_nodes": self._gn_rows()}
+            return {"error": f"unknown command {cmd}"}
+        except (GeneralNodeError, KeyError) as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the status socket must answer, whatever happened
+            self.log(f"command {cmd} failed: {type(exc).__name__}: {exc}")
+            return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    def _restart_workers_with(self, r: GnRuntime) -> None:
+        """A new GN socket: the workers are forked again at once so they hold it (rare: it happens
+        when a general node is added). Their sessions are installed again with fresh stream ids."""
+        loop = asyncio.get_running_loop()
+        for i, w in enumerate(self.workers):
+            self._send_worker(w, ("stop",))
+            try:
+                loop.remove_reader(w["conn"].fileno())
+            except (ValueError, OSError):
+                pass
+            w["proc"].join(1)
+            if w["proc"].is_alive():
+                w["proc"].kill()
+            self.workers[i] = self._spawn_worker(i, w["generation"] + 1)
+        for rr in self.gns.values():
+            rr.installed.clear()
+            self._sync_sessions(rr, time.time())
+
+    def _gn_rows(self) -> list[dict]:
+        now = time.time()
+        rows = []
+        for mac, gn in self.registry.nodes.items():
+            lease = self.leases.get(mac)
+            r = self.gns.get(mac)
+            rows.append({"mac": mac, "name": gn.name, "fqdn": gn.fqdn or None, "vip4": gn.vip4 or None,
+                         "lease_expires_in_s": round(lease.expires - now) if lease and lease.active(now) else None,
+                         "cloud": r.engine.signaling.status()["state"] if r else "stopped",
+                         "port": r.port if r else None})
+        return rows
+
+    def status(self) -> dict:
+        now = time.time()
+        tunnels = []
+        for r in self.gns.values():
+            dev = r.engine.device
+            if dev is None:
+                continue
+            for p in dev.peers_by_fqdn.values():
+                ps = p.status(now)
+                ep = p.endpoint
+                tunnels.append({"gn": r.gn.name, "peer": p.fqdn, "vip4": ps["vip4"],
+                                "path": r.paths.get(p.fqdn, "-"),
+                                "endpoint": str(ep) if isinstance(ep, RelayPath) else
+                                (f"{ep[0]}:{ep[1]}" if ep else None),
+                                "up": ps["session"], "last_handshake_age_s": ps["last_handshake_age_s"],
+                                "rx_bytes": ps["rx_bytes"], "tx_bytes": ps["tx_bytes"],
+                                "tx_sealed_by_workers": None})
+        workers = [{"index": w["index"], "pid": w["proc"].pid, "alive": w["proc"].is_alive(),
+                    "queue": w["queue"], **{k: v for k, v in w["stats"].items() if k not in ("index", "pid")}}
+                   for w in self.workers]
+        health = []
+        for r in self.gns.values():
+            st = r.engine.signaling.state
+            if st == sg.State.RECONNECTING:
+                health.append({"code": "cloud-unreachable", "severity": "error",
+                               "text": f"{r.gn.name}: {r.engine.signaling.last_error}"})
+            elif st == sg.State.FAILED:
+                health.append({"code": "gn-login-failed", "severity": "error",
+                               "text": f"{r.gn.name}: {r.engine.signaling.last_error}"})
+        if any(not w["proc"].is_alive() for w in self.workers):
+            health.append({"code": "worker-down", "severity": "error", "text": "a worker is not running"})
+        for code, sev, text, when in self.health_events[-20:]:
+            if now - when < 300:
+                health.append({"code": code, "severity": sev, "text": text})
+        if self.registry.warning:
+            health.append({"code": "registry-unreadable", "severity": "warning", "text": self.registry.warning})
+        for w in getattr(self.leases, "warnings", []):
+            health.append({"code": "lease-file", "severity": "warning", "text": str(w)})
+        return {"kind": "adapter", "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
+                "identity": {"fqdn": f"adapter ({len(self.gns)} general nodes)", "vip4": self.cfg.lan_address},
+                "cloud": {"address": self.cfg.cloud,
+                          "state": ", ".join(sorted({r.engine.signaling.state.value for r in self.gns.values()}))
+                          or "no general nodes"},
+                "lan": {"interface": self.cfg.lan_interface, "address": self.cfg.lan_address},
+                "packet_filter": self.filter_mode,
+                "general_nodes": self._gn_rows(), "tunnels": tunnels, "workers": workers,
+                "worker_restarts": self.worker_restarts,
+                "dhcp": self.dhcp.server.stats() if self.dhcp else {},
+                "arp": self.arp.stats() if self.arp else {},
+                "dns": dict(self.resolver.counters) if self.resolver else {},
+                "drops": dict(self.drops), "health": health}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from .config import AdapterConfigError, load_config
+    ap = argparse.ArgumentParser(prog="cyphonic-adapter")
+    ap.add_argument("--config", default="/etc/cyphonic/adapter.toml")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        return asyncio.run(Adapter(cfg).run())
+    except (AdapterConfigError, pf.PacketFilterError, GeneralNodeError, OSError) as exc:
+        print(f"cyphonic-adapter: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

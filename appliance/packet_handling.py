@@ -1,0 +1,134 @@
+"""Packet Handling: the NFQUEUE worker pool (the sealing half of the data path).
+
+Each worker is a process bound to one NFQUEUE queue (the packet filter spreads
+the general nodes' overlay-bound packets over the queues). For every queued
+packet it looks up the session by (source VIP, destination VIP), seals it with
+its **own stream id** of that session's key (docs/protocol.md §7: no nonce is
+ever used twice across processes), sends it from the general node's UDP
+socket (inherited from the controller at fork, so the source port is the one
+the NMS registered), and gives the verdict DROP for the clear original. A
+packet with no session is dropped (the queue fails closed) and reported to the
+controller, which brings the tunnel up (a packet triggers a tunnel, as a DNS
+query does).
+
+The receiving half (open, replay window, crypto routing, injection) runs in
+the controller, which owns every receive session: one replay window per
+session, one owner, so no packet is ever accepted twice. See
+docs/adapter-design.md for the full design and what is still to come.
+
+Control messages (controller -> worker, over a pipe, never on the packet path):
+  ("tx", gn_vip, peer_vip, key, remote_index, stream_id, endpoint, port)  install or replace
+  ("untx", gn_vip, peer_vip)                                         remove
+  ("stats",)                                                         answered with counters
+  ("stop",)
+Worker -> controller: ("miss", gn_vip, peer_vip) (rate-limited), ("stats", dict).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+from collections import Counter
+
+from cyphonic.datachannel import SendStream
+from cyphonic.wire import relay as wire_relay
+
+MISS_REPORT_EVERY_S = 1.0
+MAX_SESSIONS = 4096
+
+
+def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
+    """Run worker ``index`` on NFQUEUE ``queue_num`` until told to stop (in a forked child)."""
+    from netfilterqueue import NetfilterQueue
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    counters: Counter = Counter()
+    sessions: dict[tuple[bytes, bytes], tuple] = {}    # (gn vip, peer vip) -> (SendStream, endpoint, sock)
+    last_miss: dict[tuple[bytes, bytes], float] = {}
+
+    def on_packet(pkt) -> None:
+        try:
+            payload = pkt.get_payload()
+            if len(payload) < 20 or payload[0] >> 4 != 4:
+                counters["drop_not_ipv4"] += 1
+                pkt.drop()
+                return
+            key = (payload[12:16], payload[16:20])
+            s = sessions.get(key)
+            if s is None:
+                counters["drop_no_session"] += 1
+                pkt.drop()
+                now = time.monotonic()
+                if now - last_miss.get(key, 0.0) >= MISS_REPORT_EVERY_S:
+                    if len(last_miss) > MAX_SESSIONS:
+                        last_miss.clear()
+                    last_miss[key] = now
+                    conn.send(("miss", key[0], key[1]))
+                return
+            stream, endpoint, sock = s
+            sealed = stream.seal(payload)
+            if endpoint[0] == "relay":
+                sock.sendto(wire_relay.encode_data(endpoint[2], sealed), endpoint[1])
+            else:
+                sock.sendto(sealed, endpoint)
+            counters["sealed"] += 1
+            counters["sealed_bytes"] += len(payload)
+            pkt.drop()
+        except OSError as exc:  # e.g. ECONNREFUSED after an ICMP error: never end the loop
+            counters["send_" + (os.strerror(exc.errno) if exc.errno else type(exc).__name__)] += 1
+            pkt.drop()
+        except Exception as exc:  # noqa: BLE001 - no-throw boundary of the packet path
+            counters["internal_" + type(exc).__name__] += 1
+            pkt.drop()
+
+    def on_control(msg) -> bool:
+        kind = msg[0]
+        if kind == "tx":
+            _, gn_vip, peer_vip, key, remote_index, stream_id, endpoint, port = msg
+            sock = sockets.get(port)
+            if sock is None:
+                counters["install_unknown_gn"] += 1
+                return True
+            if len(sessions) >= MAX_SESSIONS and (gn_vip, peer_vip) not in sessions:
+                counters["install_table_full"] += 1
+                return True
+            sessions[(gn_vip, peer_vip)] = (SendStream(key, remote_index, stream_id), endpoint, sock)
+            counters["installs"] += 1
+        elif kind == "untx":
+            sessions.pop((msg[1], msg[2]), None)
+        elif kind == "stats":
+            conn.send(("stats", {"index": index, "queue": queue_num, "pid": os.getpid(),
+                                 "sessions": len(sessions), **counters}))
+        elif kind == "stop":
+            return False
+        return True
+
+    nfq = NetfilterQueue()
+    nfq.bind(queue_num, on_packet, max_len=4096)
+    sel = selectors.DefaultSelector()
+    nfq_fd = nfq.get_fd()
+    sel.register(nfq_fd, selectors.EVENT_READ, "nfq")
+    sel.register(conn.fileno(), selectors.EVENT_READ, "ctl")
+    conn.send(("ready", index, os.getpid()))
+    running = True
+    try:
+        while running:
+            for key, _ in sel.select(timeout=1.0):
+                if key.data == "nfq":
+                    try:
+                        nfq.run(block=False)
+                    except OSError as exc:
+                        counters["nfq_" + type(exc).__name__] += 1
+                else:
+                    try:
+                        while conn.poll():
+                            if not on_control(conn.recv()):
+                                running = False
+                                break
+                    except (EOFError, OSError):
+                        running = False  # the controller is gone: stop (the queue then drops)
+    finally:
+        nfq.unbind()

@@ -215,6 +215,8 @@ class DhcpServer:
         self.netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{netmask}").netmask)
         self.router = str(ipaddress.IPv4Address(router))
         self.dns = str(ipaddress.IPv4Address(dns))
+        if len(domain.encode()) > 255:
+            raise ValueError("domain name longer than 255 bytes")
         self.domain = domain
         if not MIN_MTU <= mtu <= 0xFFFF:
             raise ValueError(f"interface MTU {mtu} not in {MIN_MTU}..65535")
@@ -340,7 +342,7 @@ class DhcpServer:
 
     def _build_options(self) -> dict[int, object]:
         o = dhcp_options.options.short_value_to_object
-        return {
+        opts = {
             OPT_SUBNET_MASK: o(OPT_SUBNET_MASK, self.netmask),
             OPT_ROUTER: o(OPT_ROUTER, [self.router]),
             OPT_DNS: o(OPT_DNS, [self.dns]),
@@ -350,6 +352,9 @@ class DhcpServer:
             OPT_T1: o(OPT_T1, int(self.lease_s * T1_FRACTION)),
             OPT_T2: o(OPT_T2, int(self.lease_s * T2_FRACTION)),
         }
+        if not self.domain:                  # an option cannot be empty (RFC 2132 3.17: length >= 1)
+            del opts[OPT_DOMAIN]
+        return opts
 
     def option_order(self, parameters: tuple[int, ...], lease: bool = True) -> list[int]:
         """Codes to send after 53 and 54: the client's request order first, then the rest; the

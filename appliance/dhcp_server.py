@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Callable
 
 from .address_config import (BROADCAST, CLIENT_PORT, DEFAULT_LEASE_S, SERVER_PORT, Binding,
                              DhcpServer, Reply, advertised_mtu)
@@ -55,8 +56,9 @@ def open_socket(ifname: str) -> socket.socket:
 class DhcpEndpoint(asyncio.DatagramProtocol):
     """The running server on one interface. `close()` stops it."""
 
-    def __init__(self, server: DhcpServer, ifname: str, clock=time.time):
-        self.server, self.ifname, self.clock = server, ifname, clock
+    def __init__(self, server: DhcpServer, ifname: str, *, clock=time.time,
+                 trace: Callable[[Reply], None] | None = None):
+        self.server, self.ifname, self.clock, self.trace = server, ifname, clock, trace
         self.transport: asyncio.DatagramTransport | None = None
         self.sent: list[Reply] = []          # the last few replies (for tests and cyadm)
 
@@ -88,6 +90,8 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
             self.server.counters["tx_unicast_fallback"] += 1
             self.transport.sendto(r.data, (BROADCAST, CLIENT_PORT))
         self.sent = (self.sent + [r])[-16:]
+        if self.trace is not None:
+            self.trace(r)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -95,13 +99,18 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
             self.transport = None
 
 
-async def serve_dhcp(server: DhcpServer, ifname: str) -> DhcpEndpoint:
+async def serve_dhcp(server: DhcpServer, ifname: str, *,
+                     trace: Callable[[Reply], None] | None = None) -> DhcpEndpoint:
     """Start answering DHCP on `ifname` (needs CAP_NET_BIND_SERVICE and CAP_NET_RAW for
-    SO_BINDTODEVICE: root on the appliance)."""
+    SO_BINDTODEVICE: root on the appliance). `trace(reply)` is called after each send."""
     loop = asyncio.get_running_loop()
     sock = open_socket(ifname)
-    _, endpoint = await loop.create_datagram_endpoint(lambda: DhcpEndpoint(server, ifname),
-                                                      sock=sock)
+    try:
+        _, endpoint = await loop.create_datagram_endpoint(
+            lambda: DhcpEndpoint(server, ifname, trace=trace), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return endpoint
 
 
@@ -139,14 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                         bindings=table.get, leases=LeaseStore(a.leases, log=log), log=log)
 
     async def run() -> None:
-        ep = await serve_dhcp(server, a.iface)
-        if a.verbose:
-            send = ep._send
-
-            def traced(r: Reply) -> None:
-                send(r)
-                log(f"dhcp: sent {r.message_type} to {r.ip} ({r.mac})")
-            ep._send = traced
+        def trace(r: Reply) -> None:
+            log(f"dhcp: sent {r.message_type} to {r.ip} ({r.mac})")
+        ep = await serve_dhcp(server, a.iface, trace=trace if a.verbose else None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -221,6 +221,8 @@ class LeaseStore:
             raise AddressUnavailable(vip, "declined", until=until)
 
     def _commit(self, mac: str, lease: Lease | None, now: float) -> Lease | None:
+        if lease == self._leases.get(mac):       # nothing changes: no write
+            return lease
         leases = dict(self._leases)
         if lease is None:
             leases.pop(mac, None)

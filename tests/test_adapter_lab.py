@@ -33,6 +33,48 @@ def cyadm(lab, host, sock, *args):
     return lab.exec(host, [PY, "-m", "appliance.cyadm", "--socket", sock, *args], timeout=15)
 
 
+def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers=2, gn_token=None):
+    gn_token = gn_token or ov.cli("enroll", f"{name}-gns", "--reusable").strip()
+    sock = str(tmp_path / f"{name}.sock")
+    conf = tmp_path / f"{name}.toml"
+    conf.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
+        "cloud": f"{ov.cloud_host.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
+        "state_dir": str(tmp_path / name), "lan_interface": lan_iface, "wan_interface": "eth0",
+        "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers,
+        "status_socket": sock}.items()) + "\n")
+    log = tmp_path / f"{name}.log"
+    proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)
+    ov.wait_log(str(log), "started:", 20)
+    return proc, sock, str(log)
+
+
+def mac_of(lab, host, iface="eth0"):
+    return re.search(r"link/ether ([0-9a-f:]+)", lab.exec(host, ["ip", "link", "show", iface]).stdout).group(1)
+
+
+def dhclient(lab, gn, tmp_path, name, timeout_s=15):
+    cf = tmp_path / f"{name}.conf"
+    cf.write_text(f"timeout {timeout_s};\nretry 1;\n"
+                  "request subnet-mask, routers, domain-name-servers, domain-name, interface-mtu;\n")
+    env_file = f"/tmp/cyl-dhclient-{gn.name}.env"
+    if os.path.exists(env_file):
+        os.unlink(env_file)
+    r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(cf), "-sf", f"{ROOT}/tests/lab/dhclient-script.sh",
+                      "-lf", str(tmp_path / f"{name}.leases"), "-pf", str(tmp_path / f"{name}.pid"), "eth0"],
+                 timeout=timeout_s + 20)
+    lease = {}
+    if os.path.exists(env_file):
+        lease = dict(l.split("=", 1) for l in open(env_file).read().splitlines() if "=" in l)
+        os.unlink(env_file)
+    return r, lease
+
+
+def add_gn(lab, adapter, sock, log, ov, mac, name):
+    out = cyadm(lab, adapter, sock, "gn", "add", mac, "--name", name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ov.wait_log(log, f"general node {name} ({mac}) logged in", 20)
+
+
 def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path):
     inet = lab.switch("inet", "198.18.0.0/24")
     cloud = lab.host("cloud", inet, v6=False)
@@ -108,3 +150,139 @@ def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path)
     proc.terminate()
     proc.wait(15)
     assert "packet filter removed" in open(log).read()
+
+
+def test_two_adapters_behind_their_own_nats_and_two_general_nodes_behind_one(lab, tmp_path):
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet, v6=False)
+    ra = lab.nat_router("ra", inet, lan="10.1.0.0/24", kind="easy")
+    rb = lab.nat_router("rb", inet, lan="10.2.0.0/24", kind="easy")
+    ad_a = lab.host("ada", ra.lan, v6=False)
+    ad_b = lab.host("adb", rb.lan, v6=False)
+    lan_a = lab.switch("lana", gateway=False)
+    lan_b = lab.switch("lanb", gateway=False)
+    pa = lab.attach(ad_a, lan_a, v4=False, v6=False)
+    pb = lab.attach(ad_b, lan_b, v4=False, v6=False)
+    g1 = lab.host("g1", lan_a, v4=False, v6=False)
+    g2 = lab.host("g2", lan_a, v4=False, v6=False)
+    g3 = lab.host("g3", lan_b, v4=False, v6=False)
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    _, sock_a, log_a = start_adapter(lab, ov, ad_a, pa.iface, tmp_path, name="ada")
+    _, sock_b, log_b = start_adapter(lab, ov, ad_b, pb.iface, tmp_path, name="adb")
+    for host, sock, log, name in ((g1, sock_a, log_a, "g1"), (g2, sock_a, log_a, "g2"), (g3, sock_b, log_b, "g3")):
+        add_gn(lab, ad_a if sock == sock_a else ad_b, sock, log, ov, mac_of(lab, host), name)
+    vips = {}
+    for host, name in ((g1, "g1"), (g2, "g2"), (g3, "g3")):
+        r, lease = dhclient(lab, host, tmp_path, name)
+        assert lease, r.stdout + r.stderr
+        vips[name] = lease["new_ip_address"]
+    # across the two adapters, both behind NAT: hole punching
+    d = lab.exec(g1, ["dig", "+short", f"@{LAN_ADDRESS}", f"g3.{DOMAIN}", "+time=10", "+tries=1"], timeout=20)
+    assert d.stdout.strip() == vips["g3"], d.stdout + open(log_a).read()[-2000:]
+    p = lab.exec(g1, ["ping", "-n", "-c", "5", "-i", "0.1", "-W", "2", vips["g3"]], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout + open(log_a).read()[-2000:]
+    st = json.loads(cyadm(lab, ad_a, sock_a, "status", "--json").stdout)
+    assert any(t["peer"] == f"g3.{DOMAIN}" and t["path"] == "punched" for t in st["tunnels"]), st["tunnels"]
+    # two general nodes behind one adapter: the name resolves, the LAN carries them
+    d = lab.exec(g1, ["dig", "+short", f"@{LAN_ADDRESS}", f"g2.{DOMAIN}", "+time=10", "+tries=1"], timeout=20)
+    assert d.stdout.strip() == vips["g2"], d.stdout
+    p = lab.exec(g1, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", vips["g2"]], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout
+
+
+def test_worker_killed_during_iperf3_and_no_clear_packet_on_the_wan(lab, tmp_path):
+    import signal as _signal
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet, v6=False)
+    srv_host = lab.host("srv", inet, v6=False)
+    adapter = lab.host("adapter", inet, v6=False)
+    lan = lab.switch("lan", gateway=False)
+    port = lab.attach(adapter, lan, v4=False, v6=False)
+    gn = lab.host("gn", lan, v4=False, v6=False)
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    ov.add_node("srv", srv_host)
+    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    _, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, workers=1)
+    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
+    r, lease = dhclient(lab, gn, tmp_path, "gn")
+    gn_vip = lease["new_ip_address"]
+    assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
+        .stdout.strip() == srv_vip
+    # capture the WAN port: nothing may leave with the general node's address as source
+    cap = lab.spawn(adapter, ["tcpdump", "-i", "eth0", "-n", "-U", "-w", str(tmp_path / "wan.pcap"),
+                              f"host {gn_vip} or host {srv_vip}"], log=tmp_path / "tcpdump.log")
+    lab.spawn(srv_host, ["iperf3", "-s", "-1", "-B", srv_vip], log=tmp_path / "iperf-s.log")
+    time.sleep(0.7)
+    client = lab.spawn(gn, ["iperf3", "-c", srv_vip, "-u", "-b", "20M", "-l", "1200", "-t", "4", "-J"],
+                       log=tmp_path / "iperf-c.json")
+    time.sleep(1.5)
+    st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    victim = st["workers"][0]["pid"]
+    os.kill(victim, _signal.SIGKILL)
+    client.wait(30)
+    time.sleep(0.5)
+    cap.terminate()
+    cap.wait(10)
+    res = json.loads(open(tmp_path / "iperf-c.json").read())["end"]["sum"]
+    print(f"\nworker killed mid-iperf3: {res['lost_percent']:.1f}% of 4 s lost")
+    assert res["lost_percent"] < 25, res          # only what was in flight (and queued) while it died
+    st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    assert st["worker_restarts"] >= 1 and all(w["alive"] for w in st["workers"])
+    assert st["workers"][0]["pid"] != victim
+    assert any(h["code"] == "worker-restarted" for h in st["health"])
+    p = lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout
+    dump = lab.exec(adapter, ["tcpdump", "-n", "-r", str(tmp_path / "wan.pcap")], timeout=20)
+    assert dump.stdout.strip() == "", dump.stdout[:2000]   # no clear packet of the GN on the WAN
+
+
+def test_malformed_input_from_the_lan_and_the_wan_is_counted_and_changes_nothing(lab, tmp_path):
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet, v6=False)
+    srv_host = lab.host("srv", inet, v6=False)
+    adapter = lab.host("adapter", inet, v6=False)
+    lan = lab.switch("lan", gateway=False)
+    port = lab.attach(adapter, lan, v4=False, v6=False)
+    gn = lab.host("gn", lan, v4=False, v6=False)
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    ov.add_node("srv", srv_host)
+    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    _, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path)
+    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
+    r, lease = dhclient(lab, gn, tmp_path, "gn")
+    assert lease
+    before = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    garbage = (
+        "import os, socket\n"
+        "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "u.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n"
+        "for i in range(200):\n"
+        "    u.sendto(os.urandom(i % 300), ('255.255.255.255', 67))\n"
+        f"    u.sendto(os.urandom(i % 100), ('{LAN_ADDRESS}', 53))\n"
+        "r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+        "r.bind(('eth0', 0))\n"
+        "for i in range(200):\n"
+        "    r.send(b'\\xff' * 6 + os.urandom(6) + b'\\x08\\x06' + os.urandom(i % 40))\n")
+    assert lab.exec(gn, [PY, "-c", garbage], timeout=20).returncode == 0
+    wan = (
+        "import os, socket\n"
+        "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for i in range(300):\n"
+        f"    u.sendto(bytes([i % 10]) + os.urandom(i % 200), ('{adapter.addr4}', 47200))\n")
+    assert lab.exec(srv_host, [PY, "-c", wan], timeout=20).returncode == 0
+    time.sleep(1.0)
+    after = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    assert sum(after["dhcp"]["drops"].values()) > sum(before["dhcp"]["drops"].values())
+    assert sum(after["arp"]["drops"].values()) >= sum(before["arp"]["drops"].values()) + 50, after["arp"]
+    assert sum(after["dns"].values()) > sum(before["dns"].values())          # the DNS garbage was seen
+    assert [(g["mac"], g["vip4"]) for g in after["general_nodes"]] == \
+        [(g["mac"], g["vip4"]) for g in before["general_nodes"]]
+    # still serving: resolve and ping
+    assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
+        .stdout.strip() == srv_vip
+    p = lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout
+    assert open(log).read().count("Traceback") == 0

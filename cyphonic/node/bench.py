@@ -75,9 +75,11 @@ PING_CHUNKS = 4
 PING_INTERVAL_S = 0.01
 FIXED_SECONDS = 2             # each fixed-rate UDP run (10..50 Mbit/s: thousands of datagrams)
 SWEEP_SECONDS = 3             # unlimited and each search step
-SWEEP_MAX_STEPS = 6           # per path
+SWEEP_MAX_STEPS = 5           # per tunnel path
 SWEEP_RESOLUTION = 0.06       # stop when (first bad - last good) <= 6 % of the last good
-CONFIRM_ROUNDS = 2            # then re-run each path's result (a failure steps down once more)
+PLAIN_MAX_STEPS = 2           # plain is the reference: its limit is the iperf3 sender's
+VERIFY_RUNS = 3               # a tunnel's result must pass on the median of this many runs ...
+VERIFY_ROUNDS = 2             # ... stepping down at most this often
 TCP_SECONDS = 5
 SERVER_READY_S = 3.0
 DRAIN_MAX_S = 5.0             # after each run: wait (at most this) until the tunnel processes are idle
@@ -481,43 +483,48 @@ class NodeBench:
         return out
 
     def udp_sweep(self, fixed: dict, unlimited: dict) -> dict:
-        """Per path: the highest offered rate with < 1 % loss. Start from the fixed rates that
-        passed; first candidate near the unlimited received rate; grow by 25 % while passing,
-        bisect once something failed; at most SWEEP_MAX_STEPS runs per path, interleaved."""
+        """Per path: the highest offered rate with < 1 % loss.
+
+        Search (single runs, interleaved across paths): start from the fixed rates that passed;
+        first candidate near the unlimited received rate; grow by 25 % while passing, bisect once
+        something failed; at most SWEEP_MAX_STEPS runs per tunnel path (PLAIN_MAX_STEPS for plain:
+        the limit, bound by the sender). A sender-limited run counts at the rate really sent.
+
+        Verification (tunnel paths): near its limit a path on this saturated 2-core machine swings
+        from no loss to 20 % between identical runs, and the search keeps the best single run. So
+        the result must pass on the median of VERIFY_RUNS runs at that rate; if not, step down to
+        the next lower rate that passed once (or 85 %), at most VERIFY_ROUNDS times."""
         st = {}
         for path in PATHS:
-            good = [r["offered_mbit"] for r in fixed[path] if r["lost_percent"] < LOSS_LIMIT_PERCENT]
-            bad = [r["offered_mbit"] for r in fixed[path] if r["lost_percent"] >= LOSS_LIMIT_PERCENT]
+            good = [r["offered_mbit"] for r in fixed[path] if _passed(r)]
+            bad = [r["offered_mbit"] for r in fixed[path] if not _passed(r)]
             lo = max(good, default=0.0)
             hi = min((b for b in bad if b > lo), default=None)
             seed = _round_rate(max(unlimited[path]["received_mbit"] * 0.95, lo * 1.25, 10))
             if hi is not None:
                 seed = _round_rate((lo + hi) / 2)
-            st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": [], "sender_limited": False}
+            st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": [], "verify": [],
+                        "sender_limited": False, "steps": PLAIN_MAX_STEPS if path == "plain" else SWEEP_MAX_STEPS}
         for step in range(SWEEP_MAX_STEPS):
-            active = [p for p in _rotate(PATHS, step) if st[p]["next"] is not None]
+            active = [p for p in _rotate(PATHS, step) if st[p]["next"] is not None and len(st[p]["trials"]) < st[p]["steps"]]
             if not active:
                 break
             for path in active:
                 s = st[path]
-                rate = s["next"]
-                row = self.udp(path, rate, SWEEP_SECONDS)
+                row = self.udp(path, s["next"], SWEEP_SECONDS)
                 s["trials"].append(row)
-                passed = row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row
-                if row["sender_limited"]:
-                    # iperf3 could not offer this rate: what it did offer is the most this run
-                    # shows (the plain path: the limit is the sender, not the path); stop here
+                rate = s["next"]
+                if row["sender_limited"]:  # iperf3 could not offer this rate: count what it sent
                     s["sender_limited"] = True
-                    if passed:
-                        s["lo"] = max(s["lo"], row["sent_mbit"])
-                    s["next"] = None
-                    continue
-                if passed:
+                    rate = row["sent_mbit"]
+                if _passed(row):
                     s["lo"] = max(s["lo"], rate)
                 else:
                     s["hi"] = rate if s["hi"] is None else min(s["hi"], rate)
                 lo, hi = s["lo"], s["hi"]
-                if hi is None:
+                if row["sender_limited"] and _passed(row):
+                    nxt = None  # no higher rate can be offered
+                elif hi is None:
                     nxt = _round_rate(lo * 1.25)
                 elif lo <= 0:
                     nxt = _round_rate(hi * 0.6)
@@ -531,38 +538,40 @@ class NodeBench:
             self.say(f"  udp search step {step + 1}: " + ", ".join(
                 f"{p} {st[p]['trials'][-1]['offered_mbit']:g}M->{st[p]['trials'][-1]['lost_percent']}%"
                 for p in active))
-        # The search keeps the best of single noisy runs, which flatters every path: run each
-        # result once more (interleaved); a failed confirmation steps down to the next lower
-        # rate that passed (or 85 %) and confirms that in the next round.
         for p in PATHS:
-            st[p]["confirmations"] = []
-            st[p]["confirmed"] = st[p]["sender_limited"] or st[p]["lo"] <= max(FIXED_RATES_MBIT)
-        for rnd in range(CONFIRM_ROUNDS):
-            todo = [p for p in _rotate(PATHS, rnd) if not st[p]["confirmed"] and st[p]["lo"] > 0]
+            st[p]["search_result"] = st[p]["lo"]
+            st[p]["verified"] = None if p == "plain" else st[p]["lo"] <= 0
+        for rnd in range(VERIFY_ROUNDS):
+            todo = [p for p in _rotate(PATHS, rnd) if st[p]["verified"] is False]
             if not todo:
                 break
+            runs_at = {p: [r for r in st[p]["trials"] + st[p]["verify"] if r["offered_mbit"] == st[p]["lo"]]
+                       for p in todo}
+            for k in range(VERIFY_RUNS):
+                for path in _rotate(todo, k):
+                    if len(runs_at[path]) < VERIFY_RUNS:
+                        row = self.udp(path, st[path]["lo"], SWEEP_SECONDS)
+                        st[path]["verify"].append(row)
+                        runs_at[path].append(row)
             for path in todo:
                 s = st[path]
                 rate = s["lo"]
-                row = self.udp(path, rate, SWEEP_SECONDS)
-                s["confirmations"].append(row)
-                if row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row and not row["sender_limited"]:
-                    s["confirmed"] = True
+                losses = [r["lost_percent"] if "error" not in r else 100.0 for r in runs_at[path]]
+                med = statistics.median(losses)
+                self.say(f"  udp verify {path} {rate:g}M: losses {losses} (median {med})")
+                if med < LOSS_LIMIT_PERCENT:
+                    s["verified"] = True
                     continue
                 s["hi"] = rate if s["hi"] is None else min(s["hi"], rate)
-                lower = [t["offered_mbit"] for t in s["trials"] + s["confirmations"]
-                         if t["offered_mbit"] is not None and t["offered_mbit"] < rate
-                         and t["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in t]
+                lower = [r["offered_mbit"] for r in s["trials"] + s["verify"]
+                         if r["offered_mbit"] is not None and r["offered_mbit"] < rate and _passed(r)]
                 s["lo"] = max(lower) if lower else _round_rate(rate * 0.85)
-            self.say(f"  udp confirmation {rnd + 1}: " + ", ".join(
-                f"{p} {st[p]['confirmations'][-1]['offered_mbit']:g}M->{st[p]['confirmations'][-1]['lost_percent']}%"
-                for p in todo))
         return {p: {"highest_offered_mbit_below_1pct_loss": st[p]["lo"],
+                    "search_result_mbit": st[p]["search_result"],
                     "lowest_offered_mbit_failed": st[p]["hi"],
-                    "converged": st[p]["next"] is None,
-                    "confirmed": st[p]["confirmed"],
+                    "verified_median_of_runs": st[p]["verified"],
                     "sender_limited": st[p]["sender_limited"],
-                    "trials": st[p]["trials"], "confirmations": st[p]["confirmations"]} for p in PATHS}
+                    "trials": st[p]["trials"], "verification_runs": st[p]["verify"]} for p in PATHS}
 
     def tcp_all(self) -> dict:
         return {p: self.tcp(p) for p in _rotate(PATHS, 2)}
@@ -588,6 +597,10 @@ class NodeBench:
             except Exception as exc:  # status is a nicety; never fail the bench on it
                 out[hn] = {"error": str(exc)}
         return out
+
+
+def _passed(row: dict) -> bool:
+    return row["lost_percent"] < LOSS_LIMIT_PERCENT and "error" not in row
 
 
 def _rotate(seq, i: int):
@@ -706,6 +719,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
     targets = {
         "a_udp_highest_offered_rate_cyphonic_ge_wireguard_go": {
             "cyphonic_mbit": sw["cyphonic"], "wireguard_go_mbit": sw["wireguard-go"],
+            "held_on_median_of_runs": {p: sweep[p]["verified_median_of_runs"] for p in ("cyphonic", "wireguard-go")},
             "met": sw["cyphonic"] >= sw["wireguard-go"] and sw["cyphonic"] > 0},
         "b_median_ping_rtt_cyphonic_le_wireguard_go": {
             "cyphonic_ms": ping["cyphonic"]["median_ms"], "wireguard_go_ms": ping["wireguard-go"]["median_ms"],
@@ -803,13 +817,14 @@ def print_table(r: dict, say=print) -> None:
                                                                           for p in PATHS)))
     hr = r["udp_highest_rate"]
     rows.append(("UDP highest offered <1% loss (Mbit/s)",
-                 *(hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
-    rows.append(("UDP lowest offered that failed (Mbit/s)",
-                 *("sender-limited" if hr[p]["sender_limited"] else hr[p]["lowest_offered_mbit_failed"]
-                   for p in PATHS)))
-    rows.append(("UDP search runs (+ confirmations)",
-                 *(f"{len(hr[p]['trials'])}+{len(hr[p]['confirmations'])}" for p in PATHS)))
-    rows.append(("UDP highest rate confirmed by a re-run", *("yes" if hr[p]["confirmed"] else "NO" for p in PATHS)))
+                 *(f"{hr[p]['highest_offered_mbit_below_1pct_loss']:g}" + (" (sender)" if hr[p]["sender_limited"] else "")
+                   if p == "plain" else hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
+    rows.append(("UDP lowest offered that failed (Mbit/s)", *(hr[p]["lowest_offered_mbit_failed"] for p in PATHS)))
+    rows.append(("UDP search result, single runs (Mbit/s)", *(hr[p]["search_result_mbit"] for p in PATHS)))
+    rows.append((f"UDP result held on median of {VERIFY_RUNS} runs",
+                 *({None: "n/a", True: "yes", False: "NO"}[hr[p]["verified_median_of_runs"]] for p in PATHS)))
+    rows.append(("UDP search + verification runs",
+                 *(f"{len(hr[p]['trials'])}+{len(hr[p]['verification_runs'])}" for p in PATHS)))
     rows.append(("TCP 5 s (Mbit/s)", *(r["tcp"][p]["received_mbit"] for p in PATHS)))
     st = r["tunnel_setup"]
     rows.append(("tunnel set-up, fresh dig median (ms)", None, st["fresh_median_ms"], None))

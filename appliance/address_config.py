@@ -292,6 +292,8 @@ class DhcpServer:
         elif req.ciaddr != "0.0.0.0":                      # RENEWING (unicast) / REBINDING
             wanted = req.ciaddr
         else:
+            wanted = None
+        if wanted is None:
             raise Drop("bad_request")
         if wanted != b.vip4:
             return [self._nak(req, f"{wanted} is not yours", "wrong_address")]
@@ -410,9 +412,9 @@ class DhcpServer:
     def _binding(self, mac: str) -> Binding | None:
         try:
             b = self.bindings(mac)
-            if b is not None:
-                ipaddress.IPv4Address(b.vip4)
-            return b
+            if b is None:
+                return None
+            return Binding(b.mac, str(ipaddress.IPv4Address(b.vip4)), b.name)
         except Exception as e:
             self._log_once(("bindings", type(e).__name__), f"dhcp: bindings lookup failed: {e!r}")
             raise Drop("bindings_error")

@@ -56,9 +56,9 @@ def open_socket(ifname: str) -> socket.socket:
 class DhcpEndpoint(asyncio.DatagramProtocol):
     """The running server on one interface. `close()` stops it."""
 
-    def __init__(self, server: DhcpServer, ifname: str, *, clock=time.time,
+    def __init__(self, server: DhcpServer, ifname: str, sock: socket.socket, *, clock=time.time,
                  trace: Callable[[Reply], None] | None = None):
-        self.server, self.ifname, self.clock, self.trace = server, ifname, clock, trace
+        self.server, self.ifname, self.sock, self.clock, self.trace = server, ifname, sock, clock, trace
         self.transport: asyncio.DatagramTransport | None = None
         self.sent: list[Reply] = []          # the last few replies (for tests and cyadm)
 
@@ -82,13 +82,20 @@ class DhcpEndpoint(asyncio.DatagramProtocol):
             dest = (BROADCAST, CLIENT_PORT)
         else:
             dest = (r.ip, r.port)
+        # straight on the socket (not transport.sendto, which reports errors only to
+        # error_received): a failed unicast can then fall back to broadcast at once
         try:
-            self.transport.sendto(r.data, dest)
+            self.sock.sendto(r.data, dest)
         except OSError:
             if dest[0] == BROADCAST or r.port != CLIENT_PORT:
-                raise
+                self.server.drops["send_error"] += 1
+                return
             self.server.counters["tx_unicast_fallback"] += 1
-            self.transport.sendto(r.data, (BROADCAST, CLIENT_PORT))
+            try:
+                self.sock.sendto(r.data, (BROADCAST, CLIENT_PORT))
+            except OSError:
+                self.server.drops["send_error"] += 1
+                return
         self.sent = (self.sent + [r])[-16:]
         if self.trace is not None:
             self.trace(r)
@@ -107,7 +114,7 @@ async def serve_dhcp(server: DhcpServer, ifname: str, *,
     sock = open_socket(ifname)
     try:
         _, endpoint = await loop.create_datagram_endpoint(
-            lambda: DhcpEndpoint(server, ifname, trace=trace), sock=sock)
+            lambda: DhcpEndpoint(server, ifname, sock, trace=trace), sock=sock)
     except BaseException:
         sock.close()
         raise

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 
@@ -14,11 +12,11 @@ import pytest
 
 from lab import Lab
 from nodelab import DOMAIN, Overlay
+from adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
 
 pytestmark = pytest.mark.root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-LAN_ADDRESS = "100.127.255.254"
 
 
 @pytest.fixture
@@ -27,52 +25,6 @@ def lab():
         pytest.fail("these tests need root (network namespaces); CI runs them as root")
     with Lab(prefix="cya") as lab:
         yield lab
-
-
-def cyadm(lab, host, sock, *args):
-    return lab.exec(host, [PY, "-m", "appliance.cyadm", "--socket", sock, *args], timeout=15)
-
-
-def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers=2, gn_token=None):
-    gn_token = gn_token or ov.cli("enroll", f"{name}-gns", "--reusable").strip()
-    sock = str(tmp_path / f"{name}.sock")
-    conf = tmp_path / f"{name}.toml"
-    conf.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
-        "cloud": f"{ov.cloud_host.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
-        "state_dir": str(tmp_path / name), "lan_interface": lan_iface, "wan_interface": "eth0",
-        "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers,
-        "status_socket": sock}.items()) + "\n")
-    log = tmp_path / f"{name}.log"
-    proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)
-    ov.wait_log(str(log), "started:", 20)
-    return proc, sock, str(log)
-
-
-def mac_of(lab, host, iface="eth0"):
-    return re.search(r"link/ether ([0-9a-f:]+)", lab.exec(host, ["ip", "link", "show", iface]).stdout).group(1)
-
-
-def dhclient(lab, gn, tmp_path, name, timeout_s=15):
-    cf = tmp_path / f"{name}.conf"
-    cf.write_text(f"timeout {timeout_s};\nretry 1;\n"
-                  "request subnet-mask, routers, domain-name-servers, domain-name, interface-mtu;\n")
-    env_file = f"/tmp/cyl-dhclient-{gn.name}.env"
-    if os.path.exists(env_file):
-        os.unlink(env_file)
-    r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(cf), "-sf", f"{ROOT}/tests/lab/dhclient-script.sh",
-                      "-lf", str(tmp_path / f"{name}.leases"), "-pf", str(tmp_path / f"{name}.pid"), "eth0"],
-                 timeout=timeout_s + 20)
-    lease = {}
-    if os.path.exists(env_file):
-        lease = dict(l.split("=", 1) for l in open(env_file).read().splitlines() if "=" in l)
-        os.unlink(env_file)
-    return r, lease
-
-
-def add_gn(lab, adapter, sock, log, ov, mac, name):
-    out = cyadm(lab, adapter, sock, "gn", "add", mac, "--name", name)
-    assert out.returncode == 0, out.stdout + out.stderr
-    ov.wait_log(log, f"general node {name} ({mac}) logged in", 20)
 
 
 def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path):
@@ -87,41 +39,14 @@ def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path)
     ov.start_cloud()
     ov.add_node("srv", srv_host)
     srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
-    gn_token = ov.cli("enroll", "gns", "--reusable").strip()
-    sock = str(tmp_path / "adapter.sock")
-    conf = tmp_path / "adapter.toml"
-    conf.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
-        "cloud": f"{cloud.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
-        "state_dir": str(tmp_path / "adapter"), "lan_interface": port.iface, "wan_interface": "eth0",
-        "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": 2,
-        "status_socket": sock}.items()) + "\n")
-    log = tmp_path / "adapter.log"
-    proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)
-    ov.wait_log(str(log), "started:", 20)
-    mac = re.search(r"link/ether ([0-9a-f:]+)", lab.exec(gn, ["ip", "link", "show", "eth0"]).stdout).group(1)
-    def dhclient(name: str, timeout_s: int):
-        cf = tmp_path / f"{name}.conf"
-        cf.write_text(f"timeout {timeout_s};\nretry 1;\n"
-                      "request subnet-mask, routers, domain-name-servers, domain-name, interface-mtu;\n")
-        return lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(cf), "-sf", f"{ROOT}/tests/lab/dhclient-script.sh",
-                             "-lf", str(tmp_path / f"{name}.leases"), "-pf", str(tmp_path / f"{name}.pid"),
-                             "eth0"], timeout=timeout_s + 20)
-
+    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path)
+    mac = mac_of(lab, gn)
     # an unenrolled MAC gets no lease
-    r = dhclient("gn0", 4)
-    assert r.returncode != 0 and "bound to" not in r.stdout + r.stderr, r.stdout + r.stderr
-    assert "No DHCPOFFERS received" in r.stdout + r.stderr
-    out = cyadm(lab, adapter, sock, "gn", "add", mac, "--name", "cam1")
-    assert out.returncode == 0, out.stdout + out.stderr
-    ov.wait_log(str(log), "general node cam1", 20)
-    ov.wait_log(str(log), "registered", 20)
-    env_file = f"/tmp/cyl-dhclient-{gn.name}.env"
-    if os.path.exists(env_file):
-        os.unlink(env_file)
-    r = dhclient("gn", 15)
-    lease_line = [l for l in (r.stdout + r.stderr).splitlines() if "bound to" in l]
-    assert lease_line, r.stdout + r.stderr + open(log).read()[-3000:]
-    lease = dict(l.split("=", 1) for l in open(env_file).read().splitlines() if "=" in l)
+    r, lease = dhclient(lab, gn, tmp_path, "gn0", timeout_s=4)
+    assert not lease and "No DHCPOFFERS received" in r.stdout + r.stderr, r.stdout + r.stderr
+    add_gn(lab, adapter, sock, log, ov, mac, "cam1")
+    r, lease = dhclient(lab, gn, tmp_path, "gn")
+    assert lease, r.stdout + r.stderr + open(log).read()[-3000:]
     gn_vip = lease["new_ip_address"]
     assert lease["new_routers"] == LAN_ADDRESS and lease["new_domain_name_servers"] == LAN_ADDRESS
     assert int(lease["new_interface_mtu"]) <= 1420
@@ -150,6 +75,7 @@ def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path)
     proc.terminate()
     proc.wait(15)
     assert "packet filter removed" in open(log).read()
+    assert "cyphonic" not in lab.exec(adapter, ["nft", "list", "tables"]).stdout
 
 
 def test_two_adapters_behind_their_own_nats_and_two_general_nodes_behind_one(lab, tmp_path):

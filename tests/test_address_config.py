@@ -309,7 +309,8 @@ def test_request_for_another_server_is_ignored(net):
 
 def test_request_without_address_is_dropped(net):
     assert net.feed(request()) == []
-    assert net.server.drops["bad_request"] == 1
+    assert net.feed(request(server_id=SERVER_IP)) == []             # SELECTING without option 50
+    assert net.server.drops["bad_request"] == 2
 
 
 # --- INFORM, RELEASE, DECLINE -------------------------------------------------------------

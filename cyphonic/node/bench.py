@@ -751,6 +751,11 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
         "udp_fixed": fixed,
         "udp_unlimited": unlimited,
         "udp_highest_rate": sweep,
+        "udp_highest_rate_note": ("plain: a lower bound (PLAIN_MAX_STEPS runs; its limit is the iperf3 sender "
+                                  "and receiver). Tunnels: near the limit identical 3-s runs on this saturated "
+                                  "2-core machine range from no loss to 20-30 % loss (scheduling of four busy "
+                                  "processes on two cores), hence the median-of-runs verification; compare "
+                                  "the two tunnels within one run only"),
         "tcp": tcp,
         "tunnel_setup": setup,
         "processes": {"at_rest": mem_rest, "after_load": mem_load, "cpu_s_at_rest": cpu_rest,
@@ -817,8 +822,8 @@ def print_table(r: dict, say=print) -> None:
                                                                           for p in PATHS)))
     hr = r["udp_highest_rate"]
     rows.append(("UDP highest offered <1% loss (Mbit/s)",
-                 *(f"{hr[p]['highest_offered_mbit_below_1pct_loss']:g}" + (" (sender)" if hr[p]["sender_limited"] else "")
-                   if p == "plain" else hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
+                 *(f">={hr[p]['highest_offered_mbit_below_1pct_loss']:g}" if p == "plain"
+                   else hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
     rows.append(("UDP lowest offered that failed (Mbit/s)", *(hr[p]["lowest_offered_mbit_failed"] for p in PATHS)))
     rows.append(("UDP search result, single runs (Mbit/s)", *(hr[p]["search_result_mbit"] for p in PATHS)))
     rows.append((f"UDP result held on median of {VERIFY_RUNS} runs",

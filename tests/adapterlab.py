@@ -1,0 +1,58 @@
+"""An adapter in a lab topology (tests/lab): shared by the adapter tests, the demo and the bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+LAN_ADDRESS = "100.127.255.254"
+
+
+def cyadm(lab, host, sock, *args):
+    return lab.exec(host, [PY, "-m", "appliance.cyadm", "--socket", sock, *args], timeout=15)
+
+
+def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers=2, gn_token=None):
+    gn_token = gn_token or ov.cli("enroll", f"{name}-gns", "--reusable").strip()
+    sock = str(tmp_path / f"{name}.sock")
+    conf = tmp_path / f"{name}.toml"
+    conf.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
+        "cloud": f"{ov.cloud_host.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
+        "state_dir": str(tmp_path / name), "lan_interface": lan_iface, "wan_interface": "eth0",
+        "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers,
+        "status_socket": sock}.items()) + "\n")
+    log = tmp_path / f"{name}.log"
+    proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)
+    ov.wait_log(str(log), "started:", 20)
+    return proc, sock, str(log)
+
+
+def mac_of(lab, host, iface="eth0"):
+    return re.search(r"link/ether ([0-9a-f:]+)", lab.exec(host, ["ip", "link", "show", iface]).stdout).group(1)
+
+
+def dhclient(lab, gn, tmp_path, name, timeout_s=15):
+    cf = tmp_path / f"{name}.conf"
+    cf.write_text(f"timeout {timeout_s};\nretry 1;\n"
+                  "request subnet-mask, routers, domain-name-servers, domain-name, interface-mtu;\n")
+    env_file = f"/tmp/cyl-dhclient-{gn.name}.env"
+    if os.path.exists(env_file):
+        os.unlink(env_file)
+    r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(cf), "-sf", f"{ROOT}/tests/lab/dhclient-script.sh",
+                      "-lf", str(tmp_path / f"{name}.leases"), "-pf", str(tmp_path / f"{name}.pid"), "eth0"],
+                 timeout=timeout_s + 20)
+    lease = {}
+    if os.path.exists(env_file):
+        lease = dict(l.split("=", 1) for l in open(env_file).read().splitlines() if "=" in l)
+        os.unlink(env_file)
+    return r, lease
+
+
+def add_gn(lab, adapter, sock, log, ov, mac, name):
+    out = cyadm(lab, adapter, sock, "gn", "add", mac, "--name", name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ov.wait_log(log, f"general node {name} ({mac}) logged in", 20)

@@ -144,7 +144,7 @@ class Adapter:
         await self._start_status()
         if self._domain():
             await self._start_dns(self._domain())
-        asyncio.get_running_loop().create_task(self._sync_loop())
+        self._tasks = [asyncio.get_running_loop().create_task(self._sync_loop())]
         self.log(f"started: LAN {cfg.lan_interface} ({cfg.lan_address}), WAN {cfg.wan_interface}, "
                  f"{len(self.gns)} general nodes, {cfg.nworkers} workers")
 
@@ -163,6 +163,9 @@ class Adapter:
         _ipr(q)
 
     async def close(self) -> None:
+        self._stop.set()
+        for t in getattr(self, "_tasks", []):
+            t.cancel()
         for r in self.gns.values():
             r.engine.stop(time.time())
             self._send_out(r)
@@ -266,6 +269,8 @@ class Adapter:
 
     def _supervise(self) -> None:
         """Restart a dead worker; its sessions are installed again with fresh stream ids."""
+        if self._stop.is_set():
+            return  # shutting down: workers are being stopped on purpose
         for i, w in enumerate(self.workers):
             if w.get("dead") or not w["proc"].is_alive():
                 try:
@@ -556,6 +561,10 @@ class Adapter:
             rr.installed.clear()
             self._sync_sessions(rr, time.time())
 
+    def _worker_tx(self, gn_vip: str, peer_vip: str) -> int:
+        key = f"{gn_vip}>{peer_vip}"
+        return sum(w["stats"].get("per_session", {}).get(key, 0) for w in self.workers)
+
     def _gn_rows(self) -> list[dict]:
         now = time.time()
         rows = []
@@ -583,8 +592,8 @@ class Adapter:
                                 "endpoint": str(ep) if isinstance(ep, RelayPath) else
                                 (f"{ep[0]}:{ep[1]}" if ep else None),
                                 "up": ps["session"], "last_handshake_age_s": ps["last_handshake_age_s"],
-                                "rx_bytes": ps["rx_bytes"], "tx_bytes": ps["tx_bytes"],
-                                "tx_sealed_by_workers": None})
+                                "rx_bytes": ps["rx_bytes"],
+                                "tx_bytes": ps["tx_bytes"] + self._worker_tx(r.gn.vip4, ps["vip4"])})
         workers = [{"index": w["index"], "pid": w["proc"].pid, "alive": w["proc"].is_alive(),
                     "queue": w["queue"], **{k: v for k, v in w["stats"].items() if k not in ("index", "pid")}}
                    for w in self.workers]

@@ -108,6 +108,9 @@ def status(ctx, as_json) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2))
         _exit_for(st)
+    if st.get("kind") == "adapter":
+        _print_adapter(st)
+        _exit_for(st)
     ident, cloud = st.get("identity", {}), st.get("cloud", {})
     exp = ident.get("cert_expires")
     click.echo(f"{ident.get('fqdn') or '(not enrolled)'}  {ident.get('vip4') or '-'}  "
@@ -139,6 +142,37 @@ def status(ctx, as_json) -> None:
         for h in health:
             click.echo(f"    [{h['severity']}] {h['code']}: {h['text']}")
     _exit_for(st)
+
+
+def _print_adapter(st: dict) -> None:
+    lan = st.get("lan", {})
+    click.echo(f"cyphonic-adapter pid {st.get('pid')}, up {st.get('uptime_s', 0):.0f}s; LAN {lan.get('interface')} "
+               f"{lan.get('address')}; packet filter: {st.get('packet_filter') or 'not loaded'} NFQUEUE path")
+    click.echo(f"  cloud {st.get('cloud', {}).get('address')}: {st.get('cloud', {}).get('state')}")
+    gns = st.get("general_nodes", [])
+    click.echo(f"\n  {'GENERAL NODE':14} {'MAC':18} {'FQDN':30} {'VIP':15} {'LEASE':9} CLOUD")
+    for g in gns:
+        lease = f"{g['lease_expires_in_s']}s" if g.get("lease_expires_in_s") else "-"
+        click.echo(f"  {g['name']:14} {g['mac']:18} {str(g.get('fqdn') or '-'):30} {str(g.get('vip4') or '-'):15} "
+                   f"{lease:9} {g.get('cloud')}")
+    tunnels = st.get("tunnels", [])
+    if tunnels:
+        click.echo(f"\n  {'FROM':10} {'PEER':28} {'VIP':15} {'PATH':9} {'ENDPOINT':22} {'HANDSHAKE':10} "
+                   f"{'RX':>10} {'TX':>10}")
+        for t in tunnels:
+            click.echo(f"  {t['gn']:10} {t['peer']:28} {t['vip4']:15} {t['path']:9} {str(t.get('endpoint') or '-'):22} "
+                       f"{_age(t.get('last_handshake_age_s')):10} {_bytes(t.get('rx_bytes')):>10} "
+                       f"{_bytes(t.get('tx_bytes')):>10}")
+    workers = st.get("workers", [])
+    click.echo("\n  workers: " + "; ".join(
+        f"#{w['index']} queue {w['queue']} pid {w['pid']} {'up' if w.get('alive') else 'DOWN'} "
+        f"sealed {w.get('sealed', 0)} dropped {sum(v for k, v in w.items() if k.startswith('drop_'))}"
+        for w in workers) + (f"; restarts {st.get('worker_restarts')}" if st.get("worker_restarts") else ""))
+    health = st.get("health", [])
+    if health:
+        click.echo("\n  health:")
+        for h in health:
+            click.echo(f"    [{h['severity']}] {h['code']}: {h['text']}")
 
 
 @main.command()

@@ -48,6 +48,7 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
     counters: Counter = Counter()
     sessions: dict[tuple[bytes, bytes], tuple] = {}    # (gn vip, peer vip) -> (SendStream, endpoint, sock)
     last_miss: dict[tuple[bytes, bytes], float] = {}
+    tx_bytes: Counter = Counter()                      # per session, for cyadm
 
     def on_packet(pkt) -> None:
         try:
@@ -76,6 +77,7 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
                 sock.sendto(sealed, endpoint)
             counters["sealed"] += 1
             counters["sealed_bytes"] += len(payload)
+            tx_bytes[key] += len(payload)
             pkt.drop()
         except OSError as exc:  # e.g. ECONNREFUSED after an ICMP error: never end the loop
             counters["send_" + (os.strerror(exc.errno) if exc.errno else type(exc).__name__)] += 1
@@ -100,8 +102,10 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
         elif kind == "untx":
             sessions.pop((msg[1], msg[2]), None)
         elif kind == "stats":
+            per = {f"{'.'.join(map(str, k[0]))}>{'.'.join(map(str, k[1]))}": v for k, v in tx_bytes.items()
+                   if k in sessions}
             conn.send(("stats", {"index": index, "queue": queue_num, "pid": os.getpid(),
-                                 "sessions": len(sessions), **counters}))
+                                 "sessions": len(sessions), **counters, "per_session": per}))
         elif kind == "stop":
             return False
         return True

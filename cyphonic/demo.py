@@ -228,7 +228,7 @@ class _Cloud:
 
 
 def loopback_demo() -> int:
-    print("Part 2: the protocol under attack (processes on 127.0.0.1)\n")
+    print("Part 3: the protocol under attack (processes on 127.0.0.1)\n")
     with tempfile.TemporaryDirectory(prefix="cyphonic-demo-") as workdir:
         cloud = _Cloud(workdir)
         procs: dict[str, subprocess.Popen] = {}
@@ -306,11 +306,11 @@ def _report(results: dict, cloud_log: str, nodes_table: str) -> int:
 
 
 def main() -> int:
-    """Part 1 (as root): node daemons in network namespaces. Part 2: the attack demo."""
+    """Parts 1 and 2 (as root): the adapter and node daemons in namespaces. Part 3: the attack demo."""
     if "--loopback" in sys.argv:
         return loopback_demo()
     if os.geteuid() != 0:
-        print("(not root: skipping part 1, the node daemons in network namespaces; run `make demo` as root)\n")
+        print("(not root: skipping parts 1 and 2, which need network namespaces; run `make demo` as root)\n")
         return loopback_demo()
     from .netns_demo import run as netns_demo
     rc = netns_demo()

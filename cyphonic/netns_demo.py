@@ -1,4 +1,12 @@
-"""Part 1 of `make demo`: the whole overlay in network namespaces, with stock tools.
+"""Parts 1 and 2 of `make demo`: the whole system in network namespaces, with stock tools.
+
+Part 1 is the paper's evaluation model (Fig. 5): a general node that runs only
+stock tools (isc-dhcp-client, dig, ping, iperf3) behind a CYPHONIC adapter, a
+router, the cloud and a conventional CYPHONIC node (cyphonic-node). The general
+node takes a lease, resolves the node's FQDN, pings it and runs iperf3; the
+report quotes the stock tools' own lines and `cyadm status`.
+
+Part 2:
 
 Topology (tests/lab): an "internet" segment with the cloud; two sites, each a
 home-router-like NAT (easy) with one host behind it running `cyphonic-node`.
@@ -25,11 +33,90 @@ def _etc_netns(ns: str) -> str:
 
 
 def run() -> int:
+    rc = run_adapter()
+    print()
+    return run_nodes() or rc
+
+
+def _quote(text: str, pick=lambda line: True) -> str:
+    return "  " + "\n  ".join(line for line in text.strip().splitlines() if pick(line))
+
+
+def run_adapter() -> int:
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    from tests.adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
+    from tests.lab import Lab
+    from tests.nodelab import DOMAIN, Overlay
+
+    print("Part 1: the paper's evaluation model (Fig. 5): general node - CYPHONIC adapter - router - "
+          "cloud and CYPHONIC node\n")
+    workdir = tempfile.mkdtemp(prefix="cyphonic-demo-")
+    rc = 1
+    try:
+        with Lab(prefix=PREFIX) as lab:
+            inet = lab.switch("inet", "198.18.0.0/24")
+            cloud = lab.host("cloud", inet, v6=False)
+            node_host = lab.host("node", inet, v6=False)
+            router = lab.nat_router("router", inet, lan="10.1.0.0/24", kind="easy")
+            adapter = lab.host("adapter", router.lan, v6=False)
+            lan = lab.switch("lan", gateway=False)
+            port = lab.attach(adapter, lan, v4=False, v6=False)
+            gn = lab.host("gn", lan, v4=False, v6=False)
+            import pathlib
+            tmp = pathlib.Path(workdir)
+            ov = Overlay(lab, cloud, workdir)
+            ov.start_cloud()
+            ov.add_node("node", node_host)
+            node_vip = ov.wait_ready("node")["identity"]["vip4"]
+            print(f"  cloud {cloud.addr4}; CYPHONIC node node.{DOMAIN} ({node_vip}) at {node_host.addr4}; "
+                  f"adapter {adapter.addr4} behind router {router.wan_addr4}")
+            proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp)
+            mac = mac_of(lab, gn)
+            print(f"\n$ cyadm gn add {mac} --name camera")
+            add_gn(lab, adapter, sock, log, ov, mac, "camera")
+            print(_quote(open(log).read(), lambda l: "camera" in l))
+            print(f"\n$ ip netns exec {gn.name} dhclient -v eth0        # the general node: stock tools only")
+            r, lease = dhclient(lab, gn, tmp, "gn")
+            print(_quote(r.stdout + r.stderr, lambda l: l.startswith(("DHCP", "bound to"))))
+            print(f"  lease: {lease.get('new_ip_address')}/{lease.get('new_subnet_mask')} router "
+                  f"{lease.get('new_routers')} dns {lease.get('new_domain_name_servers')} mtu "
+                  f"{lease.get('new_interface_mtu')} lease {lease.get('new_dhcp_lease_time')} s")
+            print(f"\n$ ip netns exec {gn.name} dig @{LAN_ADDRESS} node.{DOMAIN}")
+            d = lab.exec(gn, ["dig", f"@{LAN_ADDRESS}", f"node.{DOMAIN}", "+time=10", "+tries=1"], timeout=20)
+            print(_quote(d.stdout, lambda l: "IN\tA" in l and not l.startswith(";") or "Query time" in l
+                         or "status:" in l))
+            print(f"\n$ ip netns exec {gn.name} ping -c 5 {node_vip}")
+            p = lab.exec(gn, ["ping", "-c", "5", "-i", "0.2", "-W", "2", node_vip], timeout=30)
+            print(_quote(p.stdout, lambda l: "packets transmitted" in l or l.startswith("rtt")))
+            lab.spawn(node_host, ["iperf3", "-s", "-1", "-B", node_vip], log=tmp / "iperf-s.log")
+            import time as _t
+            _t.sleep(0.5)
+            print(f"\n$ ip netns exec {gn.name} iperf3 -c {node_vip} -u -b 50M -l 1400 -t 3")
+            i = lab.exec(gn, ["iperf3", "-c", node_vip, "-u", "-b", "50M", "-l", "1400", "-t", "3"], timeout=40)
+            print(_quote(i.stdout, lambda l: ("sender" in l or "receiver" in l)))
+            print(f"\n$ ip netns exec {adapter.name} cyadm status")
+            st = cyadm(lab, adapter, sock, "status")
+            print(_quote(st.stdout))
+            ok = bool(lease) and " 0% packet loss" in p.stdout and "receiver" in i.stdout and node_vip in d.stdout
+            proc.terminate()
+            proc.wait(15)
+            rc = 0 if ok else 1
+            print(f"\npart 1 result: {'OK' if ok else 'FAILED'}")
+    finally:
+        import shutil as _sh
+        _sh.rmtree(workdir, ignore_errors=True)
+    left = [n for n in os.listdir("/var/run/netns") if n.startswith(PREFIX + "-")] \
+        if os.path.isdir("/var/run/netns") else []
+    print(f"torn down: {'no namespace left' if not left else 'LEFT: ' + ', '.join(left)}")
+    return rc if not left else 1
+
+
+def run_nodes() -> int:
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
     from tests.lab import Lab
     from tests.nodelab import DOMAIN, Overlay
 
-    print("Part 1: a cloud and two cyphonic-node daemons in network namespaces, stock tools only\n")
+    print("Part 2: two cyphonic-node daemons, each behind its own NAT, stock tools only\n")
     workdir = tempfile.mkdtemp(prefix="cyphonic-demo-")
     netns_dirs = []
     rc = 1
@@ -77,7 +164,7 @@ def run() -> int:
                     print(f"  {line}")
             ok = " 0% packet loss" in p.stdout and ov.path("alpha", "beta") == "punched"
             rc = 0 if ok else 1
-            print(f"\npart 1 result: {'OK' if ok else 'FAILED'} (path {ov.path('alpha', 'beta')})")
+            print(f"\npart 2 result: {'OK' if ok else 'FAILED'} (path {ov.path('alpha', 'beta')})")
     finally:
         for d in netns_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -204,9 +204,23 @@ class Adapter:
 
     def _binding(self, mac: str) -> Binding | None:
         gn = self.registry.get(mac)
+        if gn is None and self.cfg.auto_enroll and not self._stop.is_set():
+            gn = self._auto_enroll(mac)
         if gn is None or not gn.vip4:
-            return None
+            return None  # not enrolled, or not logged in yet: the client asks again later
         return Binding(gn.mac, gn.vip4, gn.name)
+
+    def _auto_enroll(self, mac: str):
+        """auto_enroll (off by default): an unknown MAC becomes a general node named after it."""
+        try:
+            gn = self.registry.add(mac, "gn-" + mac.replace(":", "")[-6:], auto=True)
+        except GeneralNodeError as exc:
+            self.drops["auto_enroll_refused"] += 1
+            self.log(f"auto-enroll of {mac} refused: {exc}")
+            return None
+        self.log(f"auto-enrolled {mac} as {gn.name}")
+        self._restart_workers_with(self._start_gn(gn))
+        return gn
 
     def _vip_of_mac(self, mac: bytes) -> str | None:
         gn = self.registry.get(":".join(f"{b:02x}" for b in mac))

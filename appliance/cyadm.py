@@ -192,6 +192,26 @@ def tunnels(ctx, as_json) -> None:
 
 
 @main.group()
+def config() -> None:
+    """The adapter's configuration file."""
+
+
+@config.command("check")
+@click.argument("path", default="/etc/cyphonic/adapter.toml")
+def config_check(path) -> None:
+    """Check an adapter config file (exit 0 if good, 1 with the reason if not)."""
+    from .config import AdapterConfigError, load_config
+    try:
+        cfg = load_config(path)
+    except AdapterConfigError as exc:
+        click.echo(f"cyadm: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    click.echo(f"{path}: ok (cloud {cfg.cloud}, LAN {cfg.lan_interface} {cfg.lan_address}, WAN "
+               f"{cfg.wan_interface}, prefix {cfg.prefix}, {cfg.nworkers} workers, "
+               f"passthrough {'on' if cfg.passthrough else 'off'})")
+
+
+@main.group()
 def gn() -> None:
     """General nodes of an adapter: add, remove, list (by MAC)."""
 

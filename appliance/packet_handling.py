@@ -36,6 +36,17 @@ from cyphonic.datachannel import SendStream
 from cyphonic.wire import relay as wire_relay
 
 MISS_REPORT_EVERY_S = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this worker when the controller dies (even by kill -9), so a
+    restarted controller finds its queues free."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 MAX_SESSIONS = 4096
 
 
@@ -45,6 +56,8 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    parent = os.getppid()
     counters: Counter = Counter()
     sessions: dict[tuple[bytes, bytes], tuple] = {}    # (gn vip, peer vip) -> (SendStream, endpoint, sock)
     last_miss: dict[tuple[bytes, bytes], float] = {}
@@ -111,7 +124,14 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
         return True
 
     nfq = NetfilterQueue()
-    nfq.bind(queue_num, on_packet, max_len=4096)
+    for attempt in range(20):  # a worker of a crashed controller may hold the queue a moment longer
+        try:
+            nfq.bind(queue_num, on_packet, max_len=4096)
+            break
+        except OSError:
+            if attempt == 19:
+                os._exit(3)  # the supervisor will try again
+            time.sleep(0.1)
     sel = selectors.DefaultSelector()
     nfq_fd = nfq.get_fd()
     sel.register(nfq_fd, selectors.EVENT_READ, "nfq")
@@ -120,6 +140,8 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
     running = True
     try:
         while running:
+            if os.getppid() != parent:
+                break  # the controller is gone: stop (the queue then drops: fail closed)
             for key, _ in sel.select(timeout=1.0):
                 if key.data == "nfq":
                     try:

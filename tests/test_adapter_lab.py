@@ -212,3 +212,46 @@ def test_malformed_input_from_the_lan_and_the_wan_is_counted_and_changes_nothing
     p = lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=20)
     assert " 0% packet loss" in p.stdout, p.stdout
     assert open(log).read().count("Traceback") == 0
+
+
+def test_controller_kill_9_keeps_leases_and_identities_and_auto_enroll(lab, tmp_path):
+    import signal as _signal
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet, v6=False)
+    srv_host = lab.host("srv", inet, v6=False)
+    adapter = lab.host("adapter", inet, v6=False)
+    lan = lab.switch("lan", gateway=False)
+    port = lab.attach(adapter, lan, v4=False, v6=False)
+    gn = lab.host("gn", lan, v4=False, v6=False)
+    gn2 = lab.host("gn2", lan, v4=False, v6=False)
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    ov.add_node("srv", srv_host)
+    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path)
+    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
+    _, lease = dhclient(lab, gn, tmp_path, "gn")
+    vip = lease["new_ip_address"]
+    proc.send_signal(_signal.SIGKILL)                 # the controller dies at once
+    proc.wait(10)
+    conf = tmp_path / "adapter.toml"
+    conf.write_text(conf.read_text() + "auto_enroll = true\n")
+    proc = lab.spawn(adapter, [sys.executable, "-m", "appliance.controller", "--config", str(conf)],
+                     log=tmp_path / "adapter2.log", cwd=ROOT)
+    ov.wait_log(str(tmp_path / "adapter2.log"), "logged in as cam1", 20)
+    _, lease2 = dhclient(lab, gn, tmp_path, "gn-again")  # the same address: lease and identity kept
+    assert lease2["new_ip_address"] == vip
+    assert "(enrolled)" not in open(tmp_path / "adapter2.log").read().split("cam1")[1].splitlines()[0]
+    assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
+        .stdout.strip() == srv_vip
+    assert " 0% packet loss" in lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", srv_vip], timeout=20).stdout
+    # auto-enrollment (configured on now): an unknown MAC is enrolled and served on a later try
+    _, first = dhclient(lab, gn2, tmp_path, "gn2a", timeout_s=4)
+    ov.wait_log(str(tmp_path / "adapter2.log"), "auto-enrolled", 10)
+    ov.wait_log(str(tmp_path / "adapter2.log"), "logged in as gn-", 20)
+    _, second = dhclient(lab, gn2, tmp_path, "gn2b")
+    assert second.get("new_ip_address") and second["new_ip_address"] != vip
+    check = lab.exec(adapter, [sys.executable, "-m", "appliance.cyadm", "config", "check", str(conf)], timeout=15)
+    assert check.returncode == 0 and "ok" in check.stdout
+    proc.terminate()
+    proc.wait(15)

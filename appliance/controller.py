@@ -91,6 +91,7 @@ class Adapter:
         self.drops: Counter = Counter()
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_for: float | None = None
         self.injector: Injector | None = None
         self.resolver = None
         self.dns = None
@@ -226,11 +227,20 @@ class Adapter:
         gn = self.registry.get(":".join(f"{b:02x}" for b in mac))
         return gn.vip4 if gn else None
 
+    def _gn_port(self, gn) -> int:
+        """Each general node keeps its own WAN port for as long as it is enrolled (stored in the
+        registry; the lowest free one from gn_port_base when it is added)."""
+        port = gn.extra.get("port")
+        if not port:
+            taken = {g.extra.get("port") for g in self.registry.nodes.values() if g is not gn}
+            port = next(p for p in range(self.cfg.gn_port_base, self.cfg.gn_port_base + 1024) if p not in taken)
+            gn.extra["port"] = port
+            self.registry.save()
+        return port
+
     def _start_gn(self, gn) -> GnRuntime:
-        index = sorted(self.registry.nodes).index(gn.mac)
-        port = self.cfg.gn_port_base + index
+        port = self._gn_port(gn)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind(("0.0.0.0", port))
@@ -365,6 +375,9 @@ class Adapter:
                 if r.engine.device is not None:
                     r.engine.device.maintain(now)
                 self._sync_sessions(r, now)
+                t = r.engine.get_timer()
+                if t is not None and t <= now:  # deadlines the fast path moved (keepalives)
+                    r.engine.handle_timer(now)
                 self._flush(r)
             if now - last_stats > 1.0:
                 last_stats = now
@@ -375,6 +388,9 @@ class Adapter:
 
     def _on_udp(self, r: GnRuntime) -> None:
         now = time.time()
+        device = r.engine.device
+        inject = self.injector.inject
+        slow = False
         for _ in range(256):
             try:
                 data, addr = r.sock.recvfrom(65535)
@@ -383,8 +399,16 @@ class Adapter:
             except OSError:
                 self.drops["udp_error"] += 1
                 continue
+            if device is not None:  # the common case: open, check and inject, no queues
+                inner = device.fast_receive(data, addr, now)
+                if inner is not None:
+                    if inner and not inject(inner):
+                        self.drops["inject_failed"] += 1
+                    continue
             r.engine.receive_datagram(data, addr[:2], now)
-        self._flush(r)
+            slow = True
+        if slow:
+            self._flush(r)
 
     def _send_out(self, r: GnRuntime) -> int:
         out = r.engine.datagrams_to_send()
@@ -413,14 +437,20 @@ class Adapter:
         self._arm()
 
     def _arm(self) -> None:
+        times = [t for r in self.gns.values() if (t := r.engine.get_timer()) is not None]
+        t = min(times) if times else None
+        if t == self._armed_for and self._timer is not None:
+            return
         if self._timer is not None:
             self._timer.cancel()
-        times = [t for r in self.gns.values() if (t := r.engine.get_timer()) is not None]
-        if times:
-            self._timer = asyncio.get_running_loop().call_later(max(0.0, min(times) - time.time()), self._fire)
+            self._timer = None
+        self._armed_for = t
+        if t is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, t - time.time()), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
+        self._armed_for = None
         now = time.time()
         for r in self.gns.values():
             t = r.engine.get_timer()

@@ -138,6 +138,63 @@ class Device(Outbox):
         self._begin_handshake(peer, now)
         return False
 
+    # --- the fast path (the common case of send_packet / receive_datagram, no queues or events) ---
+
+    def fast_send(self, packet: bytes, now: float):
+        """Seal ``packet`` if it is the plain common case: a live, confirmed session that needs no
+        rekey, to a UDP endpoint. Returns (datagram, endpoint), or None: then the caller must use
+        ``send_packet`` (staging, handshakes, rekeys, relays and drops all live there)."""
+        if len(packet) < 20:
+            return None
+        peer = self.peers_by_vip.get(packet[16:20])
+        if peer is None or packet[12:16] not in self.local_vip4s:
+            return None
+        kp = peer.current
+        ep = peer.endpoint
+        if kp is None or type(ep) is not tuple or not kp.confirmed or peer.handshake is not None:
+            return None
+        if now - kp.created >= (C.REKEY_AFTER_S if kp.keys.initiator else
+                                C.REJECT_AFTER_S - C.KEEPALIVE_S - C.REKEY_TIMEOUT_S) \
+                or kp.sender.counter >= C.REKEY_AFTER_MESSAGES:
+            return None
+        datagram = kp.sender.seal(packet)
+        peer.last_sent = now
+        peer.keepalive_due = None
+        peer.tx_bytes += len(packet)
+        peer.tx_packets += 1
+        return datagram, ep
+
+    def fast_receive(self, data: bytes, addr, now: float):
+        """Open a data packet of a live session from its known endpoint. Returns the inner packet
+        to deliver, b"" when the datagram was consumed (a keepalive, or a counted drop), or None:
+        then the caller must use ``receive_datagram`` (new endpoints, key confirmation, rekeys)."""
+        if len(data) < 32 or data[0] != wire_data.MSG_DATA:
+            return None
+        entry = self._index.get(int.from_bytes(data[4:8], "big"))
+        if entry is None:
+            return None
+        peer, kp = entry
+        if kp is not peer.current or peer.endpoint != addr or \
+                now - kp.created >= C.REJECT_AFTER_S - C.KEEPALIVE_S - C.REKEY_TIMEOUT_S:
+            return None
+        try:
+            plaintext, _ = kp.receiver.open(data)
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            return b""
+        peer.last_received = now
+        if not plaintext:
+            self.counters["keepalives_received"] += 1
+            return b""
+        if not crypto_route_ok(plaintext, peer.vip4, self.local_vip4s):
+            self.drops["crypto_route"] += 1
+            return b""
+        peer.rx_bytes += len(plaintext)
+        peer.rx_packets += 1
+        if peer.keepalive_due is None:
+            peer.keepalive_due = now + C.KEEPALIVE_S
+        return plaintext
+
     def maintain(self, now: float) -> None:
         """Start the rekeys that are due. A node daemon's device rekeys as it sends; the adapter's
         controller does not see the data its workers seal, so it calls this on a timer."""

@@ -271,3 +271,29 @@ def test_any_mangled_datagram_is_a_counted_drop_and_changes_nothing(data):
     assert received(w, "bob") == []
     assert (peer.endpoint, peer.current.local_index, peer.rx_packets) == before
     assert not any(k.startswith("internal_") for k in b.drops)
+
+
+def test_fast_path_matches_the_slow_path_and_falls_back_when_it_must():
+    w, a, b = pair()
+    a.send_packet(ping(a, b, 0), w.now)
+    w.pump()
+    w.events("bob")
+    # the common case: sealed by fast_send, opened by fast_receive
+    out = a.fast_send(ping(a, b, 1), w.now)
+    assert out is not None and out[1] == w.addr["bob"]
+    assert b.fast_receive(out[0], w.addr["alice"], w.now) == ping(a, b, 1)
+    # a replay is consumed and counted, never delivered twice
+    assert b.fast_receive(out[0], w.addr["alice"], w.now) == b"" and b.drops["replay"] == 1
+    # from another address: the slow path decides (it moves the endpoint on an authenticated packet)
+    out = a.fast_send(ping(a, b, 2), w.now)
+    assert b.fast_receive(out[0], ("198.51.100.9", 1), w.now) is None
+    # a keepalive is consumed; a spoofed inner source is a counted drop
+    kp = a.peer(b.cert.fqdn).current
+    assert b.fast_receive(kp.sender.seal(b""), w.addr["alice"], w.now) == b""
+    spoof = icmp_echo("100.64.0.99", str(b.cert.vip4), 1, 1)
+    assert b.fast_receive(kp.sender.seal(spoof), w.addr["alice"], w.now) == b"" and b.drops["crypto_route"] == 1
+    # no session, wrong source, rekey due: the slow path
+    assert a.fast_send(icmp_echo(str(a.cert.vip4), "100.64.9.9", 1, 1), w.now) is None
+    assert a.fast_send(icmp_echo("100.64.0.50", str(b.cert.vip4), 1, 1), w.now) is None
+    assert a.fast_send(ping(a, b, 3), w.now + C.REKEY_AFTER_S + 1) is None
+    assert b.fast_receive(b"\x04" + bytes(40), w.addr["alice"], w.now) is None

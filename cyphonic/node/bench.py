@@ -519,7 +519,7 @@ class NodeBench:
                     rate = row["sent_mbit"]
                 if _passed(row):
                     s["lo"] = max(s["lo"], rate)
-                else:
+                elif rate > s["lo"]:  # (a failure below a pass is noise: verification deals with it)
                     s["hi"] = rate if s["hi"] is None else min(s["hi"], rate)
                 lo, hi = s["lo"], s["hi"]
                 if row["sender_limited"] and _passed(row):
@@ -822,7 +822,7 @@ def print_table(r: dict, say=print) -> None:
                                                                           for p in PATHS)))
     hr = r["udp_highest_rate"]
     rows.append(("UDP highest offered <1% loss (Mbit/s)",
-                 *(f">={hr[p]['highest_offered_mbit_below_1pct_loss']:g}" if p == "plain"
+                 *(f">={hr[p]['highest_offered_mbit_below_1pct_loss']:.0f}" if p == "plain"
                    else hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
     rows.append(("UDP lowest offered that failed (Mbit/s)", *(hr[p]["lowest_offered_mbit_failed"] for p in PATHS)))
     rows.append(("UDP search result, single runs (Mbit/s)", *(hr[p]["search_result_mbit"] for p in PATHS)))

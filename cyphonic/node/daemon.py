@@ -44,6 +44,7 @@ from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
 from .tun import Tun, TunError
 
 READ_BATCH = 256
+TICK_S = 0.25
 ADDRESS_POLL_S = 0.5
 VIP_QUEUE_PACKETS = 64
 VIP_QUEUE_PEERS = 256
@@ -104,6 +105,7 @@ class NodeDaemon:
         self.errors: Counter = Counter()
         self.health_events: deque = deque(maxlen=20)
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_for: float | None = None
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.local_addrs: list[str] = []
@@ -192,7 +194,7 @@ class NodeDaemon:
         await self._start_status()
         if self.login.get("domain"):
             await self._start_dns(self.login["domain"])
-        self._tasks = [loop.create_task(self._watch_addresses())]
+        self._tasks = [loop.create_task(self._watch_addresses()), loop.create_task(self._tick())]
         self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
                  f"{self.identity.public.hex()[:16]}...")
         self.flush()
@@ -254,7 +256,10 @@ class NodeDaemon:
 
     def _on_udp(self, s: socket.socket) -> None:
         engine = self.engine
+        device = engine.device
+        tun = self.tun
         now = time.time()
+        slow = False
         for _ in range(READ_BATCH):
             try:
                 data, addr = s.recvfrom(65535)
@@ -263,14 +268,28 @@ class NodeDaemon:
             except OSError as exc:  # ICMP errors surface here; never fatal
                 self.errors[type(exc).__name__] += 1
                 continue
-            engine.receive_datagram(data, addr[:2], now)
-        self.flush()
+            if len(addr) > 2:
+                addr = addr[:2]
+            if device is not None and tun is not None:
+                inner = device.fast_receive(data, addr, now)
+                if inner is not None:
+                    if inner:
+                        try:
+                            tun.write(inner)
+                        except OSError as exc:
+                            self.errors["tun_write_" + type(exc).__name__] += 1
+                    continue
+            engine.receive_datagram(data, addr, now)
+            slow = True
+        if slow:
+            self.flush()
 
     def _on_tun(self) -> None:
         engine = self.engine
         tun = self.tun
         now = time.time()
         device = engine.device
+        slow = False
         for _ in range(READ_BATCH):
             try:
                 packet = tun.read()
@@ -282,11 +301,24 @@ class NodeDaemon:
             if device is None or len(packet) < 20 or packet[0] >> 4 != 4:
                 self.drops["tun_not_ipv4"] += 1
                 continue
+            out = device.fast_send(packet, now)
+            if out is not None:
+                datagram, ep = out
+                s = self.socks.get(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET)
+                try:
+                    s.sendto(datagram, ep)
+                except BlockingIOError:
+                    self.drops["udp_send_buffer_full"] += 1
+                except (OSError, AttributeError) as exc:
+                    self.errors[type(exc).__name__] += 1
+                continue
+            slow = True
             if packet[16:20] in device.peers_by_vip:
                 engine.send_packet(packet, now)
             else:
                 self._queue_for_vip(packet, now)
-        self.flush()
+        if slow:
+            self.flush()
 
     def _queue_for_vip(self, packet: bytes, now: float) -> None:
         vip = str(ipaddress.IPv4Address(packet[16:20]))
@@ -342,14 +374,31 @@ class NodeDaemon:
         self._arm()
 
     def _arm(self) -> None:
+        """Arm the timer for the engine's next deadline, unless it is armed for that already.
+        (The fast path never arms: the deadlines it moves are caught by the periodic tick.)"""
+        t = self.engine.get_timer()
+        if t == self._armed_for and self._timer is not None:
+            return
         if self._timer is not None:
             self._timer.cancel()
-        t = self.engine.get_timer()
+            self._timer = None
+        self._armed_for = t
         if t is not None:
             self._timer = asyncio.get_running_loop().call_later(max(0.0, t - time.time()), self._fire)
 
+    async def _tick(self) -> None:
+        """Deadlines set on the fast path (passive keepalives, rekey checks) come due here."""
+        while not self._stop.is_set():
+            await asyncio.sleep(TICK_S)
+            t = self.engine.get_timer() if self.engine else None
+            if t is not None and t <= time.time():
+                self._fire()
+            elif t != self._armed_for:
+                self._arm()
+
     def _fire(self) -> None:
         self._timer = None
+        self._armed_for = None
         self.engine.handle_timer(time.time())
         self.flush()
 

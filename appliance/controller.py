@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import multiprocessing
 import os
 import signal
@@ -31,6 +30,7 @@ from cyphonic import events as ev
 from cyphonic import signaling as sg
 from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.node.daemon import ptr_name
+from cyphonic.status_socket import remove as remove_status, serve_status
 from cyphonic.node.engine import NodeEngine, RelayPath, Resolved, TunnelFailed, TunnelUp
 from cyphonic.wire import signaling as sig
 
@@ -142,7 +142,7 @@ class Adapter:
                                   local_vips=lambda: {r.gn.vip4 for r in self.gns.values() if r.gn.vip4})
         self.arp = await serve_arp(ArpResponder(interface_mac(cfg.lan_interface), answer_for=policy),
                                    cfg.lan_interface)
-        await self._start_status()
+        self.status_server = await serve_status(cfg.status_socket, self._command)
         if self._domain():
             await self._start_dns(self._domain())
         self._tasks = [asyncio.get_running_loop().create_task(self._sync_loop())]
@@ -188,11 +188,7 @@ class Adapter:
             loop.remove_reader(r.sock.fileno())
             r.sock.close()
         if getattr(self, "status_server", None) is not None:
-            self.status_server.close()
-            try:
-                os.unlink(self.cfg.status_socket)
-            except OSError:
-                pass
+            remove_status(self.status_server, self.cfg.status_socket)
         self.log("stopped: packet filter removed, workers stopped")
 
     # --- general nodes --------------------------------------------------------------------------
@@ -533,29 +529,6 @@ class Adapter:
         return vip
 
     # --- status ----------------------------------------------------------------------------------
-
-    async def _start_status(self) -> None:
-        path = self.cfg.status_socket
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)
-        self.status_server = await asyncio.start_unix_server(self._status_client, path=path)
-        os.chmod(path, 0o660)
-
-    async def _status_client(self, reader, writer) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            try:
-                req = json.loads(line or b"{}")
-            except ValueError:
-                req = {}
-            reply = self._command(req)
-            writer.write(json.dumps(reply, default=str).encode() + b"\n")
-            await writer.drain()
-        except (asyncio.TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
 
     def _command(self, req: dict) -> dict:
         cmd = req.get("cmd", "status")

@@ -21,6 +21,7 @@ from cyphonic import crypto
 from cyphonic.cloud.keys import read_secret, write_secret
 from cyphonic.errors import CyphonicError
 from cyphonic.handshake import StaticIdentity
+from cyphonic.status_socket import write_json_atomic
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -83,18 +84,7 @@ class Registry:
 
     def save(self) -> None:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"general_nodes": [asdict(g) for g in self.nodes.values()]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_json_atomic(self.path, {"general_nodes": [asdict(g) for g in self.nodes.values()]})
 
     def add(self, mac: str, name: str, *, group: str = "", token: str = "", auto: bool = False) -> GeneralNode:
         mac = normalize_mac(mac)

@@ -37,6 +37,7 @@ from .. import events as ev
 from .. import signaling as sg
 from ..cloud.keys import parse_cloud_key, read_secret, write_secret
 from ..handshake import StaticIdentity
+from ..status_socket import remove as remove_status, serve_status, write_json_atomic
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
 from .config import NodeConfig, parse_hostport
@@ -128,11 +129,7 @@ class NodeDaemon:
         path = os.path.join(self.cfg.state_dir, "certificate")
         write_secret(path, e.certificate)
         self.login = {"fqdn": e.fqdn, "vip4": e.vip4, "prefix_len": e.prefix_len, "domain": e.domain}
-        tmp = os.path.join(self.cfg.state_dir, "login.json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.login, f)
-        os.replace(tmp, os.path.join(self.cfg.state_dir, "login.json"))
+        write_json_atomic(os.path.join(self.cfg.state_dir, "login.json"), self.login)
 
     def _token(self) -> bytes:
         if self.identity.certificate:
@@ -191,7 +188,9 @@ class NodeDaemon:
                                  token=token, name_hint=cfg.name, nms_addr=cfg.nms_addr,
                                  local_endpoints=self._endpoints())
         self.engine.start(time.time())
-        await self._start_status()
+        self.status_server = await serve_status(self.cfg.status_socket,
+                                                lambda req: self.status() if req.get("cmd", "status") == "status"
+                                                else {"error": "unknown command"})
         if self.login.get("domain"):
             await self._start_dns(self.login["domain"])
         self._tasks = [loop.create_task(self._watch_addresses()), loop.create_task(self._tick())]
@@ -216,11 +215,7 @@ class NodeDaemon:
         if self.dns is not None:
             self.dns.close()
         if self.status_server is not None:
-            self.status_server.close()
-            try:
-                os.unlink(self.cfg.status_socket)
-            except OSError:
-                pass
+            remove_status(self.status_server, self.cfg.status_socket)
         if self._timer is not None:
             self._timer.cancel()
         for t in getattr(self, "_tasks", []):
@@ -505,29 +500,6 @@ class NodeDaemon:
         self.flush()
 
     # --- status ----------------------------------------------------------------------------------
-
-    async def _start_status(self) -> None:
-        path = self.cfg.status_socket
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a crash; we own this path
-        self.status_server = await asyncio.start_unix_server(self._status_client, path=path)
-        os.chmod(path, 0o660)
-
-    async def _status_client(self, reader, writer) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            try:
-                req = json.loads(line or b"{}")
-            except ValueError:
-                req = {}
-            reply = self.status() if req.get("cmd", "status") == "status" else {"error": "unknown command"}
-            writer.write(json.dumps(reply, default=str).encode() + b"\n")
-            await writer.drain()
-        except (asyncio.TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
 
     def health(self) -> list[dict]:
         now = time.time()

@@ -12,12 +12,15 @@ ratios, not absolute numbers):
 Each measurement is the best of several interleaved rounds. The table is
 printed and written to ``<out>/crypto.json``.
 
-Then (``--only cloud|crypto|node|all``, default all) ``cyphonic.cloud.bench``:
+Then (``--only cloud|crypto|node|adapter|all``, default all) ``cyphonic.cloud.bench``:
 logins, registrations and route selections per second against one real
-cloud process, written to ``<out>/cloud.json``; and ``cyphonic.node.bench``:
+cloud process, written to ``<out>/cloud.json``; ``cyphonic.node.bench``:
 two cyphonic-node daemons against plain routing and wireguard-go in network
 namespaces (ping RTT, iperf3 UDP and TCP, tunnel set-up, memory), written to
-``<out>/node.json`` (needs root, wireguard-go and wireguard-tools).
+``<out>/node.json`` (needs root, wireguard-go and wireguard-tools); and
+``appliance.bench``: a general node through cyphonic-adapter, side by side in
+one run with the node daemon, plain routing and wireguard-go (the same
+measurements, the adapter's memory), written to ``<out>/adapter.json``.
 """
 
 from __future__ import annotations
@@ -117,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/bench")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--packets", type=int, default=100_000)
-    ap.add_argument("--only", choices=("crypto", "cloud", "node", "all"), default="all",
+    ap.add_argument("--only", choices=("crypto", "cloud", "node", "adapter", "all"), default="all",
                     help="crypto core, the cloud process (cyphonic.cloud.bench), the node pair "
-                         "against wireguard-go (cyphonic.node.bench), or all of them")
+                         "against wireguard-go (cyphonic.node.bench), a general node through the "
+                         "adapter against those (appliance.bench), or all of them")
     args = ap.parse_args(argv)
     if args.only in ("crypto", "all"):
         bench_crypto(args)
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("node", "all"):
         from .node import bench as node_bench
         node_bench.run(args.out)
+    if args.only in ("adapter", "all"):
+        from appliance import bench as adapter_bench
+        adapter_bench.run(args.out)
     return 0
 
 

@@ -161,19 +161,52 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
 
 
+def dig_query_ms(text: str) -> int | None:
+    m = re.search(r"Query time: (\d+) msec", text)
+    return int(m.group(1)) if m else None
+
+
+def dig_sample(a: str, b: str, d: subprocess.CompletedProcess, want: str, t0: float) -> dict:
+    """One first query for a fresh peer: ``dig`` output ``d`` (started at perf_counter ``t0``)."""
+    wall = (time.perf_counter() - t0) * 1000
+    ok = "status: NOERROR" in d.stdout and want in d.stdout
+    return {"from": a, "to": b, "ok": ok, "query_ms": dig_query_ms(d.stdout), "wall_ms": round(wall, 1)}
+
+
+def setup_summary(samples: list[dict], warm: list) -> dict:
+    good = [s["query_ms"] for s in samples if s["ok"] and s["query_ms"] is not None]
+    return {"fresh": samples, "warm_query_ms": warm,
+            "fresh_median_ms": statistics.median(good) if good else None,
+            "fresh_max_ms": max(good) if good else None,
+            "fresh_ok": sum(s["ok"] for s in samples), "fresh_tried": len(samples),
+            "note": "dig's own Query time for the first query of a fresh peer (answered once the "
+                    "tunnel is up: route request via the cloud + handshake); wall_ms adds `ip netns "
+                    "exec` and dig start-up"}
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 class NodeBench:
+    """The lab and the measurements. A subclass (appliance/bench.py) adds paths: it extends
+    ``paths``, ``node_names``, ``build_more``/``after_build``, ``path_info`` (each path names
+    its client host, target, tunnel processes, UDP port and interfaces), ``extra_counters`` /
+    ``extra_row`` (its own drop counters), ``tunnel_setup`` and ``processes``."""
+
+    name = "node"
+    paths: tuple[str, ...] = PATHS
+    node_names: dict[str, str] = NODE_NAMES
+    fresh_pairs = FRESH_PAIRS
+
     def __init__(self, lab, work: str, log=print) -> None:
         self.lab = lab
         self.work = work
         self.say = log
         self.prefix = lab.prefix
         self.wg_if = (f"wg{self.prefix}1", f"wg{self.prefix}2")
-        self.cpu: dict[str, float] = {p: 0.0 for p in PATHS}  # tunnel-process CPU s per path
+        self.cpu: dict[str, float] = {p: 0.0 for p in self.paths}  # tunnel-process CPU s per path
         self.runs = 0
         self.drain_s = 0.0
 
@@ -186,19 +219,30 @@ class NodeBench:
         lab = self.lab
         inet = lab.switch("inet", "198.18.0.0/24")
         self.cloud = lab.host("cloud", inet, v6=False)
-        self.h = {n: lab.host(n, inet, v6=False) for n in ("n1", "n2", "f1", "f2")}
+        self.h = {n: lab.host(n, inet, v6=False) for n in self.node_names}
         # an idle process per namespace: /proc/<its pid>/net is that namespace's
-        self.anchor = {n: lab.spawn(self.h[n], ["sleep", "3600"]).pid for n in ("n1", "n2")}
+        self.anchor = {n: self.anchor_in(self.h[n]) for n in ("n1", "n2")}
         self.ov = Overlay(lab, self.cloud, os.path.join(self.work, "overlay"))
         self.ov.start_cloud()
-        for hn, name in NODE_NAMES.items():
+        for hn, name in self.node_names.items():
             self.ov.add_node(name, self.h[hn])
-        st = {hn: self.ov.wait_ready(name, timeout=40) for hn, name in NODE_NAMES.items()}
+        self.build_more(inet)  # (while the daemons come up)
+        st = {hn: self.ov.wait_ready(name, timeout=40) for hn, name in self.node_names.items()}
         self.vip = {hn: s["identity"]["vip4"] for hn, s in st.items()}
         self.cy_port = st["n2"]["udp_port"]
         self.cy_mtu = st["n2"]["interface"]["mtu"]
-        self.cy_pids = [self.ov.nodes[NODE_NAMES[n]]["proc"].pid for n in ("n1", "n2")]
+        self.cy_pids = [self.ov.nodes[self.node_names[n]]["proc"].pid for n in ("n1", "n2")]
         self._start_wireguard()
+        self.after_build()
+
+    def anchor_in(self, host) -> int:
+        return self.lab.spawn(host, ["sleep", "3600"]).pid
+
+    def build_more(self, inet) -> None:
+        """Hook: more hosts on the segment (called after the node daemons were started)."""
+
+    def after_build(self) -> None:
+        """Hook: the daemons are ready and wireguard-go is up."""
 
     def _start_wireguard(self) -> None:
         lab = self.lab
@@ -269,53 +313,64 @@ class NodeBench:
                 pass
 
     def path_info(self, path: str) -> dict:
+        """Where a path's traffic goes: ``client`` (host key) sends to ``target`` on n2;
+        ``pids``: the tunnel processes (CPU, drain); ``port``: the tunnel's UDP port on n2;
+        ``tun``: the client's tunnel interface (None: eth0 only); ``tun2``: n2's (default tun)."""
         n2 = self.h["n2"]
         if path == "plain":
-            return {"target": n2.addr4, "pids": [], "port": None, "tun": None}
+            return {"client": "n1", "target": n2.addr4, "pids": [], "port": None, "tun": None}
         if path == "cyphonic":
-            return {"target": self.vip["n2"], "pids": self.cy_pids, "port": self.cy_port, "tun": "cy0"}
-        return {"target": f"{WG_NET}.2", "pids": self.wg_pids, "port": WG_PORT + 1, "tun": self.wg_if[0],
-                "tun2": self.wg_if[1]}
+            return {"client": "n1", "target": self.vip["n2"], "pids": self.cy_pids, "port": self.cy_port,
+                    "tun": "cy0"}
+        if path == "wireguard-go":
+            return {"client": "n1", "target": f"{WG_NET}.2", "pids": self.wg_pids, "port": WG_PORT + 1,
+                    "tun": self.wg_if[0], "tun2": self.wg_if[1]}
+        raise KeyError(path)
+
+    def tunnel_pids(self) -> list[int]:
+        return sorted({pid for p in self.paths for pid in self.path_info(p)["pids"]})
 
     def _cpu(self, pids) -> float:
         return sum(cpu_seconds(p) for p in pids)
 
     def _counters(self, info: dict) -> dict:
-        n1_ifs = (info["tun"],) if info["tun"] else ()
+        c_ifs = (info["tun"],) if info["tun"] else ()
         ports = {"tunnel": info["port"]} if info["port"] else {}
-        return {"n1": net_counters(self.anchor["n1"], {}, n1_ifs + ("eth0",)),
-                "n2": net_counters(self.anchor["n2"], ports, (info.get("tun2") or info["tun"] or "eth0", "eth0"))}
+        return {"client": net_counters(self.anchor[info["client"]], {}, c_ifs + ("eth0",)),
+                "n2": net_counters(self.anchor["n2"], ports, (info.get("tun2") or info["tun"] or "eth0", "eth0")),
+                **self.extra_counters(info)}
+
+    def extra_counters(self, info: dict) -> dict:
+        """Hook: more counters (name -> flat dict of ints), read before and after each run."""
+        return {}
+
+    def extra_row(self, path: str, deltas: dict) -> dict:
+        """Hook: fields for a UDP row from the deltas of ``extra_counters``."""
+        return {}
+
+    def wire_tx_packets(self, path: str, deltas: dict) -> int:
+        """Packets the path's sending end put on the segment (eth0) during a run."""
+        return deltas["client"].get("eth0_tx_packets", 0)
 
     # --- set-up time -------------------------------------------------------------------------
 
+    def fresh_dig(self, a: str, b: str) -> dict:
+        """Node daemon on host ``a`` asks its own DNS for the daemon on host ``b``."""
+        t = time.perf_counter()
+        d = self.ov.dig(self.node_names[a], f"{self.node_names[b]}.{self.domain}")
+        return dig_sample(a, b, d, self.vip[b], t)
+
+    def warm_digs(self) -> list:
+        return [dig_query_ms(self.ov.dig(self.node_names["n1"], f"{self.node_names['n2']}.{self.domain}").stdout)
+                for _ in range(3)]
+
     def tunnel_setup(self) -> dict:
-        samples = []
-        for a, b in FRESH_PAIRS:
-            fqdn = f"{NODE_NAMES[b]}.{self.domain}"
-            t = time.perf_counter()
-            d = self.ov.dig(NODE_NAMES[a], fqdn)
-            wall = (time.perf_counter() - t) * 1000
-            m = re.search(r"Query time: (\d+) msec", d.stdout)
-            ok = "status: NOERROR" in d.stdout and self.vip[b] in d.stdout
-            samples.append({"from": a, "to": b, "ok": ok, "query_ms": int(m.group(1)) if m else None,
-                            "wall_ms": round(wall, 1)})
-        warm = []
-        for _ in range(3):
-            d = self.ov.dig("alpha", f"beta.{self.domain}")
-            m = re.search(r"Query time: (\d+) msec", d.stdout)
-            warm.append(int(m.group(1)) if m else None)
-        good = [s["query_ms"] for s in samples if s["ok"] and s["query_ms"] is not None]
-        return {"fresh": samples, "warm_query_ms": warm,
-                "fresh_median_ms": statistics.median(good) if good else None,
-                "fresh_max_ms": max(good) if good else None,
-                "fresh_ok": sum(s["ok"] for s in samples), "fresh_tried": len(samples),
-                "note": "dig's own Query time for the first query of a fresh peer (answered once the "
-                        "tunnel is up: route request via the cloud + handshake); wall_ms adds `ip netns "
-                        "exec` and dig start-up"}
+        samples = [self.fresh_dig(a, b) for a, b in self.fresh_pairs]
+        return setup_summary(samples, self.warm_digs())
 
     def stop_fresh_nodes(self) -> None:
-        for hn in ("f1", "f2"):
-            p = self.ov.nodes[NODE_NAMES[hn]]["proc"]
+        for hn in [h for h in self.node_names if h.startswith("f")]:
+            p = self.ov.nodes[self.node_names[hn]]["proc"]
             p.terminate()
             try:
                 p.wait(10)
@@ -325,29 +380,31 @@ class NodeBench:
     # --- ping --------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        for path in PATHS:
-            target = self.path_info(path)["target"]
-            p = self.lab.exec(self.h["n1"], ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target], timeout=15)
+        for path in self.paths:
+            info = self.path_info(path)
+            target, client = info["target"], self.h[info["client"]]
+            p = self.lab.exec(client, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target], timeout=15)
             if " 0% packet loss" not in p.stdout and " 0.0% packet loss" not in p.stdout:
                 # one more try: the wireguard handshake may have eaten the first echo
-                p = self.lab.exec(self.h["n1"], ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target],
+                p = self.lab.exec(client, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target],
                                   timeout=15)
                 if "bytes from" not in p.stdout:
                     raise BenchError(f"no ping through {path} to {target}: {p.stdout}{p.stderr}")
 
     def ping(self) -> dict:
-        times: dict[str, list[float]] = {p: [] for p in PATHS}
-        sent = {p: 0 for p in PATHS}
+        times: dict[str, list[float]] = {p: [] for p in self.paths}
+        sent = {p: 0 for p in self.paths}
         per = PING_COUNT // PING_CHUNKS
         for chunk in range(PING_CHUNKS):
-            for path in _rotate(PATHS, chunk):
-                target = self.path_info(path)["target"]
-                p = self.lab.exec(self.h["n1"], ["ping", "-n", "-c", str(per), "-i", str(PING_INTERVAL_S),
-                                                 "-W", "2", target], timeout=per * PING_INTERVAL_S + 20)
+            for path in _rotate(self.paths, chunk):
+                info = self.path_info(path)
+                p = self.lab.exec(self.h[info["client"]], ["ping", "-n", "-c", str(per), "-i", str(PING_INTERVAL_S),
+                                                           "-W", "2", info["target"]],
+                                  timeout=per * PING_INTERVAL_S + 20)
                 times[path] += [float(x) for x in re.findall(r"time=([\d.]+) ms", p.stdout)]
                 sent[path] += per
         out = {}
-        for path in PATHS:
+        for path in self.paths:
             xs = times[path]
             out[path] = {"sent": sent[path], "received": len(xs),
                          "min_ms": round(min(xs), 3) if xs else None,
@@ -377,7 +434,7 @@ class NodeBench:
     def drain(self) -> float:
         """Wait until every tunnel process is idle (queues from an overload run emptied), so the
         next run neither inherits its backlog nor competes with it for the CPUs. Bounded."""
-        pids = self.cy_pids + self.wg_pids
+        pids = self.tunnel_pids()
         t0 = time.monotonic()
         while time.monotonic() - t0 < DRAIN_MAX_S:
             c0 = self._cpu(pids)
@@ -398,8 +455,8 @@ class NodeBench:
         t0 = time.perf_counter()
         res: dict = {}
         try:
-            r = self.lab.exec(self.h["n1"], ["iperf3", "-c", info["target"], "-p", str(port), "-t",
-                                             str(seconds), "-J", *args], timeout=seconds + CLIENT_GRACE_S)
+            r = self.lab.exec(self.h[info["client"]], ["iperf3", "-c", info["target"], "-p", str(port), "-t",
+                                                       str(seconds), "-J", *args], timeout=seconds + CLIENT_GRACE_S)
             try:
                 res = json.loads(r.stdout)
             except ValueError:
@@ -417,7 +474,7 @@ class NodeBench:
             server.wait(3)
         drained = self.drain()
         out = {"wall_s": round(wall, 2), "tunnel_cpu_s": round(cpu, 3), "drain_s": round(drained, 2),
-               "n1": _delta(after["n1"], before["n1"]), "n2": _delta(after["n2"], before["n2"])}
+               "counters": {k: _delta(after[k], before[k]) for k in after}}
         if "error" in res:
             out["error"] = str(res["error"])[:500]
         out["raw_end"] = res.get("end", {})
@@ -428,7 +485,8 @@ class NodeBench:
         r = self.iperf(path, ["-u", "-l", str(UDP_BYTES), "-b", b, "-w", "2M"], seconds)
         end = r.pop("raw_end")
         rcv, snt = end.get("sum_received") or {}, end.get("sum_sent") or {}
-        n2 = r["n2"]
+        n2 = r["counters"]["n2"]
+        client = r["counters"]["client"]
         rcvbuf = n2.get("UdpRcvbufErrors", 0)
         tunnel_sock = n2.get("sock_drops_tunnel", 0)
         row = {"offered_mbit": rate_mbit, "seconds": seconds,
@@ -439,15 +497,18 @@ class NodeBench:
                "lost_percent": round(rcv.get("lost_percent", 100.0), 3) if rcv else 100.0,
                "n2_rcvbuf_errors": rcvbuf, "n2_tunnel_socket_drops": tunnel_sock,
                "n2_receiver_app_rcvbuf_drops": max(0, rcvbuf - tunnel_sock),
-               "n1_sndbuf_errors": r["n1"].get("UdpSndbufErrors", 0),
-               "n1_tunnel_if_tx_dropped": sum(v for k, v in r["n1"].items() if k.endswith("_tx_dropped")
-                                              and not k.startswith("eth0")),
+               "client_sndbuf_errors": client.get("UdpSndbufErrors", 0),
+               "client_tunnel_if_tx_dropped": sum(v for k, v in client.items() if k.endswith("_tx_dropped")
+                                                  and not k.startswith("eth0")),
+               **self.extra_row(path, r["counters"]),
                "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"], "drain_s": r["drain_s"]}
         if rate_mbit is not None:
             row["sender_limited"] = row["sent_mbit"] < SENDER_KEEPS_UP * rate_mbit
         if rcv and snt and rcv.get("packets", 0) < 0.5 * snt.get("packets", 0) and "error" not in r:
             r["error"] = (f"the server counted {rcv.get('packets', 0)} datagrams of "
                           f"{snt.get('packets', 0)} sent (it did not see this run's stream)")
+        row["wire_packets_per_datagram"] = (round(self.wire_tx_packets(path, r["counters"]) / row["packets"], 2)
+                                            if row["packets"] else None)
         pk = row["packets"] - row["lost_packets"]
         row["tunnel_cpu_us_per_datagram"] = round(r["tunnel_cpu_s"] / pk * 1e6, 2) if pk > 0 and path != "plain" else None
         if "error" in r:
@@ -466,20 +527,20 @@ class NodeBench:
         return row
 
     def udp_fixed(self) -> dict:
-        out: dict = {p: [] for p in PATHS}
+        out: dict = {p: [] for p in self.paths}
         for i, rate in enumerate(FIXED_RATES_MBIT):
-            for path in _rotate(PATHS, i):
+            for path in _rotate(self.paths, i):
                 out[path].append(self.udp(path, rate, FIXED_SECONDS))
             self.say(f"  udp {rate} Mbit/s: " + ", ".join(
-                f"{p} {out[p][-1]['received_mbit']} Mbit/s {out[p][-1]['lost_percent']}% lost" for p in PATHS))
+                f"{p} {out[p][-1]['received_mbit']} Mbit/s {out[p][-1]['lost_percent']}% lost" for p in self.paths))
         return out
 
     def udp_unlimited(self) -> dict:
         out = {}
-        for path in _rotate(PATHS, 1):
+        for path in _rotate(self.paths, 1):
             out[path] = self.udp(path, None, SWEEP_SECONDS)
         self.say("  udp unlimited: " + ", ".join(
-            f"{p} {out[p]['received_mbit']} Mbit/s {out[p]['lost_percent']}% lost" for p in PATHS))
+            f"{p} {out[p]['received_mbit']} Mbit/s {out[p]['lost_percent']}% lost" for p in self.paths))
         return out
 
     def udp_sweep(self, fixed: dict, unlimited: dict) -> dict:
@@ -495,7 +556,7 @@ class NodeBench:
         the result must pass on the median of VERIFY_RUNS runs at that rate; if not, step down to
         the next lower rate that passed once (or 85 %), at most VERIFY_ROUNDS times."""
         st = {}
-        for path in PATHS:
+        for path in self.paths:
             good = [r["offered_mbit"] for r in fixed[path] if _passed(r)]
             bad = [r["offered_mbit"] for r in fixed[path] if not _passed(r)]
             lo = max(good, default=0.0)
@@ -506,7 +567,7 @@ class NodeBench:
             st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": [], "verify": [],
                         "sender_limited": False, "steps": PLAIN_MAX_STEPS if path == "plain" else SWEEP_MAX_STEPS}
         for step in range(SWEEP_MAX_STEPS):
-            active = [p for p in _rotate(PATHS, step) if st[p]["next"] is not None and len(st[p]["trials"]) < st[p]["steps"]]
+            active = [p for p in _rotate(self.paths, step) if st[p]["next"] is not None and len(st[p]["trials"]) < st[p]["steps"]]
             if not active:
                 break
             for path in active:
@@ -538,11 +599,11 @@ class NodeBench:
             self.say(f"  udp search step {step + 1}: " + ", ".join(
                 f"{p} {st[p]['trials'][-1]['offered_mbit']:g}M->{st[p]['trials'][-1]['lost_percent']}%"
                 for p in active))
-        for p in PATHS:
+        for p in self.paths:
             st[p]["search_result"] = st[p]["lo"]
             st[p]["verified"] = None if p == "plain" else st[p]["lo"] <= 0
         for rnd in range(VERIFY_ROUNDS):
-            todo = [p for p in _rotate(PATHS, rnd) if st[p]["verified"] is False]
+            todo = [p for p in _rotate(self.paths, rnd) if st[p]["verified"] is False]
             if not todo:
                 break
             runs_at = {p: [r for r in st[p]["trials"] + st[p]["verify"] if r["offered_mbit"] == st[p]["lo"]]
@@ -571,10 +632,10 @@ class NodeBench:
                     "lowest_offered_mbit_failed": st[p]["hi"],
                     "verified_median_of_runs": st[p]["verified"],
                     "sender_limited": st[p]["sender_limited"],
-                    "trials": st[p]["trials"], "verification_runs": st[p]["verify"]} for p in PATHS}
+                    "trials": st[p]["trials"], "verification_runs": st[p]["verify"]} for p in self.paths}
 
     def tcp_all(self) -> dict:
-        return {p: self.tcp(p) for p in _rotate(PATHS, 2)}
+        return {p: self.tcp(p) for p in _rotate(self.paths, 2)}
 
     # --- processes -------------------------------------------------------------------------------
 
@@ -586,11 +647,15 @@ class NodeBench:
                                   "threads": threads(pid), **proc_memory_kb(pid)}
                                  for hn, pid in zip(("n1", "n2"), self.wg_pids)]}
 
+    def after_measurements(self) -> dict:
+        """Hook: anything more, in the lab, after the measurements (e.g. a profile)."""
+        return {}
+
     def status_drops(self) -> dict:
         out = {}
         for hn in ("n1", "n2"):
             try:
-                st = self.ov.status(NODE_NAMES[hn])
+                st = self.ov.status(self.node_names[hn])
                 out[hn] = {"drops": st.get("drops"), "errors": st.get("errors"),
                            "tunnels": [{k: t[k] for k in ("peer", "path", "rx_packets", "tx_packets")}
                                        for t in st.get("tunnels", [])]}
@@ -660,47 +725,50 @@ def _raise_exit(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
-    """Build the lab, measure, print the table, write ``<out_dir>/node.json``."""
+def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dict]:
+    """The harness both parts use: build ``bench_cls``'s lab, run the measurement sequence
+    (set-up times, ping, UDP fixed/unlimited/highest rate, TCP, processes), tear it all down
+    (also on failure or SIGTERM; logs kept then). Returns the bench and the measurements."""
     _check_tools()
     sys.path.insert(0, ROOT)
     from tests.lab import Lab
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    machine = _machine()
+    m: dict = {"machine": _machine()}
     t_start = time.perf_counter()
-    work = tempfile.mkdtemp(prefix="cyphonic-node-bench-")
+    name = bench_cls.name
+    work = tempfile.mkdtemp(prefix=f"cyphonic-{name}-bench-")
     os.makedirs(os.path.join(work, "overlay"))
     old_term = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM: tear the lab down like Ctrl-C
         old_term = signal.signal(signal.SIGTERM, _raise_exit)
-    result: dict = {}
     failed = True
     try:
         with Lab(prefix=prefix) as lab:
-            b = NodeBench(lab, work, log=say)
+            b = bench_cls(lab, work, log=say)
             try:
-                say("node bench: building the lab (cloud, 4 cyphonic-node daemons, 2 wireguard-go)")
+                say(f"{name} bench: building the lab ({what})")
                 b.build()
                 t_built = time.perf_counter()
-                say("node bench: tunnel set-up times (fresh peers)")
-                setup = b.tunnel_setup()
+                m["build_s"] = round(t_built - t_start, 1)
+                say(f"{name} bench: tunnel set-up times (fresh peers)")
+                m["setup"] = b.tunnel_setup()
                 b.stop_fresh_nodes()
                 b.warm_up()
-                mem_rest = b.processes()
-                sockbufs = b.socket_buffers()
-                cpu_rest = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in ("cyphonic", "wireguard-go")}
-                say("node bench: ping")
-                ping = b.ping()
-                say("node bench: UDP at fixed rates")
-                fixed = b.udp_fixed()
-                unlimited = b.udp_unlimited()
-                say("node bench: UDP highest rate with < 1% loss")
-                sweep = b.udp_sweep(fixed, unlimited)
-                say("node bench: TCP")
-                tcp = b.tcp_all()
-                mem_load = b.processes()
-                drops = b.status_drops()
-                phases_s = round(time.perf_counter() - t_built, 1)
+                m["mem_rest"] = b.processes()
+                m["sockbufs"] = b.socket_buffers()
+                m["cpu_rest"] = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in b.paths if p != "plain"}
+                say(f"{name} bench: ping")
+                m["ping"] = b.ping()
+                say(f"{name} bench: UDP at fixed rates")
+                m["fixed"] = b.udp_fixed()
+                m["unlimited"] = b.udp_unlimited()
+                say(f"{name} bench: UDP highest rate with < 1% loss")
+                m["sweep"] = b.udp_sweep(m["fixed"], m["unlimited"])
+                say(f"{name} bench: TCP")
+                m["tcp"] = b.tcp_all()
+                m["mem_load"] = b.processes()
+                m["drops"] = b.status_drops()
+                m["phases_s"] = round(time.perf_counter() - t_built, 1)
+                m["extra"] = b.after_measurements()
             except BaseException:
                 _dump_logs(work, say)
                 raise
@@ -711,10 +779,28 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if failed:
-            say(f"node bench: logs kept in {work}")
+            say(f"{name} bench: logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    m["total_s"] = round(time.perf_counter() - t_start, 1)
+    return b, m
 
+
+def common_parameters(b: "NodeBench") -> dict:
+    return {"udp_datagram_bytes": UDP_BYTES, "udp_ip_packet_bytes": UDP_BYTES + 28,
+            "ping": f"{PING_COUNT} echoes, -i {PING_INTERVAL_S}, {PING_CHUNKS} interleaved chunks",
+            "fixed_rates_mbit": FIXED_RATES_MBIT, "fixed_seconds": FIXED_SECONDS,
+            "unlimited_and_search_seconds": SWEEP_SECONDS, "search_max_steps": SWEEP_MAX_STEPS,
+            "verify_runs": VERIFY_RUNS, "loss_limit_percent": LOSS_LIMIT_PERCENT, "iperf3_udp_window": "2M",
+            "tcp_seconds": TCP_SECONDS, "receive_buffers": _rmem_max()}
+
+
+def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
+    """Build the lab, measure, print the table, write ``<out_dir>/node.json``."""
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    b, m = run_lab(NodeBench, prefix=prefix, say=say,
+                   what="cloud, 4 cyphonic-node daemons, 2 wireguard-go")
+    ping, sweep, setup = m["ping"], m["sweep"], m["setup"]
     sw = {p: sweep[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS}
     targets = {
         "a_udp_highest_offered_rate_cyphonic_ge_wireguard_go": {
@@ -726,22 +812,21 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
             "met": (ping["cyphonic"]["median_ms"] is not None and ping["wireguard-go"]["median_ms"] is not None
                     and ping["cyphonic"]["median_ms"] <= ping["wireguard-go"]["median_ms"])},
     }
+    machine, fixed, unlimited, tcp = m["machine"], m["fixed"], m["unlimited"], m["tcp"]
+    sockbufs, mem_rest, mem_load, cpu_rest, drops = (m["sockbufs"], m["mem_rest"], m["mem_load"],
+                                                     m["cpu_rest"], m["drops"])
+    t_total, phases_s = m["total_s"], m["phases_s"]
     result = {
         "what": "n1 -> n2 in network namespaces on one segment: plain routing, cyphonic-node "
                 "daemons, wireguard-go; all in one run, interleaved",
         "machine": machine,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
-        "parameters": {"udp_datagram_bytes": UDP_BYTES, "udp_ip_packet_bytes": UDP_BYTES + 28,
+        "parameters": {**common_parameters(b),
                        "mtu": {"plain": 1500, "cyphonic": b.cy_mtu, "wireguard-go": WG_MTU},
                        "fragmentation_note": "a 1400-byte UDP datagram is a 1428-byte IP packet: larger "
                                              "than both tunnel MTUs, so each is sent as two fragments, "
                                              "i.e. two tunnel packets, on both tunnels (not on plain)",
-                       "ping": f"{PING_COUNT} echoes, -i {PING_INTERVAL_S}, {PING_CHUNKS} interleaved chunks",
-                       "fixed_rates_mbit": FIXED_RATES_MBIT, "fixed_seconds": FIXED_SECONDS,
-                       "unlimited_and_search_seconds": SWEEP_SECONDS, "search_max_steps": SWEEP_MAX_STEPS,
-                       "loss_limit_percent": LOSS_LIMIT_PERCENT, "iperf3_udp_window": "2M",
-                       "tcp_seconds": TCP_SECONDS, "receive_buffers": _rmem_max(),
                        "tunnel_udp_socket_rcvbuf_bytes_n2": sockbufs,
                        "rcvbuf_note": "cyphonic-node asks for 4 MiB (SO_RCVBUF, doubled by the kernel); "
                                       "wireguard-go 0.0.20220316 keeps net.core.rmem_default, which cannot "
@@ -763,7 +848,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
                                                            if p != "plain"}},
         "cyphonic_status_after_load": drops,
         "targets": targets,
-        "runtime_s": {"total": round(time.perf_counter() - t_start, 1), "measurements": phases_s,
+        "runtime_s": {"total": t_total, "measurements": phases_s,
                       "waiting_for_tunnels_to_drain": round(b.drain_s, 1)},
     }
     print_table(result, say)
@@ -799,60 +884,79 @@ def _ratio(c, w) -> str:
     return f"{c / w:.2f}"
 
 
-def print_table(r: dict, say=print) -> None:
-    rows: list[tuple[str, object, object, object]] = []
+def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
+    """The rows both parts print (Tables II and III and more): (label, {path: value})."""
+    rows: list[tuple[str, dict]] = []
+
+    def row(label, fn):
+        rows.append((label, {p: fn(p) for p in paths}))
+
     ping = r["ping"]
     for k in ("min_ms", "avg_ms", "median_ms", "max_ms"):
-        rows.append((f"ping RTT {k[:-3]} (ms)", *(ping[p][k] for p in PATHS)))
-    rows.append(("ping received / sent", *(f"{ping[p]['received']}/{ping[p]['sent']}" for p in PATHS)))
+        row(f"ping RTT {k[:-3]} (ms)", lambda p: ping[p][k])
+    row("ping received / sent", lambda p: f"{ping[p]['received']}/{ping[p]['sent']}")
     for i, rate in enumerate(FIXED_RATES_MBIT):
-        rr = {p: r["udp_fixed"][p][i] for p in PATHS}
-        rows.append((f"UDP {rate}M: received (Mbit/s)", *(rr[p]["received_mbit"] for p in PATHS)))
-        rows.append((f"UDP {rate}M: jitter (ms)", *(rr[p]["jitter_ms"] for p in PATHS)))
-        rows.append((f"UDP {rate}M: loss (%)", *(rr[p]["lost_percent"] for p in PATHS)))
+        rr = {p: r["udp_fixed"][p][i] for p in paths}
+        row(f"UDP {rate}M: received (Mbit/s)", lambda p: rr[p]["received_mbit"])
+        row(f"UDP {rate}M: jitter (ms)", lambda p: rr[p]["jitter_ms"])
+        row(f"UDP {rate}M: loss (%)", lambda p: rr[p]["lost_percent"])
     un = r["udp_unlimited"]
-    rows.append(("UDP unlimited: sent (Mbit/s)", *(un[p]["sent_mbit"] for p in PATHS)))
-    rows.append(("UDP unlimited: received (Mbit/s)", *(un[p]["received_mbit"] for p in PATHS)))
-    rows.append(("UDP unlimited: loss (%)", *(un[p]["lost_percent"] for p in PATHS)))
-    rows.append(("UDP unlimited: rcvbuf drops iperf3/tunnel",
-                 *(f"{un[p]['n2_receiver_app_rcvbuf_drops']}/{un[p]['n2_tunnel_socket_drops']}" for p in PATHS)))
-    rows.append(("UDP unlimited: tunnel CPU µs/datagram", *(un[p]["tunnel_cpu_us_per_datagram"] for p in PATHS)))
-    top = {p: r["udp_fixed"][p][-1] for p in PATHS}
-    rows.append((f"UDP {FIXED_RATES_MBIT[-1]}M: tunnel CPU µs/datagram", *(top[p]["tunnel_cpu_us_per_datagram"]
-                                                                          for p in PATHS)))
+    row("UDP unlimited: sent (Mbit/s)", lambda p: un[p]["sent_mbit"])
+    row("UDP unlimited: received (Mbit/s)", lambda p: un[p]["received_mbit"])
+    row("UDP unlimited: loss (%)", lambda p: un[p]["lost_percent"])
+    row("UDP unlimited: rcvbuf drops iperf3/tunnel",
+        lambda p: f"{un[p]['n2_receiver_app_rcvbuf_drops']}/{un[p]['n2_tunnel_socket_drops']}")
+    row("UDP unlimited: tunnel CPU µs/datagram", lambda p: un[p]["tunnel_cpu_us_per_datagram"])
+    top = {p: r["udp_fixed"][p][-1] for p in paths}
+    row(f"UDP {FIXED_RATES_MBIT[-1]}M: tunnel CPU µs/datagram", lambda p: top[p]["tunnel_cpu_us_per_datagram"])
+    row(f"UDP {FIXED_RATES_MBIT[-1]}M: packets on the wire/datagram", lambda p: top[p].get("wire_packets_per_datagram"))
     hr = r["udp_highest_rate"]
-    rows.append(("UDP highest offered <1% loss (Mbit/s)",
-                 *(f">={hr[p]['highest_offered_mbit_below_1pct_loss']:.0f}" if p == "plain"
-                   else hr[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS)))
-    rows.append(("UDP lowest offered that failed (Mbit/s)", *(hr[p]["lowest_offered_mbit_failed"] for p in PATHS)))
-    rows.append(("UDP search result, single runs (Mbit/s)", *(hr[p]["search_result_mbit"] for p in PATHS)))
-    rows.append((f"UDP result held on median of {VERIFY_RUNS} runs",
-                 *({None: "n/a", True: "yes", False: "NO"}[hr[p]["verified_median_of_runs"]] for p in PATHS)))
-    rows.append(("UDP search + verification runs",
-                 *(f"{len(hr[p]['trials'])}+{len(hr[p]['verification_runs'])}" for p in PATHS)))
-    rows.append(("TCP 5 s (Mbit/s)", *(r["tcp"][p]["received_mbit"] for p in PATHS)))
-    st = r["tunnel_setup"]
-    rows.append(("tunnel set-up, fresh dig median (ms)", None, st["fresh_median_ms"], None))
-    rows.append(("tunnel set-up, fresh dig max (ms)", None, st["fresh_max_ms"], None))
-    rows.append(("DNS answer, tunnel up (ms)", None, statistics.median([x for x in st["warm_query_ms"]
-                                                                         if x is not None] or [0]), None))
-    pr = r["processes"]
-    for label, key in (("RSS at rest n1/n2 (MB)", "at_rest"), ("RSS after load n1/n2 (MB)", "after_load")):
-        vals = {p: "/".join(f"{x.get('VmRSS', 0) / 1024:.1f}" for x in pr[key][p]) for p in ("cyphonic", "wireguard-go")}
-        rows.append((label, None, vals["cyphonic"], vals["wireguard-go"]))
-    rows.append(("peak RSS n1/n2 (MB)", None,
-                 *("/".join(f"{x.get('VmHWM', 0) / 1024:.1f}" for x in pr["after_load"][p])
-                   for p in ("cyphonic", "wireguard-go"))))
-    cpu = pr["tunnel_cpu_s_during_measurements"]
-    rows.append(("tunnel CPU s during measurements (both)", None, cpu["cyphonic"], cpu["wireguard-go"]))
-    rows.append(("threads per tunnel process", None,
-                 *(str(max(x["threads"] for x in pr["after_load"][p])) for p in ("cyphonic", "wireguard-go"))))
-    rows.append(("MTU", *(r["parameters"]["mtu"][p] for p in PATHS)))
+    row("UDP highest offered <1% loss (Mbit/s)",
+        lambda p: (f">={hr[p]['highest_offered_mbit_below_1pct_loss']:.0f}" if p == "plain"
+                   else hr[p]["highest_offered_mbit_below_1pct_loss"]))
+    row("UDP lowest offered that failed (Mbit/s)", lambda p: hr[p]["lowest_offered_mbit_failed"])
+    row("UDP search result, single runs (Mbit/s)", lambda p: hr[p]["search_result_mbit"])
+    row(f"UDP result held on median of {VERIFY_RUNS} runs",
+        lambda p: {None: "n/a", True: "yes", False: "NO"}[hr[p]["verified_median_of_runs"]])
+    row("UDP search + verification runs", lambda p: f"{len(hr[p]['trials'])}+{len(hr[p]['verification_runs'])}")
+    row(f"TCP {TCP_SECONDS} s (Mbit/s)", lambda p: r["tcp"][p]["received_mbit"])
+    return rows
+
+
+def print_rows(title: str, columns: list[tuple[str, str]], rows: list[tuple[str, dict]],
+               ratios: list[tuple[str, str, str]], say=print) -> None:
+    """columns: (path, header); ratios: (header, numerator path, denominator path)."""
     w = max(len(x[0]) for x in rows) + 1
-    say(f"\nnode pair n1 -> n2 (one run, interleaved; {r['machine']['cpus']} CPUs, shared: quote ratios)")
-    say(f"{'metric':<{w}} {'plain':>12} {'cyphonic':>12} {'wireguard-go':>13} {'cy/wg':>7}")
-    for name, a, c, g in rows:
-        say(f"{name:<{w}} {_fmt(a):>12} {_fmt(c):>12} {_fmt(g):>13} {_ratio(c, g):>7}")
+    cw = [max(12, len(h) + 1) for _, h in columns]
+    say(f"\n{title}")
+    say(f"{'metric':<{w}} " + " ".join(f"{h:>{c}}" for (_, h), c in zip(columns, cw))
+        + "".join(f" {h:>7}" for h, _, _ in ratios))
+    for name, vals in rows:
+        say(f"{name:<{w}} " + " ".join(f"{_fmt(vals.get(p)):>{c}}" for (p, _), c in zip(columns, cw))
+            + "".join(f" {_ratio(vals.get(a), vals.get(b)):>7}" for _, a, b in ratios))
+
+
+def print_table(r: dict, say=print) -> None:
+    rows = measurement_rows(r, PATHS)
+    st = r["tunnel_setup"]
+    rows.append(("tunnel set-up, fresh dig median (ms)", {"cyphonic": st["fresh_median_ms"]}))
+    rows.append(("tunnel set-up, fresh dig max (ms)", {"cyphonic": st["fresh_max_ms"]}))
+    rows.append(("DNS answer, tunnel up (ms)",
+                 {"cyphonic": statistics.median([x for x in st["warm_query_ms"] if x is not None] or [0])}))
+    pr = r["processes"]
+    tunnels = ("cyphonic", "wireguard-go")
+    for label, key in (("RSS at rest n1/n2 (MB)", "at_rest"), ("RSS after load n1/n2 (MB)", "after_load")):
+        rows.append((label, {p: "/".join(f"{x.get('VmRSS', 0) / 1024:.1f}" for x in pr[key][p]) for p in tunnels}))
+    rows.append(("peak RSS n1/n2 (MB)",
+                 {p: "/".join(f"{x.get('VmHWM', 0) / 1024:.1f}" for x in pr["after_load"][p]) for p in tunnels}))
+    cpu = pr["tunnel_cpu_s_during_measurements"]
+    rows.append(("tunnel CPU s during measurements (both)", {p: cpu[p] for p in tunnels}))
+    rows.append(("threads per tunnel process",
+                 {p: str(max(x["threads"] for x in pr["after_load"][p])) for p in tunnels}))
+    rows.append(("MTU", dict(r["parameters"]["mtu"])))
+    print_rows(f"node pair n1 -> n2 (one run, interleaved; {r['machine']['cpus']} CPUs, shared: quote ratios)",
+               [("plain", "plain"), ("cyphonic", "cyphonic"), ("wireguard-go", "wireguard-go")], rows,
+               [("cy/wg", "cyphonic", "wireguard-go")], say)
     say("targets: " + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'}" for k, v in r["targets"].items()))
 
 

@@ -15,6 +15,9 @@ from cyphonic.node.config import parse_hostport
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "",
     "gn_token": "",                 # (reusable) enrollment token the adapter uses for its general nodes
+    "token": "",                    # the adapter's own enrollment token ("" = gn_token)
+    "name": "",                     # the adapter's own name ("" = its hostname)
+    "port": 47199,                  # the adapter's own UDP port (its identity's cloud link)
     "state_dir": "/var/lib/cyphonic",
     "lan_interface": "lan0", "wan_interface": "wan0",
     "lan_address": "100.127.255.254",  # the adapter on the LAN: router and DNS for the general nodes
@@ -41,6 +44,9 @@ class AdapterConfig:
     cloud_key: str
     cloud_nms: str
     gn_token: str
+    token: str
+    name: str
+    port: int
     state_dir: str
     lan_interface: str
     wan_interface: str

@@ -125,6 +125,7 @@ class Adapter:
         # pyroute2's synchronous API runs its own event loop: only ever from a worker thread
         self.wan_addr = await asyncio.to_thread(_first_addr, cfg.wan_interface)
         self.injector = Injector(cfg.lan_interface)
+        self._start_self()
         for gn in list(self.registry.nodes.values()):
             self._start_gn(gn)
         self.filter_mode = await asyncio.to_thread(pf.load, pf.PacketFilterConfig(
@@ -167,7 +168,7 @@ class Adapter:
         self._stop.set()
         for t in getattr(self, "_tasks", []):
             t.cancel()
-        for r in self.gns.values():
+        for r in self._runtimes():
             r.engine.stop(time.time())
             self._send_out(r)
         for w in self.workers:
@@ -184,7 +185,7 @@ class Adapter:
             if x is not None:
                 x.close()
         loop = asyncio.get_running_loop()
-        for r in self.gns.values():
+        for r in self._runtimes():
             loop.remove_reader(r.sock.fileno())
             r.sock.close()
         if getattr(self, "status_server", None) is not None:
@@ -223,6 +224,17 @@ class Adapter:
         gn = self.registry.get(":".join(f"{b:02x}" for b in mac))
         return gn.vip4 if gn else None
 
+    def _start_self(self) -> None:
+        """The adapter's own identity: a node of the overlay in its own right (its cloud link is
+        what `cyadm status` reports first; it carries no general node's traffic)."""
+        import socket as _s
+        from appliance.general_nodes import GeneralNode
+        name = self.cfg.name or _s.gethostname().split(".")[0].lower()
+        me = GeneralNode("02:00:00:00:00:00", name, token=self.cfg.token or self.cfg.gn_token)
+        ident = self.registry.identity(me)   # kept under <state_dir>/gn/020000000000/ (0600)
+        me.extra["port"] = self.cfg.port
+        self.self_rt = self._start_engine(me, ident, self.cfg.port)
+
     def _gn_port(self, gn) -> int:
         """Each general node keeps its own WAN port for as long as it is enrolled (stored in the
         registry; the lowest free one from gn_port_base when it is added)."""
@@ -235,21 +247,23 @@ class Adapter:
         return port
 
     def _start_gn(self, gn) -> GnRuntime:
-        port = self._gn_port(gn)
+        r = self._start_engine(gn, self.registry.identity(gn), self._gn_port(gn))
+        self.gns[gn.mac] = r
+        return r
+
+    def _start_engine(self, gn, identity, port: int) -> GnRuntime:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind(("0.0.0.0", port))
         s.setblocking(False)
         wan = self.wan_addr
-        identity = self.registry.identity(gn)
         token = gn.token or self.cfg.gn_token
         engine = NodeEngine(identity, self.ca_public, self.cloud_static, self.cfg.cloud_addr,
                             token=b"" if identity.certificate else token.encode(), name_hint=gn.name,
                             nms_addr=self.cfg.nms_addr,
                             local_endpoints=[sig.Endpoint(wan, port)] if wan else [])
         r = GnRuntime(gn, engine, s, port)
-        self.gns[gn.mac] = r
         asyncio.get_running_loop().add_reader(s.fileno(), self._on_udp, r)
         engine.start(time.time())
         self._flush(r)
@@ -384,7 +398,7 @@ class Adapter:
 
     def _on_udp(self, r: GnRuntime) -> None:
         now = time.time()
-        device = r.engine.device
+        device = r.engine.device if r is not getattr(self, "self_rt", None) else None
         inject = self.injector.inject
         slow = False
         for _ in range(256):
@@ -422,7 +436,9 @@ class Adapter:
             while (e := r.engine.next_event()) is not None:
                 n += 1
                 if isinstance(e, ev.PacketReceived):
-                    if not self.injector.inject(e.packet):
+                    if r is getattr(self, "self_rt", None):
+                        self.drops["to_adapter_itself"] += 1  # the adapter's identity carries no data
+                    elif not self.injector.inject(e.packet):
                         self.drops["inject_failed"] += 1
                     continue
                 self._on_event(r, e)
@@ -432,8 +448,11 @@ class Adapter:
                 break
         self._arm()
 
+    def _runtimes(self) -> list:
+        return list(self.gns.values()) + ([self.self_rt] if getattr(self, "self_rt", None) else [])
+
     def _arm(self) -> None:
-        times = [t for r in self.gns.values() if (t := r.engine.get_timer()) is not None]
+        times = [t for r in self._runtimes() if (t := r.engine.get_timer()) is not None]
         t = min(times) if times else None
         if t == self._armed_for and self._timer is not None:
             return
@@ -448,7 +467,7 @@ class Adapter:
         self._timer = None
         self._armed_for = None
         now = time.time()
-        for r in self.gns.values():
+        for r in self._runtimes():
             t = r.engine.get_timer()
             if t is not None and t <= now:
                 r.engine.handle_timer(now)
@@ -458,6 +477,13 @@ class Adapter:
     def _on_event(self, r: GnRuntime, e) -> None:
         now = time.time()
         gn = r.gn
+        if r is getattr(self, "self_rt", None):
+            if isinstance(e, sg.LoggedIn):
+                self.self_login = e
+                self.log(f"adapter logged in as {e.fqdn} ({e.vip4})" + (" (enrolled)" if e.enrolled else ""))
+            elif isinstance(e, sg.LoginFailed):
+                self.log(f"adapter login refused: {e.code.name} {e.text}")
+            return
         if isinstance(e, sg.LoggedIn):
             self.registry.save_login(gn, e.certificate, e.fqdn, e.vip4, e.prefix_len, e.domain)
             self.log(f"general node {gn.name} ({gn.mac}) logged in as {e.fqdn} ({e.vip4})"
@@ -633,10 +659,12 @@ class Adapter:
         for w in getattr(self.leases, "warnings", []):
             health.append({"code": "lease-file", "severity": "warning", "text": str(w)})
         return {"kind": "adapter", "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
-                "identity": {"fqdn": f"adapter ({len(self.gns)} general nodes)", "vip4": self.cfg.lan_address},
-                "cloud": {"address": self.cfg.cloud,
-                          "state": ", ".join(sorted({r.engine.signaling.state.value for r in self.gns.values()}))
-                          or "no general nodes"},
+                "identity": {"fqdn": getattr(getattr(self, "self_login", None), "fqdn", None),
+                             "vip4": getattr(getattr(self, "self_login", None), "vip4", None),
+                             "static_key": self.self_rt.engine.signaling.identity.public.hex()},
+                "cloud": {"address": self.cfg.cloud, **self.self_rt.engine.signaling.status(),
+                          "general_nodes": ", ".join(sorted({r.engine.signaling.state.value
+                                                             for r in self.gns.values()})) or "none"},
                 "lan": {"interface": self.cfg.lan_interface, "address": self.cfg.lan_address},
                 "packet_filter": self.filter_mode,
                 "general_nodes": self._gn_rows(), "tunnels": tunnels, "workers": workers,

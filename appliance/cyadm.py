@@ -146,9 +146,15 @@ def status(ctx, as_json) -> None:
 
 def _print_adapter(st: dict) -> None:
     lan = st.get("lan", {})
-    click.echo(f"cyphonic-adapter pid {st.get('pid')}, up {st.get('uptime_s', 0):.0f}s; LAN {lan.get('interface')} "
-               f"{lan.get('address')}; packet filter: {st.get('packet_filter') or 'not loaded'} NFQUEUE path")
-    click.echo(f"  cloud {st.get('cloud', {}).get('address')}: {st.get('cloud', {}).get('state')}")
+    ident, cloud = st.get("identity", {}), st.get("cloud", {})
+    click.echo(f"{ident.get('fqdn') or '(adapter not logged in)'}  {ident.get('vip4') or '-'}  cyphonic-adapter pid "
+               f"{st.get('pid')}, up {st.get('uptime_s', 0):.0f}s")
+    click.echo(f"  LAN {lan.get('interface')} {lan.get('address')}; packet filter: "
+               f"{st.get('packet_filter') or 'not loaded'} NFQUEUE path")
+    obs = cloud.get("observed")
+    click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}"
+               + (f", seen as {obs}{' (behind NAT)' if cloud.get('nat') else ''}" if obs else "")
+               + f"; general nodes' links: {cloud.get('general_nodes')}")
     gns = st.get("general_nodes", [])
     click.echo(f"\n  {'GENERAL NODE':14} {'MAC':18} {'FQDN':30} {'VIP':15} {'LEASE':9} CLOUD")
     for g in gns:

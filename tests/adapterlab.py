@@ -23,7 +23,7 @@ def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers
     conf.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
         "cloud": f"{ov.cloud_host.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
         "state_dir": str(tmp_path / name), "lan_interface": lan_iface, "wan_interface": "eth0",
-        "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers,
+        "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers, "name": name,
         "status_socket": sock}.items()) + "\n")
     log = tmp_path / f"{name}.log"
     proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)

@@ -69,6 +69,7 @@ def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path)
     down = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]
     assert up > 5e6 and down > 5e6, (up, down)
     st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    assert st["identity"]["fqdn"] == f"adapter.{DOMAIN}" and st["cloud"]["state"] == "ready"  # its own identity
     assert st["general_nodes"][0]["vip4"] == gn_vip and st["general_nodes"][0]["lease_expires_in_s"] > 0
     assert any(t["peer"] == f"srv.{DOMAIN}" and t["up"] for t in st["tunnels"])
     assert sum(w.get("sealed", 0) for w in st["workers"]) > 100

@@ -56,3 +56,28 @@ def add_gn(lab, adapter, sock, log, ov, mac, name):
     out = cyadm(lab, adapter, sock, "gn", "add", mac, "--name", name)
     assert out.returncode == 0, out.stdout + out.stderr
     ov.wait_log(log, f"general node {name} ({mac}) logged in", 20)
+
+
+def adapter_site(lab, tmp_path, *, workers: int = 2, extra_gns: tuple[str, ...] = ()):
+    """The usual site: an "internet" segment with the cloud, a node daemon "srv" and the adapter
+    (WAN eth0); a bare LAN behind the adapter with general node "gn" (plus ``extra_gns``), whose
+    MAC is enrolled as cam1 and which has taken its lease. Returns a dict of the parts."""
+    from nodelab import Overlay
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet, v6=False)
+    srv_host = lab.host("srv", inet, v6=False)
+    adapter = lab.host("adapter", inet, v6=False)
+    lan = lab.switch("lan", gateway=False)
+    port = lab.attach(adapter, lan, v4=False, v6=False)
+    gn = lab.host("gn", lan, v4=False, v6=False)
+    others = {name: lab.host(name, lan, v4=False, v6=False) for name in extra_gns}
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    ov.add_node("srv", srv_host)
+    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, workers=workers)
+    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
+    r, lease = dhclient(lab, gn, tmp_path, "gn")
+    assert lease, r.stdout + r.stderr
+    return {"ov": ov, "adapter": adapter, "gn": gn, "srv_host": srv_host, "srv_vip": srv_vip,
+            "proc": proc, "sock": sock, "log": log, "gn_vip": lease["new_ip_address"], "others": others}

@@ -12,7 +12,7 @@ import pytest
 
 from lab import Lab
 from nodelab import DOMAIN, Overlay
-from adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
+from adapterlab import LAN_ADDRESS, adapter_site, add_gn, cyadm, dhclient, mac_of, start_adapter
 
 pytestmark = pytest.mark.root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,21 +120,9 @@ def test_two_adapters_behind_their_own_nats_and_two_general_nodes_behind_one(lab
 
 def test_worker_killed_during_iperf3_and_no_clear_packet_on_the_wan(lab, tmp_path):
     import signal as _signal
-    inet = lab.switch("inet", "198.18.0.0/24")
-    cloud = lab.host("cloud", inet, v6=False)
-    srv_host = lab.host("srv", inet, v6=False)
-    adapter = lab.host("adapter", inet, v6=False)
-    lan = lab.switch("lan", gateway=False)
-    port = lab.attach(adapter, lan, v4=False, v6=False)
-    gn = lab.host("gn", lan, v4=False, v6=False)
-    ov = Overlay(lab, cloud, str(tmp_path))
-    ov.start_cloud()
-    ov.add_node("srv", srv_host)
-    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
-    _, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, workers=1)
-    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
-    r, lease = dhclient(lab, gn, tmp_path, "gn")
-    gn_vip = lease["new_ip_address"]
+    site = adapter_site(lab, tmp_path, workers=1)
+    adapter, gn, srv_host, srv_vip = site["adapter"], site["gn"], site["srv_host"], site["srv_vip"]
+    sock, gn_vip = site["sock"], site["gn_vip"]
     assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
         .stdout.strip() == srv_vip
     # capture the WAN port: nothing may leave with the general node's address as source
@@ -166,21 +154,9 @@ def test_worker_killed_during_iperf3_and_no_clear_packet_on_the_wan(lab, tmp_pat
 
 
 def test_malformed_input_from_the_lan_and_the_wan_is_counted_and_changes_nothing(lab, tmp_path):
-    inet = lab.switch("inet", "198.18.0.0/24")
-    cloud = lab.host("cloud", inet, v6=False)
-    srv_host = lab.host("srv", inet, v6=False)
-    adapter = lab.host("adapter", inet, v6=False)
-    lan = lab.switch("lan", gateway=False)
-    port = lab.attach(adapter, lan, v4=False, v6=False)
-    gn = lab.host("gn", lan, v4=False, v6=False)
-    ov = Overlay(lab, cloud, str(tmp_path))
-    ov.start_cloud()
-    ov.add_node("srv", srv_host)
-    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
-    _, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path)
-    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
-    r, lease = dhclient(lab, gn, tmp_path, "gn")
-    assert lease
+    site = adapter_site(lab, tmp_path)
+    adapter, gn, srv_host, srv_vip = site["adapter"], site["gn"], site["srv_host"], site["srv_vip"]
+    sock, log = site["sock"], site["log"]
     before = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
     garbage = (
         "import os, socket\n"
@@ -217,22 +193,9 @@ def test_malformed_input_from_the_lan_and_the_wan_is_counted_and_changes_nothing
 
 def test_controller_kill_9_keeps_leases_and_identities_and_auto_enroll(lab, tmp_path):
     import signal as _signal
-    inet = lab.switch("inet", "198.18.0.0/24")
-    cloud = lab.host("cloud", inet, v6=False)
-    srv_host = lab.host("srv", inet, v6=False)
-    adapter = lab.host("adapter", inet, v6=False)
-    lan = lab.switch("lan", gateway=False)
-    port = lab.attach(adapter, lan, v4=False, v6=False)
-    gn = lab.host("gn", lan, v4=False, v6=False)
-    gn2 = lab.host("gn2", lan, v4=False, v6=False)
-    ov = Overlay(lab, cloud, str(tmp_path))
-    ov.start_cloud()
-    ov.add_node("srv", srv_host)
-    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
-    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path)
-    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
-    _, lease = dhclient(lab, gn, tmp_path, "gn")
-    vip = lease["new_ip_address"]
+    site = adapter_site(lab, tmp_path, extra_gns=("gn2",))
+    adapter, gn, gn2, ov = site["adapter"], site["gn"], site["others"]["gn2"], site["ov"]
+    proc, srv_vip, vip = site["proc"], site["srv_vip"], site["gn_vip"]
     proc.send_signal(_signal.SIGKILL)                 # the controller dies at once
     proc.wait(10)
     conf = tmp_path / "adapter.toml"

@@ -12,15 +12,20 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
 	libnetfilter-queue-dev libnfnetlink-dev nftables iptables iproute2 \
 	iperf3 bind9-dnsutils isc-dhcp-client udhcpc dhcpcd-base iputils-ping procps tcpdump
 
+# `make image` (and so `make test`, whose boot test boots the image) needs these.
+IMAGE_APT_PACKAGES := mmdebstrap qemu-user-static binfmt-support arch-test mtools dosfstools \
+	fdisk e2fsprogs xz-utils qemu-system-arm ipxe-qemu openssh-client
+
 # Only `make bench` needs these (the node benchmark's wireguard-go baseline).
 BENCH_APT_PACKAGES := wireguard-go wireguard-tools
 
-.PHONY: setup apt venv test test-fast demo bench clean distclean help
+.PHONY: setup apt venv image test test-fast demo bench clean distclean help
 
 help:
 	@echo "make demo    run the demo (sets everything up first)"
 	@echo "make test    run the whole test suite (sets everything up first)"
 	@echo "make bench   run the benchmarks (tables and JSON in build/bench/)"
+	@echo "make image   build the Raspberry Pi image (build/image/*.img.xz; ~25 min the first time)"
 	@echo "make setup   install Debian packages and the pinned venv (idempotent)"
 
 setup: apt venv
@@ -35,9 +40,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
-test: setup
+# The image is rebuilt on every `make test` (the slow Debian base is cached outside the repo,
+# in /var/cache/cyphonic-image): tests/test_image_boot.py boots what this tree builds.
+image: setup
+	@scripts/ensure-apt.sh $(IMAGE_APT_PACKAGES)
+	image/build.sh --out $(BUILD)/image
+
+test: setup image
 	$(PY) -m pytest -q tests
 
+# Developers' loop: no root, no namespaces, no image.
 test-fast: venv
 	$(PY) -m pytest -q -m 'not root' tests
 

@@ -1,4 +1,10 @@
-"""`cyphonic-adapter` configuration (``/etc/cyphonic/adapter.toml``), every key checked."""
+"""`cyphonic-adapter` configuration (``/etc/cyphonic/adapter.toml``), every key checked.
+
+On the appliance this file is written by `cyphonic-provision` (appliance/provision.py) from
+the boot partition's ``cyphonic.toml``; it then names the enrollment token by file
+(``gn_token_file``, 0600 under the state directory) instead of holding it, and lists the
+general nodes to enroll (``general_nodes``).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from cyphonic.node.config import parse_hostport
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "",
     "gn_token": "",                 # (reusable) enrollment token the adapter uses for its general nodes
+    "gn_token_file": "",            # read for gn_token when that is "" (the appliance keeps it 0600 there)
     "token": "",                    # the adapter's own enrollment token ("" = gn_token)
     "name": "",                     # the adapter's own name ("" = its hostname)
     "port": 47199,                  # the adapter's own UDP port (its identity's cloud link)
@@ -31,11 +38,21 @@ DEFAULTS = {
     "passthrough": False,           # LAN -> WAN in clear (off: zero trust)
     "auto_enroll": False,           # serve unknown MACs by enrolling them automatically
     "status_socket": "/run/cyphonic/adapter.sock",
+    "general_nodes": [],            # [{mac, name, group}]: enrolled at start when not in the registry
 }
+GENERAL_NODE_KEYS = {"mac": True, "name": True, "group": False}   # key -> required
 
 
 class AdapterConfigError(CyphonicError):
     pass
+
+
+@dataclass(frozen=True)
+class ConfiguredGeneralNode:
+    """One entry of ``general_nodes``: enrolled like ``cyadm gn add MAC --name NAME --group GROUP``."""
+    mac: str
+    name: str
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class AdapterConfig:
     cloud_key: str
     cloud_nms: str
     gn_token: str
+    gn_token_file: str
     token: str
     name: str
     port: int
@@ -61,6 +79,7 @@ class AdapterConfig:
     passthrough: bool
     auto_enroll: bool
     status_socket: str
+    general_nodes: tuple = ()       # of ConfiguredGeneralNode
 
     @property
     def cloud_addr(self):
@@ -92,6 +111,9 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
     for k in ("cloud", "cloud_key"):
         if not values[k]:
             raise fail(k, "required")
+    if values["gn_token_file"] and not os.path.isabs(values["gn_token_file"]):
+        raise fail("gn_token_file", "must be an absolute path")
+    values["general_nodes"] = parse_general_nodes(values["general_nodes"], fail)
     cfg = AdapterConfig(**values)
     try:
         cfg.cloud_addr, cfg.nms_addr
@@ -108,6 +130,46 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
     if not 0 <= cfg.workers <= 64:
         raise fail("workers", "must be 0..64")
     return cfg
+
+
+def parse_general_nodes(items: list, fail) -> tuple:
+    """``general_nodes``: a list of tables {mac, name, group?}; MACs and names checked as
+    `cyadm gn add` checks them, none twice."""
+    from .general_nodes import NAME_RE, GeneralNodeError, normalize_mac
+    out, macs, names = [], set(), set()
+    for i, item in enumerate(items):
+        where = f"general_nodes[{i}]"
+        if not isinstance(item, dict):
+            raise fail(where, "must be a table {mac = ..., name = ...}")
+        for k in item:
+            if k not in GENERAL_NODE_KEYS:
+                raise fail(f"{where}.{k}", "unknown key (mac, name, group)")
+        for k, required in GENERAL_NODE_KEYS.items():
+            if required and k not in item:
+                raise fail(f"{where}.{k}", "required")
+            if k in item and not isinstance(item[k], str):
+                raise fail(f"{where}.{k}", "must be str")
+        try:
+            mac = normalize_mac(item["mac"])
+        except GeneralNodeError as exc:
+            raise fail(f"{where}.mac", str(exc)) from None
+        name = item["name"]
+        if not NAME_RE.match(name):
+            raise fail(f"{where}.name", f"bad name {name!r}: lower-case letters, digits and hyphens, 1..63")
+        if mac in macs:
+            raise fail(f"{where}.mac", f"{mac} is listed twice")
+        if name in names:
+            raise fail(f"{where}.name", f"{name} is listed twice")
+        macs.add(mac)
+        names.add(name)
+        out.append(ConfiguredGeneralNode(mac, name, item.get("group", "")))
+    return tuple(out)
+
+
+def read_token_file(path: str) -> str:
+    """The token kept in ``gn_token_file`` (one line). Raises OSError when unreadable."""
+    with open(path) as f:
+        return f.read().strip()
 
 
 def load_config(path: str) -> AdapterConfig:

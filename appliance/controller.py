@@ -44,6 +44,7 @@ from .leases import LeaseStore
 from .packet_handling import worker_main
 
 SYNC_S = 0.25
+CONFIG_GN_RETRY_S = 30.0     # general_nodes from the config that could not be enrolled: tried again
 MAX_STREAMS_PER_KEY = C.MAX_RECEIVE_STREAMS_PER_SESSION - 1
 
 
@@ -98,6 +99,9 @@ class Adapter:
         self.dhcp = None
         self.arp = None
         self.started = time.time()
+        self.config_gn_pending: dict[str, str] = {}   # mac -> why general_nodes could not enroll it
+        self._config_gn_next = 0.0
+        self._token_file_warning = ""
         self.filter_mode = ""
         self.wan_addr: str | None = None
 
@@ -128,6 +132,7 @@ class Adapter:
         self._start_self()
         for gn in list(self.registry.nodes.values()):
             self._start_gn(gn)
+        self._enroll_configured(starting=True)   # before the workers fork: they get the sockets
         self.filter_mode = await asyncio.to_thread(pf.load, pf.PacketFilterConfig(
             lan_if=cfg.lan_interface, wan_if=cfg.wan_interface, prefix=cfg.prefix, lan_address=cfg.lan_address,
             queues=(cfg.queue_first, cfg.nworkers), mtu=cfg.mtu, passthrough=cfg.passthrough))
@@ -200,6 +205,48 @@ class Adapter:
                 return gn.domain
         return ""
 
+    def _gn_token(self) -> str:
+        """The adapter's enrollment token: gn_token, else the one kept in gn_token_file (read when
+        needed; unreadable = no token, logged once and shown by cyadm)."""
+        if self.cfg.gn_token or not self.cfg.gn_token_file:
+            return self.cfg.gn_token
+        from .config import read_token_file
+        try:
+            return read_token_file(self.cfg.gn_token_file)
+        except OSError as exc:
+            warning = f"cannot read gn_token_file {self.cfg.gn_token_file}: {exc.strerror}"
+            if warning != self._token_file_warning:
+                self.log(warning)
+            self._token_file_warning = warning
+            return ""
+
+    def _enroll_configured(self, starting: bool = False) -> None:
+        """The config's general_nodes: each MAC not in the registry yet is enrolled as `cyadm gn add`
+        does. Idempotent (a MAC already enrolled is left as it is, whatever its name there); a
+        failure is logged, shown by cyadm as a `gn-config` warning and tried again every
+        CONFIG_GN_RETRY_S. A MAC that was enrolled and is later removed with `cyadm gn remove`
+        stays removed until the next start."""
+        todo = self.cfg.general_nodes if starting else \
+            [c for c in self.cfg.general_nodes if c.mac in self.config_gn_pending]
+        for c in todo:
+            if self.registry.get(c.mac) is not None:
+                self.config_gn_pending.pop(c.mac, None)
+                continue
+            try:
+                gn = self.registry.add(c.mac, c.name, group=c.group)
+            except GeneralNodeError as exc:
+                if self.config_gn_pending.get(c.mac) != str(exc):
+                    self.log(f"general node {c.name} ({c.mac}) from the config not enrolled: {exc}; "
+                             f"trying again every {CONFIG_GN_RETRY_S:.0f} s")
+                self.config_gn_pending[c.mac] = str(exc)
+                continue
+            self.config_gn_pending.pop(c.mac, None)
+            r = self._start_gn(gn)
+            if not starting:
+                self._restart_workers_with(r)
+            self.log(f"general node {gn.name} ({gn.mac}) added from the config")
+        self._config_gn_next = time.time() + CONFIG_GN_RETRY_S
+
     def _binding(self, mac: str) -> Binding | None:
         gn = self.registry.get(mac)
         if gn is None and self.cfg.auto_enroll and not self._stop.is_set():
@@ -230,7 +277,7 @@ class Adapter:
         import socket as _s
         from appliance.general_nodes import GeneralNode
         name = self.cfg.name or _s.gethostname().split(".")[0].lower()
-        me = GeneralNode("02:00:00:00:00:00", name, token=self.cfg.token or self.cfg.gn_token)
+        me = GeneralNode("02:00:00:00:00:00", name, token=self.cfg.token)
         ident = self.registry.identity(me)   # kept under <state_dir>/gn/020000000000/ (0600)
         me.extra["port"] = self.cfg.port
         self.self_rt = self._start_engine(me, ident, self.cfg.port)
@@ -258,7 +305,7 @@ class Adapter:
         s.bind(("0.0.0.0", port))
         s.setblocking(False)
         wan = self.wan_addr
-        token = gn.token or self.cfg.gn_token
+        token = "" if identity.certificate else gn.token or self._gn_token()  # read only when needed
         engine = NodeEngine(identity, self.ca_public, self.cloud_static, self.cfg.cloud_addr,
                             token=b"" if identity.certificate else token.encode(), name_hint=gn.name,
                             nms_addr=self.cfg.nms_addr,
@@ -381,6 +428,8 @@ class Adapter:
             await asyncio.sleep(SYNC_S)
             now = time.time()
             self._supervise()
+            if self.config_gn_pending and now >= self._config_gn_next:
+                self._enroll_configured()
             for r in self.gns.values():
                 if r.engine.device is not None:
                     r.engine.device.maintain(now)
@@ -654,6 +703,11 @@ class Adapter:
         for code, sev, text, when in self.health_events[-20:]:
             if now - when < 300:
                 health.append({"code": code, "severity": sev, "text": text})
+        for mac, why in self.config_gn_pending.items():
+            health.append({"code": "gn-config", "severity": "warning",
+                           "text": f"{mac} (general_nodes in the config) not enrolled: {why}; retrying"})
+        if self._token_file_warning:
+            health.append({"code": "token-file", "severity": "warning", "text": self._token_file_warning})
         if self.registry.warning:
             health.append({"code": "registry-unreadable", "severity": "warning", "text": self.registry.warning})
         for w in getattr(self.leases, "warnings", []):

@@ -22,6 +22,8 @@ import time
 import click
 
 DEFAULT_SOCKETS = ("/run/cyphonic/adapter.sock", "/run/cyphonic/node.sock")
+PROVISION_STATUS = "/run/cyphonic/provision.json"     # written by cyphonic-provision at boot
+PROVISION_STATUS_ENV = "CYPHONIC_PROVISION_STATUS"
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_UNHEALTHY = 0, 1, 2, 3
 
 
@@ -82,15 +84,58 @@ def main(ctx: click.Context, socket_path: str | None) -> None:
     ctx.obj = {"socket": _socket_path(socket_path)}
 
 
-def _status(ctx, cmd: str = "status", **args) -> dict:
+def _status(ctx, cmd: str = "status", *, provision: bool = False, as_json: bool = False, **args) -> dict:
+    """Ask the daemon; when it cannot be reached, say so (and with `provision`, show what the
+    appliance's provisioning at boot reported: the usual reason the adapter is not running) and
+    exit 1."""
     path = ctx.obj["socket"]
     try:
         return ask(path, cmd, **args)
     except FileNotFoundError:
-        click.echo(f"cyadm: no daemon socket at {path}: is cyphonic-node (or cyphonic-adapter) running?", err=True)
+        problem = f"no daemon socket at {path}: is cyphonic-node (or cyphonic-adapter) running?"
     except (ConnectionRefusedError, socket.timeout, OSError, ValueError) as exc:
-        click.echo(f"cyadm: cannot talk to the daemon at {path}: {exc}", err=True)
+        problem = f"cannot talk to the daemon at {path}: {exc}"
+    click.echo(f"cyadm: {problem}", err=True)
+    if provision:
+        doc = read_provision_status()
+        if as_json:
+            click.echo(json.dumps({"provision": doc, "error": problem}, indent=2))
+        elif doc is not None:
+            _print_provision(doc)
     sys.exit(EXIT_UNREACHABLE)
+
+
+def read_provision_status() -> dict | None:
+    """/run/cyphonic/provision.json ($CYPHONIC_PROVISION_STATUS), None when there is none."""
+    path = os.environ.get(PROVISION_STATUS_ENV) or PROVISION_STATUS
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"state": "unreadable", "errors": [f"{path}: {exc}"], "path": path}
+    return {**doc, "path": path}
+
+
+def _print_provision(doc: dict) -> None:
+    state = doc.get("state", "?")
+    click.echo(f"provisioning at boot ({doc.get('path')}, {doc.get('time', '?')}): {state}")
+    if doc.get("boot_file"):
+        click.echo(f"  boot file {doc['boot_file']}"
+                   + (f" (used {doc['source']})" if doc.get("source") and doc["source"] != doc["boot_file"] else ""))
+    for e in doc.get("errors", []):
+        click.echo(f"  - {e}")
+    for w in doc.get("warnings", []):
+        click.echo(f"  note: {w}")
+    if state in ("error", "not-provisioned"):
+        click.echo("  To fix: edit cyphonic.toml on the boot partition (see cyphonic.toml.example next to it), "
+                   "then reboot.")
+    elif state == "ok":
+        click.echo(f"  the adapter should be running (WAN {doc.get('wan') or '-'}, LAN {doc.get('lan') or '-'}): "
+                   "journalctl -u cyphonic-adapter")
 
 
 def _exit_for(st: dict) -> None:
@@ -104,7 +149,7 @@ def _exit_for(st: dict) -> None:
 @click.pass_context
 def status(ctx, as_json) -> None:
     """The identity, the cloud link, every tunnel and the health warnings."""
-    st = _status(ctx)
+    st = _status(ctx, provision=True, as_json=as_json)
     if as_json:
         click.echo(json.dumps(st, indent=2))
         _exit_for(st)

@@ -123,6 +123,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
             raise fail("lan_address", f"must be inside prefix {cfg.prefix}")
     except ValueError as exc:
         raise fail("prefix", str(exc)) from None
+    except AdapterConfigError:
+        raise
     except CyphonicError as exc:
         raise AdapterConfigError(f"{source}: {exc}") from None
     if not 1 <= cfg.gn_port_base <= 65000:

@@ -760,7 +760,8 @@ def provision(paths: Paths, *, now: float | None = None, load: bool = True, wait
     deadline = time.monotonic() + wait_s
     while True:
         p = plan(doc, read_interfaces(paths.sys_class_net), state_dir=paths.state, have_token=bool(stored))
-        if not (p.errors and p.ports_pending and time.monotonic() < deadline):
+        waiting = p.ports_pending and all(e.startswith("[ports]") for e in p.errors)
+        if not (p.errors and waiting and time.monotonic() < deadline):
             break
         time.sleep(WAIT_STEP_S)   # the USB adapter may still be on its way
     outcome = Outcome("ok", [], list(p.warnings), paths.boot_file, source, p.lan, p.wan)
@@ -858,7 +859,9 @@ def status_doc(outcome: Outcome, now: float) -> dict:
 
 def message(outcome: Outcome) -> str:
     """What the console shows: what is wrong and how to fix it."""
-    if outcome.state == "ok":
+    if outcome.state == "ok" and not outcome.source:
+        lines = ["cyphonic-provision: ok: no cyphonic.toml; the adapter's configuration is used as it is"]
+    elif outcome.state == "ok":
         lines = [f"cyphonic-provision: ok: WAN {outcome.wan or '-'}, LAN {outcome.lan or '-'}, "
                  f"{outcome.general_nodes} general node(s) in the file"
                  + (f" (from {outcome.source})" if outcome.source and outcome.source != outcome.boot_file else "")]

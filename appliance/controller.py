@@ -96,6 +96,7 @@ class Adapter:
         self.injector: Injector | None = None
         self.resolver = None
         self.dns = None
+        self._dns_starting = False
         self.dhcp = None
         self.arp = None
         self.started = time.time()
@@ -578,16 +579,24 @@ class Adapter:
     # --- DNS -------------------------------------------------------------------------------------
 
     async def _start_dns(self, domain: str) -> None:
-        if self.dns is not None:
+        # Called from start() and from the first login; a general node that logs in while
+        # start() is still on its way (general_nodes from the config) must not start it twice.
+        if self.dns is not None or self._dns_starting:
             return
-        from cyphonic.dns_server import serve_dns
-        from cyphonic.node.config import parse_hostport
-        from cyphonic.resolver import OverlayResolver
-        upstream = None if self.cfg.dns_upstream == "none" else parse_hostport(self.cfg.dns_upstream, "dns_upstream")
-        self.resolver = OverlayResolver(domain, prefix=self.cfg.prefix, passthrough=upstream is not None,
-                                        hold_s=8.0)
-        self.dns = await serve_dns(self.resolver, self.cfg.lan_address, 53, on_resolve=self._dns_resolve,
-                                   upstream=upstream, asker_of=self._asker_of)
+        self._dns_starting = True
+        try:
+            from cyphonic.dns_server import serve_dns
+            from cyphonic.node.config import parse_hostport
+            from cyphonic.resolver import OverlayResolver
+            upstream = (None if self.cfg.dns_upstream == "none"
+                        else parse_hostport(self.cfg.dns_upstream, "dns_upstream"))
+            resolver = OverlayResolver(domain, prefix=self.cfg.prefix, passthrough=upstream is not None,
+                                       hold_s=8.0)
+            self.resolver = resolver
+            self.dns = await serve_dns(resolver, self.cfg.lan_address, 53, on_resolve=self._dns_resolve,
+                                       upstream=upstream, asker_of=self._asker_of)
+        finally:
+            self._dns_starting = False
         self.log(f"DNS on {self.cfg.lan_address}:53 for *.{domain}")
 
     def _asker_of(self, client) -> str | None:

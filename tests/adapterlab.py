@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -16,15 +15,17 @@ def cyadm(lab, host, sock, *args):
     return lab.exec(host, [PY, "-m", "appliance.cyadm", "--socket", sock, *args], timeout=15)
 
 
-def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers=2, gn_token=None):
-    gn_token = gn_token or ov.cli("enroll", f"{name}-gns", "--reusable").strip()
+def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers=2, gn_token=None, extra=None):
+    """`extra`: more adapter.toml keys (or replacements); gn_token "" enrolls no token."""
+    from appliance.provision import toml_document
+    gn_token = ov.cli("enroll", f"{name}-gns", "--reusable").strip() if gn_token is None else gn_token
     sock = str(tmp_path / f"{name}.sock")
     conf = tmp_path / f"{name}.toml"
-    conf.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
+    conf.write_text(toml_document({
         "cloud": f"{ov.cloud_host.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
         "state_dir": str(tmp_path / name), "lan_interface": lan_iface, "wan_interface": "eth0",
         "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers, "name": name,
-        "status_socket": sock}.items()) + "\n")
+        "status_socket": sock, **(extra or {})}))
     log = tmp_path / f"{name}.log"
     proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)
     ov.wait_log(str(log), "started:", 20)

@@ -219,3 +219,56 @@ def test_controller_kill_9_keeps_leases_and_identities_and_auto_enroll(lab, tmp_
     assert check.returncode == 0 and "ok" in check.stdout
     proc.terminate()
     proc.wait(15)
+
+
+def test_general_nodes_from_the_config_with_the_token_in_a_file(lab, tmp_path):
+    """What the appliance's provisioning writes: no token in the config (gn_token_file) and the
+    general nodes listed in it (general_nodes), enrolled at start without `cyadm gn add`, once."""
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet, v6=False)
+    srv_host = lab.host("srv", inet, v6=False)
+    adapter = lab.host("adapter", inet, v6=False)
+    lan = lab.switch("lan", gateway=False)
+    port = lab.attach(adapter, lan, v4=False, v6=False)
+    gn = lab.host("gn", lan, v4=False, v6=False)
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    ov.add_node("srv", srv_host)
+    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    token_file = tmp_path / "token"
+    token_file.write_text(ov.cli("enroll", "site-gns", "--reusable").strip() + "\n")
+    token_file.chmod(0o600)
+    state = tmp_path / "state"
+    state.mkdir()
+    # a MAC already enrolled as cam2: the config's cam2 (another MAC) cannot be, and says so
+    (state / "general_nodes.json").write_text(json.dumps(
+        {"general_nodes": [{"mac": "52:54:00:00:00:99", "name": "cam2"}]}))
+    mac = mac_of(lab, gn)
+    extra = {"gn_token_file": str(token_file), "state_dir": str(state),
+             "general_nodes": [{"mac": mac, "name": "cam1"}, {"mac": "52:54:00:00:00:98", "name": "cam2"}]}
+    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, gn_token="", extra=extra)
+    assert token_file.read_text().strip() not in open(tmp_path / "adapter.toml").read()
+    ov.wait_log(log, f"general node cam1 ({mac}) logged in", 20)
+    r, lease = dhclient(lab, gn, tmp_path, "gn")
+    assert lease, r.stdout + r.stderr + open(log).read()[-3000:]
+    d = lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10", "+tries=1"], timeout=20)
+    assert d.stdout.strip() == srv_vip, d.stdout + open(log).read()[-3000:]
+    p = lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout
+    ov.wait_log(log, "adapter logged in as", 20)            # the adapter's own identity: the same token
+    st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    assert st["cloud"]["state"] == "ready"
+    warn = [h for h in st["health"] if h["code"] == "gn-config"]
+    assert len(warn) == 1 and "52:54:00:00:00:98" in warn[0]["text"] and "taken" in warn[0]["text"], st["health"]
+    assert open(log).read().count("added from the config") == 1
+    proc.terminate()
+    proc.wait(15)
+    # started again with the same config: nothing is enrolled twice, the lease comes back
+    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, name="adapter-again", gn_token="",
+                                    extra=extra)
+    ov.wait_log(log, "logged in as cam1", 20)
+    assert "added from the config" not in open(log).read()
+    _, again = dhclient(lab, gn, tmp_path, "gn-again")
+    assert again.get("new_ip_address") == lease["new_ip_address"]
+    proc.terminate()
+    proc.wait(15)

@@ -593,9 +593,13 @@ def parse_boot_file(raw: bytes) -> tuple[dict | None, str, str]:
 
 # --- the edge: interfaces, files, nft, console ----------------------------------------------------
 
-def read_interfaces(sys_class_net: str) -> list[Interface]:
+def read_interfaces(sys_class_net: str, udev_data: str | None = None) -> list[Interface]:
     """The interfaces as /sys/class/net shows them. Ethernet = type 1 (ARPHRD_ETHER) with a device
-    behind it (not veth, bridge, ...) and no wireless."""
+    behind it (not veth, bridge, ...) and no wireless.
+
+    With `udev_data` (/run/udev/data, when udevd runs), an interface udev has not processed yet is
+    left out: its name is not final (the kernel's eth0 becomes end0 or enx<MAC> moments later),
+    and a port named too early would match no networkd file. The caller waits for it."""
     out = []
     try:
         names = sorted(os.listdir(sys_class_net))
@@ -610,12 +614,20 @@ def read_interfaces(sys_class_net: str) -> list[Interface]:
                     return fh.read().strip()
             except OSError:
                 return ""
+        if udev_data is not None and not os.path.exists(os.path.join(udev_data, f"n{read('ifindex')}")):
+            continue
         mac = read("address").lower()
         kind = read("type")
         wireless = os.path.exists(os.path.join(d, "wireless")) or os.path.exists(os.path.join(d, "phy80211"))
         ethernet = kind == "1" and os.path.exists(os.path.join(d, "device")) and not wireless
         out.append(Interface(name, mac if _MAC_LIKE_RE.match(mac) and mac != "00:00:00:00:00:00" else "", ethernet))
     return out
+
+
+def _interfaces(paths: Paths) -> list[Interface]:
+    udev = os.path.join(paths.run, "udev")
+    running = os.path.exists(os.path.join(udev, "control"))
+    return read_interfaces(paths.sys_class_net, os.path.join(udev, "data") if running else None)
 
 
 def _fsync_dir(path: str) -> None:
@@ -759,7 +771,7 @@ def provision(paths: Paths, *, now: float | None = None, load: bool = True, wait
         return outcome
     deadline = time.monotonic() + wait_s
     while True:
-        p = plan(doc, read_interfaces(paths.sys_class_net), state_dir=paths.state, have_token=bool(stored))
+        p = plan(doc, _interfaces(paths), state_dir=paths.state, have_token=bool(stored))
         waiting = p.ports_pending and all(e.startswith("[ports]") for e in p.errors)
         if not (p.errors and waiting and time.monotonic() < deadline):
             break
@@ -833,7 +845,7 @@ def _fallback_runtime_files(paths: Paths, copy_raw: bytes | None, stored: str, o
     doc, _, _ = parse_boot_file(copy_raw)
     if doc is None:
         return
-    p = plan(doc, read_interfaces(paths.sys_class_net), state_dir=paths.state, have_token=bool(stored))
+    p = plan(doc, _interfaces(paths), state_dir=paths.state, have_token=bool(stored))
     if p.errors:
         return
     try:

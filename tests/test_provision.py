@@ -82,6 +82,7 @@ def fake_iface(net: Path, name: str, mac: str, *, kind: int = 1, device: bool = 
                wireless: bool = False) -> None:
     d = net / name
     d.mkdir(parents=True, exist_ok=True)
+    (d / "ifindex").write_text(f"{len(list(net.iterdir()))}\n")
     (d / "address").write_text(mac + "\n")
     (d / "type").write_text(f"{kind}\n")
     if device:
@@ -569,6 +570,32 @@ def test_waits_for_a_late_usb_adapter(site, capsys):
         time.sleep(0.6)
         os.rename(Path(site.sys_class_net).parent / "eth1-later", Path(site.sys_class_net, "eth1"))
     t = threading.Thread(target=plug_in)
+    t.start()
+    rc, out = boot(site, capsys, "--wait-s", "5")
+    t.join()
+    assert rc == 0, out
+    assert status(site)["lan"] == "eth1"
+
+
+def test_an_interface_udev_has_not_named_yet_is_waited_for(site, capsys):
+    """The kernel's eth0 is renamed end0 (or enx<MAC>) by udev moments after it appears: while
+    udev runs (/run/udev/control), only interfaces in its database (/run/udev/data/n<ifindex>)
+    count, so "auto" neither picks a name about to change nor finds two candidates."""
+    udev = Path(site.run, "udev")
+    (udev / "data").mkdir(parents=True)
+    (udev / "control").write_text("")
+    index = {n: Path(site.sys_class_net, n, "ifindex").read_text().strip() for n in ("end0", "eth1", "lo")}
+    for n in ("end0", "lo"):
+        (udev / "data" / f"n{index[n]}").write_text("")
+    fake_iface(Path(site.sys_class_net), "eth0", "dc:a6:32:00:00:05")     # not yet renamed: not in udev's db
+    got = [i.name for i in pv._interfaces(site)]
+    assert got == ["end0", "lo"]
+    write_boot(site, GOOD)
+
+    def udev_done():
+        time.sleep(0.6)
+        (udev / "data" / f"n{index['eth1']}").write_text("")
+    t = threading.Thread(target=udev_done)
     t.start()
     rc, out = boot(site, capsys, "--wait-s", "5")
     t.join()

@@ -43,6 +43,10 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
+from cyphonic.cloud.authentication import parse_token
+from cyphonic.cloud.keys import parse_cloud_key
+from cyphonic.errors import CyphonicError
+from cyphonic.node.config import parse_hostport
 from cyphonic.status_socket import write_json_atomic
 
 from . import config as adapter_config
@@ -120,6 +124,7 @@ class Plan:
     wan: str = ""
     lan: str = ""
     ports_pending: bool = False       # an error that may go away when the interfaces appear
+    wan_network: str = ""             # the WAN port's networkd file, when [ports] wan and [wan] are good
 
     def file(self, root: str, path: str) -> bytes | None:
         for o in self.outputs:
@@ -149,8 +154,6 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
     if not address:
         err("[cloud] address: required (the cloud's AS+NMS address:port, e.g. 203.0.113.10:47101)")
     elif isinstance(address, str):
-        from cyphonic.errors import CyphonicError
-        from cyphonic.node.config import parse_hostport
         try:
             parse_hostport(address, "[cloud] address")
         except CyphonicError as exc:
@@ -158,15 +161,12 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
     if not key:
         err("[cloud] key: required (the cloud key `cyphonic-cloud init` printed, cyk1:...)")
     elif isinstance(key, str):
-        from cyphonic.cloud.keys import parse_cloud_key
-        from cyphonic.errors import CyphonicError
         try:
             parse_cloud_key(key)
         except CyphonicError as exc:
             err(f"[cloud] key: {exc}")
     token = cloud.get("token")
     if isinstance(token, str) and token.strip():
-        from cyphonic.cloud.authentication import parse_token
         if parse_token(token.strip().encode("utf-8", "replace")) is None:
             err("[cloud] token: not an enrollment token (use the line `cyphonic-cloud enroll NAME "
                 "--reusable` printed)")
@@ -195,7 +195,10 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
     p.wan, p.lan = _resolve_ports(ports, interfaces, p)
 
     # [wan]
+    n = len(p.errors)
     wan_network = _wan_network(p.wan, wan_cfg, err)
+    if p.wan and wan_network and len(p.errors) == n:
+        p.wan_network = wan_network
 
     # [[general_node]]
     gns = []
@@ -779,8 +782,7 @@ def provision(paths: Paths, *, now: float | None = None, load: bool = True, wait
     outcome = Outcome("ok", [], list(p.warnings), paths.boot_file, source, p.lan, p.wan)
     if p.errors:
         outcome.state, outcome.errors = "error", list(p.errors)
-        if source == paths.boot_file:
-            _fallback_runtime_files(paths, copy_raw, stored, outcome, load)
+        _fallback_runtime_files(paths, copy_raw, stored, outcome, load)
         return outcome
     outcome.general_nodes = len(doc.get("general_node", []))
 
@@ -837,15 +839,24 @@ def provision(paths: Paths, *, now: float | None = None, load: bool = True, wait
 
 def _fallback_runtime_files(paths: Paths, copy_raw: bytes | None, stored: str, outcome: Outcome,
                             load: bool) -> None:
-    """A broken boot file: /etc and the state stay as they are and the adapter does not start;
-    but the network files and the guard of the last good file are written to /run, so that the
-    WAN port comes up (SSH, to look) while the LAN port stays closed."""
+    """An error: /etc and the state stay as they are and the adapter does not start; but the
+    network files and the guard of the last good file are written to /run, so that the WAN port
+    comes up (SSH, to look) while the LAN port stays closed. When even the last good file does
+    not fit any more (a port is gone), its WAN port alone, if that is still there."""
     if copy_raw is None:
         return
     doc, _, _ = parse_boot_file(copy_raw)
     if doc is None:
         return
     p = plan(doc, _interfaces(paths), state_dir=paths.state, have_token=bool(stored))
+    if p.errors and p.wan_network:
+        try:
+            write_atomic(paths.of("run", f"{NETWORK_DIR}/{WAN_NETWORK}"), p.wan_network.encode())
+        except OSError:
+            return
+        outcome.warnings.append(f"the WAN port ({p.wan}) of the last good cyphonic.toml is configured (SSH); the "
+                                f"LAN port stays down and closed, the adapter does not start")
+        return
     if p.errors:
         return
     try:

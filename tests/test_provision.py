@@ -428,6 +428,19 @@ def test_broken_file_after_provisioning_changes_no_state_but_keeps_the_wan_up(si
     assert any("last good" in w for w in st["warnings"])
 
 
+def test_a_port_gone_after_provisioning_keeps_only_the_wan_up(site, capsys):
+    write_boot(site, GOOD.replace('lan = "auto"', 'lan = "eth1"'))
+    assert boot(site)[0] == 0
+    shutil.rmtree(Path(site.run))
+    shutil.rmtree(Path(site.sys_class_net, "eth1"))          # the USB adapter is not plugged in
+    os.unlink(site.boot_file)                                 # and the card's file is gone too
+    rc, out = boot(site, capsys)
+    assert rc == 1 and "[ports] lan: no interface named eth1" in out
+    assert "Name=end0" in Path(site.run, "systemd/network/10-cyphonic-wan.network").read_text()
+    assert not Path(site.run, "systemd/network/10-cyphonic-lan.network").exists()
+    assert any("WAN port (end0)" in w for w in status(site)["warnings"])
+
+
 def test_not_utf8(site, capsys):
     write_boot(site, GOOD.encode().replace(b"adapter1", b"adapter\xe91"))
     rc, out = boot(site, capsys)

@@ -223,7 +223,8 @@ def test_controller_kill_9_keeps_leases_and_identities_and_auto_enroll(lab, tmp_
 
 def test_general_nodes_from_the_config_with_the_token_in_a_file(lab, tmp_path):
     """What the appliance's provisioning writes: no token in the config (gn_token_file) and the
-    general nodes listed in it (general_nodes), enrolled at start without `cyadm gn add`, once."""
+    general nodes listed in it (general_nodes), enrolled at start without `cyadm gn add`, once;
+    with the appliance's guard table loaded behind the adapter's own, as on the Pi."""
     inet = lab.switch("inet", "198.18.0.0/24")
     cloud = lab.host("cloud", inet, v6=False)
     srv_host = lab.host("srv", inet, v6=False)
@@ -243,6 +244,10 @@ def test_general_nodes_from_the_config_with_the_token_in_a_file(lab, tmp_path):
     # a MAC already enrolled as cam2: the config's cam2 (another MAC) cannot be, and says so
     (state / "general_nodes.json").write_text(json.dumps(
         {"general_nodes": [{"mac": "52:54:00:00:00:99", "name": "cam2"}]}))
+    from appliance.provision import guard_ruleset
+    guard = tmp_path / "guard.nft"
+    guard.write_text(guard_ruleset(port.iface, "eth0", LAN_ADDRESS, passthrough=False))
+    assert lab.exec(adapter, ["nft", "-f", str(guard)]).returncode == 0
     mac = mac_of(lab, gn)
     extra = {"gn_token_file": str(token_file), "state_dir": str(state),
              "general_nodes": [{"mac": mac, "name": "cam1"}, {"mac": "52:54:00:00:00:98", "name": "cam2"}]}
@@ -272,3 +277,12 @@ def test_general_nodes_from_the_config_with_the_token_in_a_file(lab, tmp_path):
     assert again.get("new_ip_address") == lease["new_ip_address"]
     proc.terminate()
     proc.wait(15)
+    # the adapter is gone, the guard holds: ping to its LAN address, but no other port (as SSH)
+    assert " 0% packet loss" in lab.exec(gn, ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", LAN_ADDRESS],
+                                         timeout=20).stdout
+    probe = ("import socket\n"
+             "s = socket.socket(); s.settimeout(2)\n"
+             f"try:\n    s.connect(('{LAN_ADDRESS}', 22)); print('open')\n"
+             "except socket.timeout:\n    print('dropped')\n"
+             "except OSError as e:\n    print('answered', e)\n")
+    assert lab.exec(gn, [sys.executable, "-c", probe], timeout=20).stdout.strip() == "dropped"

@@ -5,7 +5,6 @@ provision.json and the adapter's status, the blink patterns, and the loop agains
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -42,6 +42,9 @@ _decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
 _pack_header = HEADER.pack_into
 _unpack_header = HEADER.unpack_from
 _BUF_BYTES = C.MAX_INNER_PACKET_BYTES + _HDR + _TAG
+_MAX_INNER = C.MAX_INNER_PACKET_BYTES
+_MAX_DATAGRAM = C.MAX_DATAGRAM_BYTES
+_REJECT_AFTER_MESSAGES = C.REJECT_AFTER_MESSAGES
 
 # One output buffer per process for sealing and one for opening, shared by every
 # session: each call copies its result out before returning, so sessions never see
@@ -93,7 +96,7 @@ class SendStream:
             raise LocalProtocolError("stream counter exhausted: rekey required")
         self._next = n + 1
         size = len(plaintext)
-        if size > C.MAX_INNER_PACKET_BYTES:
+        if size > _MAX_INNER:
             raise LocalProtocolError("inner packet too large")
         _pack_header(_SEAL_BUF, 0, self.mtype, self.receiver_index, n)
         _encrypt(_SEAL_CT, _NULL, plaintext, size, _SEAL_OUT, _HDR, _NULL, _SEAL_NONCE, self.key)
@@ -129,13 +132,13 @@ class ReceiveSession:
         size = len(datagram)
         if size < MIN_DATA_BYTES:
             raise ParseError("data packet too short", reason="short")
-        if size > C.MAX_DATAGRAM_BYTES:
+        if size > _MAX_DATAGRAM:
             raise ParseError("data packet oversize", reason="oversize")
         mtype, idx, counter = _unpack_header(datagram)
         if mtype != self.mtype or idx != self.local_index or datagram[1:4] != b"\x00\x00\x00":
             raise ParseError("data packet for another session", reason="index")
         stream = counter >> _STREAM_SHIFT
-        if counter & _STREAM_COUNTER_MASK >= C.REJECT_AFTER_MESSAGES:
+        if counter & _STREAM_COUNTER_MASK >= _REJECT_AFTER_MESSAGES:
             raise ReplayError("counter past the per-stream limit", reason="counter_limit")
         window = self._windows.get(stream)
         if window is not None and not window.check(counter & _STREAM_COUNTER_MASK):

@@ -20,6 +20,7 @@ All tables and queues are bounded (``cyphonic.constants``).
 from __future__ import annotations
 
 import random
+import struct
 from collections import Counter, deque
 from typing import Iterable
 
@@ -37,6 +38,11 @@ from .wire import cert as wire_cert
 from .wire import data as wire_data
 
 _MAX_INDEXES = C.MAX_PEERS * 4
+_REKEY_AFTER_MESSAGES = C.REKEY_AFTER_MESSAGES
+_KEEPALIVE_S = C.KEEPALIVE_S
+_MSG_DATA = wire_data.MSG_DATA
+_MIN_DATA_BYTES = wire_data.MIN_DATA_BYTES
+_unpack_index = struct.Struct("!I").unpack_from
 
 
 class Device(Outbox):
@@ -143,21 +149,22 @@ class Device(Outbox):
     def fast_send(self, packet: bytes, now: float):
         """Seal ``packet`` if it is the plain common case: a live, confirmed session that needs no
         rekey, to a UDP endpoint. Returns (datagram, endpoint), or None: then the caller must use
-        ``send_packet`` (staging, handshakes, rekeys, relays and drops all live there)."""
-        if len(packet) < 20:
-            return None
-        peer = self.peers_by_vip.get(packet[16:20])
-        if peer is None or packet[12:16] not in self.local_vip4s:
+        ``send_packet`` (staging, handshakes, rekeys, relays and drops all live there).
+
+        Per packet, so lean: few lookups, deadlines precomputed in the keypair (an idle process
+        wakes with cold caches, and every object touched costs)."""
+        peer = self.peers_by_vip.get(packet[16:20])  # (shorter than 20 bytes: matches no peer)
+        if peer is None:
             return None
         kp = peer.current
         ep = peer.endpoint
-        if kp is None or type(ep) is not tuple or not kp.confirmed or peer.handshake is not None:
+        if kp is None or type(ep) is not tuple or not kp.confirmed or peer.handshake is not None \
+                or now >= kp.fast_send_until or packet[12:16] not in self.local_vip4s:
             return None
-        if now - kp.created >= (C.REKEY_AFTER_S if kp.keys.initiator else
-                                C.REJECT_AFTER_S - C.KEEPALIVE_S - C.REKEY_TIMEOUT_S) \
-                or kp.sender.counter >= C.REKEY_AFTER_MESSAGES:
+        sender = kp.sender
+        if sender.packets_sent >= _REKEY_AFTER_MESSAGES:  # (= its counter: a device's own streams start at 0)
             return None
-        datagram = kp.sender.seal(packet)
+        datagram = sender.seal(packet)
         peer.last_sent = now
         peer.keepalive_due = None
         peer.tx_bytes += len(packet)
@@ -168,15 +175,14 @@ class Device(Outbox):
         """Open a data packet of a live session from its known endpoint. Returns the inner packet
         to deliver, b"" when the datagram was consumed (a keepalive, or a counted drop), or None:
         then the caller must use ``receive_datagram`` (new endpoints, key confirmation, rekeys)."""
-        if len(data) < 32 or data[0] != wire_data.MSG_DATA:
+        if len(data) < _MIN_DATA_BYTES or data[0] != _MSG_DATA:
             return None
-        entry = self._index.get(int.from_bytes(data[4:8], "big"))
+        entry = self._index.get(_unpack_index(data, 4)[0])
         if entry is None:
             return None
         peer, kp = entry
-        if kp is not peer.current or peer.endpoint != addr or \
-                now - kp.created >= C.REJECT_AFTER_S - C.KEEPALIVE_S - C.REKEY_TIMEOUT_S:
-            return None
+        if kp is not peer.current or now >= kp.fast_receive_until or peer.endpoint != addr:
+            return None  # (a handshake in the index is never current)
         try:
             plaintext, _ = kp.receiver.open(data)
         except RemoteProtocolError as exc:
@@ -186,13 +192,15 @@ class Device(Outbox):
         if not plaintext:
             self.counters["keepalives_received"] += 1
             return b""
-        if not crypto_route_ok(plaintext, peer.vip4, self.local_vip4s):
+        # crypto routing: an IPv4 packet from the peer's virtual IP to ours (crypto_route_ok, inline)
+        if len(plaintext) < 20 or plaintext[0] >> 4 != 4 or plaintext[12:16] != peer.cert.vip4_packed \
+                or plaintext[16:20] not in self.local_vip4s:
             self.drops["crypto_route"] += 1
             return b""
         peer.rx_bytes += len(plaintext)
         peer.rx_packets += 1
         if peer.keepalive_due is None:
-            peer.keepalive_due = now + C.KEEPALIVE_S
+            peer.keepalive_due = now + _KEEPALIVE_S
         return plaintext
 
     def maintain(self, now: float) -> None:

@@ -34,6 +34,16 @@ class Keypair:
     sender: SendStream
     receiver: ReceiveSession
     confirmed: bool
+    # Deadlines of the device's fast paths (fixed at creation: ``created`` never changes).
+    # Sealing: the initiator rekeys after REKEY_AFTER_S, the responder near the reject limit
+    # (``Tunnel.wants_rekey``); opening: the initiator starts a new handshake near that limit.
+    fast_send_until: float = field(init=False, repr=False)
+    fast_receive_until: float = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        near_reject = self.created + C.REJECT_AFTER_S - C.KEEPALIVE_S - C.REKEY_TIMEOUT_S
+        self.fast_send_until = self.created + C.REKEY_AFTER_S if self.keys.initiator else near_reject
+        self.fast_receive_until = near_reject
 
     @classmethod
     def from_keys(cls, keys: SessionKeys, now: float, stream_id: int = 0) -> "Keypair":
@@ -90,7 +100,7 @@ class Tunnel:
 
     @property
     def vip4(self) -> bytes:
-        return self.cert.vip4.packed
+        return self.cert.vip4_packed
 
     def keypairs(self) -> list[Keypair]:
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]

@@ -6,9 +6,12 @@ One process, one asyncio loop:
 - the Resolver: a DNS stub where overlay names bring tunnels up (``cyphonic.resolver``);
 - Packet Handling: TUN -> engine -> UDP and back; a packet to a peer's
   virtual IP with no earlier query brings the tunnel up too (it waits in a
-  bounded queue meanwhile);
-- roaming: the host's addresses are watched; a change re-registers and the
-  tunnels carry on (the virtual IP stays);
+  bounded queue meanwhile). The common case runs in a tight epoll loop
+  beneath asyncio (``packet_handling``), straight through the device's fast
+  path; the rest takes the slow path here;
+- roaming: netlink tells us when the host's addresses change
+  (``addresses``); a change re-registers and the tunnels carry on (the
+  virtual IP stays);
 - status on a Unix socket for ``cyadm status``.
 
 State (0600 under ``state_dir``): ``identity.key`` (X25519), ``certificate``,
@@ -29,8 +32,6 @@ import sys
 import time
 from collections import Counter, OrderedDict, deque
 
-from pyroute2 import IPRoute
-
 from .. import constants as C
 from .. import crypto
 from .. import events as ev
@@ -40,13 +41,16 @@ from ..handshake import StaticIdentity
 from ..status_socket import remove as remove_status, serve_status, write_json_atomic
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
+from .addresses import AddressMonitor, host_addresses
 from .config import NodeConfig, parse_hostport
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
+from .packet_handling import DataPathSelector, PacketPath
 from .tun import Tun, TunError
 
-READ_BATCH = 256
 TICK_S = 0.25
-ADDRESS_POLL_S = 0.5
+ADDRESS_SETTLE_S = 0.05       # after a netlink notification: let a burst (delete, then add) settle
+ADDRESS_RESYNC_S = 30.0       # read the addresses anyway this often (a safety net, not the mechanism)
+ADDRESS_POLL_S = 0.5          # ... or this often if netlink notifications are not available
 VIP_QUEUE_PACKETS = 64
 VIP_QUEUE_PEERS = 256
 FATAL_EXIT = 2
@@ -70,26 +74,14 @@ def load_identity(state_dir: str) -> StaticIdentity:
     return StaticIdentity(priv, crypto.x25519_public(priv), cert)
 
 
-def host_addresses(exclude: set[str]) -> list[str]:
-    """Addresses of this host usable for tunnels: not loopback, link-local or our TUN."""
-    out = []
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for a in ipr.get_addr():
-            if names.get(a["index"]) in exclude:
-                continue
-            addr = a.get_attr("IFA_ADDRESS")
-            ip = ipaddress.ip_address(addr)
-            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
-                continue
-            out.append(addr)
-    return sorted(set(out))
-
-
 class NodeDaemon:
-    def __init__(self, cfg: NodeConfig, *, out=None) -> None:
+    """``selector``: the DataPathSelector under the running loop (``main`` builds both); without
+    one the data path's handlers are plain asyncio readers (slower, same behaviour)."""
+
+    def __init__(self, cfg: NodeConfig, *, out=None, selector: DataPathSelector | None = None) -> None:
         self.cfg = cfg
         self.out = out or sys.stdout
+        self.selector = selector
         self.ca_public, self.cloud_static = parse_cloud_key(cfg.cloud_key)
         self.identity = load_identity(cfg.state_dir)
         self.socks: dict[int, socket.socket] = {}
@@ -112,6 +104,9 @@ class NodeDaemon:
         self.local_addrs: list[str] = []
         self.started = time.time()
         self.status_server = None
+        self.path: PacketPath | None = None
+        self.addr_monitor: AddressMonitor | None = None
+        self._addr_changed = asyncio.Event()
 
     # --- logging and persistence -------------------------------------------------------
 
@@ -160,6 +155,12 @@ class NodeDaemon:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
+        if self.selector is not None:
+            add, remove = self.selector.add_fast_reader, self.selector.remove_fast_reader
+        else:
+            add, remove = loop.add_reader, loop.remove_reader
+        self.path = PacketPath(add, remove, slow_datagram=self._slow_datagram, slow_packet=self._slow_packet,
+                               flush=self.flush, errors=self.errors, drops=self.drops)
         for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
             if not host:
                 continue
@@ -178,7 +179,13 @@ class NodeDaemon:
             self.port = s.getsockname()[1]
             s.setblocking(False)
             self.socks[family] = s
-            loop.add_reader(s.fileno(), self._on_udp, s)
+        self.path.attach(self.socks)  # all to the slow path until the device and the TUN exist
+        try:
+            self.addr_monitor = AddressMonitor()
+            loop.add_reader(self.addr_monitor.fileno(), self._on_address_notification)
+        except OSError as exc:
+            self.log(f"no netlink address notifications ({exc.strerror}); reading addresses "
+                     f"every {ADDRESS_POLL_S} s")
         # pyroute2's synchronous IPRoute runs its own event loop: call it from a worker thread
         self.local_addrs = await asyncio.to_thread(host_addresses, {cfg.interface})
         token = self._token()
@@ -203,12 +210,16 @@ class NodeDaemon:
         if self.engine is not None:
             self.engine.stop(time.time())
             self._send_out()
+        if self.path is not None:
+            self.path.detach()
+        if self.addr_monitor is not None:
+            loop.remove_reader(self.addr_monitor.fileno())
+            self.addr_monitor.close()
+            self.addr_monitor = None
         for s in self.socks.values():
-            loop.remove_reader(s.fileno())
             s.close()
         self.socks.clear()
         if self.tun is not None:
-            loop.remove_reader(self.tun.fd)
             self.tun.close()
             self.log(f"removed {self.cfg.interface}")
             self.tun = None
@@ -229,11 +240,33 @@ class NodeDaemon:
                 eps.append(sig.Endpoint(a, self.port))
         return eps[:C.MAX_ENDPOINTS]
 
+    def _on_address_notification(self) -> None:
+        mon = self.addr_monitor
+        try:
+            changed = mon.drain()
+        except OSError as exc:  # the socket broke: fall back to reading every ADDRESS_POLL_S
+            self.errors["address_monitor_" + type(exc).__name__] += 1
+            self.log(f"netlink address notifications failed ({exc}); reading addresses "
+                     f"every {ADDRESS_POLL_S} s")
+            asyncio.get_running_loop().remove_reader(mon.fileno())
+            mon.close()
+            self.addr_monitor = None
+            changed = True
+        if changed:
+            self._addr_changed.set()
+
     async def _watch_addresses(self) -> None:
-        """Roaming: read the host's addresses through netlink every ADDRESS_POLL_S; a change
-        re-registers from the new address (tunnels carry on, the virtual IP stays)."""
+        """Roaming: read the host's addresses again when netlink says they changed (or every
+        ADDRESS_RESYNC_S anyway); a change re-registers from the new address (tunnels carry
+        on, the virtual IP stays)."""
         while not self._stop.is_set():
-            await asyncio.sleep(ADDRESS_POLL_S)
+            every = ADDRESS_RESYNC_S if self.addr_monitor is not None else ADDRESS_POLL_S
+            try:
+                await asyncio.wait_for(self._addr_changed.wait(), every)
+                await asyncio.sleep(ADDRESS_SETTLE_S)
+            except asyncio.TimeoutError:
+                pass
+            self._addr_changed.clear()
             try:
                 addrs = await asyncio.to_thread(host_addresses, {self.cfg.interface})
             except Exception as exc:  # netlink trouble must not stop the daemon
@@ -247,73 +280,23 @@ class NodeDaemon:
                 self.engine.set_local_endpoints(self._endpoints(), time.time())
                 self.flush()
 
-    # --- the data path -------------------------------------------------------------------------
+    # --- the data path's slow path (packet_handling.PacketPath carries the common case) --------
 
-    def _on_udp(self, s: socket.socket) -> None:
-        engine = self.engine
-        device = engine.device
-        tun = self.tun
-        now = time.time()
-        slow = False
-        for _ in range(READ_BATCH):
-            try:
-                data, addr = s.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # ICMP errors surface here; never fatal
-                self.errors[type(exc).__name__] += 1
-                continue
-            if len(addr) > 2:
-                addr = addr[:2]
-            if device is not None and tun is not None:
-                inner = device.fast_receive(data, addr, now)
-                if inner is not None:
-                    if inner:
-                        try:
-                            tun.write(inner)
-                        except OSError as exc:
-                            self.errors["tun_write_" + type(exc).__name__] += 1
-                    continue
-            engine.receive_datagram(data, addr, now)
-            slow = True
-        if slow:
-            self.flush()
+    def _slow_datagram(self, data: bytes, addr, now: float) -> None:
+        """A datagram the fast path did not take: signaling, handshakes, relays, new endpoints."""
+        self.engine.receive_datagram(data, addr, now)
 
-    def _on_tun(self) -> None:
-        engine = self.engine
-        tun = self.tun
-        now = time.time()
-        device = engine.device
-        slow = False
-        for _ in range(READ_BATCH):
-            try:
-                packet = tun.read()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self.errors["tun_" + type(exc).__name__] += 1
-                break
-            if device is None or len(packet) < 20 or packet[0] >> 4 != 4:
-                self.drops["tun_not_ipv4"] += 1
-                continue
-            out = device.fast_send(packet, now)
-            if out is not None:
-                datagram, ep = out
-                s = self.socks.get(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET)
-                try:
-                    s.sendto(datagram, ep)
-                except BlockingIOError:
-                    self.drops["udp_send_buffer_full"] += 1
-                except (OSError, AttributeError) as exc:
-                    self.errors[type(exc).__name__] += 1
-                continue
-            slow = True
-            if packet[16:20] in device.peers_by_vip:
-                engine.send_packet(packet, now)
-            else:
-                self._queue_for_vip(packet, now)
-        if slow:
-            self.flush()
+    def _slow_packet(self, packet: bytes, now: float) -> None:
+        """A packet from the TUN the fast path did not take: no session yet (or a rekey, a relay),
+        or no tunnel at all: then it waits for one, which a packet brings up as a query does."""
+        device = self.engine.device
+        if device is None or len(packet) < 20 or packet[0] >> 4 != 4:
+            self.drops["tun_not_ipv4"] += 1
+            return
+        if packet[16:20] in device.peers_by_vip:
+            self.engine.send_packet(packet, now)
+        else:
+            self._queue_for_vip(packet, now)
 
     def _queue_for_vip(self, packet: bytes, now: float) -> None:
         vip = str(ipaddress.IPv4Address(packet[16:20]))
@@ -451,7 +434,7 @@ class NodeDaemon:
         try:
             if self.tun is None:
                 self.tun = Tun(self.cfg.interface)
-                loop.add_reader(self.tun.fd, self._on_tun)
+                self.path.attach(self.socks, self.engine.device, self.tun.fd)
         except TunError as exc:
             self.log(str(exc))
             self.health_events.append(("tun-failed", "error", str(exc), time.time()))
@@ -581,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config)
-        return asyncio.run(NodeDaemon(cfg).run())
+        selector = DataPathSelector()
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            return runner.run(NodeDaemon(cfg, selector=selector).run())
     except (NodeConfigError, TunError) as exc:
         print(f"cyphonic-node: {exc}", file=sys.stderr)
         return 1

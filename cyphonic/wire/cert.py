@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .. import constants as C
 from ..errors import ParseError
@@ -45,6 +46,11 @@ class Certificate:
     groups: tuple[str, ...] = ()
     vip6: ipaddress.IPv6Address | None = None
     signature: bytes = field(default=b"\x00" * 64, compare=True)
+
+    @cached_property
+    def vip4_packed(self) -> bytes:
+        """``vip4`` as 4 bytes (what the packet paths compare), computed once."""
+        return self.vip4.packed
 
     def tbs(self) -> bytes:
         """The bytes the signature covers (without the signing context)."""

@@ -1,0 +1,391 @@
+"""Packet Handling for the node daemon: the data path in a tight epoll loop, asyncio on top.
+
+The daemon's event loop is asyncio's ``SelectorEventLoop`` over a ``DataPathSelector``.
+asyncio keeps everything that is not per packet (signaling timers, the DNS stub, the
+status socket, worker threads, signals). The data path's descriptors (the TUN device
+and the UDP sockets) are registered with ``add_fast_reader`` instead of
+``loop.add_reader``: their handlers run straight from ``select()``, with no asyncio
+handle, callback, ready queue or timer heap per wakeup. ``select()`` gives control
+back to asyncio only when one of asyncio's own descriptors is ready, asyncio's timeout
+has run out, or a handler says it left work for asyncio (it took the slow path).
+
+A handler carries its descriptor's packets through the device's fast path
+(``Device.fast_send`` / ``fast_receive``: a live, confirmed session to a known
+endpoint) and straight out again (``sendto`` / a TUN write). Whatever the fast path
+refuses (handshakes, new endpoints, relays, packets for peers without a tunnel,
+signaling) goes to the daemon's slow path, which feeds the sans-IO engine and
+flushes it, as before.
+
+Per wakeup, the cost that matters is that of an idle process waking with cold
+caches (a ping every 10 ms: each packet meets a cold interpreter), so the path
+touches little: no asyncio machinery, bound locals, deadlines precomputed in the
+keypair. A handler called after a pause reads one packet and goes back to
+``epoll_wait`` (which it must call anyway to sleep) instead of reading on until
+EAGAIN, whose exception costs more than the wait; called again within
+``BURST_GAP_S`` (traffic is flowing) it drains its descriptor, up to
+``READ_BATCH`` packets, so one busy side cannot starve the other.
+
+Busy polling (not sleeping for a while after a packet, for the answer) was measured
+and left out: on two cores shared with the peer daemon, the applications and other
+work, the spinning process holds the CPU the peer needs to produce that answer.
+
+Never: block in a handler (every descriptor is non-blocking), let a handler's
+exception out of ``select()`` (it is counted in ``handler_errors`` and the loop goes
+on), or keep asyncio waiting past the timeout it asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import selectors
+import socket
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Callable
+
+READ_BATCH = 256              # packets per descriptor per wakeup, so one busy side cannot starve the other
+BURST_GAP_S = 0.001           # a handler called again within this long reads until its descriptor is empty
+RECV_BYTES = 65535            # a UDP datagram or a TUN packet, whatever its size
+TUN_READ_BYTES = 65535
+
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_EVENT_READ = selectors.EVENT_READ
+_EVENT_WRITE = selectors.EVENT_WRITE
+
+
+def _fileno(fileobj) -> int:
+    if isinstance(fileobj, int):
+        fd = fileobj
+    else:
+        fd = int(fileobj.fileno())
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor: {fd}")
+    return fd
+
+
+class _KeyMap(Mapping):
+    def __init__(self, keys: dict) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, fileobj):
+        for key in self._keys.values():
+            if key.fileobj is fileobj or key.fd == fileobj:
+                return key
+        raise KeyError(fileobj)
+
+    def __iter__(self):
+        return (key.fileobj for key in self._keys.values())
+
+
+class DataPathSelector(selectors.BaseSelector):
+    """An epoll selector for asyncio whose ``select()`` also runs the data path's handlers.
+
+    ``add_fast_reader(fd, handler)``: ``handler()`` is called whenever ``fd`` is readable; it
+    drains the descriptor and returns True if it left work for asyncio (then ``select()``
+    returns at once so asyncio runs it), False otherwise."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._epoll = select.epoll()
+        self._keys: dict[int, selectors.SelectorKey] = {}
+        self._fast: dict[int, Callable[[], bool]] = {}
+        self._clock = clock
+        self.handler_errors: Counter = Counter()
+
+    # --- the data path's descriptors ----------------------------------------------------------
+
+    def add_fast_reader(self, fd: int, handler: Callable[[], bool]) -> None:
+        """Run ``handler`` from ``select()`` when ``fd`` is readable (replaces an earlier one)."""
+        if fd in self._keys:
+            raise ValueError(f"fd {fd} is registered with asyncio")
+        if fd not in self._fast:
+            self._epoll.register(fd, _EPOLLIN)
+        self._fast[fd] = handler
+
+    def remove_fast_reader(self, fd: int) -> bool:
+        if self._fast.pop(fd, None) is None:
+            return False
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):  # closed already
+            pass
+        return True
+
+    # --- selectors.BaseSelector (what asyncio uses) -----------------------------------------------
+
+    def _lookup(self, fileobj) -> int:
+        try:
+            return _fileno(fileobj)
+        except ValueError:
+            for key in self._keys.values():  # a closed file object: find it by identity
+                if key.fileobj is fileobj:
+                    return key.fd
+            raise
+
+    def register(self, fileobj, events, data=None):
+        if not events or events & ~(_EVENT_READ | _EVENT_WRITE):
+            raise ValueError(f"invalid events: {events!r}")
+        fd = _fileno(fileobj)
+        if fd in self._keys or fd in self._fast:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._epoll.register(fd, self._mask(events))
+        self._keys[fd] = key
+        return key
+
+    def unregister(self, fileobj):
+        fd = self._lookup(fileobj)
+        try:
+            key = self._keys.pop(fd)
+        except KeyError:
+            raise KeyError(f"{fileobj!r} is not registered") from None
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):  # the fd was closed since it was registered
+            pass
+        return key
+
+    def modify(self, fileobj, events, data=None):
+        fd = self._lookup(fileobj)
+        try:
+            key = self._keys[fd]
+        except KeyError:
+            raise KeyError(f"{fileobj!r} is not registered") from None
+        if events != key.events:
+            if not events or events & ~(_EVENT_READ | _EVENT_WRITE):
+                raise ValueError(f"invalid events: {events!r}")
+            self._epoll.modify(fd, self._mask(events))
+        if events != key.events or data != key.data:
+            key = self._keys[fd] = key._replace(events=events, data=data)
+        return key
+
+    def get_key(self, fileobj):
+        try:
+            return self._keys[self._lookup(fileobj)]
+        except (KeyError, ValueError):
+            raise KeyError(f"{fileobj!r} is not registered") from None
+
+    def get_map(self):
+        return _KeyMap(self._keys)
+
+    def close(self) -> None:
+        self._keys.clear()
+        self._fast.clear()
+        self._epoll.close()
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        m = 0
+        if events & _EVENT_READ:
+            m |= _EPOLLIN
+        if events & _EVENT_WRITE:
+            m |= _EPOLLOUT
+        return m
+
+    def select(self, timeout=None):
+        """asyncio's wait. Runs the data path's handlers for as long as only they have work,
+        and returns asyncio's ready keys, or nothing once its ``timeout`` has run out."""
+        poll = self._epoll.poll
+        fast = self._fast
+        keys = self._keys
+        clock = self._clock
+        if timeout is None:
+            deadline = None
+            wait = -1.0
+        elif timeout <= 0:
+            deadline = 0.0
+            wait = 0.0
+        else:
+            wait = timeout
+            deadline = clock() + timeout
+        while True:
+            try:
+                events = poll(wait, len(keys) + len(fast) or 1)
+            except InterruptedError:
+                return []
+            ready = []
+            more = False
+            carried = False
+            for fd, ev in events:
+                handler = fast.get(fd)
+                if handler is not None:
+                    carried = True
+                    try:
+                        if handler():
+                            more = True
+                    except Exception as exc:  # noqa: BLE001 - the loop outlives any one handler
+                        self.handler_errors[type(exc).__name__] += 1
+                        more = True
+                    continue
+                key = keys.get(fd)
+                if key is not None:
+                    mask = 0
+                    if ev & ~_EPOLLIN:
+                        mask |= _EVENT_WRITE
+                    if ev & ~_EPOLLOUT:
+                        mask |= _EVENT_READ
+                    ready.append((key, mask & key.events))
+            if ready or more:
+                return ready
+            if not carried:
+                return ready  # asyncio's timeout ran out (or it asked not to wait at all)
+            # Only the data path had work: wait again, for what is left of asyncio's timeout.
+            if deadline is not None:
+                wait = deadline - clock()
+                if wait <= 0:
+                    return ready
+
+
+class PacketPath:
+    """TUN <-> UDP through the device's fast path, with the slow path handed to the daemon.
+
+    ``slow_datagram(data, addr, now)`` and ``slow_packet(packet, now)`` take what the fast
+    path refuses; ``flush()`` runs once after a batch that used them. Counters:
+    ``errors`` (socket and TUN errors by name) and ``drops``."""
+
+    def __init__(self, add_reader: Callable[[int, Callable[[], bool]], object],
+                 remove_reader: Callable[[int], object], *, slow_datagram, slow_packet, flush,
+                 errors: Counter | None = None, drops: Counter | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.add_reader = add_reader          # DataPathSelector.add_fast_reader, or loop.add_reader
+        self.remove_reader = remove_reader
+        self.slow_datagram = slow_datagram
+        self.slow_packet = slow_packet
+        self.flush = flush
+        self.clock = clock
+        self.errors: Counter = Counter() if errors is None else errors
+        self.drops: Counter = Counter() if drops is None else drops
+        self.socks: dict[int, socket.socket] = {}
+        self.device = None
+        self.tun_fd = -1
+        self._fds: list[int] = []
+
+    def attach(self, socks: dict[int, socket.socket], device=None, tun_fd: int = -1) -> None:
+        """(Re)install the handlers: the sockets alone (all to the slow path) until a device
+        and a TUN exist."""
+        self.detach()
+        self.socks = dict(socks)
+        self.device = device
+        self.tun_fd = tun_fd
+        fast = device is not None and tun_fd >= 0
+        for s in self.socks.values():
+            self._install(s.fileno(), self._udp_handler(s, fast))
+        if fast:
+            self._install(tun_fd, self._tun_handler())
+
+    def _install(self, fd: int, handler: Callable[[], bool]) -> None:
+        self.add_reader(fd, handler)
+        self._fds.append(fd)
+
+    def detach(self) -> None:
+        """Remove the handlers (before the descriptors are closed)."""
+        for fd in self._fds:
+            self.remove_reader(fd)
+        self._fds.clear()
+        self.device = None
+        self.tun_fd = -1
+
+    def _udp_handler(self, sock: socket.socket, fast: bool) -> Callable[[], bool]:
+        recvfrom = sock.recvfrom
+        clock = self.clock
+        slow_datagram = self.slow_datagram
+        flush = self.flush
+        errors = self.errors
+        write = os.write
+        tun_fd = self.tun_fd
+        fast_receive = self.device.fast_receive if fast else None
+        batch = range(READ_BATCH)
+        last = 0.0
+
+        def on_udp() -> bool:
+            nonlocal last
+            now = clock()
+            drain = now - last < BURST_GAP_S
+            last = now
+            slow = False
+            for _ in batch:
+                try:
+                    data, addr = recvfrom(RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # ICMP errors surface here; never fatal
+                    errors[type(exc).__name__] += 1
+                    continue
+                if len(addr) > 2:
+                    addr = addr[:2]
+                if fast_receive is not None:
+                    inner = fast_receive(data, addr, now)
+                    if inner is not None:
+                        if inner:
+                            try:
+                                write(tun_fd, inner)
+                            except OSError as exc:
+                                errors["tun_write_" + type(exc).__name__] += 1
+                        if not drain:
+                            break
+                        continue
+                slow_datagram(data, addr, now)
+                slow = True
+                if not drain:
+                    break
+            if slow:
+                flush()
+            return slow
+
+        return on_udp
+
+    def _tun_handler(self) -> Callable[[], bool]:
+        read = os.read
+        tun_fd = self.tun_fd
+        clock = self.clock
+        fast_send = self.device.fast_send
+        slow_packet = self.slow_packet
+        flush = self.flush
+        errors = self.errors
+        drops = self.drops
+        s4 = self.socks.get(socket.AF_INET)
+        s6 = self.socks.get(socket.AF_INET6)
+        send4 = s4.sendto if s4 is not None else None
+        send6 = s6.sendto if s6 is not None else None
+        batch = range(READ_BATCH)
+        last = 0.0
+
+        def on_tun() -> bool:
+            nonlocal last
+            now = clock()
+            drain = now - last < BURST_GAP_S
+            last = now
+            slow = False
+            for _ in batch:
+                try:
+                    packet = read(tun_fd, TUN_READ_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    errors["tun_" + type(exc).__name__] += 1
+                    break
+                out = fast_send(packet, now) if packet and packet[0] >> 4 == 4 else None
+                if out is None:
+                    slow_packet(packet, now)
+                    slow = True
+                else:
+                    datagram, ep = out
+                    send = send6 if ":" in ep[0] else send4
+                    try:
+                        send(datagram, ep)
+                    except BlockingIOError:
+                        drops["udp_send_buffer_full"] += 1
+                    except (OSError, TypeError) as exc:  # TypeError: no socket of that family
+                        errors[type(exc).__name__] += 1
+                if not drain:
+                    break
+            if slow:
+                flush()
+            return slow
+
+        return on_tun

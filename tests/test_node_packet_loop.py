@@ -1,0 +1,229 @@
+"""The node's data path loop (cyphonic/node/packet_handling.py), without root: the epoll selector
+under asyncio, and PacketPath with a datagram socketpair standing in for the TUN device."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+from cyphonic.node.packet_handling import DataPathSelector, PacketPath
+
+
+def run(coro_fn, selector: DataPathSelector | None = None):
+    sel = selector or DataPathSelector()
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(sel)) as r:
+        return r.run(coro_fn(sel))
+
+
+def udp_pair():
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(("127.0.0.1", 0))
+    b.bind(("127.0.0.1", 0))
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def test_fast_readers_run_inside_select_and_asyncio_keeps_working():
+    async def scenario(sel):
+        loop = asyncio.get_running_loop()
+        a, b = udp_pair()
+        c, d = udp_pair()
+        got, asyncio_got = [], []
+
+        def on_fast() -> bool:
+            while True:
+                try:
+                    got.append(a.recv(100))
+                except BlockingIOError:
+                    return False
+
+        sel.add_fast_reader(a.fileno(), on_fast)
+        loop.add_reader(c.fileno(), lambda: asyncio_got.append(c.recv(100)))
+        timer = loop.create_future()
+        t0 = time.monotonic()
+        loop.call_later(0.15, timer.set_result, time.monotonic())
+        for i in range(50):  # fast traffic all along must not hold asyncio's timer back
+            b.sendto(b"fast%d" % i, a.getsockname())
+            await asyncio.sleep(0.004)
+        d.sendto(b"for asyncio", c.getsockname())
+        fired = await asyncio.wait_for(timer, 2)
+        await asyncio.sleep(0.02)
+        assert fired - t0 < 0.25
+        assert len(got) == 50 and got[0] == b"fast0"
+        assert asyncio_got == [b"for asyncio"]
+        # a thread waking the loop (asyncio.to_thread's completion) is heard while the loop sleeps
+        assert await asyncio.to_thread(lambda: 42) == 42
+        assert sel.get_key(c.fileno()).fd == c.fileno() and len(sel.get_map()) >= 1
+        assert sel.remove_fast_reader(a.fileno()) and not sel.remove_fast_reader(a.fileno())
+        loop.remove_reader(c.fileno())
+        for s in (a, b, c, d):
+            s.close()
+
+    run(scenario)
+
+
+def test_a_handler_that_leaves_work_hands_control_back_and_errors_are_counted():
+    async def scenario(sel):
+        loop = asyncio.get_running_loop()
+        a, b = udp_pair()
+        done = loop.create_future()
+        calls = []
+
+        def on_fast() -> bool:
+            data = a.recv(100)
+            calls.append(data)
+            if data == b"boom":
+                raise RuntimeError("a bug in a handler")
+            loop.call_soon(done.set_result, data)  # asyncio work: runs once select() returns
+            return True
+
+        sel.add_fast_reader(a.fileno(), on_fast)
+        b.sendto(b"boom", a.getsockname())
+        await asyncio.sleep(0.05)
+        assert sel.handler_errors["RuntimeError"] == 1
+        b.sendto(b"after", a.getsockname())
+        assert await asyncio.wait_for(done, 2) == b"after"
+        assert calls == [b"boom", b"after"]
+        sel.remove_fast_reader(a.fileno())
+        a.close()
+        b.close()
+
+    run(scenario)
+
+
+def test_a_threadsafe_call_wakes_a_loop_that_only_waits():
+    async def scenario(sel):
+        loop = asyncio.get_running_loop()
+        woke = loop.create_future()
+        threading.Timer(0.05, lambda: loop.call_soon_threadsafe(woke.set_result, True)).start()
+        assert await asyncio.wait_for(woke, 2)
+
+    run(scenario)
+
+
+class FakeDevice:
+    """fast_send / fast_receive of the common case, by rule: b"F..." takes the fast path."""
+
+    def __init__(self, peer_addr):
+        self.peer_addr = peer_addr
+
+    def fast_send(self, packet, now):
+        return (b"sealed:" + packet, self.peer_addr) if packet[1:2] == b"F" else None
+
+    def fast_receive(self, data, addr, now):
+        if not data.startswith(b"sealed:"):
+            return None
+        inner = data[len(b"sealed:"):]
+        return b"" if inner == b"\x45keepalive" else inner
+
+
+def packet(tag: bytes) -> bytes:
+    return b"\x45" + tag  # IPv4 version nibble
+
+
+def test_packet_path_carries_the_common_case_and_hands_the_rest_to_the_slow_path():
+    async def scenario(sel):
+        udp, peer = udp_pair()
+        tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # a TUN: one packet per read
+        for s in (tun_app, tun):
+            s.setblocking(False)
+        slow_datagrams, slow_packets, flushes = [], [], []
+        path = PacketPath(sel.add_fast_reader, sel.remove_fast_reader,
+                          slow_datagram=lambda d, a, now: slow_datagrams.append(d),
+                          slow_packet=lambda p, now: slow_packets.append(p),
+                          flush=lambda: flushes.append(1))
+        path.attach({socket.AF_INET: udp})  # no device and no TUN yet: everything is slow
+        peer.sendto(b"sealed:\x45Fearly", udp.getsockname())
+        await asyncio.sleep(0.05)
+        assert slow_datagrams == [b"sealed:\x45Fearly"] and len(flushes) == 1
+
+        path.attach({socket.AF_INET: udp}, FakeDevice(peer.getsockname()), tun.fileno())
+        # TUN -> UDP: a burst, all carried; one packet without a session goes slow
+        for tag in (b"F1", b"F2", b"S3", b"F4"):
+            tun_app.send(packet(tag))
+        await asyncio.sleep(0.05)
+        out = []
+        while True:
+            try:
+                out.append(peer.recv(100))
+            except BlockingIOError:
+                break
+        assert out == [b"sealed:" + packet(t) for t in (b"F1", b"F2", b"F4")]
+        assert slow_packets == [packet(b"S3")]
+        # UDP -> TUN: opened packets are written to the TUN, keepalives consumed, the rest slow
+        for d in (b"sealed:" + packet(b"Fa"), b"sealed:\x45keepalive", b"handshake", b"sealed:" + packet(b"Fb")):
+            peer.sendto(d, udp.getsockname())
+        await asyncio.sleep(0.05)
+        inbound = []
+        while True:
+            try:
+                inbound.append(tun_app.recv(100))
+            except BlockingIOError:
+                break
+        assert inbound == [packet(b"Fa"), packet(b"Fb")]
+        assert slow_datagrams[-1] == b"handshake"
+        # an IPv6 packet never takes the fast path
+        tun_app.send(b"\x60F" + bytes(40))
+        await asyncio.sleep(0.05)
+        assert slow_packets[-1][:1] == b"\x60"
+        path.detach()
+        for s in (udp, peer, tun_app, tun):
+            s.close()
+        assert not path.errors
+
+    run(scenario)
+
+
+def test_packet_path_runs_on_a_plain_asyncio_loop_too():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        udp, peer = udp_pair()
+        tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = PacketPath(loop.add_reader, loop.remove_reader, slow_datagram=lambda *a: None,
+                          slow_packet=lambda *a: None, flush=lambda: None)
+        path.attach({socket.AF_INET: udp}, FakeDevice(peer.getsockname()), tun.fileno())
+        tun_app.send(packet(b"Fx"))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            try:
+                got = peer.recv(100)
+                break
+            except BlockingIOError:
+                continue
+        assert got == b"sealed:" + packet(b"Fx")
+        path.detach()
+        for s in (udp, peer, tun_app, tun):
+            s.close()
+
+    asyncio.run(scenario())
+
+
+def test_selector_bookkeeping():
+    sel = DataPathSelector()
+    r, w = os.pipe()
+    try:
+        key = sel.register(r, 1, "data")
+        assert sel.get_key(r) is key and key.data == "data"
+        key2 = sel.modify(r, 1, "other")
+        assert key2.data == "other"
+        try:
+            sel.add_fast_reader(r, lambda: False)
+            raise AssertionError("an fd of asyncio's cannot be a fast reader too")
+        except ValueError:
+            pass
+        os.write(w, b"x")
+        assert [(k.fd, ev) for k, ev in sel.select(0)] == [(r, 1)]
+        sel.unregister(r)
+        assert sel.select(0) == []
+        t = time.monotonic()
+        assert sel.select(0.03) == []
+        assert time.monotonic() - t >= 0.025
+    finally:
+        sel.close()
+        os.close(r)
+        os.close(w)

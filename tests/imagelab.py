@@ -66,6 +66,10 @@ class ImageFiles:
         self.kernel = mcopy_out(img, kernels[-1], os.path.join(workdir, "vmlinuz"))
         self.initrd = mcopy_out(img, initrds[-1], os.path.join(workdir, "initrd.img"))
         self.workdir = workdir
+        # The kernel command line a Pi would use, with the console moved to QEMU's PL011 UART.
+        cmdline = mtype(img, "cmdline.txt").strip()
+        self.cmdline = " ".join([w for w in cmdline.split() if not w.startswith("console=")]
+                                + ["console=ttyAMA0", "panic=10"])
 
     def dtb(self, name: str) -> str:
         if name not in self.names:
@@ -119,14 +123,15 @@ class VM:
                          "-device", f"virtio-net-pci,netdev=n{i},mac={mac},romfile="]
 
     def start_virt(self, files: ImageFiles, disk: str, *, memory_mb: int = 1024, smp: int = 2) -> None:
-        append = "root=LABEL=CYROOT rw rootwait console=ttyAMA0 net.ifnames=1 panic=10"
         self._start([QEMU, "-M", "virt", "-cpu", "cortex-a72", "-smp", str(smp), "-m", str(memory_mb),
-                     "-kernel", files.kernel, "-initrd", files.initrd, "-append", append,
+                     "-kernel", files.kernel, "-initrd", files.initrd, "-append", files.cmdline,
                      "-drive", f"file={disk},format=raw,if=virtio",
                      *self.netdevs])
 
     def start_raspi3b(self, files: ImageFiles, disk: str) -> None:
-        append = "root=LABEL=CYROOT rw rootwait console=ttyAMA0 panic=10"
+        # QEMU 7.2's model of the BCM2835 power manager resets the machine the moment the
+        # watchdog driver arms it (a real Pi counts down 15 s): keep the driver out here.
+        append = files.cmdline + " modprobe.blacklist=bcm2835_wdt"
         self._start([QEMU, "-M", "raspi3b", "-kernel", files.kernel, "-initrd", files.initrd,
                      "-dtb", files.dtb("bcm2837-rpi-3-b.dtb"), "-append", append,
                      "-drive", f"file={disk},format=raw,if=sd"])

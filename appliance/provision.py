@@ -390,8 +390,10 @@ def _wan_network(wan: str, cfg: dict, err) -> str:
     gateway, dns = cfg.get("gateway"), cfg.get("dns")
     if not isinstance(address, str):
         return ""
+    # Online only with an IPv4 address: the adapter starts after network-online.target and
+    # reads its WAN address then; an IPv6 link-local address alone must not count.
     lines = [HEADER.rstrip("\n"), "# The WAN port: towards the LAN/Internet and the cloud.", "[Match]",
-             f"Name={wan}", "", "[Network]"]
+             f"Name={wan}", "", "[Link]", "RequiredFamilyForOnline=ipv4", "", "[Network]"]
     if address == "dhcp":
         for k in ("gateway", "dns"):
             if k in cfg:

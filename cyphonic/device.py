@@ -28,7 +28,10 @@ from . import constants as C
 from . import events as ev
 from . import handshake as hs
 from .certs import Certificate, TrustStore
-from .datachannel import crypto_route_ok
+from .datachannel import OPEN_BUFFER as _OPEN_BUF
+from .datachannel import OPENED, RECV_STAGE, SEAL_STAGE, crypto_route_ok
+from .datachannel import RECV_BUFFER as _RECV_BUF
+from .datachannel import SEAL_BUFFER as _SEAL_BUF
 from .outbox import Outbox
 from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedError,
                      RemoteProtocolError, ReplayError)
@@ -42,6 +45,10 @@ _REKEY_AFTER_MESSAGES = C.REKEY_AFTER_MESSAGES
 _KEEPALIVE_S = C.KEEPALIVE_S
 _MSG_DATA = wire_data.MSG_DATA
 _MIN_DATA_BYTES = wire_data.MIN_DATA_BYTES
+_MAX_DATAGRAM = C.MAX_DATAGRAM_BYTES
+_MAX_INNER = C.MAX_INNER_PACKET_BYTES
+_SRC = C.DATA_HEADER_BYTES + 12   # the staged packet's IPv4 source and destination, in the seal buffer
+_DST = C.DATA_HEADER_BYTES + 16
 _unpack_index = struct.Struct("!I").unpack_from
 
 
@@ -149,59 +156,83 @@ class Device(Outbox):
     def fast_send(self, packet: bytes, now: float):
         """Seal ``packet`` if it is the plain common case: a live, confirmed session that needs no
         rekey, to a UDP endpoint. Returns (datagram, endpoint), or None: then the caller must use
-        ``send_packet`` (staging, handshakes, rekeys, relays and drops all live there).
+        ``send_packet`` (staging, handshakes, rekeys, relays and drops all live there)."""
+        size = len(packet)
+        if not 20 <= size <= _MAX_INNER:
+            return None
+        SEAL_STAGE[0:size] = packet
+        out = self.fast_send_staged(size, now)
+        return None if out is None else (_SEAL_BUF[0:out[0]], out[1])
+
+    def fast_send_staged(self, size: int, now: float):
+        """``fast_send`` of the packet an I/O edge read into ``datachannel.SEAL_STAGE`` (nothing
+        copied): returns (datagram length, endpoint), the datagram being
+        ``datachannel.SEALED[:length]``; or None (the packet is still in the stage).
 
         Per packet, so lean: few lookups, deadlines precomputed in the keypair (an idle process
         wakes with cold caches, and every object touched costs)."""
-        peer = self.peers_by_vip.get(packet[16:20])  # (shorter than 20 bytes: matches no peer)
-        if peer is None:
+        peer = self.peers_by_vip.get(_SEAL_BUF[_DST:_DST + 4])
+        if peer is None or size < 20:
             return None
         kp = peer.current
         ep = peer.endpoint
         if kp is None or type(ep) is not tuple or not kp.confirmed or peer.handshake is not None \
-                or now >= kp.fast_send_until or packet[12:16] not in self.local_vip4s:
+                or now >= kp.fast_send_until or _SEAL_BUF[_SRC:_SRC + 4] not in self.local_vip4s:
             return None
         sender = kp.sender
         if sender.packets_sent >= _REKEY_AFTER_MESSAGES:  # (= its counter: a device's own streams start at 0)
             return None
-        datagram = sender.seal(packet)
+        length = sender.seal_staged(size)
         peer.last_sent = now
         peer.keepalive_due = None
-        peer.tx_bytes += len(packet)
+        peer.tx_bytes += size
         peer.tx_packets += 1
-        return datagram, ep
+        return length, ep
 
     def fast_receive(self, data: bytes, addr, now: float):
         """Open a data packet of a live session from its known endpoint. Returns the inner packet
         to deliver, b"" when the datagram was consumed (a keepalive, or a counted drop), or None:
         then the caller must use ``receive_datagram`` (new endpoints, key confirmation, rekeys)."""
-        if len(data) < _MIN_DATA_BYTES or data[0] != _MSG_DATA:
+        size = len(data)
+        if size < _MIN_DATA_BYTES or size > _MAX_DATAGRAM or data[0] != _MSG_DATA:
             return None
-        entry = self._index.get(_unpack_index(data, 4)[0])
+        RECV_STAGE[0:size] = data
+        plen = self.fast_receive_staged(size, addr, now)
+        return None if plen is None else _OPEN_BUF[0:plen]
+
+    def fast_receive_staged(self, size: int, addr, now: float):
+        """``fast_receive`` of the datagram an I/O edge received into ``datachannel.RECV_STAGE``
+        (nothing copied): returns the length of the inner packet to deliver, which is
+        ``datachannel.OPENED[:length]``; 0 when the datagram was consumed (a keepalive, or a
+        counted drop); or None: the caller must use ``receive_datagram`` (the datagram is still
+        in the stage)."""
+        if size < _MIN_DATA_BYTES or RECV_STAGE[0] != _MSG_DATA:
+            return None
+        entry = self._index.get(_unpack_index(_RECV_BUF, 4)[0])
         if entry is None:
             return None
         peer, kp = entry
         if kp is not peer.current or now >= kp.fast_receive_until or peer.endpoint != addr:
             return None  # (a handshake in the index is never current)
         try:
-            plaintext, _ = kp.receiver.open(data)
+            plen, _ = kp.receiver.open_staged(size)
         except RemoteProtocolError as exc:
             self.drops[exc.reason] += 1
-            return b""
+            return 0
         peer.last_received = now
-        if not plaintext:
+        if not plen:
             self.counters["keepalives_received"] += 1
-            return b""
+            return 0
         # crypto routing: an IPv4 packet from the peer's virtual IP to ours (crypto_route_ok, inline)
-        if len(plaintext) < 20 or plaintext[0] >> 4 != 4 or plaintext[12:16] != peer.cert.vip4_packed \
-                or plaintext[16:20] not in self.local_vip4s:
+        if plen < 20 or OPENED[0] >> 4 != 4 or _OPEN_BUF[12:16] != peer.cert.vip4_packed \
+                or _OPEN_BUF[16:20] not in self.local_vip4s:
             self.drops["crypto_route"] += 1
-            return b""
-        peer.rx_bytes += len(plaintext)
+            return 0
+        peer.rx_bytes += plen
         peer.rx_packets += 1
         if peer.keepalive_due is None:
             peer.keepalive_due = now + _KEEPALIVE_S
-        return plaintext
+        return plen
 
     def maintain(self, now: float) -> None:
         """Start the rekeys that are due. A node daemon's device rekeys as it sends; the adapter's

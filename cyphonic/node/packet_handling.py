@@ -45,10 +45,13 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Callable
 
+from .. import constants as C
+from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
+
 READ_BATCH = 256              # packets per descriptor per wakeup, so one busy side cannot starve the other
+HEADER_BYTES = C.DATA_HEADER_BYTES
 BURST_GAP_S = 0.001           # a handler called again within this long reads until its descriptor is empty
-RECV_BYTES = 65535            # a UDP datagram or a TUN packet, whatever its size
-TUN_READ_BYTES = 65535
+RECV_BYTES = 65535            # a UDP datagram, whatever its size
 
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
@@ -291,14 +294,46 @@ class PacketPath:
         self.tun_fd = -1
 
     def _udp_handler(self, sock: socket.socket, fast: bool) -> Callable[[], bool]:
+        return self._fast_udp_handler(sock) if fast else self._slow_udp_handler(sock)
+
+    def _slow_udp_handler(self, sock: socket.socket) -> Callable[[], bool]:
+        """Before the device and the TUN exist: every datagram to the slow path."""
         recvfrom = sock.recvfrom
+        clock = self.clock
+        slow_datagram = self.slow_datagram
+        errors = self.errors
+
+        def on_udp() -> bool:
+            now = clock()
+            n = 0
+            for _ in range(READ_BATCH):
+                try:
+                    data, addr = recvfrom(RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # ICMP errors surface here; never fatal
+                    errors[type(exc).__name__] += 1
+                    continue
+                slow_datagram(data, addr[:2], now)
+                n += 1
+            if n:
+                self.flush()
+            return n > 0
+
+        return on_udp
+
+    def _fast_udp_handler(self, sock: socket.socket) -> Callable[[], bool]:
+        recvfrom_into = sock.recvfrom_into
         clock = self.clock
         slow_datagram = self.slow_datagram
         flush = self.flush
         errors = self.errors
         write = os.write
         tun_fd = self.tun_fd
-        fast_receive = self.device.fast_receive if fast else None
+        fast_receive = self.device.fast_receive_staged
+        stage = RECV_STAGE
+        stage_bytes = RECV_BUFFER
+        opened = OPENED
         batch = range(READ_BATCH)
         last = 0.0
 
@@ -310,7 +345,7 @@ class PacketPath:
             slow = False
             for _ in batch:
                 try:
-                    data, addr = recvfrom(RECV_BYTES)
+                    n, addr = recvfrom_into(stage)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:  # ICMP errors surface here; never fatal
@@ -318,19 +353,15 @@ class PacketPath:
                     continue
                 if len(addr) > 2:
                     addr = addr[:2]
-                if fast_receive is not None:
-                    inner = fast_receive(data, addr, now)
-                    if inner is not None:
-                        if inner:
-                            try:
-                                write(tun_fd, inner)
-                            except OSError as exc:
-                                errors["tun_write_" + type(exc).__name__] += 1
-                        if not drain:
-                            break
-                        continue
-                slow_datagram(data, addr, now)
-                slow = True
+                plen = fast_receive(n, addr, now)
+                if plen is None:
+                    slow_datagram(stage_bytes[0:n], addr, now)
+                    slow = True
+                elif plen:
+                    try:
+                        write(tun_fd, opened[:plen])
+                    except OSError as exc:
+                        errors["tun_write_" + type(exc).__name__] += 1
                 if not drain:
                     break
             if slow:
@@ -340,10 +371,10 @@ class PacketPath:
         return on_udp
 
     def _tun_handler(self) -> Callable[[], bool]:
-        read = os.read
+        readv = os.readv
         tun_fd = self.tun_fd
         clock = self.clock
-        fast_send = self.device.fast_send
+        fast_send = self.device.fast_send_staged
         slow_packet = self.slow_packet
         flush = self.flush
         errors = self.errors
@@ -352,6 +383,12 @@ class PacketPath:
         s6 = self.socks.get(socket.AF_INET6)
         send4 = s4.sendto if s4 is not None else None
         send6 = s6.sendto if s6 is not None else None
+        stage = SEAL_STAGE
+        into = [stage]
+        staged = SEAL_BUFFER
+        first = HEADER_BYTES
+        most = len(stage)
+        sealed = SEALED
         batch = range(READ_BATCH)
         last = 0.0
 
@@ -363,21 +400,27 @@ class PacketPath:
             slow = False
             for _ in batch:
                 try:
-                    packet = read(tun_fd, TUN_READ_BYTES)
+                    size = readv(tun_fd, into)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
                     errors["tun_" + type(exc).__name__] += 1
                     break
-                out = fast_send(packet, now) if packet and packet[0] >> 4 == 4 else None
-                if out is None:
-                    slow_packet(packet, now)
-                    slow = True
+                if size > most:  # larger than any sealed packet can be (a TUN MTU near 64 KiB)
+                    drops["tun_oversize"] += 1
+                    out = False
+                elif size and stage[0] >> 4 == 4:
+                    out = fast_send(size, now)
                 else:
-                    datagram, ep = out
+                    out = None
+                if out is None:
+                    slow_packet(staged[first:first + size], now)
+                    slow = True
+                elif out:
+                    length, ep = out
                     send = send6 if ":" in ep[0] else send4
                     try:
-                        send(datagram, ep)
+                        send(sealed[:length], ep)
                     except BlockingIOError:
                         drops["udp_send_buffer_full"] += 1
                     except (OSError, TypeError) as exc:  # TypeError: no socket of that family

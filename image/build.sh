@@ -139,6 +139,9 @@ BASE_KEY="$( { printf '%s\n' "$SUITE" "${RUNTIME_PKGS[@]}" "${BUILD_PKGS[@]}" "$
                cat "$WORK/sdist/"*.tar.gz | sha256sum; echo "$CYTHON_PIN"; sed -n '/^BASE-HOOKS-BEGIN/,/^BASE-HOOKS-END/p' "$0"; } \
              | sha256sum | cut -c1-16)"
 BASE_TAR="$CACHE/base-$BASE_KEY.tar"
+# The key covers our inputs, not the mirror: a base older than a week is built again so that
+# Debian's security updates reach the image.
+find "$CACHE" -maxdepth 1 -name 'base-*.tar' -mtime +7 -delete
 
 step "3/6 base root filesystem (arm64, cache key $BASE_KEY)"
 if [ -f "$BASE_TAR" ] && [ -s "$BASE_TAR" ]; then

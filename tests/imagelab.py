@@ -68,6 +68,7 @@ class ImageFiles:
         self.workdir = workdir
         # The kernel command line a Pi would use, with the console moved to QEMU's PL011 UART.
         cmdline = mtype(img, "cmdline.txt").strip()
+        # (No rootdelay=: initramfs-tools sleeps that long before it even looks for the root.)
         self.cmdline = " ".join([w for w in cmdline.split() if not w.startswith("console=")]
                                 + ["console=ttyAMA0", "panic=10"])
 

@@ -185,21 +185,30 @@ name = "cam1"
     assert "CLOSED" in r.stdout, r.stdout
 
     # memory of the adapter (controller + workers) at rest and under iperf3 load
-    mem_cmd = "systemctl show -p MemoryCurrent --value cyphonic-adapter"
-    rest = int(ssh(mem_cmd).stdout.strip() or 0)
+    # the unit's cgroup (processes and their page cache) and the processes' RSS
+    mem_cmd = ("systemctl show -p MemoryCurrent --value cyphonic-adapter; "
+               "p=$(systemctl show -p MainPID --value cyphonic-adapter); "
+               "ps -o rss= -p $p --ppid $p | awk '{s+=$1} END {print s*1024}'")
+
+    def memory() -> tuple[int, int]:
+        out = ssh(mem_cmd).stdout.split()
+        return (int(out[0]), int(out[1])) if len(out) == 2 and all(o.isdigit() for o in out) else (0, 0)
+    rest, rest_rss = memory()
     lab.spawn(cloud, ["iperf3", "-s", "-1", "-B", srv_vip], log=tmp_path / "iperf-s.log")
     time.sleep(1)
     client = lab.spawn(gn, ["iperf3", "-c", srv_vip, "-t", "8", "-J"], log=tmp_path / "iperf-c.json")
     time.sleep(4)
-    load = int(ssh(mem_cmd).stdout.strip() or 0)
+    load, load_rss = memory()
     client.wait(60)
     try:
         mbit = json.loads(open(tmp_path / "iperf-c.json").read())["end"]["sum_received"]["bits_per_second"] / 1e6
     except (ValueError, KeyError):
         mbit = 0.0
     assert mbit > 0.5, open(tmp_path / "iperf-c.json").read()[-2000:]
+    assert rest_rss > 0 and load_rss > 0 and load < 512 * 2**20, (rest, load, rest_rss, load_rss)
     _record(virt_multi_user_s=round(multi_user_s, 1), virt_ready_s=round(ready_s, 1),
-            adapter_memory_rest_mib=round(rest / 2**20, 1), adapter_memory_load_mib=round(load / 2**20, 1),
+            adapter_cgroup_rest_mib=round(rest / 2**20, 1), adapter_cgroup_load_mib=round(load / 2**20, 1),
+            adapter_rss_rest_mib=round(rest_rss / 2**20, 1), adapter_rss_load_mib=round(load_rss / 2**20, 1),
             emulated_iperf3_tcp_mbit=round(mbit, 1))
     ssh("systemctl poweroff", timeout=30)
     vm.proc.wait(120)

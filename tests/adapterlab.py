@@ -59,10 +59,10 @@ def add_gn(lab, adapter, sock, log, ov, mac, name):
     ov.wait_log(log, f"general node {name} ({mac}) logged in", 20)
 
 
-def adapter_site(lab, tmp_path, *, workers: int = 2, extra_gns: tuple[str, ...] = ()):
-    """The usual site: an "internet" segment with the cloud, a node daemon "srv" and the adapter
-    (WAN eth0); a bare LAN behind the adapter with general node "gn" (plus ``extra_gns``), whose
-    MAC is enrolled as cam1 and which has taken its lease. Returns a dict of the parts."""
+def site_topology(lab, tmp_path, extra_gns: tuple[str, ...] = ()) -> dict:
+    """An "internet" segment with the cloud (running), a node daemon "srv" (ready) and the
+    adapter's host (WAN eth0); a bare LAN port on the adapter with general node "gn" (plus
+    ``extra_gns``) behind it. No adapter yet. Returns a dict of the parts."""
     from nodelab import Overlay
     inet = lab.switch("inet", "198.18.0.0/24")
     cloud = lab.host("cloud", inet, v6=False)
@@ -76,6 +76,16 @@ def adapter_site(lab, tmp_path, *, workers: int = 2, extra_gns: tuple[str, ...] 
     ov.start_cloud()
     ov.add_node("srv", srv_host)
     srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    return {"ov": ov, "adapter": adapter, "port": port, "gn": gn, "srv_host": srv_host,
+            "srv_vip": srv_vip, "others": others}
+
+
+def adapter_site(lab, tmp_path, *, workers: int = 2, extra_gns: tuple[str, ...] = ()):
+    """The usual site (site_topology) with the adapter running and "gn"'s MAC enrolled as cam1,
+    its lease taken. Returns a dict of the parts."""
+    t = site_topology(lab, tmp_path, extra_gns)
+    ov, adapter, port, gn, srv_host, srv_vip, others = (
+        t["ov"], t["adapter"], t["port"], t["gn"], t["srv_host"], t["srv_vip"], t["others"])
     proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, workers=workers)
     add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
     r, lease = dhclient(lab, gn, tmp_path, "gn")

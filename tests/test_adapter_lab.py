@@ -12,7 +12,7 @@ import pytest
 
 from lab import Lab
 from nodelab import DOMAIN, Overlay
-from adapterlab import LAN_ADDRESS, adapter_site, add_gn, cyadm, dhclient, mac_of, start_adapter
+from adapterlab import LAN_ADDRESS, adapter_site, site_topology, add_gn, cyadm, dhclient, mac_of, start_adapter
 
 pytestmark = pytest.mark.root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,17 +225,8 @@ def test_general_nodes_from_the_config_with_the_token_in_a_file(lab, tmp_path):
     """What the appliance's provisioning writes: no token in the config (gn_token_file) and the
     general nodes listed in it (general_nodes), enrolled at start without `cyadm gn add`, once;
     with the appliance's guard table loaded behind the adapter's own, as on the Pi."""
-    inet = lab.switch("inet", "198.18.0.0/24")
-    cloud = lab.host("cloud", inet, v6=False)
-    srv_host = lab.host("srv", inet, v6=False)
-    adapter = lab.host("adapter", inet, v6=False)
-    lan = lab.switch("lan", gateway=False)
-    port = lab.attach(adapter, lan, v4=False, v6=False)
-    gn = lab.host("gn", lan, v4=False, v6=False)
-    ov = Overlay(lab, cloud, str(tmp_path))
-    ov.start_cloud()
-    ov.add_node("srv", srv_host)
-    srv_vip = ov.wait_ready("srv")["identity"]["vip4"]
+    t = site_topology(lab, tmp_path)
+    ov, adapter, port, gn, srv_vip = t["ov"], t["adapter"], t["port"], t["gn"], t["srv_vip"]
     token_file = tmp_path / "token"
     token_file.write_text(ov.cli("enroll", "site-gns", "--reusable").strip() + "\n")
     token_file.chmod(0o600)

@@ -237,3 +237,92 @@ def test_selector_bookkeeping():
         sel.close()
         os.close(r)
         os.close(w)
+
+
+def test_busy_polling_waits_awake_for_the_answer_to_a_lone_packet_only():
+    """A lone packet of our own starts a busy poll (if CPUs are idle and answers come quickly);
+    the answer stops it; an answer we send (right after a delivery) and a stream do not start
+    one; a busy machine never does."""
+    async def scenario(sel):
+        udp, peer = udp_pair()
+        tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (tun_app, tun):
+            s.setblocking(False)
+        spins, stops = [], []
+
+        def spin(seconds):
+            spins.append(seconds)
+            sel.spin(seconds)
+
+        def stop_spin():
+            stops.append(1)
+            sel.stop_spin()
+
+        path = PacketPath(sel.add_fast_reader, sel.remove_fast_reader, slow_datagram=lambda *a: None,
+                          slow_packet=lambda *a: None, flush=lambda: None, busy_poll_s=0.02,
+                          spin=spin, stop_spin=stop_spin)
+        path.attach({socket.AF_INET: udp}, FakeDevice(peer.getsockname()), tun.fileno())
+
+        async def lone_packet():
+            tun_app.send(packet(b"Fping"))
+            await asyncio.sleep(0.01)
+            return peer.recv(100)
+
+        path.idle_cpus = 0.5                       # a busy machine: no busy poll
+        assert await lone_packet() == b"sealed:" + packet(b"Fping") and spins == []
+        path.sent_at = 0.0
+        path.idle_cpus = 2.0
+        assert await lone_packet() and spins == [0.02] and path.busy_polls == 1
+        t0 = time.monotonic()
+        peer.sendto(b"sealed:" + packet(b"Fpong"), udp.getsockname())   # the answer, quickly
+        await asyncio.sleep(0.01)
+        assert stops and tun_app.recv(100) == packet(b"Fpong") and path.quick
+        assert sel.spin_until == 0.0 and time.monotonic() - t0 < 1
+        # a packet that answers a delivery (an echo reply going back) starts none
+        peer.sendto(b"sealed:" + packet(b"Fping2"), udp.getsockname())
+        for _ in range(10000):
+            await asyncio.sleep(0)
+            try:
+                tun_app.recv(100)
+                break
+            except BlockingIOError:
+                continue
+        tun_app.send(packet(b"Fpong2"))
+        await asyncio.sleep(0.01)
+        assert peer.recv(100) and len(spins) == 1
+        # lone packets whose answers do not come: one busy poll, then no more
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            assert await lone_packet()
+        assert len(spins) == 2 and not path.quick
+        path.detach()
+        for s in (udp, peer, tun_app, tun):
+            s.close()
+
+    run(scenario)
+
+
+def test_a_busy_poll_keeps_asyncio_timers_on_time():
+    async def scenario(sel):
+        loop = asyncio.get_running_loop()
+        fired = loop.create_future()
+        t0 = time.monotonic()
+        loop.call_later(0.02, lambda: fired.set_result(time.monotonic()))
+        sel.spin(0.2)
+        t = await asyncio.wait_for(fired, 2)
+        assert t - t0 < 0.1
+        sel.stop_spin()
+
+    run(scenario)
+
+
+def test_idle_cpus_reads_proc_stat(tmp_path):
+    from cyphonic.node.packet_handling import IdleCpus
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n")
+    meter = IdleCpus(str(stat), cpus=2)
+    assert meter.sample() is None                           # the first sample has nothing to compare
+    stat.write_text("cpu  150 0 150 1000 100 0 0 0 0 0\n")  # 400 ticks: 300 idle
+    assert meter.sample() == 1.5
+    assert IdleCpus(str(tmp_path / "missing")).sample() is None
+    assert IdleCpus().sample() is None or True              # the real file reads

@@ -44,7 +44,7 @@ from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
 from .config import NodeConfig, parse_hostport
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
-from .packet_handling import DataPathSelector, PacketPath
+from .packet_handling import IDLE_SAMPLE_S, DataPathSelector, IdleCpus, PacketPath
 from .tun import Tun, TunError
 
 TICK_S = 0.25
@@ -155,12 +155,12 @@ class NodeDaemon:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
-        if self.selector is not None:
-            add, remove = self.selector.add_fast_reader, self.selector.remove_fast_reader
+        sel = self.selector
+        if sel is not None:
+            self.path = PacketPath(sel.add_fast_reader, sel.remove_fast_reader, busy_poll_s=cfg.busy_poll_us / 1e6,
+                                   spin=sel.spin, stop_spin=sel.stop_spin, **self._slow_path())
         else:
-            add, remove = loop.add_reader, loop.remove_reader
-        self.path = PacketPath(add, remove, slow_datagram=self._slow_datagram, slow_packet=self._slow_packet,
-                               flush=self.flush, errors=self.errors, drops=self.drops)
+            self.path = PacketPath(loop.add_reader, loop.remove_reader, **self._slow_path())
         for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
             if not host:
                 continue
@@ -201,9 +201,15 @@ class NodeDaemon:
         if self.login.get("domain"):
             await self._start_dns(self.login["domain"])
         self._tasks = [loop.create_task(self._watch_addresses()), loop.create_task(self._tick())]
+        if self.path.busy_poll_s:
+            self._tasks.append(loop.create_task(self._watch_idle_cpus()))
         self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
                  f"{self.identity.public.hex()[:16]}...")
         self.flush()
+
+    def _slow_path(self) -> dict:
+        return {"slow_datagram": self._slow_datagram, "slow_packet": self._slow_packet,
+                "flush": self.flush, "errors": self.errors, "drops": self.drops}
 
     def close(self) -> None:
         loop = asyncio.get_event_loop()
@@ -363,6 +369,16 @@ class NodeDaemon:
         self._armed_for = t
         if t is not None:
             self._timer = asyncio.get_running_loop().call_later(max(0.0, t - time.time()), self._fire)
+
+    async def _watch_idle_cpus(self) -> None:
+        """Busy polling is for a machine with CPUs to spare: tell the data path how many stood
+        idle over the last IDLE_SAMPLE_S (packet_handling)."""
+        meter = IdleCpus()
+        while not self._stop.is_set():
+            await asyncio.sleep(IDLE_SAMPLE_S)
+            idle = meter.sample()
+            if idle is not None:
+                self.path.idle_cpus = idle
 
     async def _tick(self) -> None:
         """Deadlines set on the fast path (passive keepalives, rekey checks) come due here."""
@@ -537,6 +553,10 @@ class NodeDaemon:
             "drops": {**dict(self.drops), **{f"engine_{k}": v for k, v in (eng.drops.items() if eng else ())},
                       **{f"device_{k}": v for k, v in (eng.device.drops.items() if eng and eng.device else ())}},
             "errors": dict(self.errors),
+            "data_path": {"busy_poll_us": self.cfg.busy_poll_us,
+                          "busy_polls": self.path.busy_polls if self.path else 0,
+                          "idle_cpus": round(self.path.idle_cpus, 2) if self.path else None,
+                          "handler_errors": dict(self.selector.handler_errors) if self.selector else {}},
         }
 
 

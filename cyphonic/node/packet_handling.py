@@ -25,9 +25,16 @@ EAGAIN, whose exception costs more than the wait; called again within
 ``BURST_GAP_S`` (traffic is flowing) it drains its descriptor, up to
 ``READ_BATCH`` packets, so one busy side cannot starve the other.
 
-Busy polling (not sleeping for a while after a packet, for the answer) was measured
-and left out: on two cores shared with the peer daemon, the applications and other
-work, the spinning process holds the CPU the peer needs to produce that answer.
+Busy polling, only where it pays: after a lone packet of our own goes out (a ping, a
+request: not an answer to a packet just delivered to the TUN, and not in a stream),
+``select()`` polls without sleeping for up to ``busy_poll_s`` so the answer finds the
+process awake and its caches warm, and stops as soon as the answer is delivered (the
+CPU is then for whoever reads the TUN). An idle process on a virtual machine otherwise
+pays a wakeup of a halted CPU and a cold interpreter on every answer. It is done only
+while answers come within twice the budget and while at least ``BUSY_POLL_MIN_IDLE_CPUS``
+stood idle over the last sampling period (``IdleCpus``): measured on two cores shared
+with the peer and other work, a spinning process on a busy machine holds the CPU that
+the peer needs to produce the answer, and latency got worse, not better.
 
 Never: block in a handler (every descriptor is non-blocking), let a handler's
 exception out of ``select()`` (it is counted in ``handler_errors`` and the loop goes
@@ -49,6 +56,9 @@ from .. import constants as C
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
 
 READ_BATCH = 256              # packets per descriptor per wakeup, so one busy side cannot starve the other
+BUSY_POLL_MIN_IDLE_CPUS = 1.25  # busy-poll only while this many CPUs stood idle (IdleCpus)
+ANSWER_GAP_S = 0.0005         # a packet from the TUN this soon after a delivery to it answers that delivery
+IDLE_SAMPLE_S = 0.1           # how often the daemon samples IdleCpus
 HEADER_BYTES = C.DATA_HEADER_BYTES
 BURST_GAP_S = 0.001           # a handler called again within this long reads until its descriptor is empty
 RECV_BYTES = 65535            # a UDP datagram, whatever its size
@@ -99,6 +109,14 @@ class DataPathSelector(selectors.BaseSelector):
         self._fast: dict[int, Callable[[], bool]] = {}
         self._clock = clock
         self.handler_errors: Counter = Counter()
+        self.spin_until = 0.0
+
+    def spin(self, seconds: float) -> None:
+        """Poll without sleeping for up to ``seconds`` from now (until ``stop_spin``)."""
+        self.spin_until = self._clock() + seconds
+
+    def stop_spin(self) -> None:
+        self.spin_until = 0.0
 
     # --- the data path's descriptors ----------------------------------------------------------
 
@@ -235,13 +253,40 @@ class DataPathSelector(selectors.BaseSelector):
                     ready.append((key, mask & key.events))
             if ready or more:
                 return ready
-            if not carried:
+            now = clock()
+            if not carried and now >= self.spin_until and (wait != 0.0 or deadline == 0.0):
                 return ready  # asyncio's timeout ran out (or it asked not to wait at all)
-            # Only the data path had work: wait again, for what is left of asyncio's timeout.
-            if deadline is not None:
-                wait = deadline - clock()
-                if wait <= 0:
-                    return ready
+            # Only the data path had work (or a busy poll goes on): wait again, for what is left
+            # of asyncio's timeout, and not at all while busy polling.
+            if deadline is not None and now >= deadline:
+                return ready
+            if now < self.spin_until:
+                wait = 0.0
+            elif deadline is None:
+                wait = -1.0
+            else:
+                wait = deadline - now
+
+
+class IdleCpus:
+    """How many CPUs stood idle between two samples of /proc/stat (None before the second)."""
+
+    def __init__(self, path: str = "/proc/stat", cpus: int | None = None) -> None:
+        self.path = path
+        self.cpus = cpus or os.cpu_count() or 1
+        self._last: tuple[int, int] | None = None
+
+    def sample(self) -> float | None:
+        try:
+            with open(self.path) as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        idle, total = ticks[3] + ticks[4], sum(ticks)  # idle + iowait, of user..steal
+        last, self._last = self._last, (idle, total)
+        if last is None or total <= last[1]:
+            return None
+        return (idle - last[0]) / (total - last[1]) * self.cpus
 
 
 class PacketPath:
@@ -254,9 +299,19 @@ class PacketPath:
     def __init__(self, add_reader: Callable[[int, Callable[[], bool]], object],
                  remove_reader: Callable[[int], object], *, slow_datagram, slow_packet, flush,
                  errors: Counter | None = None, drops: Counter | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, busy_poll_s: float = 0.0,
+                 spin: Callable[[float], None] | None = None, stop_spin: Callable[[], None] | None = None) -> None:
         self.add_reader = add_reader          # DataPathSelector.add_fast_reader, or loop.add_reader
         self.remove_reader = remove_reader
+        # busy polling (DataPathSelector.spin / stop_spin); ``idle_cpus`` is fed by the daemon
+        self.busy_poll_s = busy_poll_s if spin is not None and stop_spin is not None else 0.0
+        self.spin = spin
+        self.stop_spin = stop_spin
+        self.idle_cpus = 0.0
+        self.sent_at = 0.0                    # our last lone packet out, while no answer came
+        self.quick = True                     # answers to lone packets came within 2 x busy_poll_s
+        self.delivered_at = 0.0               # the last packet written to the TUN
+        self.busy_polls = 0
         self.slow_datagram = slow_datagram
         self.slow_packet = slow_packet
         self.flush = flush
@@ -331,6 +386,9 @@ class PacketPath:
         write = os.write
         tun_fd = self.tun_fd
         fast_receive = self.device.fast_receive_staged
+        busy = self.busy_poll_s
+        stop_spin = self.stop_spin
+        path = self
         stage = RECV_STAGE
         stage_bytes = RECV_BUFFER
         opened = OPENED
@@ -358,6 +416,12 @@ class PacketPath:
                     slow_datagram(stage_bytes[0:n], addr, now)
                     slow = True
                 elif plen:
+                    if busy:
+                        if path.sent_at:  # the answer to our lone packet: did it come quickly?
+                            path.quick = now - path.sent_at < 2 * busy
+                            path.sent_at = 0.0
+                        path.delivered_at = now
+                        stop_spin()  # the CPU is for whoever reads the TUN now
                     try:
                         write(tun_fd, opened[:plen])
                     except OSError as exc:
@@ -391,6 +455,9 @@ class PacketPath:
         sealed = SEALED
         batch = range(READ_BATCH)
         last = 0.0
+        busy = self.busy_poll_s
+        spin = self.spin
+        path = self
 
         def on_tun() -> bool:
             nonlocal last
@@ -425,6 +492,15 @@ class PacketPath:
                         drops["udp_send_buffer_full"] += 1
                     except (OSError, TypeError) as exc:  # TypeError: no socket of that family
                         errors[type(exc).__name__] += 1
+                    if busy and not drain and now - path.delivered_at > ANSWER_GAP_S:
+                        # a lone packet of our own: if answers come quickly and CPUs are idle,
+                        # wait for this one awake rather than asleep
+                        if path.sent_at:
+                            path.quick = False  # the one before got no answer in time
+                        path.sent_at = now
+                        if path.quick and path.idle_cpus >= BUSY_POLL_MIN_IDLE_CPUS:
+                            path.busy_polls += 1
+                            spin(busy)
                 if not drain:
                     break
             if slow:

@@ -111,14 +111,16 @@ def test_loop_blinks_the_state_and_gives_the_trigger_back(tmp_path, monkeypatch)
     out = tmp_path / "log"
     with open(out, "w") as f:
         assert led.run(leds_dir=str(tmp_path / "leds"), provision_path=str(prov),
-                       socket_path=str(tmp_path / "none.sock"), duration_s=1.2, out=f) == 0
+                       socket_path=str(tmp_path / "none.sock"), duration_s=3.0, out=f) == 0
     log = out.read_text()
     assert f"showing the appliance's state on {d}" in log and "state error" in log
     assert writes[0][1:] == ("trigger", "none")
     levels = [v for _, n, v in writes if n == "brightness"]
     assert levels[:6] == ["255", "0", "255", "0", "255", "0"]                 # 3 short blinks
     on_times = [t for t, n, v in writes if n == "brightness" and v == "255"]
-    assert 0.3 <= on_times[1] - on_times[0] <= 0.55
+    # the pattern's own timing is tested on the pure function; here only that the loop does not
+    # run ahead of it (a loaded machine may make it late, never early)
+    assert on_times[1] - on_times[0] >= 0.3
     assert writes[-1][1:] == ("trigger", "mmc0")                               # the kernel's trigger back
     assert (d / "trigger").read_text() == "mmc0"
 

@@ -43,12 +43,18 @@ METRICS = os.path.join(ROOT, "build", "image", "boot-metrics.json")
 
 
 @pytest.fixture
-def lab():
+def lab(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("the boot test needs root (network namespaces, tap devices); CI runs it as root")
     have_tools()
-    with Lab(prefix="cyimg") as lab:
-        yield lab
+    try:
+        with Lab(prefix="cyimg") as lab:
+            yield lab
+    finally:
+        # the disk copies (1.5 GB each on disk) do not stay in pytest's kept temp dirs
+        for name in os.listdir(tmp_path):
+            if name.endswith(".img"):
+                os.unlink(tmp_path / name)
 
 
 def _record(**metrics) -> None:

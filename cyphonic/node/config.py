@@ -52,8 +52,8 @@ dns_hold_s = 8.0        # how long a query for an overlay name waits for its tun
 status_socket = "/run/cyphonic/node.sock"
 
 # After sending a lone packet of its own (a ping, a request), poll for the answer this many
-# microseconds instead of sleeping, while answers come that quickly and at least 1.25 CPUs
-# stood idle over the last 0.1 s (never on a busy machine); 0 = never.
+# microseconds instead of sleeping, while answers come that quickly and at least 0.75 CPUs
+# stood idle over the last 0.1 s (never when all CPUs are busy); 0 = never.
 busy_poll_us = 500
 """
 

@@ -78,6 +78,7 @@ MAX_RECEIVE_STREAMS_PER_SESSION = 64     # replay windows a session allocates: a
 CONTROL_RETRY_S = 1.0             # first retransmission of an unanswered request
 CONTROL_RETRY_MAX_S = 8.0         # back-off doubles up to this
 CONTROL_RETRIES = 5               # resent after 1, 3, 7, 15 and 23 s; times out at 31 s (event)
+CONTROL_FAST_RETRY_MIN_S = 0.2    # plus one early resend at the measured RTO (RFC 6298), never sooner
 CONTROL_MAX_PENDING = 256         # outstanding requests per peer
 CONTROL_ANSWERED_CACHE = 64       # replies kept per peer to answer retransmitted requests
 CONTROL_QUEUE_MAX = 64            # messages waiting for the control session to come up

@@ -232,3 +232,68 @@ def test_garbage_is_counted_never_raised(blob, prefix):
     after = sum(net.server.drops.values()), sum(net.client.drops.values())
     assert after[0] == before[0] + 1 and after[1] == before[1] + 1
     assert not any(k.startswith("internal_") for k in list(net.server.drops) + list(net.client.drops))
+
+
+def _timed_channel(rtt=0.01):
+    """A channel whose first request was answered after ``rtt``: its round trip is timed."""
+    net = Net()
+    net.client.request(sig.RouteRequest(peer_fqdn="a.example"), net.now)
+    net.pump()
+    net.now += rtt
+    answer_all(net, lambda e: sig.Error(code=sig.ErrorCode.UNKNOWN_PEER, text="x"))
+    assert [type(e) for e in net.events(net.client)].count(ctl.Reply) == 1
+    assert net.client.peer.srtt is not None
+    return net
+
+
+def test_once_round_trips_are_timed_a_lost_request_is_resent_early():
+    net = _timed_channel()
+    srtt = net.client.peer.srtt
+    lost = []
+    net.drop = lambda side, d: side == "c" and len(lost) < 1 and not lost.append(d)
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.pump()
+    assert lost and not net.events(net.server)
+    t0 = net.now
+    got = incoming = None
+    while got is None and net.now - t0 < C.CONTROL_RETRY_S:
+        net.advance(0.05, step=0.05)
+        incoming = [e for e in net.events(net.server) if isinstance(e, ctl.Incoming)]
+        if incoming:
+            got = net.now - t0
+    # the RTO of a 10 ms LAN round trip is below the floor: resent at 0.2 s, not 1 s
+    assert got is not None and C.CONTROL_FAST_RETRY_MIN_S <= got < C.CONTROL_FAST_RETRY_MIN_S + 0.1
+    assert net.client.counters["requests_resent_early"] == 1
+    net.server.reply(incoming[0], sig.Error(code=sig.ErrorCode.UNKNOWN_PEER, text="x"), net.now)
+    net.pump()
+    assert [type(e) for e in net.events(net.client)].count(ctl.Reply) == 1
+    assert net.client.peer.srtt == srtt  # Karn: the answer to a resent request is no sample
+    net.advance(C.CONTROL_RETRY_S * 2)   # nothing more is resent once answered
+    assert net.client.counters["requests_retransmitted"] == 0
+
+
+def test_the_early_resend_is_extra_the_schedule_and_timeout_stay():
+    net = _timed_channel()
+    net.drop = lambda side, d: True
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    t0 = net.now
+    timed_out = None
+    while timed_out is None and net.now - t0 < 40:
+        net.advance(0.25)
+        if any(isinstance(e, ctl.RequestTimedOut) for e in net.events(net.client)):
+            timed_out = net.now - t0
+    assert timed_out is not None and abs(timed_out - 31) <= 0.25
+    assert net.client.counters["requests_resent_early"] == 1
+    assert net.client.counters["requests_retransmitted"] == C.CONTROL_RETRIES
+
+
+def test_no_early_resend_before_a_round_trip_was_timed_or_when_the_rto_is_long():
+    net = Net()
+    net.drop = lambda side, d: side == "c" and d[0] == 8
+    net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.advance(C.CONTROL_RETRY_S - 0.1, step=0.05)
+    assert net.client.counters["requests_resent_early"] == 0
+    slow = _timed_channel(rtt=0.3)  # RTO = 0.3 + 4 x 0.15 = 0.9 s: too close to the regular 1 s
+    assert slow.client.peer.early_resend_at(slow.now) is None
+    fast = _timed_channel(rtt=0.05)  # RTO = 0.05 + 4 x 0.025 = 0.15 s -> the 0.2 s floor
+    assert fast.client.peer.early_resend_at(fast.now) == fast.now + C.CONTROL_FAST_RETRY_MIN_S

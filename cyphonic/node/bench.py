@@ -85,6 +85,7 @@ SERVER_READY_S = 3.0
 DRAIN_MAX_S = 5.0             # after each run: wait (at most this) until the tunnel processes are idle
 DRAIN_IDLE_CPU_S = 0.005      # ... i.e. used less than this CPU time in DRAIN_WINDOW_S
 DRAIN_WINDOW_S = 0.1
+REASSEMBLY_TIMEOUT_S = 1      # net.ipv4.ipfrag_time in every lab namespace (Linux: 30 s), see drain()
 SENDER_KEEPS_UP = 0.95        # a run whose sender sent less than this share of the offered rate is
                               # sender-limited: the search for that path stops there
 CLIENT_GRACE_S = 15.0
@@ -140,6 +141,11 @@ def net_counters(anchor_pid: int, udp_ports: dict[str, int], ifaces: tuple[str, 
         if a.startswith("Udp:") and b.startswith("Udp:"):
             out.update({f"Udp{k}": int(v) for k, v in zip(a.split()[1:], b.split()[1:])})
             break
+    for a, b in zip(lines, lines[1:]):
+        if a.startswith("Ip:") and b.startswith("Ip:"):
+            out.update({f"Ip{k}": int(v) for k, v in zip(a.split()[1:], b.split()[1:])
+                        if k.startswith("Reasm")})
+            break
     by_port = {p: n for n, p in udp_ports.items()}
     for line in _read(f"/proc/{anchor_pid}/net/udp").splitlines()[1:]:
         f = line.split()
@@ -155,6 +161,18 @@ def net_counters(anchor_pid: int, udp_ports: dict[str, int], ifaces: tuple[str, 
             out[f"{name}_tx_dropped"] = int(v[11])
             out[f"{name}_tx_packets"] = int(v[9])
     return out
+
+
+def fragment_memory(anchor_pid: int) -> int:
+    """Bytes held by IPv4 reassembly queues in the namespace ``anchor_pid`` lives in."""
+    try:
+        for line in _read(f"/proc/{anchor_pid}/net/sockstat").splitlines():
+            if line.startswith("FRAG:"):
+                f = line.split()
+                return int(f[f.index("memory") + 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _delta(after: dict, before: dict) -> dict:
@@ -232,6 +250,8 @@ class NodeBench:
         self.cy_port = st["n2"]["udp_port"]
         self.cy_mtu = st["n2"]["interface"]["mtu"]
         self.cy_pids = [self.ov.nodes[self.node_names[n]]["proc"].pid for n in ("n1", "n2")]
+        for host in self.h.values():
+            lab.exec(host, ["sysctl", "-qw", f"net.ipv4.ipfrag_time={REASSEMBLY_TIMEOUT_S}"], check=True)
         self._start_wireguard()
         self.after_build()
 
@@ -433,7 +453,15 @@ class NodeBench:
 
     def drain(self) -> float:
         """Wait until every tunnel process is idle (queues from an overload run emptied), so the
-        next run neither inherits its backlog nor competes with it for the CPUs. Bounded."""
+        next run neither inherits its backlog nor competes with it for the CPUs; then until no
+        namespace holds IPv4 fragments. Bounded.
+
+        The fragments: a 1400-byte datagram is two fragments inside every tunnel, and an
+        overload run loses one of a pair so often that the receivers' reassembly queues fill
+        their 4 MB (ipfrag_high_thresh) with halves. Linux then drops every new fragment until
+        those queues time out (ipfrag_time, 30 s), and the next runs of every tunnel path
+        arrive as nothing at all ("the server counted 0 datagrams"). The lab sets ipfrag_time
+        to REASSEMBLY_TIMEOUT_S and each run starts with empty queues."""
         pids = self.tunnel_pids()
         t0 = time.monotonic()
         while time.monotonic() - t0 < DRAIN_MAX_S:
@@ -441,6 +469,11 @@ class NodeBench:
             time.sleep(DRAIN_WINDOW_S)
             if self._cpu(pids) - c0 < DRAIN_IDLE_CPU_S:
                 break
+        t1 = time.monotonic()
+        while time.monotonic() - t1 < 3 * REASSEMBLY_TIMEOUT_S:
+            if not any(fragment_memory(a) for a in self.anchor.values()):
+                break
+            time.sleep(DRAIN_WINDOW_S)
         waited = time.monotonic() - t0
         self.drain_s += waited
         return waited
@@ -497,6 +530,7 @@ class NodeBench:
                "lost_percent": round(rcv.get("lost_percent", 100.0), 3) if rcv else 100.0,
                "n2_rcvbuf_errors": rcvbuf, "n2_tunnel_socket_drops": tunnel_sock,
                "n2_receiver_app_rcvbuf_drops": max(0, rcvbuf - tunnel_sock),
+               "n2_reassembly_failures": n2.get("IpReasmFails", 0),
                "client_sndbuf_errors": client.get("UdpSndbufErrors", 0),
                "client_tunnel_if_tx_dropped": sum(v for k, v in client.items() if k.endswith("_tx_dropped")
                                                   and not k.startswith("eth0")),

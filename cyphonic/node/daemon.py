@@ -44,7 +44,7 @@ from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
 from .config import NodeConfig, parse_hostport
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
-from .packet_handling import IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, DataPathSelector, IdleCpus, PacketPath
+from .packet_handling import DataPathSelector, PacketPath, sample_idle_cpus
 from .tun import Tun, TunError
 
 TICK_S = 0.25
@@ -202,7 +202,7 @@ class NodeDaemon:
             await self._start_dns(self.login["domain"])
         self._tasks = [loop.create_task(self._watch_addresses()), loop.create_task(self._tick())]
         if self.path.busy_poll_s:
-            self._tasks.append(loop.create_task(self._watch_idle_cpus()))
+            self._tasks.append(loop.create_task(sample_idle_cpus(self.path, self._stop)))
         self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
                  f"{self.identity.public.hex()[:16]}...")
         self.flush()
@@ -369,18 +369,6 @@ class NodeDaemon:
         self._armed_for = t
         if t is not None:
             self._timer = asyncio.get_running_loop().call_later(max(0.0, t - time.time()), self._fire)
-
-    async def _watch_idle_cpus(self) -> None:
-        """Busy polling is for a machine with CPUs to spare: tell the data path how many stood
-        idle since the last sample (packet_handling): every IDLE_SAMPLE_S while lone packets go
-        out, every IDLE_SLOW_SAMPLE_S when none did for a while (fewer wakeups on an idle node)."""
-        meter = IdleCpus()
-        while not self._stop.is_set():
-            recent = time.time() - self.path.lone_at < IDLE_FAST_FOR_S
-            await asyncio.sleep(IDLE_SAMPLE_S if recent else IDLE_SLOW_SAMPLE_S)
-            idle = meter.sample()
-            if idle is not None:
-                self.path.idle_cpus = idle
 
     async def _tick(self) -> None:
         """Deadlines set on the fast path (passive keepalives, rekey checks) come due here."""

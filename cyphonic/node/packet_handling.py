@@ -273,6 +273,20 @@ class DataPathSelector(selectors.BaseSelector):
                 wait = deadline - now
 
 
+async def sample_idle_cpus(target, stop) -> None:
+    """Keep ``target.idle_cpus`` current for busy polling: every IDLE_SAMPLE_S while lone
+    packets go out (``target.lone_at``, time.time()), every IDLE_SLOW_SAMPLE_S when none did for
+    IDLE_FAST_FOR_S (fewer wakeups on an idle machine). Ends when ``stop`` (an asyncio.Event) is set."""
+    import asyncio
+    meter = IdleCpus()
+    while not stop.is_set():
+        recent = time.time() - target.lone_at < IDLE_FAST_FOR_S
+        await asyncio.sleep(IDLE_SAMPLE_S if recent else IDLE_SLOW_SAMPLE_S)
+        idle = meter.sample()
+        if idle is not None:
+            target.idle_cpus = idle
+
+
 class IdleCpus:
     """How many CPUs stood idle between two samples of /proc/stat (None before the second)."""
 

@@ -32,6 +32,7 @@ DEFAULTS = {
     "gn_port_base": 47200,          # general node i uses UDP port base + i on the WAN side
     "workers": 0,                   # NFQUEUE workers; 0 = one per core
     "queue_first": 0,
+    "busy_poll_us": 500,            # poll this long for the answer to a lone packet; 0 = never (ReplyWait)
     "mtu": C.DEFAULT_INNER_MTU,
     "lease_s": 3600,
     "dns_upstream": "none",         # "host:port" forwards other names (passthrough), "none" refuses them
@@ -73,6 +74,7 @@ class AdapterConfig:
     gn_port_base: int
     workers: int
     queue_first: int
+    busy_poll_us: int
     mtu: int
     lease_s: int
     dns_upstream: str
@@ -131,6 +133,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
         raise fail("gn_port_base", "must be 1..65000")
     if not 0 <= cfg.workers <= 64:
         raise fail("workers", "must be 0..64")
+    if not 0 <= cfg.busy_poll_us <= 5000:
+        raise fail("busy_poll_us", "must be 0..5000 microseconds")
     return cfg
 
 

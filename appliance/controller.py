@@ -33,7 +33,7 @@ from cyphonic.datachannel import OPENED, RECV_BUFFER, RECV_STAGE
 from cyphonic.node.daemon import ptr_name
 from cyphonic.status_socket import remove as remove_status, serve_status
 from cyphonic.node.engine import NodeEngine, RelayPath, Resolved, TunnelFailed, TunnelUp
-from cyphonic.node.packet_handling import DataPathSelector
+from cyphonic.node.packet_handling import DataPathSelector, sample_idle_cpus
 from cyphonic.wire import signaling as sig
 
 from . import packet_filter as pf
@@ -43,7 +43,7 @@ from .dhcp_server import serve_dhcp
 from .general_nodes import GeneralNodeError, Registry
 from .interface_handling import ArpResponder, Injector, OverlayArpPolicy, interface_mac, serve_arp
 from .leases import LeaseStore
-from .packet_handling import worker_main
+from .packet_handling import ReplyWait, worker_main
 
 SYNC_S = 0.25
 CONFIG_GN_RETRY_S = 30.0     # general_nodes from the config that could not be enrolled: tried again
@@ -81,6 +81,8 @@ class Adapter:
     def __init__(self, cfg: AdapterConfig, *, out=None, selector: DataPathSelector | None = None) -> None:
         self.cfg = cfg
         self.selector = selector   # the event loop's DataPathSelector: the way back runs from select()
+        self.heads_up = -1                          # eventfd the workers write before a lone packet
+        self.reply_wait: ReplyWait | None = None
         self.out = out or sys.stdout
         self.ca_public, self.cloud_static = parse_cloud_key(cfg.cloud_key)
         self.registry = Registry(cfg.state_dir)
@@ -133,6 +135,11 @@ class Adapter:
         # pyroute2's synchronous API runs its own event loop: only ever from a worker thread
         self.wan_addr = await asyncio.to_thread(_first_addr, cfg.wan_interface)
         self.injector = Injector(cfg.lan_interface)
+        if self.selector is not None and cfg.busy_poll_us:
+            # the workers' heads-up before a lone packet (packet_handling.ReplyWait)
+            self.heads_up = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.reply_wait = ReplyWait(cfg.busy_poll_us / 1e6, self.selector.spin, self.selector.stop_spin)
+            self.selector.add_fast_reader(self.heads_up, self._on_heads_up)
         self._start_self()
         for gn in list(self.registry.nodes.values()):
             self._start_gn(gn)
@@ -156,6 +163,8 @@ class Adapter:
         if self._domain():
             await self._start_dns(self._domain())
         self._tasks = [asyncio.get_running_loop().create_task(self._sync_loop())]
+        if self.reply_wait is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(sample_idle_cpus(self.reply_wait, self._stop)))
         self.log(f"started: LAN {cfg.lan_interface} ({cfg.lan_address}), WAN {cfg.wan_interface}, "
                  f"{len(self.gns)} general nodes, {cfg.nworkers} workers")
 
@@ -196,6 +205,10 @@ class Adapter:
         for r in self._runtimes():
             self._unwatch_udp(r)
             r.sock.close()
+        if self.heads_up >= 0:
+            self.selector.remove_fast_reader(self.heads_up)
+            os.close(self.heads_up)
+            self.heads_up = -1
         if getattr(self, "status_server", None) is not None:
             remove_status(self.status_server, self.cfg.status_socket)
         self.log("stopped: packet filter removed, workers stopped")
@@ -330,7 +343,7 @@ class Adapter:
         parent, child = ctx.Pipe()
         sockets = {r.port: r.sock for r in self.gns.values()}
         queue = self.cfg.queue_first + i
-        proc = ctx.Process(target=worker_main, args=(i, queue, child, sockets), daemon=True,
+        proc = ctx.Process(target=worker_main, args=(i, queue, child, sockets, self.heads_up), daemon=True,
                            name=f"cyphonic-worker-{i}")
         proc.start()
         child.close()
@@ -460,6 +473,14 @@ class Adapter:
         else:
             asyncio.get_running_loop().remove_reader(r.sock.fileno())
 
+    def _on_heads_up(self) -> bool:
+        try:
+            os.eventfd_read(self.heads_up)
+        except BlockingIOError:
+            return False
+        self.reply_wait.heads_up()
+        return False
+
     def _on_udp(self, r: GnRuntime) -> bool:
         """A general node's socket is readable: open, check and inject the common case here (run
         straight from select() under a DataPathSelector: no asyncio machinery per packet), the rest
@@ -482,8 +503,11 @@ class Adapter:
             if device is not None:  # the common case: open, check and inject, nothing copied
                 plen = device.fast_receive_staged(n, addr, now)
                 if plen is not None:
-                    if plen and not inject(OPENED[:plen]):
-                        self.drops["inject_failed"] += 1
+                    if plen:
+                        if self.reply_wait is not None:
+                            self.reply_wait.delivered(now)
+                        if not inject(OPENED[:plen]):
+                            self.drops["inject_failed"] += 1
                     continue
             r.engine.receive_datagram(RECV_BUFFER[0:n], addr, now)
             slow = True
@@ -756,7 +780,10 @@ class Adapter:
                 "dhcp": self.dhcp.server.stats() if self.dhcp else {},
                 "arp": self.arp.stats() if self.arp else {},
                 "dns": dict(self.resolver.counters) if self.resolver else {},
-                "data_path": {"handler_errors": dict(self.selector.handler_errors) if self.selector else {}},
+                "data_path": {"busy_poll_us": self.cfg.busy_poll_us if self.reply_wait else 0,
+                              "busy_polls": self.reply_wait.busy_polls if self.reply_wait else 0,
+                              "idle_cpus": round(self.reply_wait.idle_cpus, 2) if self.reply_wait else None,
+                              "handler_errors": dict(self.selector.handler_errors) if self.selector else {}},
                 "drops": dict(self.drops), "health": health}
 
 

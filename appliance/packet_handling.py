@@ -33,10 +33,62 @@ import time
 from collections import Counter
 
 from cyphonic.datachannel import SendStream
+from cyphonic.node.packet_handling import BUSY_POLL_MIN_IDLE_CPUS
 from cyphonic.wire import relay as wire_relay
 
 MISS_REPORT_EVERY_S = 1.0
 PR_SET_PDEATHSIG = 1
+LONE_GAP_S = 0.001          # a packet sealed this long after the worker's previous one is lone
+
+
+class ReplyWait:
+    """The controller's busy polling for the answer to a lone packet that a worker sent.
+
+    The node daemon busy-polls after a lone packet of its own (cyphonic/node/packet_handling.py).
+    In the adapter the packet leaves from a worker and its answer comes back to the controller,
+    so a worker about to send a lone packet (the first after LONE_GAP_S: a ping, a request)
+    writes to an eventfd first, the heads-up. The controller, woken by it on an idle CPU while
+    the worker sends and the peer answers, busy-polls for up to ``busy_s`` and stops when an
+    answer is delivered: the answer then meets a running process on a running CPU instead of
+    waking a halted one. Only while answers come within twice ``busy_s`` and at least
+    BUSY_POLL_MIN_IDLE_CPUS stood idle (``idle_cpus``, kept by sample_idle_cpus).
+
+    Measured on 2 CPUs (median ping through the adapter minus through the node daemon, in
+    the same lab): +0.17..0.20 ms with the heads-up written before the send, +0.22..0.31 ms
+    without a heads-up, +0.23..0.26 ms with it written after the send (the controller then
+    woke where the peer needed to run)."""
+
+    def __init__(self, busy_s: float, spin, stop_spin, clock=time.time) -> None:
+        self.busy_s = busy_s
+        self.spin = spin            # DataPathSelector.spin / stop_spin
+        self.stop_spin = stop_spin
+        self.clock = clock
+        self.idle_cpus = 0.0
+        self.lone_at = 0.0          # the last heads-up
+        self.sent_at = 0.0          # ... while its answer has not come
+        self.delivered_at = 0.0
+        self.quick = True           # answers came within 2 x busy_s
+        self.busy_polls = 0
+
+    def heads_up(self) -> None:
+        now = self.clock()
+        self.lone_at = now
+        if now - self.delivered_at < 2 * self.busy_s:
+            return  # an answer was delivered just now: this heads-up was read late, nothing to wait for
+        if self.sent_at:
+            self.quick = False      # the one before got no answer in time
+        self.sent_at = now
+        if self.quick and self.idle_cpus >= BUSY_POLL_MIN_IDLE_CPUS:
+            self.busy_polls += 1
+            self.spin(self.busy_s)
+
+    def delivered(self, now: float) -> None:
+        """A packet went to a general node (call before injecting it: the CPU is for it now)."""
+        self.delivered_at = now
+        if self.sent_at:
+            self.quick = now - self.sent_at < 2 * self.busy_s
+            self.sent_at = 0.0
+            self.stop_spin()
 
 
 def _die_with_parent() -> None:
@@ -50,7 +102,7 @@ def _die_with_parent() -> None:
 MAX_SESSIONS = 4096
 
 
-def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
+def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int = -1) -> None:
     """Run worker ``index`` on NFQUEUE ``queue_num`` until told to stop (in a forked child)."""
     from netfilterqueue import NetfilterQueue
 
@@ -62,8 +114,12 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
     sessions: dict[tuple[bytes, bytes], tuple] = {}    # (gn vip, peer vip) -> (SendStream, endpoint, sock)
     last_miss: dict[tuple[bytes, bytes], float] = {}
     tx_bytes: Counter = Counter()                      # per session, for cyadm
+    last_sent = 0.0
+    monotonic = time.monotonic
+    eventfd_write = os.eventfd_write
 
     def on_packet(pkt) -> None:
+        nonlocal last_sent
         verdict = False
         try:
             payload = pkt.get_payload()
@@ -85,15 +141,20 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict) -> None:
                 return
             stream, endpoint, sock = s
             sealed = stream.seal(payload)
-            # The verdict first: the peer woken by the send below preempts this worker on its
-            # CPU, and the less the worker has left to do then, the sooner the CPU is free for
-            # the controller that receives the answer.
-            pkt.drop()
-            verdict = True
+            if heads_up >= 0:  # a lone packet: tell the controller to wait awake (ReplyWait)
+                now = monotonic()
+                if now - last_sent > LONE_GAP_S:
+                    try:
+                        eventfd_write(heads_up, 1)
+                    except OSError:
+                        counters["heads_up_failed"] += 1
+                last_sent = now
             if endpoint[0] == "relay":
                 sock.sendto(wire_relay.encode_data(endpoint[2], sealed), endpoint[1])
             else:
                 sock.sendto(sealed, endpoint)
+            pkt.drop()  # after the send: the verdict is not on the way to the peer
+            verdict = True
             counters["sealed"] += 1
             counters["sealed_bytes"] += len(payload)
             tx_bytes[key] += len(payload)

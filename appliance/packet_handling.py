@@ -54,9 +54,10 @@ class ReplyWait:
     BUSY_POLL_MIN_IDLE_CPUS stood idle (``idle_cpus``, kept by sample_idle_cpus).
 
     Measured on 2 CPUs (median ping through the adapter minus through the node daemon, in
-    the same lab): +0.17..0.20 ms with the heads-up written before the send, +0.22..0.31 ms
-    without a heads-up, +0.23..0.26 ms with it written after the send (the controller then
-    woke where the peer needed to run)."""
+    the same lab): +0.22..0.31 ms without a heads-up; +0.23..0.26 ms with it written after the
+    send (the controller then woke where the peer needed to run); +0.17..0.20 ms with it
+    written before the send; and with the NFQUEUE verdict moved after the send as well,
+    +0.12 and +0.18 ms in two `make bench` runs (docs/adapter.md)."""
 
     def __init__(self, busy_s: float, spin, stop_spin, clock=time.time) -> None:
         self.busy_s = busy_s
@@ -103,7 +104,9 @@ MAX_SESSIONS = 4096
 
 
 def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int = -1) -> None:
-    """Run worker ``index`` on NFQUEUE ``queue_num`` until told to stop (in a forked child)."""
+    """Run worker ``index`` on NFQUEUE ``queue_num`` until told to stop (in a forked child).
+    ``heads_up``: the controller's eventfd, written before each lone packet is sent (ReplyWait),
+    or -1 (no busy polling)."""
     from netfilterqueue import NetfilterQueue
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)

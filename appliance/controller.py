@@ -781,6 +781,7 @@ class Adapter:
                 "arp": self.arp.stats() if self.arp else {},
                 "dns": dict(self.resolver.counters) if self.resolver else {},
                 "data_path": {"busy_poll_us": self.cfg.busy_poll_us if self.reply_wait else 0,
+                              "heads_ups": self.reply_wait.heads_ups if self.reply_wait else 0,
                               "busy_polls": self.reply_wait.busy_polls if self.reply_wait else 0,
                               "idle_cpus": round(self.reply_wait.idle_cpus, 2) if self.reply_wait else None,
                               "handler_errors": dict(self.selector.handler_errors) if self.selector else {}},

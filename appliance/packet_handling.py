@@ -69,11 +69,13 @@ class ReplyWait:
         self.sent_at = 0.0          # ... while its answer has not come
         self.delivered_at = 0.0
         self.quick = True           # answers came within 2 x busy_s
+        self.heads_ups = 0          # heads-ups read (each a lone packet a worker sent)
         self.busy_polls = 0
 
     def heads_up(self) -> None:
         now = self.clock()
         self.lone_at = now
+        self.heads_ups += 1
         if now - self.delivered_at < 2 * self.busy_s:
             return  # an answer was delivered just now: this heads-up was read late, nothing to wait for
         if self.sent_at:

@@ -73,6 +73,9 @@ def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path)
     assert st["general_nodes"][0]["vip4"] == gn_vip and st["general_nodes"][0]["lease_expires_in_s"] > 0
     assert any(t["peer"] == f"srv.{DOMAIN}" and t["up"] for t in st["tunnels"])
     assert sum(w.get("sealed", 0) for w in st["workers"]) > 100
+    # every ping above was a lone packet: its worker told the controller before sending it
+    assert st["data_path"]["busy_poll_us"] == 500 and st["data_path"]["heads_ups"] >= 10, st["data_path"]
+    assert not any(w.get("heads_up_failed") for w in st["workers"]) and not st["data_path"]["handler_errors"]
     proc.terminate()
     proc.wait(15)
     assert "packet filter removed" in open(log).read()

@@ -31,7 +31,7 @@ def make(idle=2.0):
 def test_a_heads_up_starts_a_busy_poll_that_the_answer_stops():
     w, clock, calls = make()
     w.heads_up()
-    assert calls == [("spin", 0.0005)] and w.busy_polls == 1 and w.lone_at == clock.t
+    assert calls == [("spin", 0.0005)] and w.busy_polls == 1 and w.heads_ups == 1 and w.lone_at == clock.t
     clock.t += 0.0003
     w.delivered(clock.t)
     assert calls[-1] == ("stop",) and w.quick and w.sent_at == 0.0

@@ -18,10 +18,10 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from cyphonic import crypto
+from cyphonic.atomic_file import write_json_atomic
 from cyphonic.cloud.keys import read_secret, write_secret
 from cyphonic.errors import CyphonicError
 from cyphonic.handshake import StaticIdentity
-from cyphonic.status_socket import write_json_atomic
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -78,7 +78,7 @@ class Registry:
             # One warning, no crash; the damaged file is kept aside for inspection.
             self.warning = f"{self.path} unreadable ({exc}); starting without general nodes"
             try:
-                os.replace(self.path, self.path + ".corrupt")
+                os.replace(self.path, self.path + ".corrupt")   # a move aside, not a write
             except OSError:
                 pass
 

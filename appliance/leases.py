@@ -10,8 +10,8 @@ Invariant (the reason this module exists): no two MACs ever hold one address, al
     (OFFERED or BOUND and not expired), e.g. after General Node Management moved a VIP to
     another MAC: the new MAC gets nothing (NAK) until the old lease is released or expires;
   * every change is written to disk *before* the caller answers the client (the server sends
-    its ACK only after `bind()` returned), atomically: a temporary file in the same directory,
-    fsync, `os.replace`, fsync of the directory. After a crash the file is the old table or the
+    its ACK only after `bind()` returned), atomically (`cyphonic/atomic_file.py`): a temporary
+    file in the same directory, fsync, `os.replace`, fsync of the directory. After a crash the file is the old table or the
     new one, never half of each, so an ACK that went out is always on disk;
   * a change is applied to a copy, saved, and only then becomes the table in memory, so a
     failed write (disk full) leaves memory equal to disk and the caller sends nothing.
@@ -35,6 +35,8 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
+
+from cyphonic.atomic_file import remove_stale_temps, write_atomic
 
 FORMAT = "cyphonic-dhcp-leases"
 VERSION = 1
@@ -251,7 +253,7 @@ class LeaseStore:
             "declined": [{"vip": d.vip, "until": d.until, "by": d.by}
                          for d in sorted(declined.values(), key=lambda d: d.vip)],
         }
-        atomic_write(self.path, (json.dumps(doc, indent=1) + "\n").encode())
+        write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
         self.writes += 1
         self._leases, self._declined = leases, declined
 
@@ -273,7 +275,7 @@ class LeaseStore:
     def _corrupt(self, why: str) -> None:
         aside = self.path + ".corrupt"
         try:
-            os.replace(self.path, aside)
+            os.replace(self.path, aside)     # a move aside, not a write (see tests/test_atomic_file.py)
             where = f"kept as {aside}"
         except OSError as e:
             where = f"could not move it to {aside}: {e}"
@@ -283,52 +285,11 @@ class LeaseStore:
         self._warn(msg)
 
     def _remove_stale_temps(self) -> None:
-        d, base = os.path.split(self.path)
+        """The store is its file's only writer: any temporary file of it is a crash's leftover."""
         try:
-            names = os.listdir(d or ".")
+            remove_stale_temps(self.path, any_owner=True)
         except OSError:
-            return
-        for n in names:
-            if n.startswith(base + ".tmp."):
-                try:
-                    os.unlink(os.path.join(d, n))
-                except OSError:
-                    pass
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any moment leaves either the old or the new
-    file: temp file in the same directory, fsync, rename over, fsync the directory."""
-    d = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _unlink_quietly(p: str) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
+            pass
 
 
 def _parse(raw: bytes) -> tuple[dict[str, Lease], dict[str, Declined]]:
@@ -391,4 +352,4 @@ def _num(x) -> float:
 
 
 __all__ = ["AddressUnavailable", "Declined", "Event", "InvalidTransition", "Lease", "LeaseStore",
-           "State", "TRANSITIONS", "atomic_write"]
+           "State", "TRANSITIONS"]

@@ -43,11 +43,11 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
+from cyphonic.atomic_file import write_atomic_if_changed, write_json_atomic
 from cyphonic.cloud.authentication import parse_token
 from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.errors import CyphonicError
 from cyphonic.node.config import parse_hostport
-from cyphonic.status_socket import write_json_atomic
 
 from . import config as adapter_config
 from .general_nodes import NAME_RE, GeneralNodeError, normalize_mac
@@ -635,45 +635,13 @@ def _interfaces(paths: Paths) -> list[Interface]:
     return read_interfaces(paths.sys_class_net, os.path.join(udev, "data") if running else None)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass            # some file systems (FAT through some drivers) refuse it on directories
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: str, data: bytes, mode: int = 0o644, *, dir_mode: int = 0o755,
                  chmod: bool = True) -> bool:
-    """tmp + fsync + rename (+ fsync of the directory). False when the file already held exactly
-    this (nothing written: an SD card wears)."""
-    try:
-        with open(path, "rb") as f:
-            if f.read() == data and (not chmod or (os.stat(path).st_mode & 0o777) == mode):
-                return False
-    except OSError:
-        pass
-    d = os.path.dirname(path)
-    os.makedirs(d, mode=dir_mode, exist_ok=True)
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        if chmod:
-            os.fchmod(fd, mode)   # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(d)
-    return True
+    """The directory (created with ``dir_mode`` if missing), then the file, atomically and durably
+    (cyphonic/atomic_file.py) with exactly ``mode`` (none with ``chmod=False``: the FAT boot
+    partition). False when the file already held exactly this (nothing written: an SD card wears)."""
+    os.makedirs(os.path.dirname(path), mode=dir_mode, exist_ok=True)
+    return write_atomic_if_changed(path, data, mode=mode if chmod else None)
 
 
 @dataclass(frozen=True)

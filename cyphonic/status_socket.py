@@ -13,6 +13,9 @@ import json
 import os
 from typing import Callable
 
+# re-exported: cyphonic/node/daemon.py imports it from here
+from .atomic_file import write_json_atomic  # noqa: F401
+
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -54,19 +57,3 @@ def remove(server, path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def write_json_atomic(path: str, doc, mode: int = 0o600) -> None:
-    """Write JSON so that a crash at any moment leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

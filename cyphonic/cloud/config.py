@@ -20,18 +20,17 @@ module only parses.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import ipaddress
 import json
 import math
 import os
-import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..atomic_file import write_text_atomic
 from ..errors import CyphonicError, ParseError
 from ..wire.common import validate_fqdn
 
@@ -325,18 +324,7 @@ def write_default_config(path: str | os.PathLike[str], *, overwrite: bool = Fals
         raise ConfigError(f"{p}: already exists; not overwriting it")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(example_config())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(p, example_config(), mode=0o644)
     except OSError as e:
         raise ConfigError(f"{p}: cannot write the configuration file: {e.strerror or e}") from None
     return p

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from .. import crypto
+from ..atomic_file import write_atomic
 from ..certs import CertificateAuthority
 from ..errors import CyphonicError
 from ..handshake import StaticIdentity
@@ -51,15 +52,8 @@ def parse_cloud_key(text: str) -> tuple[bytes, bytes]:
 
 
 def write_secret(path: str, data: bytes) -> None:
-    """Write a secret atomically with mode 0600 (never world-readable, even briefly)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data.hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """A secret (key, certificate) as one hex line, mode 0600, atomically and durably."""
+    write_atomic(path, data.hex().encode() + b"\n", mode=0o600)
 
 
 def read_secret(path: str, size: int) -> bytes:

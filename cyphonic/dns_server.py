@@ -3,7 +3,8 @@
 UDP and TCP listeners on one (host, port) feed ``OverlayResolver.receive_query``
 with ``time.time()``; the edge sends what comes out, calls ``on_resolve(fqdn,
 asker)`` for every tunnel the resolver wants brought up, forwards passthrough
-queries to the upstream resolver and keeps one timer armed at ``get_timer()``.
+queries to the upstream resolver and keeps one timer armed at ``get_timer()``
+(``cyphonic.driver.DeadlineTimer``).
 
 - TCP (RFC 7766): 2-byte length framing, at most TCP_MAX_CONNECTIONS at once
   (more are closed at once), TCP_IDLE_S idle timeout, queries larger than
@@ -35,6 +36,8 @@ import struct
 import time
 from collections import Counter
 from typing import Callable
+
+from .driver import DeadlineTimer
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +118,7 @@ class DnsServer:
         self._tcp_server: asyncio.base_events.Server | None = None
         self._tcp_clients: set[_TcpClient] = set()
         self._ids: dict[int, tuple[object, float]] = {}     # upstream id -> (token, expires)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.timer = DeadlineTimer(resolver.get_timer, self._fire, clock=clock)
         self._flushing = False
         self._again = False
         self._closed = False
@@ -148,9 +150,7 @@ class DnsServer:
 
     def close(self) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.timer.close()
         for proto in (self._udp, self._up):
             if proto is not None and proto.transport is not None:
                 proto.transport.close()
@@ -233,7 +233,7 @@ class DnsServer:
                 busy = self._send_answers() + self._ask_resolves() + self._send_forwards()
                 if not busy and not self._again:
                     break
-            self._arm()
+            self.timer.arm()
         except Exception as exc:   # no-throw boundary
             self.errors[type(exc).__name__] += 1
             log.exception("dns edge: flush failed")
@@ -295,22 +295,8 @@ class DnsServer:
         for rid in [rid for rid, (_, expires) in self._ids.items() if expires <= now]:
             del self._ids[rid]
 
-    def _arm(self) -> None:
-        deadline = self.resolver.get_timer()
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None and not self._closed:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.resolver.handle_timer(self.clock())
+    def _fire(self, now: float) -> None:
+        self.resolver.handle_timer(now)
         self.flush()
 
 

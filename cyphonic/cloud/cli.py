@@ -258,6 +258,9 @@ def stats(ctx, as_json) -> None:
         if values:
             flat = values if section != "relay" else {k: v for k, v in values.items() if not isinstance(v, (dict, list))}
             click.echo(f"{section}: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())))
+    from ..health import describe
+    for line in describe(st.get("health", []), time.time()):
+        click.echo(f"health: {line}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the store, and nodes come back by themselves.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -22,6 +21,8 @@ import sys
 import time
 from collections import Counter
 
+from ..driver import CoreDriver
+from ..health import Health, Warning
 from ..wire import signaling as sig
 from .config import CloudConfig
 from .core import CloudCore
@@ -69,7 +70,9 @@ class CloudServer:
         self.relay: RelayService | None = None
         self.relay_server = None
         self._transports: dict[int, asyncio.DatagramTransport] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self.driver: CoreDriver | None = None
+        self.health = Health()
+        self._stats_error = ""
         self._stopping = asyncio.Event()
         self.started = time.time()
 
@@ -93,6 +96,7 @@ class CloudServer:
                                   registration_lifetime_s=cfg.registration_lifetime_s,
                                   keepalive_interval_s=cfg.keepalive_interval_s,
                                   relay_endpoints=relay_endpoints(cfg, relay_port))
+            self.driver = CoreDriver(self.core, self._send, after_round=self._drain_logs, errors=self.errors)
             for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
                 if not host:
                     continue
@@ -105,51 +109,32 @@ class CloudServer:
                 self._transports[family] = transport
                 self.log(f"{'+'.join(s.upper() for s in services)} listening on {host} udp {cfg.signaling_port}")
         self.log(f"cloud key {self.keys.cloud_key}")
-        self._arm()
+        if self.driver is not None:
+            self.driver.flush()
         loop.call_later(STATS_EVERY_S, self._write_stats_periodic)
 
     def on_datagram(self, data: bytes, addr) -> None:
-        if self.core is None:
-            return
-        self.core.receive_datagram(data, addr, time.time())
-        self._flush()
+        if self.driver is not None:
+            self.driver.receive(data, addr)
 
-    def _flush(self) -> None:
-        core = self.core
-        if core is None:
+    def _send(self, data: bytes, addr) -> None:
+        transport = self._transports.get(socket.AF_INET6 if ":" in str(addr[0]) else socket.AF_INET)
+        if transport is None:
+            self.errors["no_socket_for_family"] += 1
             return
-        for data, addr in core.datagrams_to_send():
-            family = socket.AF_INET6 if ":" in str(addr[0]) else socket.AF_INET
-            transport = self._transports.get(family)
-            if transport is None:
-                self.errors["no_socket_for_family"] += 1
-                continue
-            try:
-                transport.sendto(data, addr)
-            except OSError as exc:
-                self.errors[type(exc).__name__] += 1
-        while core.logs:
-            self.log(core.logs.popleft())
-        self._arm()
+        transport.sendto(data, addr)
 
-    def _arm(self) -> None:
-        if self.core is None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        deadline = self.core.get_timer()
-        if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        if self.core is not None:
-            self.core.handle_timer(time.time())
-            self._flush()
+    def _drain_logs(self) -> int:
+        logs = self.core.logs
+        while logs:
+            self.log(logs.popleft())
+        return 0
 
     def stats(self) -> dict:
+        now = time.time()
+        self.health.observe(now, [Warning("stats-unwritable", self._stats_error)] if self._stats_error else [])
         out = {"pid": os.getpid(), "services": list(self.config.services), "started": self.started,
-               "written": time.time(), "socket_errors": dict(self.errors)}
+               "written": now, "socket_errors": dict(self.errors), "health": self.health.report(now)}
         if self.core is not None:
             out.update(self.core.stats())
             if self.core.nms is not None:
@@ -159,10 +144,15 @@ class CloudServer:
         return out
 
     def _write_stats_periodic(self) -> None:
+        path = stats_path(self.config)
         try:
-            write_stats(stats_path(self.config), self.stats())
+            write_stats(path, self.stats())
+            self._stats_error = ""
         except OSError as exc:
             self.errors["stats_" + type(exc).__name__] += 1
+            if not self._stats_error:
+                self.log(f"cannot write {path}: {exc.strerror or exc}")
+            self._stats_error = f"{path}: {exc.strerror or exc}"
         if not self._stopping.is_set():
             asyncio.get_running_loop().call_later(STATS_EVERY_S, self._write_stats_periodic)
 
@@ -176,8 +166,8 @@ class CloudServer:
 
     def close(self) -> None:
         self._stopping.set()
-        if self._timer is not None:
-            self._timer.cancel()
+        if self.driver is not None:
+            self.driver.close()
         for t in self._transports.values():
             t.close()
         if self.relay_server is not None:
@@ -198,10 +188,8 @@ def stats_path(config: CloudConfig) -> str:
 
 
 def write_stats(path: str, stats: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats, f, default=str)
-    os.replace(tmp, path)
+    from ..atomic_file import write_json_atomic
+    write_json_atomic(path, stats, mode=0o644, indent=None, default=str)
 
 
 async def serve(config: CloudConfig) -> int:

@@ -7,7 +7,8 @@ IPv6-only node: each binds to the relay over its own family, and a datagram
 leaves on the socket whose family matches its destination.
 
 The edge passes ``time.time()`` in (relay tokens expire in Unix seconds),
-sends what comes out, keeps one timer armed at ``service.get_timer()``.
+sends what comes out, keeps one timer armed at ``service.get_timer()``
+(``cyphonic.driver.CoreDriver``).
 Socket errors (ICMP unreachable reported as ``ConnectionRefusedError``, a full
 send buffer, a destination of a family with no socket) are counted in
 ``errors``, never fatal. While asyncio reports a transport's send buffer
@@ -24,6 +25,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from ..driver import CoreDriver
 from . import constants as CC
 from .trs import RelayService
 
@@ -57,9 +59,7 @@ class RelayServer:
         self.port: int = 0
         self._transports: dict[int, asyncio.DatagramTransport] = {}
         self._protocols: dict[int, _RelayProtocol] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline: float | None = None
-        self._closed = False
+        self.driver = CoreDriver(service, self._send, clock=clock, errors=self.errors)
 
     @property
     def addresses(self) -> list:
@@ -67,51 +67,28 @@ class RelayServer:
         return [t.get_extra_info("sockname") for _, t in sorted(self._transports.items())]
 
     def _datagram_received(self, data: bytes, addr) -> None:
-        self.service.receive_datagram(data, addr, self.clock())
-        self.flush()
+        self.driver.receive(data, addr)
 
     def flush(self) -> None:
         """Send what the service queued, then re-arm the timer if its deadline moved."""
-        for data, addr in self.service.datagrams_to_send():
-            family = socket.AF_INET6 if (len(addr) == 4 or ":" in addr[0]) else socket.AF_INET
-            transport = self._transports.get(family)
-            if transport is None:
-                self.errors["no_socket_for_family"] += 1
-                continue
-            if self._protocols[family].paused:
-                self.errors["send_buffer_full"] += 1
-                continue
-            try:
-                transport.sendto(data, addr)
-            except (OSError, ValueError, TypeError) as exc:
-                self.errors[type(exc).__name__] += 1
-        self._arm()
+        self.driver.flush()
 
-    def _arm(self) -> None:
-        if self._closed:
+    def _send(self, data: bytes, addr) -> None:
+        family = socket.AF_INET6 if (len(addr) == 4 or ":" in addr[0]) else socket.AF_INET
+        transport = self._transports.get(family)
+        if transport is None:
+            self.errors["no_socket_for_family"] += 1
             return
-        deadline = self.service.get_timer()
-        if deadline == self._deadline and (deadline is None or self._timer is not None):
+        if self._protocols[family].paused:
+            self.errors["send_buffer_full"] += 1
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._deadline = deadline
-        if deadline is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._deadline = None
-        self.service.handle_timer(self.clock())
-        self.flush()
+        try:
+            transport.sendto(data, addr)
+        except (ValueError, TypeError) as exc:  # an address the transport refuses
+            self.errors[type(exc).__name__] += 1
 
     def close(self) -> None:
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.driver.close()
         for transport in self._transports.values():
             transport.close()
         self._transports.clear()
@@ -177,5 +154,5 @@ async def serve_relay(service: RelayService, host4: str | None = "0.0.0.0", host
             sock.close()
         raise
     server.port = next(iter(socks.values())).getsockname()[1]
-    server._arm()
+    server.flush()
     return server

@@ -34,30 +34,21 @@ from collections import Counter, OrderedDict, deque
 
 from .. import constants as C
 from .. import crypto
-from .. import events as ev
 from .. import signaling as sg
 from ..cloud.keys import parse_cloud_key, read_secret, write_secret
 from ..handshake import StaticIdentity
 from ..status_socket import remove as remove_status, serve_status, write_json_atomic
+from ..health import Health, Warning
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
 from .config import NodeConfig, parse_hostport
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
+from .engine_host import EngineHost, ptr_name
 from .packet_handling import DataPathSelector, PacketPath, sample_idle_cpus
 from .tun import Tun, TunError
-
-TICK_S = 0.25
-ADDRESS_SETTLE_S = 0.05       # after a netlink notification: let a burst (delete, then add) settle
-ADDRESS_RESYNC_S = 30.0       # read the addresses anyway this often (a safety net, not the mechanism)
-ADDRESS_POLL_S = 0.5          # ... or this often if netlink notifications are not available
-VIP_QUEUE_PACKETS = 64
-VIP_QUEUE_PEERS = 256
-FATAL_EXIT = 2
-
-
-def ptr_name(vip: str) -> str:
-    return ".".join(reversed(vip.split("."))) + ".in-addr.arpa"
+from .constants import (ADDRESS_POLL_S, ADDRESS_RESYNC_S, ADDRESS_SETTLE_S, FATAL_EXIT, SOCKET_BUFFER_BYTES,
+                        TICK_S, VIP_QUEUE_PACKETS, VIP_QUEUE_PEERS)
 
 
 def load_identity(state_dir: str) -> StaticIdentity:
@@ -87,18 +78,16 @@ class NodeDaemon:
         self.socks: dict[int, socket.socket] = {}
         self.port = cfg.port
         self.engine: NodeEngine | None = None
+        self.host: EngineHost | None = None
         self.tun: Tun | None = None
         self.resolver = None
         self.dns = None
         self.login: dict = self._load_login()
-        self.paths: dict[str, str] = {}
         self.vip_queue: OrderedDict[str, deque] = OrderedDict()
         self.asked_by_vip: dict[str, str] = {}
         self.drops: Counter = Counter()
         self.errors: Counter = Counter()
-        self.health_events: deque = deque(maxlen=20)
-        self._timer: asyncio.TimerHandle | None = None
-        self._armed_for: float | None = None
+        self.health = Health()
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.local_addrs: list[str] = []
@@ -167,8 +156,8 @@ class NodeDaemon:
             s = socket.socket(family, socket.SOCK_DGRAM)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             try:
                 s.bind((host, self.port))
             except OSError as exc:
@@ -194,7 +183,9 @@ class NodeDaemon:
         self.engine = NodeEngine(self.identity, self.ca_public, self.cloud_static, cfg.cloud_addr,
                                  token=token, name_hint=cfg.name, nms_addr=cfg.nms_addr,
                                  local_endpoints=self._endpoints())
-        self.engine.start(time.time())
+        self.host = EngineHost(self.engine, self.socks, deliver=self._deliver, on_event=self._on_event,
+                               log=self.log, health=self.health, after_round=self._dns_flush)
+        self.host.start()
         self.status_server = await serve_status(self.cfg.status_socket,
                                                 lambda req: self.status() if req.get("cmd", "status") == "status"
                                                 else {"error": "unknown command"})
@@ -207,15 +198,30 @@ class NodeDaemon:
                  f"{self.identity.public.hex()[:16]}...")
         self.flush()
 
+    def flush(self) -> None:
+        if self.host is not None:
+            self.host.flush()
+
+    def _dns_flush(self) -> int:
+        if self.dns is not None:
+            self.dns.flush()
+        return 0
+
+    def _deliver(self, packet: bytes) -> None:
+        if self.tun is not None:
+            try:
+                self.tun.write(packet)
+            except OSError as exc:
+                self.errors["tun_write_" + type(exc).__name__] += 1
+
     def _slow_path(self) -> dict:
         return {"slow_datagram": self._slow_datagram, "slow_packet": self._slow_packet,
                 "flush": self.flush, "errors": self.errors, "drops": self.drops}
 
     def close(self) -> None:
         loop = asyncio.get_event_loop()
-        if self.engine is not None:
-            self.engine.stop(time.time())
-            self._send_out()
+        if self.host is not None:
+            self.host.stop()
         if self.path is not None:
             self.path.detach()
         if self.addr_monitor is not None:
@@ -233,8 +239,6 @@ class NodeDaemon:
             self.dns.close()
         if self.status_server is not None:
             remove_status(self.status_server, self.cfg.status_socket)
-        if self._timer is not None:
-            self._timer.cancel()
         for t in getattr(self, "_tasks", []):
             t.cancel()
 
@@ -290,7 +294,7 @@ class NodeDaemon:
 
     def _slow_datagram(self, data: bytes, addr, now: float) -> None:
         """A datagram the fast path did not take: signaling, handshakes, relays, new endpoints."""
-        self.engine.receive_datagram(data, addr, now)
+        self.engine.receive_datagram(data, addr, now)  # PacketPath flushes after its batch
 
     def _slow_packet(self, packet: bytes, now: float) -> None:
         """A packet from the TUN the fast path did not take: no session yet (or a rekey, a relay),
@@ -319,121 +323,43 @@ class NodeDaemon:
             self.drops["vip_queue_full"] += 1
         q.append(packet)
 
-    def _send_out(self) -> int:
-        out = self.engine.datagrams_to_send()
-        for data, addr in out:
-            s = self.socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
-            if s is None:
-                self.drops["no_socket_for_family"] += 1
-                continue
-            try:
-                s.sendto(data, addr)
-            except BlockingIOError:
-                self.drops["udp_send_buffer_full"] += 1
-            except OSError as exc:
-                self.errors[type(exc).__name__] += 1
-        return len(out)
-
-    def flush(self) -> None:
-        engine = self.engine
-        if engine is None:
-            return
-        for _ in range(64):
-            sent = self._send_out()
-            n = 0
-            while (e := engine.next_event()) is not None:
-                n += 1
-                if isinstance(e, ev.PacketReceived):
-                    if self.tun is not None:
-                        try:
-                            self.tun.write(e.packet)
-                        except OSError as exc:
-                            self.errors["tun_write_" + type(exc).__name__] += 1
-                    continue
-                self._on_event(e)
-            if self.dns is not None:
-                self.dns.flush()
-            if not sent and not n:
-                break
-        self._arm()
-
-    def _arm(self) -> None:
-        """Arm the timer for the engine's next deadline, unless it is armed for that already.
-        (The fast path never arms: the deadlines it moves are caught by the periodic tick.)"""
-        t = self.engine.get_timer()
-        if t == self._armed_for and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._armed_for = t
-        if t is not None:
-            self._timer = asyncio.get_running_loop().call_later(max(0.0, t - time.time()), self._fire)
-
     async def _tick(self) -> None:
-        """Deadlines set on the fast path (passive keepalives, rekey checks) come due here."""
+        """Deadlines the fast path moved (passive keepalives, rekey checks) come due here; the
+        health conditions are observed at the same pace."""
         while not self._stop.is_set():
             await asyncio.sleep(TICK_S)
-            t = self.engine.get_timer() if self.engine else None
-            if t is not None and t <= time.time():
-                self._fire()
-            elif t != self._armed_for:
-                self._arm()
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._armed_for = None
-        self.engine.handle_timer(time.time())
-        self.flush()
+            if self.host is not None:
+                self.host.poke()
+                self.health.observe(time.time(), self._conditions(time.time()))
 
     # --- events ----------------------------------------------------------------------------------
 
     def _on_event(self, e) -> None:
+        """What only the node daemon does with an event (``EngineHost`` logged it already)."""
         now = time.time()
         if isinstance(e, sg.LoggedIn):
             self._save_login(e)
             self.identity = self.engine.signaling.identity
-            self.log(f"logged in as {e.fqdn} ({e.vip4}/{e.prefix_len})" + (" (enrolled)" if e.enrolled else ""))
             self._setup_tun(e)
             if self.dns is None:
                 asyncio.get_running_loop().create_task(self._start_dns(e.domain))
             elif self.resolver is not None:
                 self.resolver.self_names = {e.fqdn: e.vip4}
         elif isinstance(e, sg.LoginFailed):
-            self.log(f"login refused: {e.code.name}: {e.text}")
-            self.health_events.append(("login-failed", "error", f"{e.code.name}: {e.text}", now))
             if e.code in sg.FATAL_LOGIN_CODES:
                 self.exit_code = FATAL_EXIT
                 self._stop.set()
-        elif isinstance(e, sg.Registered):
-            self.log(f"registered: observed {e.observed.host}:{e.observed.port}"
-                     f"{' (behind NAT)' if e.nat else ''}")
-        elif isinstance(e, sg.CloudLost):
-            self.log(f"cloud link lost: {e.reason}; reconnecting")
         elif isinstance(e, Resolved):
             self.asked_by_vip[e.fqdn] = self.asked_by_vip.pop(e.asked, e.vip4)
         elif isinstance(e, TunnelUp):
-            self.paths[e.fqdn] = e.path
-            ep = e.endpoint
-            self.log(f"tunnel up: {e.fqdn} ({e.vip4}) path {e.path} via {ep}")
-            if self.resolver is not None:
-                self.resolver.tunnel_up(e.fqdn, e.vip4, now)
             q = self.vip_queue.pop(e.vip4, None)
             self.asked_by_vip.pop(e.fqdn, None)
             for packet in q or ():
                 self.engine.send_packet(packet, now)
         elif isinstance(e, TunnelFailed):
-            self.log(f"tunnel to {e.fqdn} failed: {e.code.name} {e.text}")
-            self.health_events.append(("tunnel-failed", "warning", f"{e.fqdn}: {e.code.name} {e.text}", now))
             vip = self.asked_by_vip.pop(e.fqdn, None)
             if vip is not None:
                 self.drops["vip_queue_failed"] += len(self.vip_queue.pop(vip, ()))
-            if self.resolver is not None:
-                self.resolver.tunnel_failed(e.fqdn, e.code, now)
-        elif isinstance(e, ev.EndpointChanged):
-            self.log(f"{e.fqdn} moved: {e.old} -> {e.new}")
-        elif isinstance(e, ev.HandshakeFailed):
-            self.log(f"handshake with {e.fqdn} failed: {e.reason} ({e.packets_dropped} packets dropped)")
 
     def _setup_tun(self, e: sg.LoggedIn) -> None:
         loop = asyncio.get_running_loop()
@@ -443,7 +369,7 @@ class NodeDaemon:
                 self.path.attach(self.socks, self.engine.device, self.tun.fd)
         except TunError as exc:
             self.log(str(exc))
-            self.health_events.append(("tun-failed", "error", str(exc), time.time()))
+            self.health.record(time.time(), Warning("tun-failed", str(exc)))
             return
         loop.create_task(self._configure_tun(e.vip4, e.prefix_len))
 
@@ -453,7 +379,7 @@ class NodeDaemon:
             self.log(f"interface {self.cfg.interface}: {vip4}/{prefix_len}, mtu {self.cfg.mtu}")
         except TunError as exc:
             self.log(str(exc))
-            self.health_events.append(("tun-failed", "error", str(exc), time.time()))
+            self.health.record(time.time(), Warning("tun-failed", str(exc)))
 
     async def _start_dns(self, domain: str) -> None:
         if self.dns is not None:
@@ -475,11 +401,12 @@ class NodeDaemon:
         host, port = cfg.dns_addr
         try:
             self.dns = await serve_dns(self.resolver, host, port, on_resolve=self._dns_resolve, upstream=upstream)
+            self.host.resolver = self.resolver
             self.log(f"DNS on {host}:{port} for *.{domain}" + (f", upstream {upstream[0]}:{upstream[1]}"
                                                                 if upstream else ", no upstream"))
         except OSError as exc:
             self.log(f"cannot serve DNS on {host}:{port}: {exc.strerror}")
-            self.health_events.append(("dns-down", "error", f"{host}:{port}: {exc.strerror}", time.time()))
+            self.health.record(time.time(), Warning("dns-down", f"{host}:{port}: {exc.strerror}"))
             self.resolver = None
 
     def _dns_resolve(self, fqdn: str, asker) -> None:
@@ -490,42 +417,19 @@ class NodeDaemon:
 
     # --- status ----------------------------------------------------------------------------------
 
-    def health(self) -> list[dict]:
+    def _conditions(self, now: float) -> list[Warning]:
+        return self.host.conditions(now) if self.host is not None else []
+
+    def health_report(self) -> list[dict]:
         now = time.time()
-        out = []
-        st = self.engine.signaling.state if self.engine else None
-        if st == sg.State.RECONNECTING:
-            out.append({"code": "cloud-unreachable", "severity": "error",
-                        "text": self.engine.signaling.last_error or "reconnecting to the cloud"})
-        elif st == sg.State.FAILED:
-            out.append({"code": "login-failed", "severity": "error", "text": self.engine.signaling.last_error})
-        elif st in (sg.State.LOGGING_IN, sg.State.REGISTERING, sg.State.IDLE):
-            out.append({"code": "connecting", "severity": "warning", "text": f"cloud link: {st.value}"})
-        if self.identity.certificate:
-            cert = wire_cert.decode(self.identity.certificate)
-            if cert.not_after - now < 3600:
-                out.append({"code": "certificate-expiring", "severity": "warning",
-                            "text": f"certificate expires in {int(cert.not_after - now)} s"})
-        for code, sev, text, when in self.health_events:
-            if now - when < 300 and not any(h["code"] == code for h in out):
-                out.append({"code": code, "severity": sev, "text": text})
-        return out
+        self.health.observe(now, self._conditions(now))
+        return self.health.report(now)
 
     def status(self) -> dict:
         now = time.time()
         eng = self.engine
         sigst = eng.signaling.status() if eng else {}
-        tunnels = []
-        if eng and eng.device:
-            for p in eng.device.peers_by_fqdn.values():
-                ps = p.status(now)
-                ep = p.endpoint
-                tunnels.append({"peer": p.fqdn, "vip4": ps["vip4"], "path": self.paths.get(p.fqdn, "-"),
-                                "endpoint": str(ep) if ep is not None and not isinstance(ep, tuple)
-                                else (f"{ep[0]}:{ep[1]}" if ep else None),
-                                "up": ps["session"], "last_handshake_age_s": ps["last_handshake_age_s"],
-                                "rx_bytes": ps["rx_bytes"], "tx_bytes": ps["tx_bytes"],
-                                "rx_packets": ps["rx_packets"], "tx_packets": ps["tx_packets"]})
+        tunnels = self.host.tunnel_rows(now) if self.host is not None else []
         cert = wire_cert.decode(self.identity.certificate) if self.identity.certificate else None
         return {
             "kind": "node", "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
@@ -539,9 +443,8 @@ class NodeDaemon:
             "dns": {"listen": self.cfg.dns_listen, "running": self.dns is not None,
                     "counters": dict(self.resolver.counters) if self.resolver else {}},
             "tunnels": tunnels,
-            "health": self.health(),
-            "drops": {**dict(self.drops), **{f"engine_{k}": v for k, v in (eng.drops.items() if eng else ())},
-                      **{f"device_{k}": v for k, v in (eng.device.drops.items() if eng and eng.device else ())}},
+            "health": self.health_report(),
+            "drops": {**dict(self.drops), **(self.host.counters() if self.host is not None else {})},
             "errors": dict(self.errors),
             "data_path": {"busy_poll_us": self.cfg.busy_poll_us,
                           "busy_polls": self.path.busy_polls if self.path else 0,

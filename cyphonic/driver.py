@@ -1,0 +1,182 @@
+"""The one asyncio driver for sans-IO cores (aioquic's ``asyncio/protocol.py``, in small).
+
+Every core of ours is fed ``(data, addr, now)`` and answers with datagrams, events and a
+next deadline. What runs it is the same everywhere, so it is written once, here:
+
+- ``DeadlineTimer``: one asyncio timer kept at a core's next deadline. ``arm()`` reads the
+  deadline and re-arms only when it moved; ``poke()`` is for edges whose fast path moves
+  deadlines behind the core's back (keepalives, rekey checks): it fires a deadline that has
+  passed, else re-arms.
+- ``CoreDriver``: a datagram core (``receive_datagram``, ``datagrams_to_send``,
+  ``next_event``, ``get_timer``, ``handle_timer``): feed it, then ``flush()`` sends what came
+  out, hands events to ``on_event`` and goes round again, since a handler may make the core
+  send or emit more (an echo reply), at most ``FLUSH_ROUNDS_MAX`` rounds of at most
+  ``EVENTS_PER_ROUND_MAX`` events (what is left waits for the next flush, and is counted),
+  then re-arms.
+
+Used by the node daemon (``cyphonic.node.engine_host``, once; the adapter once per general
+node), the cloud (``cyphonic.cloud.server``), the TRS (``cyphonic.cloud.trs_server``), the
+DNS edge (``cyphonic.dns_server``, timer only: its core speaks queries, not datagrams) and
+the plain UDP edge (``cyphonic.udp``).
+
+Never: let a send error or an event handler's exception out into the event loop (both are
+counted in ``errors``, by exception type), or keep a timer armed after ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+FLUSH_ROUNDS_MAX = 64        # event handlers may feed the core again; a loop between two must end
+EVENTS_PER_ROUND_MAX = 1024  # ... also when a handler makes the core emit an event per event
+
+
+class DeadlineTimer:
+    """One asyncio timer at ``deadline()``; calls ``fire(now)`` when it comes due."""
+
+    def __init__(self, deadline: Callable[[], float | None], fire: Callable[[float], None], *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._deadline = deadline
+        self._fire_cb = fire
+        self.clock = clock
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for: float | None = None
+        self._closed = False
+
+    @property
+    def armed_for(self) -> float | None:
+        return self._armed_for if self._handle is not None else None
+
+    def arm(self) -> None:
+        """Keep the timer at the core's deadline; nothing to do if it is there already."""
+        if self._closed:
+            return
+        t = self._deadline()
+        if t == self._armed_for and (t is None or self._handle is not None):
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._armed_for = t
+        if t is not None:
+            loop = asyncio.get_running_loop()
+            self._handle = loop.call_later(max(0.0, t - self.clock()), self._fire)
+
+    def poke(self) -> bool:
+        """A fast path may have moved the deadline: fire it if it has passed (True), else re-arm."""
+        if self._closed:
+            return False
+        t = self._deadline()
+        if t is not None and t <= self.clock():
+            self._fire()
+            return True
+        self.arm()
+        return False
+
+    def _fire(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self._armed_for = None
+        if not self._closed:
+            self._fire_cb(self.clock())
+
+    def close(self) -> None:
+        self._closed = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._armed_for = None
+
+
+class CoreDriver:
+    """Drives one datagram core: time in, datagrams out through ``send(data, addr)``, events
+    to ``on_event(event)``, one timer at the core's next deadline.
+
+    ``send`` may raise ``OSError``: counted in ``errors`` (``BlockingIOError``, a full send
+    buffer, as ``send_buffer_full``), never raised. ``after_round()``, if given, runs after each
+    round of sending and events (the DNS edge sends answers the events unblocked) and returns
+    how much it did (0 = quiet). A core without ``next_event`` has no events."""
+
+    def __init__(self, core, send: Callable[[bytes, object], None],
+                 on_event: Callable[[object], None] | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 after_round: Callable[[], int] | None = None,
+                 errors: Counter | None = None) -> None:
+        self.core = core
+        self.send = send
+        self.on_event = on_event
+        self.after_round = after_round
+        self.clock = clock
+        self.errors: Counter = errors if errors is not None else Counter()
+        self.timer = DeadlineTimer(core.get_timer, self._on_timer, clock=clock)
+        self._next_event = getattr(core, "next_event", None)
+        self._flushing = False
+        self._again = False
+
+    def receive(self, data: bytes, addr) -> None:
+        self.core.receive_datagram(data, addr, self.clock())
+        self.flush()
+
+    def _on_timer(self, now: float) -> None:
+        self.core.handle_timer(now)
+        self.flush()
+
+    def poke(self) -> bool:
+        return self.timer.poke()
+
+    def send_out(self) -> int:
+        """Send what the core queued; the number of datagrams it had."""
+        out = self.core.datagrams_to_send()
+        send = self.send
+        for data, addr in out:
+            try:
+                send(data, addr)
+            except BlockingIOError:
+                self.errors["send_buffer_full"] += 1
+            except OSError as exc:
+                self.errors[type(exc).__name__] += 1
+        return len(out)
+
+    def flush(self) -> None:
+        """Send, deliver events, repeat until quiet (bounded), re-arm. Re-entrant: a flush asked
+        for from inside an event handler or ``after_round`` makes the running one go round once
+        more instead of starting another."""
+        if self._flushing:
+            self._again = True
+            return
+        self._flushing = True
+        try:
+            for _ in range(FLUSH_ROUNDS_MAX):
+                self._again = False
+                n = self.send_out()
+                if self._next_event is not None:
+                    for _ in range(EVENTS_PER_ROUND_MAX):
+                        e = self._next_event()
+                        if e is None:
+                            break
+                        n += 1
+                        if self.on_event is not None:
+                            try:
+                                self.on_event(e)
+                            except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop the edge
+                                self.errors["event_handler_" + type(exc).__name__] += 1
+                                log.exception("event handler failed on %r", e)
+                if self.after_round is not None:
+                    n += self.after_round()
+                if not n and not self._again:
+                    break
+            else:
+                self.errors["flush_rounds_exhausted"] += 1  # left for the next flush or timer
+        finally:
+            self._flushing = False
+        self.timer.arm()
+
+    def close(self) -> None:
+        self.timer.close()

@@ -1,0 +1,183 @@
+"""One node engine on its UDP sockets: what the node daemon runs once and the adapter once per
+general node (and once for itself).
+
+An ``EngineHost`` owns a ``NodeEngine`` (the sans-IO node: signaling, tunnels, relay paths),
+the sockets its datagrams leave by (one per address family), a ``CoreDriver`` (time in,
+datagrams out, one timer at the engine's next deadline) and what every host of an engine
+does with its events, written once:
+- a delivered packet goes to ``deliver(packet)`` (the TUN, or the injector toward a general
+  node);
+- the common events are logged in one wording (``who`` names the general node, empty for
+  the node daemon), tunnel paths are remembered for the status, the Resolver hears of tunnels
+  that came up or failed (the DNS answer waiting for one goes out), a failed tunnel is a
+  health event; every event then goes on to the owner's ``on_event`` for what only it does;
+- ``conditions(now)`` says what is wrong with the cloud link (``cyphonic.health``), and
+  ``tunnel_rows(now)`` is the status table of its tunnels.
+
+The receive side is not here: the node daemon's ``PacketPath`` and the adapter's way back
+each read their sockets on their own fast path and hand the rest to ``receive()``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from typing import Callable
+
+from .. import events as ev
+from .. import signaling as sg
+from ..driver import CoreDriver
+from ..health import Health, Warning
+from ..wire import cert as wire_cert
+from .engine import NodeEngine, RelayPath, TunnelFailed, TunnelUp
+
+from .constants import CERT_EXPIRY_WARNING_S
+
+
+def ptr_name(vip: str) -> str:
+    """The reverse-DNS name the engine resolves when a packet, not a query, names a peer."""
+    return ".".join(reversed(vip.split("."))) + ".in-addr.arpa"
+
+
+def endpoint_text(ep) -> str | None:
+    """A peer's endpoint as the status shows it: ``host:port``, or the relay session."""
+    if ep is None:
+        return None
+    if isinstance(ep, RelayPath):
+        return str(ep)
+    return f"{ep[0]}:{ep[1]}"
+
+
+class EngineHost:
+    def __init__(self, engine: NodeEngine, socks: dict[int, socket.socket], *,
+                 deliver: Callable[[bytes], None], on_event: Callable[[object], None],
+                 log: Callable[[str], None], health: Health, who: str = "",
+                 after_round: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.socks = socks
+        self.deliver = deliver
+        self.on_event = on_event
+        self._log = log
+        self.health = health
+        self.who = who                    # "" for the node daemon; "general node cam1" on the adapter
+        self.paths: dict[str, str] = {}   # peer fqdn -> how its tunnel came up ("direct", "relay", ...)
+        self.resolver = None              # the Resolver (cyphonic.resolver), once DNS runs: told of tunnels
+        self.asker = None                 # whose queries this engine answers (the adapter: the general node)
+        self.drops: Counter = Counter()
+        self.driver = CoreDriver(engine, self._send, self._event, clock=clock, after_round=after_round)
+        self.clock = clock
+
+    def log(self, line: str) -> None:
+        self._log(f"{self.who}: {line}" if self.who else line)
+
+    # --- driving ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.engine.start(self.clock())
+        self.driver.flush()
+
+    def stop(self) -> None:
+        """Say goodbye to the cloud (what can be sent now), then no more timers."""
+        self.engine.stop(self.clock())
+        self.driver.send_out()
+        self.driver.close()
+
+    def receive(self, data: bytes, addr) -> None:
+        self.driver.receive(data, addr)
+
+    def flush(self) -> None:
+        self.driver.flush()
+
+    def poke(self) -> bool:
+        return self.driver.poke()
+
+    def _send(self, data: bytes, addr) -> None:
+        s = self.socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        if s is None:
+            self.drops["no_socket_for_family"] += 1
+            return
+        s.sendto(data, addr)
+
+    @property
+    def errors(self) -> Counter:
+        return self.driver.errors
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _event(self, e) -> None:
+        if isinstance(e, ev.PacketReceived):
+            self.deliver(e.packet)
+            return
+        if isinstance(e, sg.LoggedIn):
+            self.log(f"logged in as {e.fqdn} ({e.vip4}/{e.prefix_len})" + (" (enrolled)" if e.enrolled else ""))
+        elif isinstance(e, sg.LoginFailed):
+            self.log(f"login refused: {e.code.name}: {e.text}")
+        elif isinstance(e, sg.Registered):
+            self.log(f"registered: observed {e.observed.host}:{e.observed.port}{' (behind NAT)' if e.nat else ''}")
+        elif isinstance(e, sg.CloudLost):
+            self.log(f"cloud link lost: {e.reason}; reconnecting")
+        elif isinstance(e, TunnelUp):
+            self.paths[e.fqdn] = e.path
+            self.log(f"tunnel up: {e.fqdn} ({e.vip4}) path {e.path} via {endpoint_text(e.endpoint)}")
+            if self.resolver is not None:
+                self.resolver.tunnel_up(e.fqdn, e.vip4, self.clock(), asker=self.asker)
+        elif isinstance(e, TunnelFailed):
+            self.log(f"tunnel to {e.fqdn} failed: {e.code.name} {e.text}")
+            self.health.record(self.clock(), Warning("tunnel-failed", self._about(f"{e.fqdn}: {e.code.name} {e.text}"),
+                                                     subject=self.who))
+            if self.resolver is not None:
+                self.resolver.tunnel_failed(e.fqdn, e.code, self.clock(), asker=self.asker)
+        elif isinstance(e, ev.EndpointChanged):
+            self.log(f"{e.fqdn} moved: {endpoint_text(e.old)} -> {endpoint_text(e.new)}")
+        elif isinstance(e, ev.HandshakeFailed):
+            self.log(f"handshake with {e.fqdn} failed: {e.reason} ({e.packets_dropped} packets dropped)")
+        self.on_event(e)
+
+    def _about(self, text: str) -> str:
+        return f"{self.who}: {text}" if self.who else text
+
+    # --- status ---------------------------------------------------------------------------
+
+    def conditions(self, now: float) -> list[Warning]:
+        """What is wrong with this engine's cloud link and identity, now."""
+        s = self.engine.signaling
+        out = []
+        if s.state == sg.State.RECONNECTING:
+            out.append(Warning("cloud-unreachable", self._about(s.last_error or "reconnecting to the cloud"),
+                               subject=self.who))
+        elif s.state == sg.State.FAILED:
+            out.append(Warning("login-failed", self._about(s.last_error), subject=self.who))
+        elif s.state in (sg.State.LOGGING_IN, sg.State.REGISTERING, sg.State.IDLE):
+            out.append(Warning("connecting", self._about(f"cloud link: {s.state.value}"), subject=self.who))
+        if s.identity.certificate:
+            left = wire_cert.decode(s.identity.certificate).not_after - now
+            if left < CERT_EXPIRY_WARNING_S:
+                out.append(Warning("certificate-expiring", self._about(f"certificate expires in {int(left)} s"),
+                                   subject=self.who))
+        return out
+
+    def tunnel_rows(self, now: float, tx_extra: Callable[[str], tuple[int, int]] | None = None) -> list[dict]:
+        """The status table of this engine's tunnels. ``tx_extra(peer_vip4)``: (bytes, packets)
+        sent outside the engine (the adapter's workers seal on their own)."""
+        device = self.engine.device
+        if device is None:
+            return []
+        rows = []
+        for p in device.peers_by_fqdn.values():
+            ps = p.status(now)
+            xb, xp = tx_extra(ps["vip4"]) if tx_extra is not None else (0, 0)
+            rows.append({"peer": p.fqdn, "vip4": ps["vip4"], "path": self.paths.get(p.fqdn, "-"),
+                         "endpoint": endpoint_text(p.endpoint),
+                         "up": ps["session"], "last_handshake_age_s": ps["last_handshake_age_s"],
+                         "rx_bytes": ps["rx_bytes"], "tx_bytes": ps["tx_bytes"] + xb,
+                         "rx_packets": ps["rx_packets"], "tx_packets": ps["tx_packets"] + xp})
+        return rows
+
+    def counters(self) -> dict:
+        """Drops and errors of this host and its engine, one flat table for the status."""
+        eng = self.engine
+        return {**dict(self.drops), **{f"send_{k}": v for k, v in self.errors.items()},
+                **{f"engine_{k}": v for k, v in eng.drops.items()},
+                **{f"device_{k}": v for k, v in (eng.device.drops.items() if eng.device else ())}}

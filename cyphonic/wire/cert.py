@@ -11,9 +11,13 @@ Layout (network byte order), ``docs/protocol.md`` "Certificates":
     34 32  node static X25519 public key
     66  4  virtual IPv4
     70 16  virtual IPv6 (only with flag bit 0)
-    ..  1+n FQDN (length, lower-case LDH name)
-    ..  1  group count (<= MAX_GROUPS), then each group: length (<= 63) + bytes
+    ..  1+n FQDN (length n <= MAX_FQDN_BYTES, lower-case LDH name)
+    ..  1  group count (<= MAX_GROUPS), then each group: length (<= MAX_GROUP_BYTES) + UTF-8
     .. 64  Ed25519 signature over SIGNING_CONTEXT || every byte before it
+
+A whole certificate is at most MAX_CERT_BYTES. Each of these maxima is accepted
+and one more is refused: by ``decode`` with ``ParseError``, by ``encode`` with
+``ValueError``.
 
 Parsing checks structure only; ``cyphonic.certs`` verifies signature, validity,
 name and revocation.

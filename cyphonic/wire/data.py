@@ -9,6 +9,11 @@
 The AEAD nonce is bytes 4..16 of this header (receiver index || counter): it is
 unique per key because the counter is (see docs/protocol.md, "Several
 workers, one session"). An empty inner packet is a keepalive.
+
+A data packet is MIN_DATA_BYTES (header and tag) to MAX_DATAGRAM_BYTES (the
+largest UDP payload over IPv4) long; ``decode_header`` refuses one byte less
+or more with ``ParseError``. This module encodes only the header: the sealer
+(``cyphonic.datachannel``) refuses an inner packet that would not fit.
 """
 
 from __future__ import annotations

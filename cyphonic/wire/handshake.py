@@ -22,6 +22,14 @@ Response (type 2), fixed 92 bytes:
     44 16  encrypted empty payload (tag only)
     60 16  mac1 (key from the initiator's static key)
     76 16  mac2, zero
+
+Lengths: ``decode_initiation`` accepts an encrypted payload of exactly
+INIT_MIN_PAYLOAD..INIT_MAX_PAYLOAD bytes (the payload's certificate is at most
+MAX_CERT_BYTES) and ``decode_payload`` a certificate of at most MAX_CERT_BYTES;
+one byte more is a ``ParseError``. The encoders refuse with ``ValueError``
+what the decoders would refuse, including a fixed-size field of the wrong
+length (``struct`` would silently pad or cut it), so that every encoding
+decodes back to the same message.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ RESPONSE_BYTES = 92
 
 _INIT_HEAD = struct.Struct("!B3xI32s48sH")
 _RESP = struct.Struct("!B3xII32s16s16s16s")
+_U32_MAX = (1 << 32) - 1
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,19 @@ class Initiation:
 
     def body(self) -> bytes:
         """Bytes covered by mac1."""
+        _check_header(self.mtype, self.sender_index)
+        _check_fixed("ephemeral", self.ephemeral, C.KEY_BYTES)
+        _check_fixed("encrypted_static", self.encrypted_static, C.KEY_BYTES + C.AEAD_TAG_BYTES)
+        plen = len(self.encrypted_payload)
+        if not INIT_MIN_PAYLOAD <= plen <= INIT_MAX_PAYLOAD:
+            raise ValueError(f"initiation: payload of {plen} bytes not in "
+                             f"{INIT_MIN_PAYLOAD}..{INIT_MAX_PAYLOAD}")
         return _INIT_HEAD.pack(self.mtype, self.sender_index, self.ephemeral,
-                               self.encrypted_static, len(self.encrypted_payload)) + self.encrypted_payload
+                               self.encrypted_static, plen) + bytes(self.encrypted_payload)
 
     def encode(self) -> bytes:
+        _check_fixed("mac1", self.mac1, MAC_BYTES)
+        _check_fixed("mac2", self.mac2, MAC_BYTES)
         return self.body() + self.mac1 + self.mac2
 
 
@@ -83,8 +101,29 @@ class Response:
         return self.encode()[:RESPONSE_BYTES - 2 * MAC_BYTES]
 
     def encode(self) -> bytes:
+        _check_header(self.mtype, self.sender_index)
+        if not 0 <= self.receiver_index <= _U32_MAX:
+            raise ValueError(f"response: receiver index {self.receiver_index} out of range")
+        _check_fixed("ephemeral", self.ephemeral, C.KEY_BYTES)
+        _check_fixed("encrypted_empty", self.encrypted_empty, C.AEAD_TAG_BYTES)
+        _check_fixed("mac1", self.mac1, MAC_BYTES)
+        _check_fixed("mac2", self.mac2, MAC_BYTES)
         return _RESP.pack(self.mtype, self.sender_index, self.receiver_index, self.ephemeral,
                           self.encrypted_empty, self.mac1, self.mac2)
+
+
+def _check_header(mtype: int, sender_index: int) -> None:
+    if not 0 <= mtype <= 0xFF:
+        raise ValueError(f"handshake: message type {mtype} out of range")
+    if not 0 <= sender_index <= _U32_MAX:
+        raise ValueError(f"handshake: sender index {sender_index} out of range")
+
+
+def _check_fixed(name: str, value: bytes, n: int) -> None:
+    # struct's "32s" pads a short value with zeros and cuts a long one: the
+    # message would go out different from what the caller built.
+    if len(value) != n:
+        raise ValueError(f"handshake: {name} must be {n} bytes, got {len(value)}")
 
 
 def decode_initiation(data: bytes, mtype: int = MSG_INITIATION) -> Initiation:
@@ -130,6 +169,8 @@ def decode_payload(plain: bytes) -> tuple[bytes, bytes]:
         raise ParseError("initiation payload too short")
     ts = plain[:C.TIMESTAMP_BYTES]
     (clen,) = struct.unpack_from("!H", plain, C.TIMESTAMP_BYTES)
+    if clen > C.MAX_CERT_BYTES:
+        raise ParseError(f"initiation payload: certificate length {clen} exceeds {C.MAX_CERT_BYTES}")
     cert = plain[C.TIMESTAMP_BYTES + 2:]
     if clen != len(cert):
         raise ParseError("initiation payload: certificate length mismatch")

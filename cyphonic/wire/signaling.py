@@ -16,6 +16,12 @@ per-message parsing code.
 Bounds: a whole message is at most ``MAX_SIGNALING_BYTES`` (1200) bytes; every
 variable field has a declared maximum, and the largest message of every type
 fits the bound. ``decode`` refuses longer input before parsing anything.
+The maximum of a variable field (bytes, text, an endpoint count) lives in its
+declaration in ``FIELDS`` and is checked by its field type, on both sides:
+``decode`` accepts exactly the maximum and refuses one more with ``ParseError``,
+``encode`` refuses one more with ``ValueError``. A field type refuses a
+maximum its length prefix could not exceed, so maximum + 1 is always a datagram
+that can be sent, and refused.
 
 Never: ``decode`` raises nothing but ``ParseError``, whatever it is given
 (wrong type, truncated, trailing bytes, unknown type or enum value). The
@@ -260,12 +266,20 @@ class Bytes(FieldType):
         return f"Bytes({self.n})"
 
 
+def _check_declared_max(kind: str, max_len: int, len_bytes: int) -> None:
+    """A declared maximum must leave room for maximum + 1 in its length prefix.
+
+    Otherwise the bound check could never fire and nothing would test it.
+    """
+    if len_bytes not in (1, 2) or not 0 <= max_len < (1 << (8 * len_bytes)) - 1:
+        raise ValueError(f"{kind}: maximum {max_len} leaves no room for one more in a {len_bytes}-byte length")
+
+
 class VarBytes(FieldType):
     """A u8 (or u16) length, then at most ``max_len`` bytes."""
 
     def __init__(self, max_len: int, len_bytes: int = 1) -> None:
-        if len_bytes not in (1, 2) or max_len >= 1 << (8 * len_bytes):
-            raise ValueError("VarBytes: bad length width")
+        _check_declared_max("VarBytes", max_len, len_bytes)
         self.max_len = max_len
         self.len_bytes = len_bytes
         self.max_size = len_bytes + max_len
@@ -284,8 +298,7 @@ class Text(FieldType):
     """UTF-8 text: a u8 length in bytes, then at most ``max_len`` bytes."""
 
     def __init__(self, max_len: int) -> None:
-        if max_len > 255:
-            raise ValueError("Text: at most 255 bytes with a u8 length")
+        _check_declared_max("Text", max_len, 1)
         self.max_len = max_len
         self.max_size = 1 + max_len
 
@@ -409,25 +422,33 @@ class EndpointField(FieldType):
 
 
 class EndpointList(FieldType):
-    """A u8 count (at most MAX_ENDPOINTS), then that many endpoints -> tuple."""
+    """A u8 count (at most ``max_items``, MAX_ENDPOINTS unless declared), then
+    that many endpoints -> tuple."""
 
     _item = EndpointField()
-    max_size = 1 + MAX_ENDPOINTS * EndpointField.max_size
+
+    def __init__(self, max_items: int = MAX_ENDPOINTS) -> None:
+        _check_declared_max("EndpointList", max_items, 1)
+        self.max_items = max_items
+        self.max_size = 1 + max_items * EndpointField.max_size
 
     def encode(self, w: Writer, value: Any, name: str = "field") -> None:
         if not isinstance(value, (tuple, list)):
             raise ValueError(f"{name}: expected a tuple of Endpoint, got {type(value).__name__}")
-        if len(value) > MAX_ENDPOINTS:
-            raise ValueError(f"{name}: {len(value)} endpoints exceeds {MAX_ENDPOINTS}")
+        if len(value) > self.max_items:
+            raise ValueError(f"{name}: {len(value)} endpoints exceeds {self.max_items}")
         w.u8(len(value))
         for i, item in enumerate(value):
             self._item.encode(w, item, f"{name}[{i}]")
 
     def decode(self, r: Reader, name: str = "field") -> tuple[Endpoint, ...]:
         n = r.u8(name)
-        if n > MAX_ENDPOINTS:
-            raise ParseError(f"{name}: {n} endpoints exceeds {MAX_ENDPOINTS}")
+        if n > self.max_items:
+            raise ParseError(f"{name}: {n} endpoints exceeds {self.max_items}")
         return tuple(self._item.decode(r, f"{name}[{i}]") for i in range(n))
+
+    def __repr__(self) -> str:
+        return f"EndpointList({self.max_items})"
 
 
 class EnumField(FieldType):

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from cyphonic import constants as C
 from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.errors import CyphonicError
-from cyphonic.node.config import parse_hostport
+from cyphonic.node.config import parse_hostport, typed_values
+
+from .constants import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
 
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "",
@@ -32,7 +34,7 @@ DEFAULTS = {
     "gn_port_base": 47200,          # general node i uses UDP port base + i on the WAN side
     "workers": 0,                   # NFQUEUE workers; 0 = one per core
     "queue_first": 0,
-    "busy_poll_us": 500,            # poll this long for the answer to a lone packet; 0 = never (ReplyWait)
+    "busy_poll_us": BUSY_POLL_US_DEFAULT,  # poll this long for the answer to a lone packet; 0 = never (ReplyWait)
     "mtu": C.DEFAULT_INNER_MTU,
     "lease_s": 3600,
     "dns_upstream": "none",         # "host:port" forwards other names (passthrough), "none" refuses them
@@ -100,16 +102,7 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
     def fail(key, what):
         return AdapterConfigError(f"{source}: {key}: {what}")
 
-    unknown = set(doc) - set(DEFAULTS)
-    if unknown:
-        raise fail(sorted(unknown)[0], "unknown key")
-    values = dict(DEFAULTS)
-    for k, v in doc.items():
-        want = type(DEFAULTS[k])
-        if want is bool and not isinstance(v, bool) or want is not bool and (isinstance(v, bool)
-                                                                             or not isinstance(v, want)):
-            raise fail(k, f"must be {want.__name__}")
-        values[k] = v
+    values = typed_values(doc, DEFAULTS, fail)
     for k in ("cloud", "cloud_key"):
         if not values[k]:
             raise fail(k, "required")
@@ -133,8 +126,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
         raise fail("gn_port_base", "must be 1..65000")
     if not 0 <= cfg.workers <= 64:
         raise fail("workers", "must be 0..64")
-    if not 0 <= cfg.busy_poll_us <= 5000:
-        raise fail("busy_poll_us", "must be 0..5000 microseconds")
+    if not 0 <= cfg.busy_poll_us <= BUSY_POLL_US_MAX:
+        raise fail("busy_poll_us", f"must be 0..{BUSY_POLL_US_MAX} microseconds")
     return cfg
 
 

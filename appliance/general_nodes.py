@@ -17,11 +17,10 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from cyphonic import crypto
 from cyphonic.atomic_file import write_json_atomic
-from cyphonic.cloud.keys import read_secret, write_secret
 from cyphonic.errors import CyphonicError
 from cyphonic.handshake import StaticIdentity
+from cyphonic.node.identity import load_identity, save_certificate
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -121,29 +120,16 @@ class Registry:
                 return gn
         return None
 
+    def identity_dir(self, gn: GeneralNode) -> str:
+        return os.path.join(self.state_dir, "gn", gn.mac.replace(":", ""))
+
     def identity(self, gn: GeneralNode) -> StaticIdentity:
         """The GN's identity key (created on first use, 0600) and its certificate, if any."""
-        d = os.path.join(self.state_dir, "gn", gn.mac.replace(":", ""))
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        key = os.path.join(d, "identity.key")
-        if not os.path.exists(key):
-            write_secret(key, crypto.random_bytes(32))
-        priv = read_secret(key, 32)
-        cert = b""
-        cpath = os.path.join(d, "certificate")
-        if os.path.exists(cpath):
-            cert = _read_hex(cpath)
-        return StaticIdentity(priv, crypto.x25519_public(priv), cert)
+        return load_identity(self.identity_dir(gn))
 
     def save_login(self, gn: GeneralNode, certificate: bytes, fqdn: str, vip4: str, prefix_len: int,
                    domain: str) -> None:
-        d = os.path.join(self.state_dir, "gn", gn.mac.replace(":", ""))
-        write_secret(os.path.join(d, "certificate"), certificate)
+        save_certificate(self.identity_dir(gn), certificate)
         gn.fqdn, gn.vip4, gn.prefix_len, gn.domain = fqdn, vip4, prefix_len, domain
         gn.token = ""  # used up
         self.save()
-
-
-def _read_hex(path: str) -> bytes:
-    with open(path) as f:
-        return bytes.fromhex(f.read().strip())

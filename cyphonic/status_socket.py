@@ -13,8 +13,6 @@ import json
 import os
 from typing import Callable
 
-# re-exported: cyphonic/node/daemon.py imports it from here
-from .atomic_file import write_json_atomic  # noqa: F401
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 64 * 1024

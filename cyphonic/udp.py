@@ -15,11 +15,37 @@ data paths of their own (``cyphonic.node.engine_host``, ``appliance/``).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from typing import Callable
 
 from .driver import CoreDriver
+
+
+def udp_socket(family: int, host: str, port: int, *, buffer_bytes: int = 0,
+               reuse_address: bool = False) -> socket.socket:
+    """A bound, non-blocking UDP socket; an IPv6 one is IPv6-only, so IPv4 never arrives as
+    ``::ffff:a.b.c.d`` and each family has exactly one way in. ``buffer_bytes``: SO_RCVBUF and
+    SO_SNDBUF, best effort (the kernel caps them at net.core.[rw]mem_max)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if buffer_bytes:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+                except OSError:
+                    pass
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class DeviceProtocol(asyncio.DatagramProtocol):

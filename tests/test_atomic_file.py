@@ -7,7 +7,7 @@ directory) for every key, certificate, lease, registry, token and state file.
 - a failure at any step before the rename leaves the old file intact and no temporary file;
 - the file is fsynced before the rename and the directory after it;
 - a crash's leftover temporary file (even a symlink planted at the name) is harmless;
-- the former copies (write_secret, write_stats, status_socket.write_json_atomic, provision's
+- the former copies (write_secret, write_stats, provision's
   write_atomic, the lease store, the GN registry, the cloud config) go through it, with their
   formats and modes unchanged;
 - no other module of the product renames or fsyncs files by itself (a grep).
@@ -290,12 +290,10 @@ def test_former_copies_use_it(tmp_path, monkeypatch, umask):
     umask(0o022)
     from appliance import provision
     from appliance.general_nodes import Registry
-    from cyphonic import status_socket
     from cyphonic.cloud.config import write_default_config
     from cyphonic.cloud.keys import read_secret, write_secret
     from cyphonic.cloud.server import write_stats
 
-    assert status_socket.write_json_atomic is write_json_atomic
     calls = []
     real = atomic_file.write_atomic
 
@@ -313,7 +311,7 @@ def test_former_copies_use_it(tmp_path, monkeypatch, umask):
     write_stats(str(tmp_path / "stats.json"), {"n": 1, "t": b"x"})
     assert (tmp_path / "stats.json").read_text() == '{"n": 1, "t": "b\'x\'"}'
 
-    status_socket.write_json_atomic(str(tmp_path / "login.json"), {"fqdn": "a.example"})
+    write_json_atomic(str(tmp_path / "login.json"), {"fqdn": "a.example"})
     assert (tmp_path / "login.json").read_text() == '{\n "fqdn": "a.example"\n}'
 
     reg = Registry(str(tmp_path / "state"))

@@ -23,6 +23,7 @@ from collections import Counter
 
 from ..driver import CoreDriver
 from ..health import Health, Warning
+from ..udp import udp_socket
 from ..wire import signaling as sig
 from .config import CloudConfig
 from .core import CloudCore
@@ -100,11 +101,7 @@ class CloudServer:
             for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
                 if not host:
                     continue
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, cfg.signaling_port))
+                sock = udp_socket(family, host, cfg.signaling_port, reuse_address=True)
                 transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
                 self._transports[family] = transport
                 self.log(f"{'+'.join(s.upper() for s in services)} listening on {host} udp {cfg.signaling_port}")

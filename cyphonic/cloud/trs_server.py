@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Callable
 
 from ..driver import CoreDriver
+from ..udp import udp_socket
 from . import constants as CC
 from .trs import RelayService
 
@@ -95,21 +96,7 @@ class RelayServer:
 
 
 def _udp_socket(family: int, host: str, port: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, CC.RELAY_SOCKET_BUFFER_BYTES)
-            except OSError:
-                pass  # best effort: the kernel caps it at net.core.[rw]mem_max
-        sock.setblocking(False)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return udp_socket(family, host, port, buffer_bytes=CC.RELAY_SOCKET_BUFFER_BYTES)
 
 
 def _bind_pair(host4: str | None, host6: str | None, port: int) -> dict[int, socket.socket]:

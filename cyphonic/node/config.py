@@ -69,6 +69,24 @@ class NodeConfigError(CyphonicError):
     pass
 
 
+def typed_values(doc: dict, defaults: dict, fail) -> dict:
+    """The defaults overlaid with a TOML document's keys, each of its default's type (an integer
+    is taken for a float); an unknown key or a wrong type is ``fail(key, why)``. Shared by the
+    node daemon's and the adapter's configuration."""
+    unknown = set(doc) - set(defaults)
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown key")
+    values = dict(defaults)
+    for key, value in doc.items():
+        want = type(defaults[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+            raise fail(key, f"must be {want.__name__}, not {type(value).__name__}")
+        values[key] = value
+    return values
+
+
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
@@ -120,17 +138,7 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
     def fail(key: str, what: str) -> NodeConfigError:
         return NodeConfigError(f"{source}: {key}: {what}")
 
-    unknown = set(doc) - set(DEFAULTS)
-    if unknown:
-        raise fail(sorted(unknown)[0], "unknown key")
-    values = dict(DEFAULTS)
-    for key, value in doc.items():
-        want = type(DEFAULTS[key])
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise fail(key, f"must be {want.__name__}, not {type(value).__name__}")
-        values[key] = value
+    values = typed_values(doc, DEFAULTS, fail)
     for key in ("state_dir", "token_file", "status_socket"):
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.normpath(os.path.join(base_dir, values[key]))

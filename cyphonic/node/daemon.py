@@ -23,6 +23,7 @@ does too) and the status socket.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import os
@@ -33,36 +34,23 @@ import time
 from collections import Counter, OrderedDict, deque
 
 from .. import constants as C
-from .. import crypto
 from .. import signaling as sg
-from ..cloud.keys import parse_cloud_key, read_secret, write_secret
-from ..handshake import StaticIdentity
-from ..status_socket import remove as remove_status, serve_status, write_json_atomic
+from ..atomic_file import write_json_atomic
+from ..cloud.keys import parse_cloud_key
 from ..health import Health, Warning
+from ..status_socket import remove as remove_status, serve_status
+from ..udp import udp_socket
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
 from .config import NodeConfig, parse_hostport
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
 from .engine_host import EngineHost, ptr_name
+from .identity import load_identity, save_certificate
 from .packet_handling import DataPathSelector, PacketPath, sample_idle_cpus
 from .tun import Tun, TunError
 from .constants import (ADDRESS_POLL_S, ADDRESS_RESYNC_S, ADDRESS_SETTLE_S, FATAL_EXIT, SOCKET_BUFFER_BYTES,
                         TICK_S, VIP_QUEUE_PACKETS, VIP_QUEUE_PEERS)
-
-
-def load_identity(state_dir: str) -> StaticIdentity:
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    key_path = os.path.join(state_dir, "identity.key")
-    if not os.path.exists(key_path):
-        write_secret(key_path, crypto.random_bytes(32))
-    priv = read_secret(key_path, 32)
-    cert = b""
-    cert_path = os.path.join(state_dir, "certificate")
-    if os.path.exists(cert_path):
-        with open(cert_path) as f:
-            cert = bytes.fromhex(f.read().strip())
-    return StaticIdentity(priv, crypto.x25519_public(priv), cert)
 
 
 class NodeDaemon:
@@ -110,8 +98,7 @@ class NodeDaemon:
             return {}
 
     def _save_login(self, e: sg.LoggedIn) -> None:
-        path = os.path.join(self.cfg.state_dir, "certificate")
-        write_secret(path, e.certificate)
+        save_certificate(self.cfg.state_dir, e.certificate)
         self.login = {"fqdn": e.fqdn, "vip4": e.vip4, "prefix_len": e.prefix_len, "domain": e.domain}
         write_json_atomic(os.path.join(self.cfg.state_dir, "login.json"), self.login)
 
@@ -153,20 +140,13 @@ class NodeDaemon:
         for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
             if not host:
                 continue
-            s = socket.socket(family, socket.SOCK_DGRAM)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             try:
-                s.bind((host, self.port))
+                s = udp_socket(family, host, self.port, buffer_bytes=SOCKET_BUFFER_BYTES)
             except OSError as exc:
-                if family == socket.AF_INET6 and exc.errno in (97, 99):  # no IPv6 here
-                    s.close()
-                    continue
+                if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    continue  # no IPv6 here
                 raise
             self.port = s.getsockname()[1]
-            s.setblocking(False)
             self.socks[family] = s
         self.path.attach(self.socks)  # all to the slow path until the device and the TUN exist
         try:

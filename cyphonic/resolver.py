@@ -3,7 +3,7 @@
 The paper's trigger for communication is a DNS query for a peer's FQDN: the
 resolver asks for route selection and tunnel establishment and answers with
 the peer's virtual IP once the tunnel is up (adapter paper, 3.3 and 3.4;
-docs ARCHITECTURE.md "DNS"). Used by the node daemon (``cyphonic.dns_server``
+docs/protocol.md and docs/adapter.md, "DNS"). Used by the node daemon (``cyphonic.dns_server``
 is its asyncio edge) and, per general node, by the adapter.
 
 Driven like the rest of the core: ``receive_query(data, client, now)``,

@@ -27,7 +27,6 @@ ROUTE_PENDING_S is answered PEER_UNREACHABLE.
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -103,7 +102,7 @@ class NodeManagementService:
         self.keepalive_s = max(1, int(keepalive_interval_s))
         self.log = log
         # Route and relay session ids need to be unique, not secret: a seeded PRNG (no system call each)
-        self.rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
+        self.rng = rng or random.Random()  # seeded from the OS entropy source
         self.registrations: OrderedDict[bytes, Registration] = OrderedDict()
         self.routes: OrderedDict[int, Route] = OrderedDict()
         # (node static key, cloud request id) -> route id. Request ids are counted per node,

@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from .driver import DeadlineTimer
+from .driver import DeadlineTimer, FlushRounds
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ TCP_MAX_QUERY_BYTES = 4096
 TCP_MAX_BUFFERED_BYTES = 256 * 1024
 UPSTREAM_IDS_MAX = 4096         # forwarded datagrams awaiting a reply (ids are 16-bit)
 UPSTREAM_GRACE_S = 1.0          # an id stays valid this long after the resolver's hold
-FLUSH_ROUNDS_MAX = 64
 BIND_ATTEMPTS = 16              # port 0: UDP picks a port, TCP must get the same one
 
 
@@ -119,8 +118,7 @@ class DnsServer:
         self._tcp_clients: set[_TcpClient] = set()
         self._ids: dict[int, tuple[object, float]] = {}     # upstream id -> (token, expires)
         self.timer = DeadlineTimer(resolver.get_timer, self._fire, clock=clock)
-        self._flushing = False
-        self._again = False
+        self._rounds = FlushRounds(self.errors)
         self._closed = False
 
     # --- setup ---------------------------------------------------------------------------
@@ -223,22 +221,15 @@ class DnsServer:
 
     def flush(self) -> None:
         """Send answers, ask for tunnels, forward upstream, re-arm the timer."""
-        if self._flushing:
-            self._again = True
-            return
-        self._flushing = True
         try:
-            for _ in range(FLUSH_ROUNDS_MAX):
-                self._again = False
-                busy = self._send_answers() + self._ask_resolves() + self._send_forwards()
-                if not busy and not self._again:
-                    break
-            self.timer.arm()
+            if self._rounds.run(self._round):
+                self.timer.arm()
         except Exception as exc:   # no-throw boundary
             self.errors[type(exc).__name__] += 1
             log.exception("dns edge: flush failed")
-        finally:
-            self._flushing = False
+
+    def _round(self) -> int:
+        return self._send_answers() + self._ask_resolves() + self._send_forwards()
 
     def _send_answers(self) -> int:
         out = self.resolver.answers_to_send()

@@ -95,6 +95,37 @@ class DeadlineTimer:
         self._armed_for = None
 
 
+class FlushRounds:
+    """Bounded, re-entrant rounds of work: ``run(step)`` calls ``step()`` (which returns how
+    much it did) until a round does nothing, at most ``FLUSH_ROUNDS_MAX`` times. A ``run`` asked
+    for while one is running (from a handler the step called) makes the running one go round
+    once more instead of nesting. Rounds that never went quiet are counted in
+    ``errors["flush_rounds_exhausted"]``."""
+
+    def __init__(self, errors: Counter) -> None:
+        self.errors = errors
+        self._running = False
+        self._again = False
+
+    def run(self, step: Callable[[], int]) -> bool:
+        """False when folded into a running one (the caller has nothing more to do)."""
+        if self._running:
+            self._again = True
+            return False
+        self._running = True
+        try:
+            for _ in range(FLUSH_ROUNDS_MAX):
+                self._again = False
+                if not step() and not self._again:
+                    break
+            else:
+                self.errors["flush_rounds_exhausted"] += 1  # left for the next flush or timer
+        finally:
+            self._running = False
+            self._again = False
+        return True
+
+
 class CoreDriver:
     """Drives one datagram core: time in, datagrams out through ``send(data, addr)``, events
     to ``on_event(event)``, one timer at the core's next deadline.
@@ -117,8 +148,7 @@ class CoreDriver:
         self.errors: Counter = errors if errors is not None else Counter()
         self.timer = DeadlineTimer(core.get_timer, self._on_timer, clock=clock)
         self._next_event = getattr(core, "next_event", None)
-        self._flushing = False
-        self._again = False
+        self._rounds = FlushRounds(self.errors)
 
     def receive(self, data: bytes, addr) -> None:
         self.core.receive_datagram(data, addr, self.clock())
@@ -145,38 +175,27 @@ class CoreDriver:
         return len(out)
 
     def flush(self) -> None:
-        """Send, deliver events, repeat until quiet (bounded), re-arm. Re-entrant: a flush asked
-        for from inside an event handler or ``after_round`` makes the running one go round once
-        more instead of starting another."""
-        if self._flushing:
-            self._again = True
-            return
-        self._flushing = True
-        try:
-            for _ in range(FLUSH_ROUNDS_MAX):
-                self._again = False
-                n = self.send_out()
-                if self._next_event is not None:
-                    for _ in range(EVENTS_PER_ROUND_MAX):
-                        e = self._next_event()
-                        if e is None:
-                            break
-                        n += 1
-                        if self.on_event is not None:
-                            try:
-                                self.on_event(e)
-                            except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop the edge
-                                self.errors["event_handler_" + type(exc).__name__] += 1
-                                log.exception("event handler failed on %r", e)
-                if self.after_round is not None:
-                    n += self.after_round()
-                if not n and not self._again:
+        """Send, deliver events, repeat until quiet (``FlushRounds``), re-arm."""
+        if self._rounds.run(self._round):
+            self.timer.arm()
+
+    def _round(self) -> int:
+        n = self.send_out()
+        if self._next_event is not None:
+            for _ in range(EVENTS_PER_ROUND_MAX):
+                e = self._next_event()
+                if e is None:
                     break
-            else:
-                self.errors["flush_rounds_exhausted"] += 1  # left for the next flush or timer
-        finally:
-            self._flushing = False
-        self.timer.arm()
+                n += 1
+                if self.on_event is not None:
+                    try:
+                        self.on_event(e)
+                    except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop the edge
+                        self.errors["event_handler_" + type(exc).__name__] += 1
+                        log.exception("event handler failed on %r", e)
+        if self.after_round is not None:
+            n += self.after_round()
+        return n
 
     def close(self) -> None:
         self.timer.close()

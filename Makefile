@@ -35,9 +35,11 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The product (root pyproject.toml) and the lab (lab/pyproject.toml: the namespace lab, the demo
+# and the benchmarks; development only, never in the image), both editable.
+$(VENV)/.installed: pyproject.toml lab/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' -e ./lab
 	@touch $@
 
 # The image is rebuilt on every `make test` (the slow Debian base is cached outside the repo,
@@ -54,16 +56,16 @@ test-fast: venv
 	$(PY) -m pytest -q -m 'not root' tests
 
 demo: setup
-	$(PY) -m cyphonic.demo
+	$(PY) -m lab.demo
 
 bench: setup
 	@scripts/ensure-apt.sh $(BENCH_APT_PACKAGES)
 	@mkdir -p $(BUILD)/bench
-	$(PY) -m cyphonic.bench --out $(BUILD)/bench
+	$(PY) -m lab.bench --out $(BUILD)/bench
 
 clean:
 	rm -rf $(BUILD) .pytest_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info lab/*.egg-info

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from lab import Lab
-from nodelab import DOMAIN, Overlay
-from adapterlab import LAN_ADDRESS, adapter_site, site_topology, add_gn, cyadm, dhclient, mac_of, start_adapter
+from lab.nodelab import DOMAIN, Overlay
+from lab.adapterlab import LAN_ADDRESS, adapter_site, site_topology, add_gn, cyadm, dhclient, mac_of, start_adapter
 
 pytestmark = pytest.mark.root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,7 @@ from cyphonic.signaling import LoginFailed, State
 from cyphonic.udp import open_device
 from cyphonic.wire import signaling as sig
 
-from cloudproc import CloudProcess
+from lab.cloudproc import CloudProcess
 
 
 @pytest.fixture
@@ -236,7 +236,7 @@ def test_kill_9_loses_nothing_and_nodes_come_back_by_themselves(tmp_path):
 def test_each_service_runs_alone_against_one_database(tmp_path):
     """AS, NMS and TRS as three processes sharing the state directory (keys and SQLite)."""
     import re
-    from cloudproc import free_port
+    from lab.cloudproc import free_port
     base = CloudProcess(str(tmp_path))            # writes the config and keys (init)
     text = open(base.config).read()
     procs = {}

@@ -28,8 +28,9 @@ import time
 import pytest
 
 from lab import Lab
-from nodelab import DOMAIN, Overlay
-from imagelab import VM, ImageFiles, have_tools, image_path, mtype, prepare_disk, ssh_argv
+from lab.adapterlab import DHCLIENT_SCRIPT
+from lab.imagelab import VM, ImageFiles, have_tools, image_path, mtype, prepare_disk, ssh_argv
+from lab.nodelab import DOMAIN, Overlay
 
 pytestmark = pytest.mark.root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,7 @@ def _dhclient_until_lease(lab, gn, tmp_path, deadline: float) -> dict:
     while time.monotonic() < deadline:
         if os.path.exists(env_file):
             os.unlink(env_file)
-        r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(conf), "-sf", f"{ROOT}/tests/lab/dhclient-script.sh",
+        r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(conf), "-sf", DHCLIENT_SCRIPT,
                           "-lf", str(tmp_path / "gn.leases"), "-pf", str(tmp_path / "gn.pid"), "eth0"],
                      timeout=60)
         last = r.stdout + r.stderr

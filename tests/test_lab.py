@@ -1,4 +1,4 @@
-"""The lab itself (tests/lab/): segments, hosts, easy and hard NAT, loss, roaming, cleanup.
+"""The lab itself (lab/): segments, hosts, easy and hard NAT, loss, roaming, cleanup.
 
 Needs root and network namespaces: fails (never skips) without them, as CI runs as root.
 """

@@ -1,4 +1,4 @@
-"""cyphonic-node daemons in network namespaces (tests/lab): real TUN, real UDP, stock dig,
+"""cyphonic-node daemons in network namespaces (the lab, lab/): real TUN, real UDP, stock dig,
 ping and iperf3; the NAT grid; roaming; underlay loss. Needs root (CI runs as root)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lab import Lab
-from nodelab import DOMAIN, Overlay
+from lab.nodelab import DOMAIN, Overlay
 
 pytestmark = pytest.mark.root
 
@@ -167,9 +167,7 @@ def test_tunnels_come_up_and_carry_traffic_over_a_lossy_underlay(lab, tmp_path):
 def test_make_demo_runs_end_to_end_and_leaves_nothing_behind():
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-m", "cyphonic.demo"], cwd=root, capture_output=True, text=True,
-                       timeout=240)
+    p = subprocess.run([sys.executable, "-m", "lab.demo"], capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "part 1 result: OK" in p.stdout
     assert "part 2 result: OK (path punched)" in p.stdout
@@ -181,7 +179,6 @@ def test_make_demo_runs_end_to_end_and_leaves_nothing_behind():
 
 def test_tunnels_come_up_and_carry_traffic_over_a_reordering_underlay(lab, tmp_path):
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     inet = lab.switch("inet", "198.18.0.0/24")
     cloud = lab.host("cloud", inet)
     r = lab.nat_router("swap", inet, lan="10.8.0.0/24", kind="easy")
@@ -195,7 +192,7 @@ def test_tunnels_come_up_and_carry_traffic_over_a_reordering_underlay(lab, tmp_p
     vip = ov.wait_ready("outside")["identity"]["vip4"]
     # every 3rd UDP packet the router forwards is swapped with the next one (signaling and tunnel)
     assert lab.exec(r, ["iptables-nft", "-I", "FORWARD", "-p", "udp", "-j", "NFQUEUE", "--queue-num", "7"]).returncode == 0
-    imp = lab.spawn(r, [sys.executable, f"{root}/tests/lab/impair.py", "--queue", "7", "--swap-every", "3",
+    imp = lab.spawn(r, [sys.executable, "-m", "lab.impair", "--queue", "7", "--swap-every", "3",
                         "--seconds", "60"], log=tmp_path / "impair.log")
     time.sleep(0.5)
     assert ov.resolve("inside", f"outside.{DOMAIN}") == vip

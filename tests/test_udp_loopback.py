@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -16,8 +15,6 @@ from cyphonic.ipv4 import icmp_echo, parse_icmp_echo
 from cyphonic.udp import open_device
 
 from corefixtures import World
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_two_devices_over_real_udp_sockets():
@@ -71,7 +68,7 @@ def test_two_devices_over_real_udp_sockets():
 
 
 def test_make_demo_runs_and_reports_ok():
-    proc = subprocess.run([sys.executable, "-m", "cyphonic.demo", "--loopback"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lab.demo", "--loopback"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result: OK" in proc.stdout

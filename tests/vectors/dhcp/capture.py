@@ -30,12 +30,11 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
-sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
+from scapy.all import BOOTP, IP, UDP, rdpcap
 
-from lab import Lab                                    # noqa: E402
-from scapy.all import BOOTP, IP, UDP, rdpcap           # noqa: E402
+from lab import Lab
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 MAC = "02:cd:00:00:00:07"
 VIP = "100.64.0.7"
@@ -129,7 +128,7 @@ class Rig:
                                                 "--leases", os.path.join(self.work, "leases.json"),
                                                 "--domain", "ov.example", "-v",
                                                 "--binding", f"{MAC}={VIP}=gn"],
-                                      log=os.path.join(self.work, "server.log"), cwd=ROOT)
+                                      log=os.path.join(self.work, "server.log"))
             time.sleep(1.0)
 
     def reset_gn(self):

@@ -1,4 +1,4 @@
-"""`make bench`: crypto core benchmarks (a benchmark, not a test).
+"""`make bench`, crypto core part (a benchmark, not a test).
 
 Measures on one core, side by side in one run (this machine is shared: quote
 ratios, not absolute numbers):
@@ -12,15 +12,8 @@ ratios, not absolute numbers):
 Each measurement is the best of several interleaved rounds. The table is
 printed and written to ``<out>/crypto.json``.
 
-Then (``--only cloud|crypto|node|adapter|all``, default all) ``cyphonic.cloud.bench``:
-logins, registrations and route selections per second against one real
-cloud process, written to ``<out>/cloud.json``; ``cyphonic.node.bench``:
-two cyphonic-node daemons against plain routing and wireguard-go in network
-namespaces (ping RTT, iperf3 UDP and TCP, tunnel set-up, memory), written to
-``<out>/node.json`` (needs root, wireguard-go and wireguard-tools); and
-``appliance.bench``: a general node through cyphonic-adapter, side by side in
-one run with the node daemon, plain routing and wireguard-go (the same
-measurements, the adapter's memory), written to ``<out>/adapter.json``.
+    python -m lab.bench --only crypto --out build/bench
+    python -m lab.bench.core --out build/bench        # the same, this part alone
 """
 
 from __future__ import annotations
@@ -33,12 +26,14 @@ import time
 
 import nacl.bindings as nb
 
-from .certs import CertificateAuthority, TrustStore
-from .datachannel import ReceiveSession, SendStream
-from .handshake import (InitiatorHandshake, StaticIdentity, check_mac1, consume_initiation,
-                        create_response)
+from cyphonic.certs import CertificateAuthority, TrustStore
+from cyphonic.datachannel import ReceiveSession, SendStream
+from cyphonic.handshake import (InitiatorHandshake, StaticIdentity, check_mac1, consume_initiation,
+                                create_response)
 
 SIZES = (64, 512, 1400)
+ROUNDS = 5
+PACKETS = 100_000
 
 
 def _rate(fn, n: int, rounds: int) -> float:
@@ -115,34 +110,10 @@ def bench_handshakes(seconds: float) -> dict:
     return {"full_handshakes_per_s": round(count / elapsed, 1), "handshake_ms": round(elapsed / count * 1000, 3)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="build/bench")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--packets", type=int, default=100_000)
-    ap.add_argument("--only", choices=("crypto", "cloud", "node", "adapter", "all"), default="all",
-                    help="crypto core, the cloud process (cyphonic.cloud.bench), the node pair "
-                         "against wireguard-go (cyphonic.node.bench), a general node through the "
-                         "adapter against those (appliance.bench), or all of them")
-    args = ap.parse_args(argv)
-    if args.only in ("crypto", "all"):
-        bench_crypto(args)
-    if args.only in ("cloud", "all"):
-        from .cloud import bench as cloud_bench
-        cloud_bench.run(args.out)
-    if args.only in ("node", "all"):
-        from .node import bench as node_bench
-        node_bench.run(args.out)
-    if args.only in ("adapter", "all"):
-        from appliance import bench as adapter_bench
-        adapter_bench.run(args.out)
-    return 0
-
-
-def bench_crypto(args: argparse.Namespace) -> None:
-    rows = bench_sizes(args.rounds, args.packets)
+def run(out_dir: str, *, rounds: int = ROUNDS, packets: int = PACKETS) -> dict:
+    rows = bench_sizes(rounds, packets)
     hs = bench_handshakes(2.0)
-    print("crypto core, one core, best of %d rounds of %d packets" % (args.rounds, args.packets))
+    print("crypto core, one core, best of %d rounds of %d packets" % (rounds, packets))
     print(f"{'bytes':>6} {'seal/s':>10} {'open/s':>10} {'plain PyNaCl/s':>15} {'seal µs':>8} "
           f"{'open µs':>8} {'plain µs':>9} {'seal vs plain':>14}")
     for r in rows:
@@ -155,14 +126,26 @@ def bench_crypto(args: argparse.Namespace) -> None:
     targets = {"seal64_at_least_3x_plain": r64["seal_speedup_vs_plain"] >= 3.0,
                "seal64_at_least_150k_per_s": r64["seal_per_s"] >= 150_000}
     print("targets:", ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "crypto.json")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "crypto.json")
+    result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                          "platform": platform.platform()},
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "sizes": rows, "handshake": hs, "targets": targets}
     with open(path, "w") as f:
-        json.dump({"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                               "platform": platform.platform()},
-                   "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "sizes": rows, "handshake": hs, "targets": targets}, f, indent=2)
+        json.dump(result, f, indent=2)
     print(f"written {path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="build/bench")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--packets", type=int, default=PACKETS)
+    args = ap.parse_args(argv)
+    run(args.out, rounds=args.rounds, packets=args.packets)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""An adapter in a lab topology (tests/lab): shared by the adapter tests, the demo and the bench."""
+"""An adapter in a lab topology: shared by the adapter tests, the demo and the bench."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from appliance.provision import toml_document
+
+from .nodelab import Overlay
+
+# The general nodes' dhclient-script (configures the lease, writes its values for the caller).
+DHCLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dhclient-script.sh")
 PY = sys.executable
 LAN_ADDRESS = "100.127.255.254"
 
@@ -17,7 +22,6 @@ def cyadm(lab, host, sock, *args):
 
 def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers=2, gn_token=None, extra=None):
     """`extra`: more adapter.toml keys (or replacements); gn_token "" enrolls no token."""
-    from appliance.provision import toml_document
     gn_token = ov.cli("enroll", f"{name}-gns", "--reusable").strip() if gn_token is None else gn_token
     sock = str(tmp_path / f"{name}.sock")
     conf = tmp_path / f"{name}.toml"
@@ -27,7 +31,7 @@ def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers
         "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers, "name": name,
         "status_socket": sock, **(extra or {})}))
     log = tmp_path / f"{name}.log"
-    proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log, cwd=ROOT)
+    proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log)
     ov.wait_log(str(log), "started:", 20)
     return proc, sock, str(log)
 
@@ -43,7 +47,7 @@ def dhclient(lab, gn, tmp_path, name, timeout_s=15):
     env_file = f"/tmp/cyl-dhclient-{gn.name}.env"
     if os.path.exists(env_file):
         os.unlink(env_file)
-    r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(cf), "-sf", f"{ROOT}/tests/lab/dhclient-script.sh",
+    r = lab.exec(gn, ["dhclient", "-1", "-v", "-cf", str(cf), "-sf", DHCLIENT_SCRIPT,
                       "-lf", str(tmp_path / f"{name}.leases"), "-pf", str(tmp_path / f"{name}.pid"), "eth0"],
                  timeout=timeout_s + 20)
     lease = {}
@@ -63,7 +67,6 @@ def site_topology(lab, tmp_path, extra_gns: tuple[str, ...] = ()) -> dict:
     """An "internet" segment with the cloud (running), a node daemon "srv" (ready) and the
     adapter's host (WAN eth0); a bare LAN port on the adapter with general node "gn" (plus
     ``extra_gns``) behind it. No adapter yet. Returns a dict of the parts."""
-    from nodelab import Overlay
     inet = lab.switch("inet", "198.18.0.0/24")
     cloud = lab.host("cloud", inet, v6=False)
     srv_host = lab.host("srv", inet, v6=False)

@@ -1,4 +1,5 @@
-"""Parts 1 and 2 of `make demo`: the whole system in network namespaces, with stock tools.
+"""Parts 1 and 2 of `make demo` (`python -m lab.demo`, as root): the whole system in network
+namespaces, with stock tools.
 
 Part 1 is the paper's evaluation model (Fig. 5): a general node that runs only
 stock tools (isc-dhcp-client, dig, ping, iperf3) behind a CYPHONIC adapter, a
@@ -8,7 +9,7 @@ report quotes the stock tools' own lines and `cyadm status`.
 
 Part 2:
 
-Topology (tests/lab): an "internet" segment with the cloud; two sites, each a
+Topology (the lab): an "internet" segment with the cloud; two sites, each a
 home-router-like NAT (easy) with one host behind it running `cyphonic-node`.
 The stock `ping` in site 1 pings site 2's node by its FQDN: the name goes to
 the node's DNS stub, which asks the NMS for a route (both behind NAT: hole
@@ -20,11 +21,16 @@ printed, then everything is torn down (namespaces, processes, /etc/netns).
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
+import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ..adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
+from ..nodelab import DOMAIN, Overlay
+from ..topology import Lab
+
 PREFIX = "cyd"
 
 
@@ -43,11 +49,6 @@ def _quote(text: str, pick=lambda line: True) -> str:
 
 
 def run_adapter() -> int:
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-    from tests.adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
-    from tests.lab import Lab
-    from tests.nodelab import DOMAIN, Overlay
-
     print("Part 1: the paper's evaluation model (Fig. 5): general node - CYPHONIC adapter - router - "
           "cloud and CYPHONIC node\n")
     workdir = tempfile.mkdtemp(prefix="cyphonic-demo-")
@@ -62,7 +63,6 @@ def run_adapter() -> int:
             lan = lab.switch("lan", gateway=False)
             port = lab.attach(adapter, lan, v4=False, v6=False)
             gn = lab.host("gn", lan, v4=False, v6=False)
-            import pathlib
             tmp = pathlib.Path(workdir)
             ov = Overlay(lab, cloud, workdir)
             ov.start_cloud()
@@ -89,8 +89,7 @@ def run_adapter() -> int:
             p = lab.exec(gn, ["ping", "-c", "5", "-i", "0.2", "-W", "2", node_vip], timeout=30)
             print(_quote(p.stdout, lambda l: "packets transmitted" in l or l.startswith("rtt")))
             lab.spawn(node_host, ["iperf3", "-s", "-1", "-B", node_vip], log=tmp / "iperf-s.log")
-            import time as _t
-            _t.sleep(0.5)
+            time.sleep(0.5)
             print(f"\n$ ip netns exec {gn.name} iperf3 -c {node_vip} -u -b 50M -l 1400 -t 3")
             i = lab.exec(gn, ["iperf3", "-c", node_vip, "-u", "-b", "50M", "-l", "1400", "-t", "3"], timeout=40)
             print(_quote(i.stdout, lambda l: ("sender" in l or "receiver" in l)))
@@ -103,8 +102,7 @@ def run_adapter() -> int:
             rc = 0 if ok else 1
             print(f"\npart 1 result: {'OK' if ok else 'FAILED'}")
     finally:
-        import shutil as _sh
-        _sh.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     left = [n for n in os.listdir("/var/run/netns") if n.startswith(PREFIX + "-")] \
         if os.path.isdir("/var/run/netns") else []
     print(f"torn down: {'no namespace left' if not left else 'LEFT: ' + ', '.join(left)}")
@@ -112,10 +110,6 @@ def run_adapter() -> int:
 
 
 def run_nodes() -> int:
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-    from tests.lab import Lab
-    from tests.nodelab import DOMAIN, Overlay
-
     print("Part 2: two cyphonic-node daemons, each behind its own NAT, stock tools only\n")
     workdir = tempfile.mkdtemp(prefix="cyphonic-demo-")
     netns_dirs = []

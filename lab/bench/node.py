@@ -1,10 +1,10 @@
 """`make bench`, node part: two hosts, three ways between them (the paper's Tables II and III).
 
-One lab (tests/lab, prefix ``cyb``): an "internet" segment with a cloud host and node hosts
+One lab (lab.topology, prefix ``cyb``): an "internet" segment with a cloud host and node hosts
 n1, n2 (plus f1, f2 used only to time fresh tunnel set-ups). Traffic goes from n1 to n2:
 
 - ``plain``: n1's address to n2's address over the segment (the limit);
-- ``cyphonic``: ``cyphonic-node`` daemons on n1 and n2 (tests/nodelab.Overlay), to n2's
+- ``cyphonic``: ``cyphonic-node`` daemons on n1 and n2 (lab.nodelab.Overlay), to n2's
   virtual IP (resolved first, so the tunnel is up);
 - ``wireguard-go``: Debian's wireguard-go (in the foreground, one per namespace, unique
   interface names because its control socket ``/var/run/wireguard/<if>.sock`` is shared by
@@ -36,8 +36,8 @@ The table is printed and ``<out>/node.json`` written, with the issue's targets:
 (a) cyphonic's highest offered UDP rate with < 1 % loss >= wireguard-go's;
 (b) cyphonic's median ping RTT <= wireguard-go's.
 
-    python -m cyphonic.bench --only node --out build/bench
-    python -m cyphonic.node.bench --out build/bench        # the same, this part alone
+    python -m lab.bench --only node --out build/bench
+    python -m lab.bench.node --out build/bench        # the same, this part alone
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..nodelab import DOMAIN, Overlay
+from ..topology import Lab
 
 PATHS = ("plain", "cyphonic", "wireguard-go")
 UDP_BYTES = 1400
@@ -208,7 +208,7 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 class NodeBench:
-    """The lab and the measurements. A subclass (appliance/bench.py) adds paths: it extends
+    """The lab and the measurements. A subclass (lab/bench/adapter.py) adds paths: it extends
     ``paths``, ``node_names``, ``build_more``/``after_build``, ``path_info`` (each path names
     its client host, target, tunnel processes, UDP port and interfaces), ``extra_counters`` /
     ``extra_row`` (its own drop counters), ``tunnel_setup`` and ``processes``."""
@@ -231,8 +231,6 @@ class NodeBench:
     # --- topology --------------------------------------------------------------------------
 
     def build(self) -> None:
-        sys.path.insert(0, ROOT)
-        from tests.nodelab import DOMAIN, Overlay
         self.domain = DOMAIN
         lab = self.lab
         inet = lab.switch("inet", "198.18.0.0/24")
@@ -764,8 +762,6 @@ def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dic
     (set-up times, ping, UDP fixed/unlimited/highest rate, TCP, processes), tear it all down
     (also on failure or SIGTERM; logs kept then). Returns the bench and the measurements."""
     _check_tools()
-    sys.path.insert(0, ROOT)
-    from tests.lab import Lab
     m: dict = {"machine": _machine()}
     t_start = time.perf_counter()
     name = bench_cls.name

@@ -1,7 +1,7 @@
 """A user-space impairment stage for the lab (this kernel has no netem): reorders, and
 optionally delays, the UDP packets a router forwards, through NFQUEUE.
 
-    python tests/lab/impair.py --queue 7 --swap-every 4 [--seconds 60]
+    python -m lab.impair --queue 7 --swap-every 4 [--seconds 60]
 
 Every ``swap-every``-th packet is held back and released right after the next one, so the two
 arrive swapped. Bounded: at most one packet held, and the process ends after ``--seconds``.

@@ -1,4 +1,4 @@
-"""`python -m tests.lab cleanup [--prefix cyl]`: remove what a crashed lab run left behind."""
+"""`python -m lab cleanup [--prefix cyl]`: remove what a crashed lab run left behind."""
 
 import argparse
 
@@ -6,7 +6,7 @@ from .topology import cleanup_stale
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.lab")
+    ap = argparse.ArgumentParser(prog="python -m lab")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cleanup", help="delete stale <prefix>-* namespaces and <prefix>* links")
     c.add_argument("--prefix", default="cyl")

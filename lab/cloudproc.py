@@ -1,4 +1,5 @@
-"""A real `cyphonic-cloud` process in a temporary directory, for tests and the demo."""
+"""A real `cyphonic-cloud` process in a temporary directory (`python -m cyphonic.cloud.cli` with
+this interpreter), for the tests."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
@@ -52,7 +51,7 @@ class CloudProcess:
         open(self.config, "w").write(text)
 
     def cli(self, *args, check=True) -> str:
-        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env, cwd=ROOT,
+        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env,
                            capture_output=True, text=True, timeout=60)
         if check and p.returncode != 0:
             raise AssertionError(f"cyphonic-cloud {' '.join(args)} failed ({p.returncode}): {p.stderr}")
@@ -61,7 +60,7 @@ class CloudProcess:
     def start(self) -> "CloudProcess":
         self.logf = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "cyphonic.cloud.cli", "serve"], env=self.env,
-                                     cwd=ROOT, stdout=self.logf, stderr=subprocess.STDOUT)
+                                     stdout=self.logf, stderr=subprocess.STDOUT)
         deadline = time.time() + 15
         while time.time() < deadline:
             if "cloud key" in self.log():

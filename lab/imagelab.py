@@ -1,4 +1,4 @@
-"""The appliance image under QEMU, wired into a lab topology (tests/lab).
+"""The appliance image under QEMU, wired into a lab topology.
 
 - `ImageFiles`: what the tests take out of a built image without mounting anything (mtools
   reads the FAT boot partition inside the image file, at its offset).
@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (lab/ is installed editable)
 IMAGE = os.path.join(ROOT, "build", "image", "cyphonic-adapter.img")
 BOOT_OFFSET = "@@4M"           # the FAT boot partition starts at 4 MiB (image/build.sh)
 QEMU = "qemu-system-aarch64"

@@ -1,10 +1,10 @@
 """`make bench`, adapter part: a general node through cyphonic-adapter, side by side with the
 node daemon, plain routing and wireguard-go (the paper's Tables II and III, for the adapter).
 
-The node bench's lab (cyphonic/node/bench.py, prefix ``cyb``: cloud, cyphonic-node daemons on
+The node bench's lab (lab/bench/node.py, prefix ``cyb``: cloud, cyphonic-node daemons on
 n1 and n2, wireguard-go on both, fresh-peer hosts) plus an adapter host on the same "internet"
 segment (eth0: WAN) with a bare LAN link to a general node ``gn`` (stock tools only: it takes
-its virtual IP with dhclient and the lab's tests/lab/dhclient-script.sh, asks the adapter's DNS
+its virtual IP with dhclient and the lab's lab/dhclient-script.sh, asks the adapter's DNS
 with dig, sends with ping and iperf3). Four paths, measured in ONE run, interleaved (each step
 runs all four back to back in rotating order, so the noise of this shared 2-core machine hits
 them alike), all to n2, whose iperf3 server binds the target address:
@@ -39,8 +39,8 @@ worker under unlimited UDP from the general node (the sealing path: workers) and
 unlimited UDP toward it (iperf3 -R: the opening path, in the controller), summarised in the
 JSON as the top functions by own and inclusive time.
 
-    python -m cyphonic.bench --only adapter --out build/bench
-    python -m appliance.bench --out build/bench [--profile]      # the same, this part alone
+    python -m lab.bench --only adapter --out build/bench
+    python -m lab.bench.adapter --out build/bench [--profile]      # the same, this part alone
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ import sys
 import time
 from collections import Counter
 
-from cyphonic.node import bench as nb
+from ..adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
+from . import node as nb
 
-ROOT = nb.ROOT
 PATHS = ("plain", "cyphonic", "adapter", "wireguard-go")
 COLUMNS = [("plain", "plain"), ("cyphonic", "node"), ("adapter", "adapter"), ("wireguard-go", "wireguard-go")]
 NODE_NAMES = {**nb.NODE_NAMES, "f3": "fresh3", "f4": "fresh4"}
@@ -154,8 +154,6 @@ class AdapterBench(nb.NodeBench):
     # --- topology --------------------------------------------------------------------------
 
     def build_more(self, inet) -> None:
-        sys.path.insert(0, ROOT)
-        from tests.adapterlab import LAN_ADDRESS, add_gn, dhclient, mac_of, start_adapter
         lab = self.lab
         self.lan_address = LAN_ADDRESS
         tmp = pathlib.Path(self.work)
@@ -176,8 +174,6 @@ class AdapterBench(nb.NodeBench):
         self.gn_vip = lease["new_ip_address"]
 
     def adapter_status(self) -> dict:
-        sys.path.insert(0, ROOT)
-        from tests.adapterlab import cyadm
         p = cyadm(self.lab, self.h["adapter"], self.adapter_sock, "status", "--json")
         try:
             return json.loads(p.stdout)

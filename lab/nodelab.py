@@ -1,4 +1,8 @@
-"""A cloud and cyphonic-node daemons in a lab topology (tests/lab): for tests, demo and bench."""
+"""A cloud and cyphonic-node daemons in a lab topology: for the tests, the demo and the bench.
+
+The daemons run as `python -m ...` with this interpreter (`sys.executable`, the venv's), so they
+find `cyphonic` and `appliance` through the installed packages, whatever the working directory.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from appliance.cyadm import ask
+
 PY = sys.executable
 DOMAIN = "ov.test"
 
@@ -34,7 +39,7 @@ class Overlay:
         self.nodes: dict[str, dict] = {}
 
     def cli(self, *args: str) -> str:
-        p = subprocess.run([PY, "-m", "cyphonic.cloud.cli", *args], env=self.env, cwd=ROOT,
+        p = subprocess.run([PY, "-m", "cyphonic.cloud.cli", *args], env=self.env,
                            capture_output=True, text=True, timeout=60)
         if p.returncode != 0:
             raise AssertionError(f"cyphonic-cloud {' '.join(args)}: {p.stderr}")
@@ -42,7 +47,7 @@ class Overlay:
 
     def start_cloud(self) -> None:
         self.cloud_proc = self.lab.spawn(self.cloud_host, [PY, "-m", "cyphonic.cloud.cli", "--config",
-                                                           self.config, "serve"], log=self.cloud_log, cwd=ROOT)
+                                                           self.config, "serve"], log=self.cloud_log)
         self.wait_log(self.cloud_log, "cloud key", 15)
 
     def wait_log(self, path: str, needle: str, timeout: float) -> None:
@@ -71,7 +76,7 @@ class Overlay:
             for k, v in conf.items():
                 f.write(f"{k} = {json.dumps(v)}\n")
         log = os.path.join(self.dir, f"{name}.log")
-        proc = self.lab.spawn(host, [PY, "-m", "cyphonic.node.daemon", "--config", path], log=log, cwd=ROOT)
+        proc = self.lab.spawn(host, [PY, "-m", "cyphonic.node.daemon", "--config", path], log=log)
         node = {"name": name, "host": host, "config": path, "log": log, "proc": proc,
                 "socket": conf["status_socket"], "fqdn": f"{name}.{DOMAIN}"}
         self.nodes[name] = node
@@ -85,8 +90,6 @@ class Overlay:
         return self.status(name)
 
     def status(self, name: str) -> dict:
-        sys.path.insert(0, ROOT)
-        from appliance.cyadm import ask
         return ask(self.nodes[name]["socket"])
 
     def dig(self, name: str, fqdn: str, *extra: str) -> subprocess.CompletedProcess:

@@ -51,12 +51,10 @@ import threading
 import time
 from collections import Counter
 
-from ..control import Connected, ControlClient, Incoming, Reply, RequestTimedOut, Unreachable
-from ..handshake import StaticIdentity
-from ..wire import signaling as sig
-from .keys import parse_cloud_key
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cyphonic.cloud.keys import parse_cloud_key
+from cyphonic.control import Connected, ControlClient, Incoming, Reply, RequestTimedOut, Unreachable
+from cyphonic.handshake import StaticIdentity
+from cyphonic.wire import signaling as sig
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 DOMAIN = "bench.test"
@@ -139,7 +137,7 @@ class CloudProcess:
         self.cloud_key = re.search(r"cloud key \(nodes pin this\): (\S+)", out).group(1)
 
     def cli(self, *args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env, cwd=ROOT,
+        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env,
                            capture_output=True, text=True, timeout=60)
         if p.returncode != 0:
             raise RuntimeError(f"cyphonic-cloud {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
@@ -149,7 +147,7 @@ class CloudProcess:
         self._logf = open(self.log_path, "a")
         wrap = ["-m", "cProfile", "-o", os.path.abspath(self.profile)] if self.profile else []
         self.proc = subprocess.Popen([sys.executable, *wrap, "-m", "cyphonic.cloud.cli", "serve"], env=self.env,
-                                     cwd=ROOT, stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdout=self._logf, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

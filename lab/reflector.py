@@ -1,10 +1,10 @@
 """A tiny UDP reflector, like a STUN binding request: the server answers every datagram with
 the source address and port it saw. The lab uses it to see what a NAT maps a flow to.
 
-As a script (run inside a namespace with `Lab.spawn` / `Lab.exec`):
-    python reflector.py serve ADDR PORT [PORT ...]       answers "IP PORT" on each port
-    python reflector.py probe [--bind PORT] HOST:PORT ...  one socket, prints JSON
-                                                           {"HOST:PORT": ["IP", PORT], ...}
+As a module (run inside a namespace with `Lab.spawn` / `Lab.exec`):
+    python -m lab.reflector serve ADDR PORT [PORT ...]       answers "IP PORT" on each port
+    python -m lab.reflector probe [--bind PORT] HOST:PORT ...  one socket, prints JSON
+                                                               {"HOST:PORT": ["IP", PORT], ...}
 IPv6 targets are written [ADDR]:PORT. The probe retries every 0.2 s and gives up after
 --timeout seconds per target (the answer is then null).
 
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import select
 import socket
 import sys
 import time
 
-HERE = os.path.abspath(__file__)
 RETRY_S = 0.2
 PROBE_TIMEOUT_S = 5.0
 
@@ -85,13 +83,13 @@ def run_probe(targets: list[str], bind_port: int, timeout: float) -> dict:
 
 def serve(lab, node, addr: str, ports: list[int], log=None):
     """Start a reflector in `node` on `addr` and each of `ports`; returns the Popen."""
-    return lab.spawn(node, [sys.executable, HERE, "serve", addr, *map(str, ports)], log=log)
+    return lab.spawn(node, [sys.executable, "-m", "lab.reflector", "serve", addr, *map(str, ports)], log=log)
 
 
 def probe(lab, node, targets: list[str], bind_port: int = 0,
           timeout: float = PROBE_TIMEOUT_S) -> dict:
     """From `node`, send to each HOST:PORT from one UDP socket; returns {target: (ip, port) or None}."""
-    p = lab.exec(node, [sys.executable, HERE, "probe", "--bind", str(bind_port),
+    p = lab.exec(node, [sys.executable, "-m", "lab.reflector", "probe", "--bind", str(bind_port),
                         "--timeout", str(timeout), *targets],
                  timeout=timeout * len(targets) + 10, check=True)
     return {t: tuple(v) if v else None for t, v in json.loads(p.stdout).items()}

@@ -1,4 +1,4 @@
-"""`make demo`: the overlay working for real, on loopback.
+"""Part 3 of `make demo` (`python -m lab.demo`): the overlay working for real, on loopback.
 
 What it runs (all real processes and real UDP sockets on 127.0.0.1):
 1. a cloud (`cyphonic-cloud init` + `serve`: Authentication, Node Management
@@ -14,7 +14,7 @@ What it runs (all real processes and real UDP sockets on 127.0.0.1):
 The report says who talked, what the cloud decided, which keys were verified,
 how many packets went each way and what was refused; everything is torn down.
 
-Usage: ``python -m cyphonic.demo`` (``python -m cyphonic.demo node FILE`` runs one node).
+Usage: ``python -m lab.demo --loopback`` (``python -m lab.demo.loopback node FILE`` runs one node).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 
-from . import events as ev
-from .cloud.keys import parse_cloud_key
-from .handshake import StaticIdentity
-from .ipv4 import icmp_echo, parse_icmp_echo
-from .node.engine import NodeEngine, TunnelFailed, TunnelUp
-from .signaling import LoggedIn, LoginFailed, Registered
-from .udp import open_device
-from .wire import signaling as sig
+from cyphonic import events as ev
+from cyphonic.cloud.keys import parse_cloud_key
+from cyphonic.handshake import StaticIdentity
+from cyphonic.ipv4 import icmp_echo, parse_icmp_echo
+from cyphonic.node.engine import NodeEngine, TunnelFailed, TunnelUp
+from cyphonic.signaling import LoggedIn, LoginFailed, Registered
+from cyphonic.udp import open_device
+from cyphonic.wire import signaling as sig
 
 DOMAIN = "demo.cyphonic.example"
 PINGS = 20
@@ -247,7 +247,7 @@ def loopback_demo() -> int:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as f:
                     json.dump(conf, f)
-                procs[name] = subprocess.Popen([sys.executable, "-m", "cyphonic.demo", "node", path],
+                procs[name] = subprocess.Popen([sys.executable, "-m", "lab.demo.loopback", "node", path],
                                                stdout=subprocess.PIPE, text=True)
             results = {}
             for name, p in procs.items():
@@ -305,20 +305,7 @@ def _report(results: dict, cloud_log: str, nodes_table: str) -> int:
     return 0 if ok else 1
 
 
-def main() -> int:
-    """Parts 1 and 2 (as root): the adapter and node daemons in namespaces. Part 3: the attack demo."""
-    if "--loopback" in sys.argv:
-        return loopback_demo()
-    if os.geteuid() != 0:
-        print("(not root: skipping parts 1 and 2, which need network namespaces; run `make demo` as root)\n")
-        return loopback_demo()
-    from .netns_demo import run as netns_demo
-    rc = netns_demo()
-    print()
-    return rc or loopback_demo()
-
-
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "node":
-        sys.exit(_node_main(sys.argv[2]))
-    sys.exit(main())
+    if len(sys.argv) != 3 or sys.argv[1] != "node":
+        sys.exit("usage: python -m lab.demo.loopback node FILE   (the whole demo: python -m lab.demo)")
+    sys.exit(_node_main(sys.argv[2]))

@@ -555,15 +555,15 @@ def test_file_settings(tmp_path):
 
 def _child(script: str, *args: str) -> subprocess.Popen:
     code = "import sys\n" + textwrap.dedent(script)
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # run from tests/: `python -c` looks in its working directory first, so the child imports
+    # this module as pytest does (tests/ is not a package)
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=os.path.join(ROOT, "tests"), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 _WRITER = """
     import time
-    from tests.test_cloud_store import _fill
+    from test_cloud_store import _fill
     from cyphonic.cloud.store import SQLiteStore
     store = SQLiteStore(sys.argv[1])
     _fill(store)

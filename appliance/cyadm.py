@@ -1,4 +1,5 @@
-"""`cyadm`: the admin CLI of the node daemon and (later) the adapter appliance.
+"""`cyadm`: the admin CLI of the node daemon (``cyphonic-node``) and the adapter appliance
+(``cyphonic-adapter``).
 
 It never touches the data path: it asks the daemon over its Unix socket
 (one JSON request line, one JSON answer line), as `tailscale status` asks
@@ -20,6 +21,8 @@ import sys
 import time
 
 import click
+
+from cyphonic.health import describe
 
 DEFAULT_SOCKETS = ("/run/cyphonic/adapter.sock", "/run/cyphonic/node.sock")
 PROVISION_STATUS = "/run/cyphonic/provision.json"     # written by cyphonic-provision at boot
@@ -181,12 +184,17 @@ def status(ctx, as_json) -> None:
                        f"{_bytes(t.get('tx_bytes')):>10}")
     else:
         click.echo("\n  no tunnels")
+    _print_health(st)
+    _exit_for(st)
+
+
+def _print_health(st: dict) -> None:
+    """The health warnings (``cyphonic.health``): errors first, each with how long it holds."""
     health = st.get("health", [])
     if health:
         click.echo("\n  health:")
-        for h in health:
-            click.echo(f"    [{h['severity']}] {h['code']}: {h['text']}")
-    _exit_for(st)
+        for line in describe(health, time.time()):
+            click.echo(f"    {line}")
 
 
 def _print_adapter(st: dict) -> None:
@@ -219,11 +227,7 @@ def _print_adapter(st: dict) -> None:
         f"#{w['index']} queue {w['queue']} pid {w['pid']} {'up' if w.get('alive') else 'DOWN'} "
         f"sealed {w.get('sealed', 0)} dropped {sum(v for k, v in w.items() if k.startswith('drop_'))}"
         for w in workers) + (f"; restarts {st.get('worker_restarts')}" if st.get("worker_restarts") else ""))
-    health = st.get("health", [])
-    if health:
-        click.echo("\n  health:")
-        for h in health:
-            click.echo(f"    [{h['severity']}] {h['code']}: {h['text']}")
+    _print_health(st)
 
 
 @main.command()

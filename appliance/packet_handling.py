@@ -3,7 +3,8 @@
 Each worker is a process bound to one NFQUEUE queue (the packet filter spreads
 the general nodes' overlay-bound packets over the queues). For every queued
 packet it looks up the session by (source VIP, destination VIP), seals it with
-its **own stream id** of that session's key (docs/protocol.md §7: no nonce is
+its **own stream id** of that session's key, handed out by the controller
+(``appliance.sessions``, by the rule of ``cyphonic.stream_ids``: no nonce is
 ever used twice across processes), sends it from the general node's UDP
 socket (inherited from the controller at fork, so the source port is the one
 the NMS registered), and gives the verdict DROP for the clear original. A
@@ -13,8 +14,9 @@ query does).
 
 The receiving half (open, replay window, crypto routing, injection) runs in
 the controller, which owns every receive session: one replay window per
-session, one owner, so no packet is ever accepted twice. See
-docs/adapter-design.md for the full design and what is still to come.
+session, one owner, so no packet is ever accepted twice (``appliance.way_back``).
+The processes are started, supervised and asked for counters by
+``appliance.worker_pool``. See docs/adapter-design.md for the design.
 
 Control messages (controller -> worker, over a pipe, never on the packet path):
   ("tx", gn_vip, peer_vip, key, remote_index, stream_id, endpoint, port)  install or replace
@@ -32,65 +34,51 @@ import signal
 import time
 from collections import Counter
 
+from cyphonic.busy_poll import LONE_GAP_S, BusyPoll
 from cyphonic.datachannel import SendStream
-from cyphonic.node.packet_handling import BUSY_POLL_MIN_IDLE_CPUS
 from cyphonic.wire import relay as wire_relay
 
-MISS_REPORT_EVERY_S = 1.0
-PR_SET_PDEATHSIG = 1
-LONE_GAP_S = 0.001          # a packet sealed this long after the worker's previous one is lone
+from .constants import MISS_REPORT_EVERY_S, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS
+
+PR_SET_PDEATHSIG = 1        # prctl(2)
 
 
 class ReplyWait:
     """The controller's busy polling for the answer to a lone packet that a worker sent.
 
-    The node daemon busy-polls after a lone packet of its own (cyphonic/node/packet_handling.py).
-    In the adapter the packet leaves from a worker and its answer comes back to the controller,
-    so a worker about to send a lone packet (the first after LONE_GAP_S: a ping, a request)
-    writes to an eventfd first, the heads-up. The controller, woken by it on an idle CPU while
-    the worker sends and the peer answers, busy-polls for up to ``busy_s`` and stops when an
-    answer is delivered: the answer then meets a running process on a running CPU instead of
-    waking a halted one. Only while answers come within twice ``busy_s`` and at least
-    BUSY_POLL_MIN_IDLE_CPUS stood idle (``idle_cpus``, kept by sample_idle_cpus).
-
-    Measured on 2 CPUs (median ping through the adapter minus through the node daemon, in
-    the same lab): +0.22..0.31 ms without a heads-up; +0.23..0.26 ms with it written after the
-    send (the controller then woke where the peer needed to run); +0.17..0.20 ms with it
-    written before the send; and with the NFQUEUE verdict moved after the send as well,
-    +0.12 and +0.18 ms in two `make bench` runs (docs/adapter.md)."""
+    The node daemon waits for the answer to a lone packet of its own. Here the packet leaves
+    from a worker and its answer comes back to the controller, so a worker about to send a
+    lone packet (the first after ``busy_poll.LONE_GAP_S``: a ping, a request) writes to an
+    eventfd first, the heads-up: written before the send, the controller wakes while the
+    worker sends and the peer answers, not where the peer needs the CPU. The controller,
+    woken by it, asks the policy (``cyphonic.busy_poll.BusyPoll``) how long to spin, and
+    stops when an answer is delivered. A heads-up read after an answer was delivered within
+    twice the budget came late: there is nothing left to wait for."""
 
     def __init__(self, busy_s: float, spin, stop_spin, clock=time.time) -> None:
-        self.busy_s = busy_s
+        self.policy = BusyPoll(busy_s, answer_gap_s=2 * busy_s)
         self.spin = spin            # DataPathSelector.spin / stop_spin
         self.stop_spin = stop_spin
         self.clock = clock
-        self.idle_cpus = 0.0
-        self.lone_at = 0.0          # the last heads-up
-        self.sent_at = 0.0          # ... while its answer has not come
-        self.delivered_at = 0.0
-        self.quick = True           # answers came within 2 x busy_s
         self.heads_ups = 0          # heads-ups read (each a lone packet a worker sent)
-        self.busy_polls = 0
+
+    # the policy's state, for the status and for sample_idle_cpus
+    busy_s = property(lambda self: self.policy.budget_s)
+    idle_cpus = property(lambda self: self.policy.idle_cpus, lambda self, v: setattr(self.policy, "idle_cpus", v))
+    lone_at = property(lambda self: self.policy.lone_at)
+    sent_at = property(lambda self: self.policy.sent_at)
+    quick = property(lambda self: self.policy.quick)
+    busy_polls = property(lambda self: self.policy.busy_polls)
 
     def heads_up(self) -> None:
-        now = self.clock()
-        self.lone_at = now
         self.heads_ups += 1
-        if now - self.delivered_at < 2 * self.busy_s:
-            return  # an answer was delivered just now: this heads-up was read late, nothing to wait for
-        if self.sent_at:
-            self.quick = False      # the one before got no answer in time
-        self.sent_at = now
-        if self.quick and self.idle_cpus >= BUSY_POLL_MIN_IDLE_CPUS:
-            self.busy_polls += 1
-            self.spin(self.busy_s)
+        spin_s = self.policy.lone_sent(self.clock())
+        if spin_s:
+            self.spin(spin_s)
 
     def delivered(self, now: float) -> None:
         """A packet went to a general node (call before injecting it: the CPU is for it now)."""
-        self.delivered_at = now
-        if self.sent_at:
-            self.quick = now - self.sent_at < 2 * self.busy_s
-            self.sent_at = 0.0
+        if self.policy.delivered(now):
             self.stop_spin()
 
 
@@ -102,7 +90,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-MAX_SESSIONS = 4096
 
 
 def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int = -1) -> None:
@@ -139,7 +126,7 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
                 pkt.drop()
                 now = time.monotonic()
                 if now - last_miss.get(key, 0.0) >= MISS_REPORT_EVERY_S:
-                    if len(last_miss) > MAX_SESSIONS:
+                    if len(last_miss) > WORKER_MAX_SESSIONS:
                         last_miss.clear()
                     last_miss[key] = now
                     conn.send(("miss", key[0], key[1]))
@@ -180,7 +167,7 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
             if sock is None:
                 counters["install_unknown_gn"] += 1
                 return True
-            if len(sessions) >= MAX_SESSIONS and (gn_vip, peer_vip) not in sessions:
+            if len(sessions) >= WORKER_MAX_SESSIONS and (gn_vip, peer_vip) not in sessions:
                 counters["install_table_full"] += 1
                 return True
             sessions[(gn_vip, peer_vip)] = (SendStream(key, remote_index, stream_id), endpoint, sock)
@@ -197,14 +184,14 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
         return True
 
     nfq = NetfilterQueue()
-    for attempt in range(20):  # a worker of a crashed controller may hold the queue a moment longer
+    for attempt in range(WORKER_BIND_ATTEMPTS):  # a dying predecessor may hold the queue a moment longer
         try:
             nfq.bind(queue_num, on_packet, max_len=4096)
             break
         except OSError:
-            if attempt == 19:
+            if attempt == WORKER_BIND_ATTEMPTS - 1:
                 os._exit(3)  # the supervisor will try again
-            time.sleep(0.1)
+            time.sleep(WORKER_BIND_RETRY_S)
     # A bare epoll, and the controller checked only when idle (PR_SET_PDEATHSIG covers its death
     # anyway): a worker woken by one packet runs as little as it can before sealing it.
     ep = select.epoll()

@@ -151,6 +151,15 @@ class Device(Outbox):
         self._begin_handshake(peer, now)
         return False
 
+    def rekey(self, fqdn: str, now: float) -> None:
+        """Start a new handshake with ``fqdn`` now, unless one is under way: for a caller that
+        ran out of something tied to the current key (the adapter: stream ids for its workers,
+        ``cyphonic.stream_ids``). The current keypair seals on until the new one replaces it."""
+        peer = self.peers_by_fqdn.get(fqdn)
+        if peer is None:
+            raise LocalProtocolError(f"unknown peer {fqdn}")
+        self._begin_handshake(peer, now)
+
     # --- the fast path (the common case of send_packet / receive_datagram, no queues or events) ---
 
     def fast_send(self, packet: bytes, now: float):

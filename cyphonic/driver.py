@@ -26,7 +26,9 @@ counted in ``errors``, by exception type), or keep a timer armed after ``close()
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import signal
 import time
 from collections import Counter
 from typing import Callable
@@ -199,3 +201,19 @@ class CoreDriver:
 
     def close(self) -> None:
         self.timer.close()
+
+
+async def run_until_signalled(start: Callable[[], object], close: Callable[[], object],
+                              stop: asyncio.Event) -> None:
+    """A daemon's life, the same for every daemon: SIGTERM and SIGINT set ``stop``; ``start()``,
+    wait for ``stop``, then ``close()`` whatever happened (either may be a coroutine function)."""
+    loop = asyncio.get_running_loop()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, stop.set)
+    try:
+        if inspect.isawaitable(started := start()):
+            await started
+        await stop.wait()
+    finally:
+        if inspect.isawaitable(closed := close()):
+            await closed

@@ -680,53 +680,6 @@ def test_config_parses_gn_token_file_and_general_nodes():
             adapter_config.parse_config({**base, **bad})
 
 
-def test_controller_enrolls_configured_general_nodes_idempotently(tmp_path, monkeypatch):
-    from appliance import controller
-    from appliance.controller import Adapter
-    cfg = adapter_config.parse_config({
-        "cloud": "192.0.2.1:47101", "cloud_key": CLOUD_KEY, "state_dir": str(tmp_path / "state"),
-        "general_nodes": [{"mac": "52:54:00:12:34:56", "name": "cam1"}, {"mac": "52:54:00:12:34:57", "name": "cam2"}]})
-    lines = []
-    ad = Adapter(cfg, out=open(os.devnull, "w"))
-    monkeypatch.setattr(ad, "log", lines.append)
-    started, restarted = [], []
-    monkeypatch.setattr(ad, "_start_gn", lambda gn: started.append(gn.mac) or gn.mac)
-    monkeypatch.setattr(ad, "_restart_workers_with", restarted.append)
-    ad.registry.add("52:54:00:00:00:09", "cam2")          # the name is taken by another MAC: cam2 must wait
-    ad._enroll_configured(starting=True)
-    assert started == ["52:54:00:12:34:56"] and restarted == []     # at start: the workers fork later
-    assert ad.registry.get("52:54:00:12:34:56").name == "cam1"
-    assert list(ad.config_gn_pending) == ["52:54:00:12:34:57"] and "taken" in ad.config_gn_pending["52:54:00:12:34:57"]
-    assert sum("not enrolled" in l for l in lines) == 1
-    ad._enroll_configured()                                  # a retry that fails again: not logged twice
-    assert sum("not enrolled" in l for l in lines) == 1 and started == ["52:54:00:12:34:56"]
-    ad.registry.remove("52:54:00:00:00:09")                  # the conflict goes away: the retry enrolls it
-    ad._enroll_configured()
-    assert started == ["52:54:00:12:34:56", "52:54:00:12:34:57"] and restarted == ["52:54:00:12:34:57"]
-    assert ad.config_gn_pending == {}
-    # a restart with the same config enrolls nothing again
-    ad2 = Adapter(cfg, out=open(os.devnull, "w"))
-    monkeypatch.setattr(ad2, "_start_gn", lambda gn: pytest.fail("already enrolled"))
-    ad2._enroll_configured(starting=True)
-    assert len(ad2.registry.nodes) == 2 and ad2.config_gn_pending == {}
-    assert controller.CONFIG_GN_RETRY_S > 0
-
-
-def test_controller_reads_the_token_file_only_when_needed(tmp_path):
-    from appliance.controller import Adapter
-    token_file = tmp_path / "token"
-    cfg = adapter_config.parse_config({"cloud": "192.0.2.1:47101", "cloud_key": CLOUD_KEY,
-                                       "state_dir": str(tmp_path / "state"), "gn_token_file": str(token_file)})
-    ad = Adapter(cfg, out=open(os.devnull, "w"))
-    assert ad._gn_token() == "" and "cannot read gn_token_file" in ad._token_file_warning
-    token_file.write_text(TOKEN + "\n")
-    assert ad._gn_token() == TOKEN
-    ad2 = Adapter(adapter_config.parse_config({"cloud": "192.0.2.1:47101", "cloud_key": CLOUD_KEY,
-                                               "state_dir": str(tmp_path / "s2"), "gn_token": "inline",
-                                               "gn_token_file": str(token_file)}), out=open(os.devnull, "w"))
-    assert ad2._gn_token() == "inline"
-
-
 def test_cyadm_status_shows_the_provisioning_errors(site, monkeypatch, tmp_path):
     from appliance import cyadm
     write_boot(site, GOOD.replace('lan = "auto"', 'lan = "eth7"'))

@@ -52,7 +52,7 @@ def endpoint_text(ep) -> str | None:
 class EngineHost:
     def __init__(self, engine: NodeEngine, socks: dict[int, socket.socket], *,
                  deliver: Callable[[bytes], None], on_event: Callable[[object], None],
-                 log: Callable[[str], None], health: Health, who: str = "",
+                 log: Callable[[str], None], health: Health, who: str = "", subject: str | None = None,
                  after_round: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
@@ -61,7 +61,8 @@ class EngineHost:
         self.on_event = on_event
         self._log = log
         self.health = health
-        self.who = who                    # "" for the node daemon; "general node cam1" on the adapter
+        self.who = who                    # "" for the node daemon; "general node cam1 (<mac>)" on the adapter
+        self.subject = who if subject is None else subject   # health entries are about this ("cam1")
         self.paths: dict[str, str] = {}   # peer fqdn -> how its tunnel came up ("direct", "relay", ...)
         self.resolver = None              # the Resolver (cyphonic.resolver), once DNS runs: told of tunnels
         self.asker = None                 # whose queries this engine answers (the adapter: the general node)
@@ -70,7 +71,7 @@ class EngineHost:
         self.clock = clock
 
     def log(self, line: str) -> None:
-        self._log(f"{self.who}: {line}" if self.who else line)
+        self._log(f"{self.who} {line}" if self.who else line)
 
     # --- driving ------------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class EngineHost:
         elif isinstance(e, TunnelFailed):
             self.log(f"tunnel to {e.fqdn} failed: {e.code.name} {e.text}")
             self.health.record(self.clock(), Warning("tunnel-failed", self._about(f"{e.fqdn}: {e.code.name} {e.text}"),
-                                                     subject=self.who))
+                                                     subject=self.subject))
             if self.resolver is not None:
                 self.resolver.tunnel_failed(e.fqdn, e.code, self.clock(), asker=self.asker)
         elif isinstance(e, ev.EndpointChanged):
@@ -136,7 +137,7 @@ class EngineHost:
         self.on_event(e)
 
     def _about(self, text: str) -> str:
-        return f"{self.who}: {text}" if self.who else text
+        return f"{self.subject}: {text}" if self.subject else text
 
     # --- status ---------------------------------------------------------------------------
 
@@ -146,16 +147,16 @@ class EngineHost:
         out = []
         if s.state == sg.State.RECONNECTING:
             out.append(Warning("cloud-unreachable", self._about(s.last_error or "reconnecting to the cloud"),
-                               subject=self.who))
+                               subject=self.subject))
         elif s.state == sg.State.FAILED:
-            out.append(Warning("login-failed", self._about(s.last_error), subject=self.who))
+            out.append(Warning("login-failed", self._about(s.last_error), subject=self.subject))
         elif s.state in (sg.State.LOGGING_IN, sg.State.REGISTERING, sg.State.IDLE):
-            out.append(Warning("connecting", self._about(f"cloud link: {s.state.value}"), subject=self.who))
+            out.append(Warning("connecting", self._about(f"cloud link: {s.state.value}"), subject=self.subject))
         if s.identity.certificate:
             left = wire_cert.decode(s.identity.certificate).not_after - now
             if left < CERT_EXPIRY_WARNING_S:
                 out.append(Warning("certificate-expiring", self._about(f"certificate expires in {int(left)} s"),
-                                   subject=self.who))
+                                   subject=self.subject))
         return out
 
     def tunnel_rows(self, now: float, tx_extra: Callable[[str], tuple[int, int]] | None = None) -> list[dict]:

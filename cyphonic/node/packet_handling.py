@@ -28,16 +28,11 @@ EAGAIN, whose exception costs more than the wait; called again within
 Busy polling, only where it pays: after a lone packet of our own goes out (a ping, a
 request: not an answer to a packet just delivered to the TUN, and not in a stream),
 ``select()`` polls without sleeping for up to ``busy_poll_s`` so the answer finds the
-process awake and its caches warm, and stops as soon as the answer is delivered (the
-CPU is then for whoever reads the TUN). An idle process on a virtual machine otherwise
-pays a wakeup of a halted CPU and a cold interpreter on every answer. It is done only
-while answers come within twice the budget and while at least ``BUSY_POLL_MIN_IDLE_CPUS``
-stood idle over the last sampling period (``IdleCpus``, sampled every ``IDLE_SAMPLE_S``
-while lone packets go out, every ``IDLE_SLOW_SAMPLE_S`` otherwise): measured on two
-cores, with both busy (two memory-thrashing hogs) a spinning process holds the CPU that
-the peer needs to produce the answer and the median ping got worse (1.08x wireguard-go's
-against 0.99x without), while with one core busy spinning on the other paid (0.73x
-against 0.82x) as it does on an idle machine (0.83x against 1.03x).
+process awake and its caches warm, and stops as soon as the answer is delivered. When to
+spin and for how long is ``cyphonic.busy_poll.BusyPoll``'s to say (shared with the adapter);
+this module only tells it what happened and spins (``DataPathSelector.spin``). ``IdleCpus``
+and ``sample_idle_cpus`` feed it how many CPUs stood idle (sampled every ``IDLE_SAMPLE_S``
+while lone packets go out, every ``IDLE_SLOW_SAMPLE_S`` otherwise).
 
 Never: block in a handler (every descriptor is non-blocking), let a handler's
 exception out of ``select()`` (it is counted in ``handler_errors`` and the loop goes
@@ -56,11 +51,10 @@ from collections.abc import Mapping
 from typing import Callable
 
 from .. import constants as C
+from ..busy_poll import BusyPoll
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
 
 READ_BATCH = 256              # packets per descriptor per wakeup, so one busy side cannot starve the other
-BUSY_POLL_MIN_IDLE_CPUS = 0.75  # busy-poll only while this many CPUs stood idle (IdleCpus)
-ANSWER_GAP_S = 0.0005         # a packet from the TUN this soon after a delivery to it answers that delivery
 IDLE_SAMPLE_S = 0.1           # how often the daemon samples IdleCpus while lone packets go out ...
 IDLE_SLOW_SAMPLE_S = 1.0      # ... and when none went out for IDLE_FAST_FOR_S
 IDLE_FAST_FOR_S = 5.0
@@ -326,12 +320,7 @@ class PacketPath:
         self.busy_poll_s = busy_poll_s if spin is not None and stop_spin is not None else 0.0
         self.spin = spin
         self.stop_spin = stop_spin
-        self.idle_cpus = 0.0
-        self.sent_at = 0.0                    # our last lone packet out, while no answer came
-        self.lone_at = 0.0                    # our last lone packet out
-        self.quick = True                     # answers to lone packets came within 2 x busy_poll_s
-        self.delivered_at = 0.0               # the last packet written to the TUN
-        self.busy_polls = 0
+        self.busy = BusyPoll(self.busy_poll_s)
         self.slow_datagram = slow_datagram
         self.slow_packet = slow_packet
         self.flush = flush
@@ -342,6 +331,13 @@ class PacketPath:
         self.device = None
         self.tun_fd = -1
         self._fds: list[int] = []
+
+    # the busy-poll policy's state, read by the status and fed by sample_idle_cpus
+    idle_cpus = property(lambda self: self.busy.idle_cpus, lambda self, v: setattr(self.busy, "idle_cpus", v))
+    sent_at = property(lambda self: self.busy.sent_at, lambda self, v: setattr(self.busy, "sent_at", v))
+    lone_at = property(lambda self: self.busy.lone_at)
+    quick = property(lambda self: self.busy.quick)
+    busy_polls = property(lambda self: self.busy.busy_polls)
 
     def attach(self, socks: dict[int, socket.socket], device=None, tun_fd: int = -1) -> None:
         """(Re)install the handlers: the sockets alone (all to the slow path) until a device
@@ -407,8 +403,8 @@ class PacketPath:
         tun_fd = self.tun_fd
         fast_receive = self.device.fast_receive_staged
         busy = self.busy_poll_s
+        delivered = self.busy.delivered
         stop_spin = self.stop_spin
-        path = self
         stage = RECV_STAGE
         stage_bytes = RECV_BUFFER
         opened = OPENED
@@ -436,11 +432,7 @@ class PacketPath:
                     slow_datagram(stage_bytes[0:n], addr, now)
                     slow = True
                 elif plen:
-                    if busy:
-                        if path.sent_at:  # the answer to our lone packet: did it come quickly?
-                            path.quick = now - path.sent_at < 2 * busy
-                            path.sent_at = 0.0
-                        path.delivered_at = now
+                    if busy and delivered(now):
                         stop_spin()  # the CPU is for whoever reads the TUN now
                     try:
                         write(tun_fd, opened[:plen])
@@ -476,8 +468,8 @@ class PacketPath:
         batch = range(READ_BATCH)
         last = 0.0
         busy = self.busy_poll_s
+        lone_sent = self.busy.lone_sent
         spin = self.spin
-        path = self
 
         def on_tun() -> bool:
             nonlocal last
@@ -512,15 +504,11 @@ class PacketPath:
                         drops["udp_send_buffer_full"] += 1
                     except (OSError, TypeError) as exc:  # TypeError: no socket of that family
                         errors[type(exc).__name__] += 1
-                    if busy and not drain and now - path.delivered_at > ANSWER_GAP_S:
-                        # a lone packet of our own: if answers come quickly and CPUs are idle,
-                        # wait for this one awake rather than asleep
-                        if path.sent_at:
-                            path.quick = False  # the one before got no answer in time
-                        path.sent_at = path.lone_at = now
-                        if path.quick and path.idle_cpus >= BUSY_POLL_MIN_IDLE_CPUS:
-                            path.busy_polls += 1
-                            spin(busy)
+                    if busy and not drain:
+                        # a lone packet of our own: wait for its answer awake, if the policy says so
+                        spin_s = lone_sent(now)
+                        if spin_s:
+                            spin(spin_s)
                 if not drain:
                     break
             if slow:

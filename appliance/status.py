@@ -1,0 +1,90 @@
+"""The adapter's status document, as ``cyadm status [--json]`` shows it, and its health
+conditions (``cyphonic.health``: one model for the node daemon, the adapter and the cloud).
+
+The document's keys are what scripts read (``--json``): ``kind``, ``pid``, ``uptime_s``,
+``identity``, ``cloud``, ``lan``, ``packet_filter``, ``general_nodes``, ``tunnels``,
+``workers``, ``worker_restarts``, ``dhcp``, ``arp``, ``dns``, ``data_path``, ``drops``,
+``health``. Rows of tunnels are ``EngineHost.tunnel_rows`` (the node daemon's) with the
+general node's name in front (``gn``) and the bytes the workers sealed added.
+
+Pure but for reading the parts it is given: no sockets, no clock (``now`` is an argument).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from cyphonic.health import Warning
+
+
+def general_node_rows(registry, leases, links: dict, now: float) -> list[dict]:
+    rows = []
+    for mac, gn in registry.nodes.items():
+        lease = leases.get(mac)
+        link = links.get(mac)
+        rows.append({"mac": mac, "name": gn.name, "fqdn": gn.fqdn or None, "vip4": gn.vip4 or None,
+                     "lease_expires_in_s": round(lease.expires - now) if lease and lease.active(now) else None,
+                     "cloud": link.engine.signaling.status()["state"] if link else "stopped",
+                     "port": link.port if link else None})
+    return rows
+
+
+def tunnel_rows(links: dict, pool, now: float) -> list[dict]:
+    rows = []
+    for link in links.values():
+        gn = link.gn
+        sealed = (lambda peer_vip4, gn_vip4=gn.vip4: (pool.tx_bytes(gn_vip4, peer_vip4), 0)) if pool else None
+        rows.extend({"gn": gn.name, **row} for row in link.host.tunnel_rows(now, sealed))
+    return rows
+
+
+def conditions(now: float, self_link, links: dict, pool, enrollment, leases) -> list[Warning]:
+    """What is wrong now: every cloud link (the adapter's and each general node's), the
+    workers, the configuration's general nodes, the token file, the registry, the leases."""
+    out = []
+    for link in ([self_link] if self_link is not None else []) + list(links.values()):
+        out.extend(link.host.conditions(now))
+    if pool is not None:
+        out.extend(pool.conditions())
+    out.extend(enrollment.conditions())
+    out.extend(Warning("lease-file", str(w)) for w in getattr(leases, "warnings", []))
+    return out
+
+
+def counters(links) -> dict:
+    """Every link's drops and errors, summed (``drops`` in the document, beside the adapter's own)."""
+    total: Counter = Counter()
+    for link in links:
+        total.update(link.host.counters())
+    return dict(total)
+
+
+def document(*, cfg, pid: int, now: float, started: float, self_link, links: dict, registry, leases,
+             pool, health: list[dict], filter_mode: str, dhcp, arp, dns: dict, reply_wait, selector,
+             drops: dict) -> dict:
+    sig = self_link.engine.signaling if self_link is not None else None
+    link_status = sig.status() if sig else {}
+    return {
+        "kind": "adapter", "pid": pid, "uptime_s": round(now - started, 1),
+        "identity": {"fqdn": link_status.get("fqdn"), "vip4": link_status.get("vip4"),
+                     "static_key": sig.identity.public.hex() if sig else None},
+        "cloud": {"address": cfg.cloud, **link_status,
+                  "general_nodes": ", ".join(sorted({link.engine.signaling.state.value
+                                                     for link in links.values()})) or "none"},
+        "lan": {"interface": cfg.lan_interface, "address": cfg.lan_address},
+        "packet_filter": filter_mode,
+        "general_nodes": general_node_rows(registry, leases, links, now),
+        "tunnels": tunnel_rows(links, pool, now),
+        "workers": pool.rows() if pool is not None else [],
+        "worker_restarts": pool.restarts if pool is not None else 0,
+        "dhcp": dhcp.server.stats() if dhcp else {},
+        "arp": arp.stats() if arp else {},
+        "dns": dns,
+        "data_path": {"busy_poll_us": cfg.busy_poll_us if reply_wait else 0,
+                      "heads_ups": reply_wait.heads_ups if reply_wait else 0,
+                      "busy_polls": reply_wait.busy_polls if reply_wait else 0,
+                      "idle_cpus": round(reply_wait.idle_cpus, 2) if reply_wait else None,
+                      "handler_errors": dict(selector.handler_errors) if selector else {}},
+        "drops": drops,
+        "health": health,
+    }

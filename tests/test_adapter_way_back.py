@@ -1,0 +1,127 @@
+"""The adapter's way back (appliance.way_back): a general node's socket read straight from
+select(), the common case opened and injected at once, the rest to its engine; the workers'
+heads-up starts a busy poll that the answer stops."""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+from cyphonic.datachannel import OPENED, RECV_STAGE
+
+from appliance.way_back import WayBack
+
+
+class Selector:
+    def __init__(self) -> None:
+        self.readers = {}
+        self.spins = []
+        self.stops = 0
+
+    def add_fast_reader(self, fd, handler):
+        self.readers[fd] = handler
+
+    def remove_fast_reader(self, fd):
+        return self.readers.pop(fd, None) is not None
+
+    def spin(self, s):
+        self.spins.append(s)
+
+    def stop_spin(self):
+        self.stops += 1
+
+
+class FastDevice:
+    """Datagrams starting with b"D" open to what follows, b"K" is a keepalive, the rest is not
+    for the fast path."""
+
+    def fast_receive_staged(self, n, addr, now):
+        kind = bytes(RECV_STAGE[:1])
+        if kind == b"D":
+            OPENED[:n - 1] = RECV_STAGE[1:n]
+            return n - 1
+        if kind == b"K":
+            return 0
+        return None
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.device = FastDevice()
+        self.slow = []
+
+    def receive_datagram(self, data, addr, now):
+        self.slow.append(bytes(data))
+
+
+def link_pair():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flushes = []
+    link = SimpleNamespace(sock=sock, host=SimpleNamespace(engine=Engine(), flush=lambda: flushes.append(1)))
+    return link, peer, flushes
+
+
+def test_data_is_injected_at_once_and_the_rest_goes_to_the_engine_flushed_once():
+    injected = []
+    sel = Selector()
+    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel)
+    link, peer, flushes = link_pair()
+    wb.watch(link)
+    handler = sel.readers[link.sock.fileno()]
+    for d in (b"Dhello", b"K", b"\x01handshake", b"Dworld", b"\x06signaling"):
+        peer.sendto(d, link.sock.getsockname())
+    assert handler() is True                   # the engine was used: asyncio has work
+    assert injected == [b"hello", b"world"]
+    assert link.host.engine.slow == [b"\x01handshake", b"\x06signaling"] and flushes == [1]
+    peer.sendto(b"Dagain", link.sock.getsockname())
+    assert handler() is False and injected[-1] == b"again" and flushes == [1]
+    wb.unwatch(link)
+    assert sel.readers == {}
+    link.sock.close()
+    peer.close()
+
+
+def test_the_adapters_own_link_and_a_failed_injection():
+    sel = Selector()
+    wb = WayBack(lambda p: False, selector=sel)
+    link, peer, _ = link_pair()
+    wb.watch(link, to_general_node=False)      # the adapter's own identity: all to its engine
+    peer.sendto(b"Dnot-for-the-lan", link.sock.getsockname())
+    sel.readers[link.sock.fileno()]()
+    assert link.host.engine.slow == [b"Dnot-for-the-lan"]
+    wb.unwatch(link)
+    wb.watch(link)
+    peer.sendto(b"Dx", link.sock.getsockname())
+    sel.readers[link.sock.fileno()]()
+    assert wb.drops["inject_failed"] == 1
+    wb.deliver(b"from the slow path")
+    assert wb.drops["inject_failed"] == 2
+    link.sock.close()
+    peer.close()
+
+
+def test_a_heads_up_starts_a_busy_poll_and_the_answer_stops_it():
+    sel = Selector()
+    wb = WayBack(lambda p: True, selector=sel, busy_poll_s=0.0005)
+    try:
+        assert wb.heads_up >= 0 and wb.heads_up in sel.readers
+        wb.reply_wait.idle_cpus = 2.0
+        os.eventfd_write(wb.heads_up, 1)       # a worker is about to send a lone packet
+        assert sel.readers[wb.heads_up]() is False
+        assert sel.spins == [0.0005] and wb.reply_wait.heads_ups == 1
+        assert sel.readers[wb.heads_up]() is False and wb.reply_wait.heads_ups == 1   # nothing to read
+        link, peer, _ = link_pair()
+        wb.watch(link)
+        peer.sendto(b"Danswer", link.sock.getsockname())
+        sel.readers[link.sock.fileno()]()
+        assert sel.stops == 1 and wb.reply_wait.quick
+        link.sock.close()
+        peer.close()
+    finally:
+        wb.close()
+    assert wb.heads_up == -1
+    assert WayBack(lambda p: True, selector=None, busy_poll_s=0.0005).reply_wait is None   # no selector: no busy poll

@@ -36,7 +36,7 @@ from cyphonic.driver import run_until_signalled
 from cyphonic.health import Health, Warning
 from cyphonic.node.engine import TunnelUp
 from cyphonic.node.engine_host import ptr_name
-from cyphonic.node.packet_handling import DataPathSelector, sample_idle_cpus
+from cyphonic.node.packet_handling import DataPathSelector, run_on_data_path, sample_idle_cpus
 from cyphonic.status_socket import remove as remove_status, serve_status
 
 from . import netlink
@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
-        selector = DataPathSelector()
-        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
-            return runner.run(Adapter(cfg, selector=selector).run())
+        return run_on_data_path(lambda selector: Adapter(cfg, selector=selector))
     except (AdapterConfigError, pf.PacketFilterError, GeneralNodeError, OSError) as exc:
         print(f"cyphonic-adapter: {exc}", file=sys.stderr)
         return 1

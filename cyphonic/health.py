@@ -50,7 +50,7 @@ CODES: dict[str, Code] = {
     "tunnel-failed": Code(WARNING, EVENT, "a tunnel could not be set up (policy, peer offline, no path)"),
     # the node daemon
     "tun-failed": Code(ERROR, EVENT, "the TUN interface could not be created or configured"),
-    "dns-down": Code(ERROR, EVENT, "the DNS stub could not listen on its address"),
+    "dns-down": Code(ERROR, EVENT, "the DNS server could not listen on its address"),
     # the adapter
     "worker-down": Code(ERROR, CONDITION, "a packet handling worker is not running"),
     "worker-restarted": Code(WARNING, EVENT, "a packet handling worker died and was restarted"),

@@ -27,7 +27,6 @@ import errno
 import ipaddress
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -36,6 +35,7 @@ from collections import Counter, OrderedDict, deque
 from .. import constants as C
 from .. import signaling as sg
 from ..atomic_file import write_json_atomic
+from ..driver import run_until_signalled
 from ..cloud.keys import parse_cloud_key
 from ..health import Health, Warning
 from ..status_socket import remove as remove_status, serve_status
@@ -47,7 +47,7 @@ from .config import NodeConfig, parse_hostport
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
 from .engine_host import EngineHost, ptr_name
 from .identity import load_identity, save_certificate
-from .packet_handling import DataPathSelector, PacketPath, sample_idle_cpus
+from .packet_handling import DataPathSelector, PacketPath, run_on_data_path, sample_idle_cpus
 from .tun import Tun, TunError
 from .constants import (ADDRESS_POLL_S, ADDRESS_RESYNC_S, ADDRESS_SETTLE_S, FATAL_EXIT, SOCKET_BUFFER_BYTES,
                         TICK_S, VIP_QUEUE_PACKETS, VIP_QUEUE_PEERS)
@@ -118,14 +118,7 @@ class NodeDaemon:
     # --- start and stop ------------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(s, self._stop.set)
-        try:
-            await self.start()
-            await self._stop.wait()
-        finally:
-            self.close()
+        await run_until_signalled(self.start, self.close, self._stop)
         return self.exit_code
 
     async def start(self) -> None:
@@ -457,9 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config)
-        selector = DataPathSelector()
-        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
-            return runner.run(NodeDaemon(cfg, selector=selector).run())
+        return run_on_data_path(lambda selector: NodeDaemon(cfg, selector=selector))
     except (NodeConfigError, TunError) as exc:
         print(f"cyphonic-node: {exc}", file=sys.stderr)
         return 1

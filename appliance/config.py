@@ -18,7 +18,9 @@ from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.errors import CyphonicError
 from cyphonic.node.config import parse_hostport, typed_values
 
-from .constants import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
+from cyphonic.busy_poll import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
+
+from .constants import MAX_WORKERS
 
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "",
@@ -32,7 +34,7 @@ DEFAULTS = {
     "lan_address": "100.127.255.254",  # the adapter on the LAN: router and DNS for the general nodes
     "prefix": "100.64.0.0/10",      # the overlay prefix (must be the cloud's)
     "gn_port_base": 47200,          # general node i uses UDP port base + i on the WAN side
-    "workers": 0,                   # NFQUEUE workers; 0 = one per core
+    "workers": 0,                   # NFQUEUE workers; 0 = one per core (at most MAX_WORKERS)
     "queue_first": 0,
     "busy_poll_us": BUSY_POLL_US_DEFAULT,  # poll this long for the answer to a lone packet; 0 = never (ReplyWait)
     "mtu": C.DEFAULT_INNER_MTU,
@@ -95,7 +97,7 @@ class AdapterConfig:
 
     @property
     def nworkers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or min(os.cpu_count() or 1, MAX_WORKERS)
 
 
 def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
@@ -124,8 +126,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
         raise AdapterConfigError(f"{source}: {exc}") from None
     if not 1 <= cfg.gn_port_base <= 65000:
         raise fail("gn_port_base", "must be 1..65000")
-    if not 0 <= cfg.workers <= 64:
-        raise fail("workers", "must be 0..64")
+    if not 0 <= cfg.workers <= MAX_WORKERS:
+        raise fail("workers", f"must be 0..{MAX_WORKERS} (0 = one per core)")
     if not 0 <= cfg.busy_poll_us <= BUSY_POLL_US_MAX:
         raise fail("busy_poll_us", f"must be 0..{BUSY_POLL_US_MAX} microseconds")
     return cfg

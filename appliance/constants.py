@@ -24,8 +24,7 @@ WORKER_RESTART_WAIT_S = 1.0     # re-forking the pool (a new general node): the 
 WORKER_BIND_ATTEMPTS = 20       # a restarted worker waits for its queue, still held by its dying
 WORKER_BIND_RETRY_S = 0.1       # predecessor, up to attempts x retry
 WORKER_MAX_SESSIONS = 4096      # send sessions one worker holds (general nodes x their peers)
+MAX_WORKERS = 16                # a send key has 63 stream ids (cyphonic.stream_ids) and every worker
+                                # takes one per installation: 16 leave room for three re-installs
+                                # (restarts, endpoint moves) before a key must be rekeyed
 MISS_REPORT_EVERY_S = 1.0       # a worker reports a packet with no session once per pair this often
-
-# --- busy polling for the answer to a lone packet (cyphonic.busy_poll) -------------------------
-BUSY_POLL_US_DEFAULT = 500      # `busy_poll_us`: about two round trips on a LAN; longer spins waste a CPU
-BUSY_POLL_US_MAX = 5000         # ... and never longer than this

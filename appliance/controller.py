@@ -194,6 +194,8 @@ class Adapter:
             link.sessions.close()
         link.host.stop()
         self.way_back.unwatch(link)
+        if self.pool is not None:
+            self.pool.close_port(link.port)   # the workers' copies of the socket too: the port is freed
         link.sock.close()
 
     def _on_gn_added(self, gn: GeneralNode, starting: bool) -> None:
@@ -219,7 +221,8 @@ class Adapter:
             return
         if link.sessions is not None:
             link.sessions.close()
-        link.sessions = SessionInstaller(gn_vip, link.port, self.pool, drops=self.drops) if gn_vip else None
+        link.sessions = SessionInstaller(gn_vip, link.port, self.pool, stream_ids=link.stream_ids,
+                                         drops=self.drops) if gn_vip else None
 
     def _sync(self, link: Link, now: float) -> None:
         device = link.engine.device
@@ -250,24 +253,42 @@ class Adapter:
         link.host.flush()
 
     async def _sync_loop(self) -> None:
+        """The periodic work. A failure is counted and logged once per kind, and the loop goes
+        on: it is what restarts workers and keeps every tunnel's keys fresh."""
         next_stats = 0.0
         while not self._stop.is_set():
             await asyncio.sleep(SYNC_S)
-            now = self.clock()
-            self.pool.supervise(now)           # a new worker has a new generation: synced below
-            if self.enrollment.retry_due(now):
-                self.enrollment.enroll_configured(now)
-            for link in list(self.links.values()):
+            try:
+                next_stats = self._sync_round(next_stats)
+            except Exception as exc:  # noqa: BLE001
+                self._periodic_failed(exc)
+
+    def _periodic_failed(self, exc: Exception) -> None:
+        what = "sync_loop_" + type(exc).__name__
+        self.drops[what] += 1
+        if self.drops[what] == 1:
+            self.log(f"periodic work failed: {type(exc).__name__}: {exc}")
+
+    def _sync_round(self, next_stats: float) -> float:
+        now = self.clock()
+        self.pool.supervise(now)           # a new worker has a new generation: synced below
+        if self.enrollment.retry_due(now):
+            self.enrollment.enroll_configured(now)
+        for link in list(self.links.values()):
+            try:                               # one general node's trouble must not starve the others
                 if link.engine.device is not None:
                     link.engine.device.maintain(now)   # rekeys by age: the workers' traffic is not seen here
                 self._sync(link, now)
                 link.host.flush()
                 link.host.poke()               # deadlines the way back moved (keepalives)
-            self.self_link.host.poke()
-            if now >= next_stats:
-                next_stats = now + STATS_EVERY_S
-                self.pool.ask_stats()
-                self.health.observe(now, self._conditions(now))   # (and at every status request)
+            except Exception as exc:  # noqa: BLE001
+                self._periodic_failed(exc)
+        self.self_link.host.poke()
+        if now >= next_stats:
+            next_stats = now + STATS_EVERY_S
+            self.pool.ask_stats()
+            self.health.observe(now, self._conditions(now))   # (and at every status request)
+        return next_stats
 
     # --- events ------------------------------------------------------------------------------------
 

@@ -174,6 +174,12 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
             counters["installs"] += 1
         elif kind == "untx":
             sessions.pop((msg[1], msg[2]), None)
+        elif kind == "close_port":
+            sock = sockets.pop(msg[1], None)
+            if sock is not None:
+                for k in [k for k, s in sessions.items() if s[2] is sock]:
+                    del sessions[k]
+                sock.close()
         elif kind == "stats":
             per = {f"{'.'.join(map(str, k[0]))}>{'.'.join(map(str, k[1]))}": v for k, v in tx_bytes.items()
                    if k in sessions}

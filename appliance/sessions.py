@@ -104,7 +104,7 @@ class SessionInstaller:
                 self.drops["stream_ids_" + ids] += 1
                 if ids == "rekey":
                     self.rekeys += 1
-                    device.rekey(peer.fqdn, now)
+                    device.rekey(peer, now)
                 continue
             send_key, remote_index = kp.keys.send_key, kp.keys.remote_index
             for (i, gen), stream_id in zip(need, ids):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from cyphonic.cloud.keys import parse_cloud_key
@@ -28,6 +28,7 @@ from cyphonic.handshake import StaticIdentity
 from cyphonic.health import Health
 from cyphonic.node.engine import NodeEngine
 from cyphonic.node.engine_host import EngineHost
+from cyphonic.stream_ids import StreamIds
 from cyphonic.udp import udp_socket
 from cyphonic.wire import signaling as sig
 
@@ -45,6 +46,9 @@ class Link:
     sock: socket.socket
     host: EngineHost
     sessions: SessionInstaller | None = None    # the adapter's own link seals nothing
+    # The stream ids its keys handed out: as long as the link, since its engine (and the keys of
+    # its tunnels) outlive a session installer that a new virtual IP replaces.
+    stream_ids: StreamIds = field(default_factory=StreamIds)
 
     @property
     def engine(self) -> NodeEngine:

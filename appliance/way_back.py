@@ -29,7 +29,7 @@ from collections import Counter
 from typing import Callable
 
 from cyphonic.datachannel import OPENED, RECV_BUFFER, RECV_STAGE
-from cyphonic.node.packet_handling import READ_BATCH
+from cyphonic.node.constants import READ_BATCH
 
 from .packet_handling import ReplyWait
 

@@ -160,6 +160,12 @@ class WorkerPool:
         for w in self.workers:
             self.send_to(w, ("stats",))
 
+    def close_port(self, port: int) -> None:
+        """A general node is gone: every worker closes its copy of the node's socket (inherited
+        at fork), so that the port is free for the next general node."""
+        for w in self.workers:
+            self.send_to(w, ("close_port", port))
+
     def _on_readable(self, w: Worker) -> None:
         try:
             while w.conn.poll():

@@ -35,6 +35,8 @@ BUSY_POLL_MIN_IDLE_CPUS = 0.75   # busy-poll only while this many CPUs stood idl
 ANSWER_GAP_S = 0.0005            # a packet sent this soon after a delivery answers that delivery
 LONE_GAP_S = 0.001               # a packet sent this long after the previous one is lone
 QUICK_FACTOR = 2.0               # answers within this many budgets count as quick
+BUSY_POLL_US_DEFAULT = 500       # `busy_poll_us` of the node daemon and the adapter: about two LAN round trips
+BUSY_POLL_US_MAX = 5000          # ... and never longer than this: a longer spin only wastes a CPU
 
 
 class BusyPoll:

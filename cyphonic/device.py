@@ -151,13 +151,12 @@ class Device(Outbox):
         self._begin_handshake(peer, now)
         return False
 
-    def rekey(self, fqdn: str, now: float) -> None:
-        """Start a new handshake with ``fqdn`` now, unless one is under way: for a caller that
-        ran out of something tied to the current key (the adapter: stream ids for its workers,
-        ``cyphonic.stream_ids``). The current keypair seals on until the new one replaces it."""
-        peer = self.peers_by_fqdn.get(fqdn)
-        if peer is None:
-            raise LocalProtocolError(f"unknown peer {fqdn}")
+    def rekey(self, peer: Tunnel, now: float) -> None:
+        """Start a new handshake with ``peer`` (one of ``peers_by_vip``'s tunnels) now, unless one
+        is under way: for a caller that ran out of something tied to the current key (the
+        adapter: stream ids for its workers, ``cyphonic.stream_ids``). The current keypair seals
+        on until the new one replaces it. The tunnel itself, not its name: a certificate renewed
+        with another FQDN leaves ``peers_by_fqdn`` behind for a moment."""
         self._begin_handshake(peer, now)
 
     # --- the fast path (the common case of send_packet / receive_datagram, no queues or events) ---

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_ROUNDS_MAX = 64        # event handlers may feed the core again; a loop between two must end
 EVENTS_PER_ROUND_MAX = 1024  # ... also when a handler makes the core emit an event per event
+TIMER_ERROR_BACKOFF_S = 0.1  # a core whose handle_timer raised is not called again sooner (no spinning)
 
 
 class DeadlineTimer:
@@ -49,6 +50,7 @@ class DeadlineTimer:
         self.clock = clock
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for: float | None = None
+        self._not_before = 0.0
         self._closed = False
 
     @property
@@ -60,6 +62,8 @@ class DeadlineTimer:
         if self._closed:
             return
         t = self._deadline()
+        if t is not None and t < self._not_before:
+            t = self._not_before
         if t == self._armed_for and (t is None or self._handle is not None):
             return
         if self._handle is not None:
@@ -70,12 +74,17 @@ class DeadlineTimer:
             loop = asyncio.get_running_loop()
             self._handle = loop.call_later(max(0.0, t - self.clock()), self._fire)
 
+    def back_off(self, until: float) -> None:
+        """Do not fire before ``until`` (the core failed: do not call it again at once)."""
+        self._not_before = until
+
     def poke(self) -> bool:
         """A fast path may have moved the deadline: fire it if it has passed (True), else re-arm."""
         if self._closed:
             return False
         t = self._deadline()
-        if t is not None and t <= self.clock():
+        now = self.clock()
+        if t is not None and t <= now and now >= self._not_before:
             self._fire()
             return True
         self.arm()
@@ -157,7 +166,12 @@ class CoreDriver:
         self.flush()
 
     def _on_timer(self, now: float) -> None:
-        self.core.handle_timer(now)
+        try:
+            self.core.handle_timer(now)
+        except Exception as exc:  # noqa: BLE001 - counted; the flush below re-arms the timer
+            self.errors["timer_" + type(exc).__name__] += 1
+            log.exception("handle_timer failed")
+            self.timer.back_off(now + TIMER_ERROR_BACKOFF_S)
         self.flush()
 
     def poke(self) -> bool:

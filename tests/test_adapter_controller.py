@@ -104,9 +104,41 @@ def test_status_keys_links_sessions_and_gn_commands(tmp_path):
             assert ad._command({"cmd": "gn_list"})["general_nodes"][0]["name"] == "cam1"
             assert ad._command({"cmd": "gn_remove", "mac": "52:54:00:12:34:56"}) == {"ok": True}
             assert "52:54:00:12:34:56" not in ad.links and link.sock.fileno() == -1
+            # ... and every worker closes its copy of the socket, so the port is free again
+            closed = [p for p, m in pool.log if m == ("close_port", link.port)]
+            assert len(closed) == 2 and {id(p) for p in closed} == {id(w.proc) for w in pool.pool.workers}
             assert all(not held for held in pool.held().values())
             assert "not enrolled" in ad._command({"cmd": "gn_remove", "mac": "52:54:00:12:34:56"})["error"]
             assert ad._command({"cmd": "nope"}) == {"error": "unknown command nope"}
+        finally:
+            for lk in ad._all_links():
+                lk.host.stop()
+                lk.sock.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_virtual_ip_never_hands_a_live_key_its_stream_ids_again(tmp_path):
+    """The engine (and its tunnels' keys) outlives the session installer a new virtual IP
+    replaces: the stream ids already used stay used (the key is rekeyed instead)."""
+    async def scenario():
+        pool = Pool(2)
+        ad = adapter(tmp_path, pool)
+        ad._start_self()
+        gn = ad.registry.add("52:54:00:12:34:57", "cam2")
+        gn.vip4 = "100.64.0.6"
+        link = ad._start_gn(gn)
+        try:
+            dev = EngineDevice()
+            dev.add(9)
+            link.engine.device = dev
+            ad._sync_all(1.0)
+            gn.vip4 = "100.64.0.7"                   # renumbered by the cloud, tunnels still up
+            ad._install_sessions(link)
+            ad._sync_all(2.0)
+            pairs = [(m[3], m[5]) for m in pool.txs()]
+            assert len(pairs) == 2 and len(set(pairs)) == len(pairs)
+            assert dev.rekeys == [dev.peers_by_vip[bytes([100, 64, 1, 9])].fqdn]
         finally:
             for lk in ad._all_links():
                 lk.host.stop()

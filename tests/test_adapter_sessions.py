@@ -161,8 +161,8 @@ class Device:
         self.peers_by_vip[bytes([100, 64, 1, n])] = p
         return p
 
-    def rekey(self, fqdn: str, now: float) -> None:
-        self.rekeys.append(fqdn)
+    def rekey(self, peer, now: float) -> None:
+        self.rekeys.append(peer.fqdn)
 
 
 def setup(nworkers=3, npeers=1):

@@ -182,3 +182,23 @@ def test_a_core_without_events_is_driven_too():
         d.receive(b"x", ("a", 1))
         assert sent == [(b"x", ("peer", 2))]
     run(main())
+
+
+def test_a_failing_timer_is_counted_and_the_timer_stays_armed():
+    async def main():
+        clock = Clock(10.0)
+        core = FakeCore()
+
+        def broken(now):
+            raise RuntimeError("bug")
+        core.handle_timer = broken
+        d = CoreDriver(core, lambda data, addr: None, None, clock=clock)
+        core.deadline = 9.0
+        assert d.poke() is True
+        assert d.errors["timer_RuntimeError"] == 1
+        assert d.timer.armed_for == 10.1            # not again at once: no spinning on a broken core
+        assert d.poke() is False
+        core.deadline = 20.0
+        d.flush()
+        assert d.timer.armed_for == 20.0
+    run(main())

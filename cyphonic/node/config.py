@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, fields
 
 from .. import constants as C
+from ..busy_poll import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
 from ..cloud.keys import parse_cloud_key
 from ..errors import CyphonicError
 
@@ -61,7 +62,7 @@ DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "", "token": "", "token_file": "", "name": "",
     "state_dir": "/var/lib/cyphonic-node", "port": 47100, "listen4": "0.0.0.0", "listen6": "::",
     "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "dns_listen": "127.0.0.53:53", "dns_upstream": "",
-    "dns_hold_s": 8.0, "status_socket": "/run/cyphonic/node.sock", "busy_poll_us": 500,
+    "dns_hold_s": 8.0, "status_socket": "/run/cyphonic/node.sock", "busy_poll_us": BUSY_POLL_US_DEFAULT,
 }
 
 
@@ -167,8 +168,8 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
             raise NodeConfigError(f"{source}: {exc}") from None
     if not 0.1 <= cfg.dns_hold_s <= 60:
         raise fail("dns_hold_s", "must be 0.1..60 seconds")
-    if not 0 <= cfg.busy_poll_us <= 5000:
-        raise fail("busy_poll_us", "must be 0..5000 microseconds")
+    if not 0 <= cfg.busy_poll_us <= BUSY_POLL_US_MAX:
+        raise fail("busy_poll_us", f"must be 0..{BUSY_POLL_US_MAX} microseconds")
     return cfg
 
 

@@ -9,3 +9,11 @@ VIP_QUEUE_PEERS = 256           # peers with packets held; the oldest is evicted
 SOCKET_BUFFER_BYTES = 4 << 20   # SO_RCVBUF / SO_SNDBUF of the tunnel sockets (the kernel caps at rmem_max)
 CERT_EXPIRY_WARNING_S = 3600.0  # health warns when the certificate has less left and was not renewed
 FATAL_EXIT = 2                  # exit code when the cloud refuses the login for good (systemd does not restart)
+
+# --- the data path (cyphonic.node.packet_handling; the adapter's way back reads by the same rules)
+READ_BATCH = 256                # packets per descriptor per wakeup, so one busy side cannot starve the other
+BURST_GAP_S = 0.001             # a handler called again within this long reads until its descriptor is empty
+RECV_BYTES = 65535              # a UDP datagram, whatever its size
+IDLE_SAMPLE_S = 0.1             # how often idle CPUs are sampled while lone packets go out ...
+IDLE_SLOW_SAMPLE_S = 1.0        # ... and when none went out for IDLE_FAST_FOR_S
+IDLE_FAST_FOR_S = 5.0

@@ -76,6 +76,7 @@ class NodeDaemon:
         self.drops: Counter = Counter()
         self.errors: Counter = Counter()
         self.health = Health()
+        self._dns_starting = False
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.local_addrs: list[str] = []
@@ -158,7 +159,6 @@ class NodeDaemon:
                                  local_endpoints=self._endpoints())
         self.host = EngineHost(self.engine, self.socks, deliver=self._deliver, on_event=self._on_event,
                                log=self.log, health=self.health, after_round=self._dns_flush)
-        self.host.start()
         self.status_server = await serve_status(self.cfg.status_socket,
                                                 lambda req: self.status() if req.get("cmd", "status") == "status"
                                                 else {"error": "unknown command"})
@@ -169,7 +169,7 @@ class NodeDaemon:
             self._tasks.append(loop.create_task(sample_idle_cpus(self.path, self._stop)))
         self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
                  f"{self.identity.public.hex()[:16]}...")
-        self.flush()
+        self.host.start()   # the login goes out last: DNS and the status socket are up to hear of it
 
     def flush(self) -> None:
         if self.host is not None:
@@ -298,12 +298,19 @@ class NodeDaemon:
 
     async def _tick(self) -> None:
         """Deadlines the fast path moved (passive keepalives, rekey checks) come due here; the
-        health conditions are observed at the same pace."""
+        health conditions are observed at the same pace. A failure is counted and logged, and
+        the tick goes on: nothing else fires those deadlines."""
         while not self._stop.is_set():
             await asyncio.sleep(TICK_S)
-            if self.host is not None:
+            if self.host is None:
+                continue
+            try:
                 self.host.poke()
                 self.health.observe(time.time(), self._conditions(time.time()))
+            except Exception as exc:  # noqa: BLE001
+                self.errors["tick_" + type(exc).__name__] += 1
+                if self.errors["tick_" + type(exc).__name__] == 1:
+                    self.log(f"periodic work failed: {type(exc).__name__}: {exc}")
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -355,8 +362,16 @@ class NodeDaemon:
             self.health.record(time.time(), Warning("tun-failed", str(exc)))
 
     async def _start_dns(self, domain: str) -> None:
-        if self.dns is not None:
+        # from start() (the domain of the last login) and from a login: never both at once
+        if self.dns is not None or self._dns_starting:
             return
+        self._dns_starting = True
+        try:
+            await self._serve_dns(domain)
+        finally:
+            self._dns_starting = False
+
+    async def _serve_dns(self, domain: str) -> None:
         from ..dns_server import serve_dns
         from ..resolver import OverlayResolver
         cfg = self.cfg

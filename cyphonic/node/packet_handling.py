@@ -55,13 +55,9 @@ from .. import constants as C
 from ..busy_poll import BusyPoll
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
 
-READ_BATCH = 256              # packets per descriptor per wakeup, so one busy side cannot starve the other
-IDLE_SAMPLE_S = 0.1           # how often the daemon samples IdleCpus while lone packets go out ...
-IDLE_SLOW_SAMPLE_S = 1.0      # ... and when none went out for IDLE_FAST_FOR_S
-IDLE_FAST_FOR_S = 5.0
+from .constants import BURST_GAP_S, IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, READ_BATCH, RECV_BYTES
+
 HEADER_BYTES = C.DATA_HEADER_BYTES
-BURST_GAP_S = 0.001           # a handler called again within this long reads until its descriptor is empty
-RECV_BYTES = 65535            # a UDP datagram, whatever its size
 
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT

@@ -61,6 +61,7 @@ from dhcppython.packet import DHCPPacket
 from cyphonic.constants import (DATA_OVERHEAD_BYTES, RELAY_OVERHEAD_BYTES,
                                 UDP_IPV6_OVERHEAD_BYTES)
 
+from .constants import DECLINE_HOLD_S, DEFAULT_LEASE_S, LOG_ONCE_MAX, OFFER_HOLD_S
 from .leases import AddressUnavailable, InvalidTransition, LeaseStore
 
 # --- constants: specification values ------------------------------------------------------------
@@ -85,11 +86,7 @@ OPT_PARAMETER_LIST, OPT_MESSAGE, OPT_T1, OPT_T2, OPT_CLIENT_ID = 55, 56, 58, 59,
 OPT_RAPID_COMMIT = 80
 ALWAYS_OPTIONS = (OPT_SUBNET_MASK, OPT_ROUTER, OPT_DNS, OPT_LEASE_TIME, OPT_SERVER_ID)
 
-# --- constants: our choices -----------------------------------------------------------------
-DEFAULT_LEASE_S = 3600
-OFFER_HOLD_S = 60                  # an OFFER reserves the address this long without a REQUEST
-DECLINE_HOLD_S = 600               # a DECLINEd address is not offered again for this long
-LOG_ONCE_MAX = 4096                # unknown MACs remembered for "log once"
+# (our choices: lease and hold times, in appliance/constants.py)
 
 
 def advertised_mtu(underlay_mtu: int = 1500) -> int:

@@ -28,3 +28,36 @@ MAX_WORKERS = 16                # a send key has 63 stream ids (cyphonic.stream_
                                 # takes one per installation: 16 leave room for three re-installs
                                 # (restarts, endpoint moves) before a key must be rekeyed
 MISS_REPORT_EVERY_S = 1.0       # a worker reports a packet with no session once per pair this often
+
+# --- Address Configuration: DHCP (appliance.address_config) -----------------------------
+DEFAULT_LEASE_S = 3600
+OFFER_HOLD_S = 60                  # an OFFER reserves the address this long without a REQUEST
+DECLINE_HOLD_S = 600               # a DECLINEd address is not offered again for this long
+LOG_ONCE_MAX = 4096                # unknown MACs remembered for "log once"
+
+# --- the general node registry (appliance.general_nodes) --------------------------------
+MAX_GENERAL_NODES = 256
+
+# --- Interface Handling: proxy ARP (appliance.interface_handling) -----------------------
+ARP_REPLY_RATE_PER_MAC_PER_S = 20.0   # a general node resolves each peer once, then re-checks
+ARP_REPLY_BURST_PER_MAC = 50          # every ~30 s: far below this, even with many peers
+ARP_RATELIMIT_TABLE_MAX = 1024        # sender MACs tracked at once (oldest evicted)
+ARP_MAX_FRAMES_PER_WAKEUP = 64        # frames read per readiness callback (the loop stays fair)
+ARP_RECV_BYTES = 2048
+
+# --- the lease table (appliance.leases) -------------------------------------------------
+EXPIRED_KEEP_S = 24 * 3600     # expired or released leases are forgotten this long after expiry
+MAX_RECORDS = 65536            # leases + declined addresses kept at most (oldest forgotten first)
+
+# --- the status LED (appliance.led) -----------------------------------------------------
+LED_TICK_S = 0.25                 # the loop never sleeps longer (patterns change faster: it sleeps less)
+LED_POLL_S = 2.0                  # state re-read from provision.json and the status socket
+LED_ASK_TIMEOUT_S = 1.0
+ADAPTER_DOWN_AFTER_S = 180.0  # provisioning ok, but the adapter has not answered for this long
+
+# --- the packet filter (appliance.packet_filter) ----------------------------------------
+NFT_CMD_TIMEOUT_S = 10
+
+# --- first-boot provisioning (appliance.provision) --------------------------------------
+PROVISION_WAIT_STEP_S = 0.5
+PROVISION_NFT_TIMEOUT_S = 10

@@ -22,9 +22,10 @@ from cyphonic.errors import CyphonicError
 from cyphonic.handshake import StaticIdentity
 from cyphonic.node.identity import load_identity, save_certificate
 
+from .constants import MAX_GENERAL_NODES
+
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-MAX_GENERAL_NODES = 256
 
 
 class GeneralNodeError(CyphonicError):

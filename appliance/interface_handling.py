@@ -56,6 +56,9 @@ from typing import Callable, Container
 
 from cyphonic.ratelimit import RateLimiter
 
+from .constants import (ARP_MAX_FRAMES_PER_WAKEUP, ARP_RATELIMIT_TABLE_MAX, ARP_RECV_BYTES, ARP_REPLY_BURST_PER_MAC,
+                        ARP_REPLY_RATE_PER_MAC_PER_S)
+
 log = logging.getLogger(__name__)
 
 # --- constants ------------------------------------------------------------------------------
@@ -75,11 +78,6 @@ SIOCGIFHWADDR = 0x8927
 IPV4_MIN_HEADER_BYTES = 20
 
 # Implementation choices.
-ARP_REPLY_RATE_PER_MAC_PER_S = 20.0   # a general node resolves each peer once, then re-checks
-ARP_REPLY_BURST_PER_MAC = 50          # every ~30 s: far below this, even with many peers
-ARP_RATELIMIT_TABLE_MAX = 1024        # sender MACs tracked at once (oldest evicted)
-ARP_MAX_FRAMES_PER_WAKEUP = 64        # frames read per readiness callback (the loop stays fair)
-ARP_RECV_BYTES = 2048
 
 AnswerFor = Callable[[str, str, bytes], bool]
 

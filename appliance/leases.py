@@ -38,10 +38,10 @@ from typing import Callable
 
 from cyphonic.atomic_file import remove_stale_temps, write_atomic
 
+from .constants import EXPIRED_KEEP_S, MAX_RECORDS
+
 FORMAT = "cyphonic-dhcp-leases"
 VERSION = 1
-EXPIRED_KEEP_S = 24 * 3600     # expired or released leases are forgotten this long after expiry
-MAX_RECORDS = 65536            # leases + declined addresses kept at most (oldest forgotten first)
 
 _log = logging.getLogger(__name__)
 

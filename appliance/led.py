@@ -18,7 +18,7 @@ shows them to users):
 | tunnel-up | on, short off blip every 2 s | at least one general node's tunnel is up |
 
 `derive_state()` and `level_at()` are pure; `run()` is the loop: it re-reads the state every
-POLL_S and never sleeps longer than TICK_S, so SIGTERM ends it at once. With no LED it logs
+LED_POLL_S and never sleeps longer than LED_TICK_S, so SIGTERM ends it at once. With no LED it logs
 once and idles until SIGTERM (exit 0), because a missing LED must never fail the boot.
 """
 
@@ -31,10 +31,8 @@ import signal
 import sys
 import time
 
-TICK_S = 0.25                 # the loop never sleeps longer (patterns change faster: it sleeps less)
-POLL_S = 2.0                  # state re-read from provision.json and the status socket
-ASK_TIMEOUT_S = 1.0
-ADAPTER_DOWN_AFTER_S = 180.0  # provisioning ok, but the adapter has not answered for this long
+from .constants import ADAPTER_DOWN_AFTER_S, LED_ASK_TIMEOUT_S, LED_POLL_S, LED_TICK_S
+
 LED_NAMES = ("ACT", "led0")
 PROVISION_STATUS = "/run/cyphonic/provision.json"
 ADAPTER_SOCKET = "/run/cyphonic/adapter.sock"
@@ -165,7 +163,7 @@ def read_provision(path: str) -> dict | None:
 def ask_status(sock: str) -> dict | None:
     from .cyadm import ask
     try:
-        st = ask(sock, "status", timeout=ASK_TIMEOUT_S)
+        st = ask(sock, "status", timeout=LED_ASK_TIMEOUT_S)
         return st if isinstance(st, dict) and "error" not in st else None
     except (OSError, ValueError):
         return None
@@ -205,8 +203,8 @@ def run(*, leds_dir: str = "/sys/class/leds", led_name: str | None = None,
                 if new != state:
                     log(f"state {new}")
                     state, since = new, now
-                next_poll = now + POLL_S
-            wait = TICK_S
+                next_poll = now + LED_POLL_S
+            wait = LED_TICK_S
             if led is not None:
                 on, left = level_at(PATTERNS[state], now - since)
                 led.set(on)

@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
+from .constants import NFT_CMD_TIMEOUT_S
+
 TABLE_FAMILY = "inet"
 TABLE_NAME = "cyphonic"
 COMMENT_TAG = "cyphonic"          # the iptables-nft rule's comment (how unload finds it)
-CMD_TIMEOUT_S = 10
 MODES = ("nft", "xt")
 MODE_ENV = "CYPHONIC_NFQUEUE_MODE"   # "nft" or "xt": skip the probe
 NFT_DIR_ENV = "CYPHONIC_NFT_DIR"     # where the templates are, if not next to the package
@@ -142,11 +143,11 @@ def _run(argv: list[str], *, input: str | None = None, check: bool = True,
          what: str = "") -> subprocess.CompletedProcess:
     try:
         r = subprocess.run(argv, input=input, capture_output=True, text=True,
-                           timeout=CMD_TIMEOUT_S)
+                           timeout=NFT_CMD_TIMEOUT_S)
     except FileNotFoundError:
         raise PacketFilterError(f"{argv[0]} is not installed") from None
     except subprocess.TimeoutExpired:
-        raise PacketFilterError(f"{' '.join(argv[:4])} did not finish in {CMD_TIMEOUT_S} s") from None
+        raise PacketFilterError(f"{' '.join(argv[:4])} did not finish in {NFT_CMD_TIMEOUT_S} s") from None
     if check and r.returncode != 0:
         raise PacketFilterError(what or f"{' '.join(argv)} failed (exit {r.returncode})",
                                 r.stderr or r.stdout)

@@ -51,6 +51,7 @@ from cyphonic.node.config import parse_hostport
 
 from . import config as adapter_config
 from .general_nodes import NAME_RE, GeneralNodeError, normalize_mac
+from .constants import PROVISION_NFT_TIMEOUT_S, PROVISION_WAIT_STEP_S
 
 BOOT_FILE = "cyphonic.toml"
 EXAMPLE_FILE = "cyphonic.toml.example"
@@ -65,8 +66,6 @@ STATUS_FILE = "cyphonic/provision.json"               # under --run
 GUARD_TABLE = "cyphonic_guard"                        # family inet
 CONSOLE = "/dev/console"
 DEFAULT_WAN_PORT = "end0"                             # the Pi 4's own Ethernet port
-WAIT_STEP_S = 0.5
-NFT_TIMEOUT_S = 10
 
 # The boot file's schema: section -> {key: type}. "" is the top level. Everything else is an
 # error naming the key. [adapter] is checked against appliance/config.py's own keys.
@@ -699,7 +698,7 @@ def load_guard(path: str) -> str:
     """nft -f: '' when loaded, else the reason."""
     nft = shutil.which("nft") or "/usr/sbin/nft"
     try:
-        r = subprocess.run([nft, "-f", path], capture_output=True, text=True, timeout=NFT_TIMEOUT_S)
+        r = subprocess.run([nft, "-f", path], capture_output=True, text=True, timeout=PROVISION_NFT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"nft -f {path}: {exc}"
     return "" if r.returncode == 0 else f"nft -f {path} failed: {(r.stderr or r.stdout).strip()}"
@@ -748,7 +747,7 @@ def provision(paths: Paths, *, now: float | None = None, load: bool = True, wait
         waiting = p.ports_pending and all(e.startswith("[ports]") for e in p.errors)
         if not (p.errors and waiting and time.monotonic() < deadline):
             break
-        time.sleep(WAIT_STEP_S)   # the USB adapter may still be on its way
+        time.sleep(PROVISION_WAIT_STEP_S)   # the USB adapter may still be on its way
     outcome = Outcome("ok", [], list(p.warnings), paths.boot_file, source, p.lan, p.wan)
     if p.errors:
         outcome.state, outcome.errors = "error", list(p.errors)

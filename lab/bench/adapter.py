@@ -58,6 +58,7 @@ from collections import Counter
 
 from ..adapterlab import LAN_ADDRESS, add_gn, cyadm, dhclient, mac_of, start_adapter
 from . import node as nb
+from .common import write_result
 
 PATHS = ("plain", "cyphonic", "adapter", "wireguard-go")
 COLUMNS = [("plain", "plain"), ("cyphonic", "node"), ("adapter", "adapter"), ("wireguard-go", "wireguard-go")]
@@ -560,11 +561,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
     if m.get("extra"):
         result.update(m["extra"])
     print_table(result, say)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "adapter.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    say(f"written {path}")
+    say(f"written {write_result(out_dir, 'adapter', result)}")
     return result
 
 

@@ -34,18 +34,11 @@ The table is printed and written to ``<out>/cloud.json``.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
-import platform
-import re
 import select
 import shutil
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,6 +48,10 @@ from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.control import Connected, ControlClient, Incoming, Reply, RequestTimedOut, Unreachable
 from cyphonic.handshake import StaticIdentity
 from cyphonic.wire import signaling as sig
+
+from ..cloudproc import CloudProcess
+from . import common
+
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 DOMAIN = "bench.test"
@@ -73,26 +70,14 @@ TIMER_CHECK_S = 0.05         # how often the clients' timers are looked at
 
 # --- the cloud process --------------------------------------------------------------------
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The config of the cloud under load: AS+NMS only, IPv4 only, nothing expires during the run.
+CLOUD_SETTINGS = {"services": '["as", "nms"]', "cert_lifetime_s": 86400, "log_level": '"info"'}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _die_with_parent() -> None:
-    """In the cloud child: get SIGTERM when the bench dies, even by SIGKILL (Linux; best effort)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def bench_cloud(tmpdir: str, profile: str | None = None) -> CloudProcess:
+    """Not started yet: the caller enrolls first, then ``start()``; ``stop()`` always."""
+    return CloudProcess(tmpdir, domain=DOMAIN, prefix="100.64.0.0/10", listen6="", keepalive_s=3600,
+                        lifetime_s=86400, extra=CLOUD_SETTINGS, profile=profile, die_with_parent=True)
 
 
 def _udp_counters() -> dict[str, int]:
@@ -103,97 +88,6 @@ def _udp_counters() -> dict[str, int]:
         return dict(zip(rows[0][1:], map(int, rows[1][1:])))
     except (OSError, IndexError, ValueError):
         return {}
-
-
-class CloudProcess:
-    """`cyphonic-cloud` (AS+NMS) in ``tmpdir``: init, a reusable token, serve; stop() always."""
-
-    def __init__(self, tmpdir: str, *, profile: str | None = None) -> None:
-        self.dir = tmpdir
-        self.profile = profile
-        self.config = os.path.join(tmpdir, "cloud.toml")
-        self.state = os.path.join(tmpdir, "state")
-        self.log_path = os.path.join(tmpdir, "cloud.log")
-        self.env = dict(os.environ, CYPHONIC_CLOUD_CONFIG=self.config)
-        self.proc: subprocess.Popen | None = None
-        self._logf = None
-        self.port = _free_udp_port()
-        with open(self.config, "w") as f:
-            f.write("\n".join([
-                f"state_dir = {json.dumps(self.state)}",
-                f"domain = {json.dumps(DOMAIN)}",
-                'prefix = "100.64.0.0/10"',
-                'listen4 = "127.0.0.1"',
-                'listen6 = ""',
-                f"signaling_port = {self.port}",
-                f"relay_port = {_free_udp_port()}",
-                'services = ["as", "nms"]',
-                "cert_lifetime_s = 86400",
-                "registration_lifetime_s = 86400",  # nothing expires during the run
-                "keepalive_interval_s = 3600",
-                'log_level = "info"',
-                ""]))
-        out = self.cli("init")
-        self.cloud_key = re.search(r"cloud key \(nodes pin this\): (\S+)", out).group(1)
-
-    def cli(self, *args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env,
-                           capture_output=True, text=True, timeout=60)
-        if p.returncode != 0:
-            raise RuntimeError(f"cyphonic-cloud {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
-        return p.stdout
-
-    def start(self) -> None:
-        self._logf = open(self.log_path, "a")
-        wrap = ["-m", "cProfile", "-o", os.path.abspath(self.profile)] if self.profile else []
-        self.proc = subprocess.Popen([sys.executable, *wrap, "-m", "cyphonic.cloud.cli", "serve"], env=self.env,
-                                     stdout=self._logf, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if "cloud key" in self.log():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the cloud exited ({self.proc.returncode}): {self.log()[-2000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"the cloud did not start within 20 s: {self.log()[-2000:]}")
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def cpu(self) -> float:
-        return _cpu_seconds(self.proc.pid)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stats(self) -> dict:
-        """The counters the cloud writes to stats*.json (every 2 s, and when it stops)."""
-        paths = sorted(glob.glob(os.path.join(self.state, "stats*.json")), key=os.path.getmtime)
-        for path in reversed(paths):
-            try:
-                with open(path) as f:
-                    return json.load(f)
-            except (OSError, ValueError):
-                continue
-        return {}
-
-    def stop(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self._logf is not None:
-            self._logf.close()
-            self._logf = None
-        return self.proc.returncode if self.proc else None
 
 
 # --- the load generator ---------------------------------------------------------------------
@@ -336,9 +230,9 @@ def _measure(gen: LoadGenerator, cloud: CloudProcess, phase: Phase, start, done,
     """Run one phase; return its row. ``count_of()`` is the number of completions."""
     udp0 = _udp_counters()
     rt0 = gen.retransmits()
-    c0, g0, t0 = cloud.cpu(), time.process_time(), time.perf_counter()
+    c0, g0, t0 = common.cpu_seconds(cloud.proc.pid), time.process_time(), time.perf_counter()
     gen.run(phase, start, done)
-    t1, c1, g1 = time.perf_counter(), cloud.cpu(), time.process_time()
+    t1, c1, g1 = time.perf_counter(), common.cpu_seconds(cloud.proc.pid), time.process_time()
     count = count_of()
     phase.finished = True
     # Let the stragglers come back (not counted) so that the next phase starts clean.
@@ -362,13 +256,16 @@ def _measure(gen: LoadGenerator, cloud: CloudProcess, phase: Phase, start, done,
             "udp_rcvbuf_errors": udp1.get("RcvbufErrors", 0) - udp0.get("RcvbufErrors", 0)}
 
 
-def _error_name(msg: sig.Error) -> str:
-    return getattr(msg.code, "name", str(msg.code))
+def _error_name(msg: sig.Message) -> str:
+    """How a wrong answer is counted: an Error by its code, anything else by its type."""
+    if isinstance(msg, sig.Error):
+        return getattr(msg.code, "name", str(msg.code))
+    return type(msg).__name__
 
 
-def phase_logins(gen: LoadGenerator, cloud: CloudProcess, token: bytes, max_s: float) -> dict:
-    nodes = gen.nodes
-    ph = Phase("logins", len(nodes), max_s)
+def _each_once(ph: Phase, nodes: list[SimNode], send):
+    """Issue ``send(node, now)`` once per node, LOGIN_CONCURRENCY at a time: returns ``(issue,
+    start)``; ``start(now)`` fills the slots, ``issue(now)`` refills one when a request ends."""
     queue = iter(nodes)
 
     def issue(now: float) -> None:
@@ -377,9 +274,25 @@ def phase_logins(gen: LoadGenerator, cloud: CloudProcess, token: bytes, max_s: f
             return
         ph.issued += 1
         ph.inflight += 1
+        send(node, now)
+
+    def start(now: float) -> None:
+        for _ in range(LOGIN_CONCURRENCY):
+            issue(now)
+
+    return issue, start
+
+
+def phase_logins(gen: LoadGenerator, cloud: CloudProcess, token: bytes, max_s: float) -> dict:
+    nodes = gen.nodes
+    ph = Phase("logins", len(nodes), max_s)
+
+    def send(node: SimNode, now: float) -> None:
         node.client.request(sig.LoginRequest(token=token, name_hint=node.name, static_public=node.identity.public,
                                              software="cyphonic-bench"), now)
         gen.flush(node)
+
+    issue, start = _each_once(ph, nodes, send)
 
     def on_event(node: SimNode, ev, now: float) -> None:
         if isinstance(ev, Reply):
@@ -390,7 +303,7 @@ def phase_logins(gen: LoadGenerator, cloud: CloudProcess, token: bytes, max_s: f
                 node.identity = node.identity.with_certificate(ev.msg.certificate)
                 node.done = True
             else:
-                ph.errors[_error_name(ev.msg) if isinstance(ev.msg, sig.Error) else type(ev.msg).__name__] += 1
+                ph.errors[_error_name(ev.msg)] += 1
             if not ph.finished:
                 issue(now)
         elif isinstance(ev, RequestTimedOut):
@@ -398,10 +311,6 @@ def phase_logins(gen: LoadGenerator, cloud: CloudProcess, token: bytes, max_s: f
             ph.timeouts += 1
             if not ph.finished:
                 issue(now)
-
-    def start(now: float) -> None:
-        for _ in range(LOGIN_CONCURRENCY):
-            issue(now)
 
     gen.handler = on_event
     return _measure(gen, cloud, ph, start, lambda: ph.settled() >= len(nodes), lambda: ph.ok)
@@ -411,18 +320,14 @@ def phase_handshakes(gen: LoadGenerator, cloud: CloudProcess, max_s: float) -> d
     """After login: set the certificate and handshake again (the NMS wants it in the handshake)."""
     nodes = [n for n in gen.nodes if n.done]
     ph = Phase("handshakes", len(nodes), max_s)
-    queue = iter(nodes)
 
-    def issue(now: float) -> None:
-        node = next(queue, None)
-        if node is None:
-            return
-        ph.issued += 1
-        ph.inflight += 1
+    def send(node: SimNode, now: float) -> None:
         node.connected = False
         node.client.set_identity(node.identity)
         node.client.set_cloud_address(gen.cloud_addr, now)
         gen.flush(node)
+
+    issue, start = _each_once(ph, nodes, send)
 
     def on_event(node: SimNode, ev, now: float) -> None:
         if isinstance(ev, Connected) and not node.connected:
@@ -434,10 +339,6 @@ def phase_handshakes(gen: LoadGenerator, cloud: CloudProcess, max_s: float) -> d
         elif isinstance(ev, Unreachable):
             ph.inflight -= 1
             ph.timeouts += 1
-
-    def start(now: float) -> None:
-        for _ in range(LOGIN_CONCURRENCY):
-            issue(now)
 
     gen.handler = on_event
     return _measure(gen, cloud, ph, start, lambda: ph.settled() >= len(nodes), lambda: ph.ok)
@@ -466,6 +367,26 @@ def _pipelined(gen: LoadGenerator, ph: Phase, senders: list[SimNode], make_reque
     return issue_some
 
 
+def _settle(ph: Phase, node: SimNode, ev, ok_type: type, issue_some, now: float) -> bool:
+    """A pipelined request's end, its Reply or its timeout: count it, free its slot, issue more.
+    True for a Reply of ``ok_type``; False for any other answer, a timeout or another event."""
+    if isinstance(ev, Reply):
+        ok = isinstance(ev.msg, ok_type)
+        if ok:
+            ph.ok += 1
+        else:
+            ph.errors[_error_name(ev.msg)] += 1
+    elif isinstance(ev, RequestTimedOut):
+        ok = False
+        ph.timeouts += 1
+    else:
+        return False
+    node.out -= 1
+    ph.inflight -= 1
+    issue_some(now)
+    return ok
+
+
 def phase_registrations(gen: LoadGenerator, cloud: CloudProcess, limit: int, max_s: float,
                         window: int, cap: int) -> dict:
     senders = [n for n in gen.nodes if n.connected]
@@ -477,19 +398,7 @@ def phase_registrations(gen: LoadGenerator, cloud: CloudProcess, limit: int, max
                             window, cap)
 
     def on_event(node: SimNode, ev, now: float) -> None:
-        if isinstance(ev, Reply):
-            node.out -= 1
-            ph.inflight -= 1
-            if isinstance(ev.msg, sig.RegisterResponse):
-                ph.ok += 1
-            else:
-                ph.errors[_error_name(ev.msg) if isinstance(ev.msg, sig.Error) else type(ev.msg).__name__] += 1
-            issue_some(now)
-        elif isinstance(ev, RequestTimedOut):
-            node.out -= 1
-            ph.inflight -= 1
-            ph.timeouts += 1
-            issue_some(now)
+        _settle(ph, node, ev, sig.RegisterResponse, issue_some, now)
 
     gen.handler = on_event
     return _measure(gen, cloud, ph, issue_some, lambda: ph.issued >= limit and ph.inflight == 0, lambda: ph.ok)
@@ -519,20 +428,8 @@ def phase_routes(gen: LoadGenerator, cloud: CloudProcess, limit: int, max_s: flo
                 node.client.reply(ev, sig.TunnelResponse(route_id=ev.msg.route_id, accepted=True, code=None), now)
             else:
                 answered[f"unexpected_{type(ev.msg).__name__}"] += 1
-        elif isinstance(ev, Reply):
-            node.out -= 1
-            ph.inflight -= 1
-            if isinstance(ev.msg, sig.RouteDirection):
-                ph.ok += 1
-                answered[f"route_{ev.msg.route_type.name.lower()}"] += 1
-            else:
-                ph.errors[_error_name(ev.msg) if isinstance(ev.msg, sig.Error) else type(ev.msg).__name__] += 1
-            issue_some(now)
-        elif isinstance(ev, RequestTimedOut):
-            node.out -= 1
-            ph.inflight -= 1
-            ph.timeouts += 1
-            issue_some(now)
+        elif _settle(ph, node, ev, sig.RouteDirection, issue_some, now):
+            answered[f"route_{ev.msg.route_type.name.lower()}"] += 1
 
     gen.handler = on_event
     if not initiators or not responders:
@@ -545,21 +442,6 @@ def phase_routes(gen: LoadGenerator, cloud: CloudProcess, limit: int, max_s: flo
 
 # --- run, report ------------------------------------------------------------------------------
 
-def _machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu_model": model,
-            "platform": platform.platform(), "loadavg_at_start": load}
-
-
 def _raise_exit(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -571,7 +453,7 @@ def run(out_dir: str, *, nodes: int = 200, seconds: float = 15.0, registrations:
     ``profile``: run the cloud under cProfile and write its stats to this file (slows it down)."""
     if nodes < 2:
         raise ValueError("at least two nodes")
-    machine = _machine()
+    machine = common.machine()
     t_start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="cyphonic-cloud-bench-")
     cloud = gen = None
@@ -579,11 +461,11 @@ def run(out_dir: str, *, nodes: int = 200, seconds: float = 15.0, registrations:
     if threading.current_thread() is threading.main_thread():  # SIGTERM: clean up like Ctrl-C
         old_term = signal.signal(signal.SIGTERM, _raise_exit)
     try:
-        cloud = CloudProcess(tmp, profile=profile)
+        cloud = bench_cloud(tmp, profile)
         token = cloud.cli("enroll", "bench", "--reusable", "--expires", "1d").strip().encode()
-        cloud.start()
+        cloud.start(timeout_s=20)
         _, cloud_static = parse_cloud_key(cloud.cloud_key)
-        gen = LoadGenerator(("127.0.0.1", cloud.port), cloud_static, nodes)
+        gen = LoadGenerator(("127.0.0.1", cloud.signaling_port), cloud_static, nodes)
         phases = {}
         phases["logins"] = phase_logins(gen, cloud, token, login_seconds)
         phases["handshakes"] = phase_handshakes(gen, cloud, login_seconds)
@@ -592,7 +474,7 @@ def run(out_dir: str, *, nodes: int = 200, seconds: float = 15.0, registrations:
         if not cloud.alive():
             raise RuntimeError(f"the cloud died during the run: {cloud.log()[-2000:]}")
         rc = cloud.stop()  # it writes stats.json as it stops
-        cloud_stats = cloud.stats()
+        cloud_stats = cloud.last_stats()
         log_lines = cloud.log().count("\n")
     finally:
         if gen is not None:
@@ -642,10 +524,7 @@ def run(out_dir: str, *, nodes: int = 200, seconds: float = 15.0, registrations:
     }
     if not quiet:
         print_table(result)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "cloud.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    path = common.write_result(out_dir, "cloud", result)
     if not quiet:
         print(f"written {path}")
     return result

@@ -19,7 +19,6 @@ printed and written to ``<out>/crypto.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -30,6 +29,8 @@ from cyphonic.certs import CertificateAuthority, TrustStore
 from cyphonic.datachannel import ReceiveSession, SendStream
 from cyphonic.handshake import (InitiatorHandshake, StaticIdentity, check_mac1, consume_initiation,
                                 create_response)
+
+from .common import write_result
 
 SIZES = (64, 512, 1400)
 ROUNDS = 5
@@ -126,15 +127,11 @@ def run(out_dir: str, *, rounds: int = ROUNDS, packets: int = PACKETS) -> dict:
     targets = {"seal64_at_least_3x_plain": r64["seal_speedup_vs_plain"] >= 3.0,
                "seal64_at_least_150k_per_s": r64["seal_per_s"] >= 150_000}
     print("targets:", ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "crypto.json")
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                           "platform": platform.platform()},
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "sizes": rows, "handshake": hs, "targets": targets}
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"written {path}")
+    print(f"written {write_result(out_dir, 'crypto', result)}")
     return result
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -57,6 +56,7 @@ import time
 
 from ..nodelab import DOMAIN, Overlay
 from ..topology import Lab
+from .common import cpu_seconds, machine, write_result
 
 PATHS = ("plain", "cyphonic", "wireguard-go")
 UDP_BYTES = 1400
@@ -91,7 +91,6 @@ SENDER_KEEPS_UP = 0.95        # a run whose sender sent less than this share of 
 CLIENT_GRACE_S = 15.0
 FRESH_PAIRS = (("n1", "f1"), ("n2", "f2"), ("f1", "f2"), ("n1", "f2"), ("n2", "f1"), ("n1", "n2"))
 NODE_NAMES = {"n1": "alpha", "n2": "beta", "f1": "fresh1", "f2": "fresh2"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(RuntimeError):
@@ -103,14 +102,6 @@ class BenchError(RuntimeError):
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
 def proc_memory_kb(pid: int) -> dict:
@@ -721,17 +712,6 @@ def _rmem_max() -> dict:
             "note": "not writable inside a namespace on this kernel; the host's value applies"}
 
 
-def _machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu_model": model,
-            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
-
-
 def _versions() -> dict:
     out = {}
     for name, argv in (("wireguard-go", ["wireguard-go", "--version"]), ("iperf3", ["iperf3", "--version"]),
@@ -762,7 +742,7 @@ def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dic
     (set-up times, ping, UDP fixed/unlimited/highest rate, TCP, processes), tear it all down
     (also on failure or SIGTERM; logs kept then). Returns the bench and the measurements."""
     _check_tools()
-    m: dict = {"machine": _machine()}
+    m: dict = {"machine": machine()}
     t_start = time.perf_counter()
     name = bench_cls.name
     work = tempfile.mkdtemp(prefix=f"cyphonic-{name}-bench-")
@@ -882,11 +862,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
                       "waiting_for_tunnels_to_drain": round(b.drain_s, 1)},
     }
     print_table(result, say)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "node.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    say(f"written {path}")
+    say(f"written {write_result(out_dir, 'node', result)}")
     return result
 
 

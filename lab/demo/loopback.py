@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +36,8 @@ from cyphonic.node.engine import NodeEngine, TunnelFailed, TunnelUp
 from cyphonic.signaling import LoggedIn, LoginFailed, Registered
 from cyphonic.udp import open_device
 from cyphonic.wire import signaling as sig
+
+from ..cloudproc import CloudProcess
 
 DOMAIN = "demo.cyphonic.example"
 PINGS = 20
@@ -179,69 +179,23 @@ def _node_main(path: str) -> int:
 
 # --- the orchestrator ------------------------------------------------------------------------
 
-class _Cloud:
-    def __init__(self, workdir: str) -> None:
-        self.config = os.path.join(workdir, "cloud.toml")
-        self.env = dict(os.environ, CYPHONIC_CLOUD_CONFIG=self.config)
-        self.log_path = os.path.join(workdir, "cloud.log")
-        self.proc: subprocess.Popen | None = None
-        out = self.cli("init", "--state-dir", os.path.join(workdir, "state"), "--domain", DOMAIN,
-                       "--listen4", "127.0.0.1", "--listen6", "")
-        self.cloud_key = re.search(r"cloud key \(nodes pin this\): (\S+)", out).group(1)
-        self.port = _free_port()
-        text = open(self.config).read()
-        text = re.sub(r"(?m)^signaling_port = .*$", f"signaling_port = {self.port}", text)
-        text = re.sub(r"(?m)^relay_port = .*$", f"relay_port = {_free_port()}", text)
-        open(self.config, "w").write(text)
-
-    def cli(self, *args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "cyphonic.cloud.cli", *args], env=self.env,
-                           capture_output=True, text=True, timeout=60)
-        if p.returncode != 0:
-            raise RuntimeError(f"cyphonic-cloud {args[0]} failed: {p.stderr.strip()}")
-        return p.stdout
-
-    def start(self) -> None:
-        self.logf = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cyphonic.cloud.cli", "serve"], env=self.env,
-                                     stdout=self.logf, stderr=subprocess.STDOUT)
-        deadline = time.time() + 15
-        while "cloud key" not in self.log():
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the cloud did not start:\n{self.log()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "logf"):
-            self.logf.close()
-
-
 def loopback_demo() -> int:
     print("Part 3: the protocol under attack (processes on 127.0.0.1)\n")
     with tempfile.TemporaryDirectory(prefix="cyphonic-demo-") as workdir:
-        cloud = _Cloud(workdir)
+        # the example config's timers; IPv4 only
+        cloud = CloudProcess(workdir, domain=DOMAIN, prefix=None, listen6="", keepalive_s=None, lifetime_s=None)
         procs: dict[str, subprocess.Popen] = {}
         try:
             cloud.start()
-            print(f"cloud: AS + NMS on udp 127.0.0.1:{cloud.port}, domain {DOMAIN}")
+            print(f"cloud: AS + NMS on udp 127.0.0.1:{cloud.signaling_port}, domain {DOMAIN}")
             print(f"cloud key (pinned by the nodes): {cloud.cloud_key[:40]}...")
             tokens = {n: cloud.cli("enroll", n, "--expires", "1h").strip() for n in ("alice", "bob")}
             for n, t in tokens.items():
                 print(f"  cyphonic-cloud enroll {n:5} -> one-time token {t[:18]}...")
             for name in ("bob", "alice"):
                 conf = {"name": name, "token": tokens[name], "cloud_key": cloud.cloud_key,
-                        "cloud_port": cloud.port, "role": "initiator" if name == "alice" else "responder",
+                        "cloud_port": cloud.signaling_port,
+                        "role": "initiator" if name == "alice" else "responder",
                         "peer_fqdn": f"bob.{DOMAIN}"}
                 path = os.path.join(workdir, f"{name}.json")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

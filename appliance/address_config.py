@@ -337,6 +337,14 @@ class DhcpServer:
     def _inform(self, req: Request, b: Binding, now: float) -> list[Reply]:
         return [self._reply(req, ACK, yiaddr="0.0.0.0", lease=False)]
 
+    def set_domain(self, domain: str) -> None:
+        """The search domain (option 15) of every reply from now on (the overlay's, once the
+        cloud has said it)."""
+        if len(domain.encode()) > 255:
+            raise ValueError("domain name longer than 255 bytes")
+        self.domain = domain
+        self._options = self._build_options()
+
     # --- building replies --------------------------------------------------------------------
 
     def _build_options(self) -> dict[int, object]:

@@ -164,7 +164,7 @@ class Adapter:
         me = GeneralNode(SELF_MAC, name, token=self.cfg.token)
         me.extra["port"] = self.cfg.port
         self.self_link = self._open_link(me, self.cfg.port, who="adapter", subject="adapter",
-                                         deliver=self._to_adapter_itself, on_event=lambda e: None)
+                                         deliver=self._to_adapter_itself, on_event=self._on_self_event)
         self.self_link.host.start()
 
     def _start_gn(self, gn: GeneralNode) -> Link:
@@ -292,12 +292,26 @@ class Adapter:
 
     # --- events ------------------------------------------------------------------------------------
 
+    def _on_self_event(self, e) -> None:
+        if isinstance(e, sg.LoggedIn):
+            self._follow_domain(e.domain)
+
+    def _follow_domain(self, domain: str) -> None:
+        """The overlay's domain, as the cloud says at login, is the general nodes' DHCP search
+        domain (option 15) from then on: a freshly set-up adapter knows it only after a login,
+        and a general node is bound (given a lease) only after its own login, which comes here
+        first."""
+        if domain and self.dhcp is not None and self.dhcp.server.domain != domain:
+            self.dhcp.server.set_domain(domain)
+            self.log(f"DHCP domain: {domain}")
+
     def _on_gn_event(self, link: Link, e) -> None:
         """What only the adapter does with a general node's event (``EngineHost`` logged it, and
         told the Resolver of tunnels)."""
         if isinstance(e, sg.LoggedIn):
             gn = link.gn
             self.registry.save_login(gn, e.certificate, e.fqdn, e.vip4, e.prefix_len, e.domain)
+            self._follow_domain(e.domain)
             self._install_sessions(link)
             loop = asyncio.get_running_loop()
             loop.create_task(self._route_gn(e.vip4))

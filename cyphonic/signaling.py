@@ -264,6 +264,7 @@ class SignalingClient:
         elif what == "register":
             if isinstance(msg, sig.RegisterResponse):
                 self.state = State.READY
+                self.last_error = ""           # ready again: what went wrong before is over
                 self._backoff = RECONNECT_MIN_S
                 self._keepalive_s = max(1.0, float(msg.keepalive_interval_s))
                 self._keepalive_at = now + self._keepalive_s

@@ -192,3 +192,25 @@ def test_run_starts_waits_for_the_stop_and_always_closes(tmp_path):
     except OSError:
         pass
     assert calls == ["start", "close", "close"]
+
+
+def test_the_dhcp_domain_follows_the_cloud_from_the_first_login(tmp_path):
+    """A freshly set-up adapter knows the overlay's domain only once it logs in: the general
+    nodes' leases carry it (option 15) from then on, not the placeholder it started with."""
+    from types import SimpleNamespace
+
+    from appliance.address_config import Binding, DhcpServer, advertised_mtu
+    from appliance.leases import LeaseStore
+    from cyphonic import signaling as sg
+    from test_address_config import decode, discover
+
+    ad = adapter(tmp_path, Pool(1))
+    mac = "52:54:00:12:34:58"
+    server = DhcpServer(server_ip="100.127.255.254", netmask="255.192.0.0", router="100.127.255.254",
+                        dns="100.127.255.254", domain="overlay", mtu=advertised_mtu(), lease_s=600,
+                        bindings=lambda m: Binding(m, "100.64.0.9", "cam3") if m == mac else None,
+                        leases=LeaseStore(str(tmp_path / "leases.json")), log=lambda line: None)
+    ad.dhcp = SimpleNamespace(server=server)
+    ad._on_self_event(sg.LoggedIn("adapter.ov.example", "100.64.0.1", 10, "ov.example", b"", False))
+    [offer] = server.receive(discover(mac), 1000.0)
+    assert decode(offer)[1][15] == b"ov.example"

@@ -240,8 +240,13 @@ def test_node_comes_back_after_the_cloud_loses_its_sessions():
     import random
     net.cloud = CloudCore(store=net.store, keys=net.keys, domain="ov.example", prefix="100.64.0.0/24",
                           rng=random.Random(77))
-    net.advance(120, step=1)
+    lost = []
+    for _ in range(120):
+        net.advance(1, step=1)
+        lost.append(net.nodes["m"].last_error)
+    assert any(lost), "the node never noticed the lost session"
     assert net.nodes["m"].state == sg.State.READY
+    assert net.nodes["m"].last_error == ""      # ready again: no stale error in the status
     assert len(net.cloud.nms.registrations) == 1
 
 

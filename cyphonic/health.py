@@ -41,10 +41,10 @@ class Code:
 # Every health code of every daemon. Adding a code here is what makes it usable.
 CODES: dict[str, Code] = {
     # any node: the node daemon, the adapter's own link, each general node's link
-    "cloud-unreachable": Code(ERROR, CONDITION, "the cloud does not answer; reconnecting with back-off"),
+    "cloud-unreachable": Code(ERROR, CONDITION, "from the first failure until the link is ready again"),
     "login-failed": Code(ERROR, CONDITION, "the cloud refused the login (token unknown, used or expired; "
                                            "identity revoked): the operator must act"),
-    "connecting": Code(WARNING, CONDITION, "logging in or registering with the cloud"),
+    "connecting": Code(WARNING, CONDITION, "logging in or registering for the first time"),
     "certificate-expiring": Code(WARNING, CONDITION, "the node's certificate expires within an hour "
                                                      "and has not been renewed"),
     "tunnel-failed": Code(WARNING, EVENT, "a tunnel could not be set up (policy, peer offline, no path)"),

@@ -382,6 +382,20 @@ class SignalingClient:
                 software=self.software), now)
             self._requests[sent.request_id] = "login"
 
+    def link_health(self) -> tuple[str, str] | None:
+        """The link's health as a ``cyphonic.health`` code and text, or None while ready. From
+        the first failure (a request or keepalive unanswered, a login refused) until the link is
+        ready again it is ``cloud-unreachable``, through every retry's logging in and
+        registering, so that it does not flap between samples; ``connecting`` is only the first
+        way up; ``login-failed`` is final (the operator must act)."""
+        if self.state == State.READY:
+            return None
+        if self.state == State.FAILED:
+            return "login-failed", self.last_error
+        if self.last_error:
+            return "cloud-unreachable", self.last_error
+        return "connecting", f"cloud link: {self.state.value}"
+
     def status(self) -> dict:
         return {"state": self.state.value, "fqdn": self.login_info.fqdn if self.login_info else None,
                 "vip4": self.login_info.vip4 if self.login_info else None,

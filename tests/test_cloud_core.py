@@ -240,13 +240,20 @@ def test_node_comes_back_after_the_cloud_loses_its_sessions():
     import random
     net.cloud = CloudCore(store=net.store, keys=net.keys, domain="ov.example", prefix="100.64.0.0/24",
                           rng=random.Random(77))
-    lost = []
+    lost, health = [], []
     for _ in range(120):
         net.advance(1, step=1)
         lost.append(net.nodes["m"].last_error)
+        health.append(net.nodes["m"].link_health())
     assert any(lost), "the node never noticed the lost session"
     assert net.nodes["m"].state == sg.State.READY
     assert net.nodes["m"].last_error == ""      # ready again: no stale error in the status
+    # health: cloud-unreachable from the first failure until ready again, without a gap
+    # (not "connecting" while a retry logs in), then nothing
+    first = next(i for i, h in enumerate(health) if h is not None)
+    last = max(i for i, h in enumerate(health) if h is not None)
+    assert all(h is not None and h[0] == "cloud-unreachable" for h in health[first:last + 1]), health
+    assert health[-1] is None
     assert len(net.cloud.nms.registrations) == 1
 
 
@@ -310,3 +317,26 @@ def test_concurrent_routes_of_different_nodes_are_not_crossed():
     net.pump()
     assert of(net.events("a1"), sg.RouteReady)[0].direction.peer_fqdn == "b1.ov.example"
     assert of(net.events("a2"), sg.RouteFailed)[0].code == E.POLICY_DENIED
+
+
+def test_health_says_cloud_unreachable_through_a_whole_outage_without_flapping():
+    """While the cloud does not answer, the node goes round reconnecting, logging in (waiting
+    for an answer) and reconnecting again: its health stays cloud-unreachable the whole time,
+    from the first unanswered keepalive until it is ready again, and no stale error remains."""
+    net = CloudNet()
+    net.node("m", ("192.0.2.1", 1000))
+    net.start_all()
+    m = net.nodes["m"]
+    assert m.link_health() is None
+    net.drop_to_cloud = True
+    states, health = [], []
+    for _ in range(200):
+        net.advance(1, step=1)
+        states.append(m.state)
+        health.append(m.link_health())
+    assert sg.State.LOGGING_IN in states and sg.State.RECONNECTING in states  # it went round
+    first = next(i for i, h in enumerate(health) if h is not None)
+    assert all(h is not None and h[0] == "cloud-unreachable" for h in health[first:]), health
+    net.drop_to_cloud = False
+    net.advance(60, step=1)
+    assert m.state == sg.State.READY and m.link_health() is None and m.last_error == ""

@@ -145,13 +145,9 @@ class EngineHost:
         """What is wrong with this engine's cloud link and identity, now."""
         s = self.engine.signaling
         out = []
-        if s.state == sg.State.RECONNECTING:
-            out.append(Warning("cloud-unreachable", self._about(s.last_error or "reconnecting to the cloud"),
-                               subject=self.subject))
-        elif s.state == sg.State.FAILED:
-            out.append(Warning("login-failed", self._about(s.last_error), subject=self.subject))
-        elif s.state in (sg.State.LOGGING_IN, sg.State.REGISTERING, sg.State.IDLE):
-            out.append(Warning("connecting", self._about(f"cloud link: {s.state.value}"), subject=self.subject))
+        link = s.link_health()
+        if link is not None:
+            out.append(Warning(link[0], self._about(link[1]), subject=self.subject))
         if s.identity.certificate:
             left = wire_cert.decode(s.identity.certificate).not_after - now
             if left < CERT_EXPIRY_WARNING_S:

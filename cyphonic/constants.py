@@ -67,6 +67,14 @@ MAX_TOKEN_BYTES = 128
 HANDSHAKE_RATE_PER_SOURCE_PER_S = 20.0   # token bucket refill per source address
 HANDSHAKE_BURST_PER_SOURCE = 40          # bucket size
 RATELIMIT_TABLE_MAX = 4096               # source addresses tracked at once (oldest evicted)
+# Cookie replies under load (docs/protocol.md 4.10): a responder does at most this many
+# handshakes' Diffie-Hellman work a second (a token bucket, burst as large) before it
+# answers initiations without a valid mac2 with a cookie reply instead.
+HANDSHAKE_LOAD_PER_S = 100.0             # tunnel responders (node daemon, adapter links)
+CONTROL_HANDSHAKE_LOAD_PER_S = 1000.0    # the cloud's control channel: every node logs in
+UNDER_LOAD_HOLD_S = 1.0                  # "under load" lasts this long after the bucket last ran dry
+COOKIE_SECRET_LIFETIME_S = 120.0         # the responder's cookie secret changes this often
+COOKIE_USABLE_S = 110.0                  # an initiator uses a cookie this long after receiving it
 MAX_PEERS = 4096                         # tunnels one device keeps
 STAGED_PACKETS_PER_PEER = 128            # packets queued while a handshake is under way
 MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (oldest dropped, counted)

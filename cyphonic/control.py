@@ -43,11 +43,13 @@ from dataclasses import dataclass, replace
 
 from . import constants as C
 from . import handshake as hs
+from .cookie import CookieJar, CookieResponder
 from .datachannel import ReceiveSession, SendStream
 from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedError,
                      RemoteProtocolError, ReplayError)
 from .outbox import Outbox
 from .ratelimit import RateLimiter
+from .wire import cookie as wire_cookie
 from .wire import data as wire_data
 from .wire import signaling as sig
 
@@ -279,6 +281,8 @@ class ControlClient(_Base):
         self.handshake_retry_at = 0.0
         self.queue: deque = deque()
         self._last_timestamp_ns = 0
+        self.cookie = CookieJar(cloud_static, wire_cookie.MSG_CONTROL_COOKIE)
+        self._cookie_resend_round: float | None = None
 
     @property
     def connected(self) -> bool:
@@ -334,7 +338,8 @@ class ControlClient(_Base):
     def _initiate(self, now: float) -> None:
         idx = self.rng.getrandbits(32) or 1
         self.handshake = hs.InitiatorHandshake(self.identity, self.peer.peer_static, idx, hs.CONTROL)
-        self._push(self.handshake.create_initiation(now, after_ns=self._last_timestamp_ns), self.peer.addr)
+        message = self.handshake.create_initiation(now, after_ns=self._last_timestamp_ns)
+        self._push(self.cookie.stamp(message, now), self.peer.addr)
         self._last_timestamp_ns = self.handshake.timestamp_ns
         self.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
         self.counters["initiations_sent"] += 1
@@ -355,6 +360,8 @@ class ControlClient(_Base):
                     self._push(self.peer.send.seal(item), self.peer.addr)
                 if not queued:
                     self._push(self.peer.send.seal(sig.encode(sig.Keepalive(request_id=0))), self.peer.addr)
+            elif mtype == wire_cookie.MSG_CONTROL_COOKIE:
+                self._receive_cookie(data, now)
             elif mtype == CONTROL_DATA:
                 if len(data) < 8:
                     raise ParseError("control data too short", reason="short")
@@ -367,6 +374,21 @@ class ControlClient(_Base):
             self.drops[exc.reason] += 1
         except (CyphonicError, ValueError, TypeError) as exc:
             self.drops["internal_" + type(exc).__name__] += 1
+
+    def _receive_cookie(self, data: bytes, now: float) -> None:
+        """The cloud is under load: keep its cookie and resend at once, once per handshake
+        round (a forged reply needs our initiation's mac1 and then costs one initiation)."""
+        if self.handshake is None or not self.handshake.message:
+            raise ParseError("no control handshake outstanding", reason="unexpected")
+        if len(data) != wire_cookie.REPLY_BYTES:
+            raise ParseError("cookie reply of the wrong size", reason="short")
+        if int.from_bytes(data[4:8], "big") != self.handshake.local_index:
+            raise ParseError("cookie reply for another handshake", reason="index")
+        self.cookie.consume(data, self.handshake.message, now)
+        self.counters["cookies_received"] += 1
+        if self._cookie_resend_round != self.handshake_started:
+            self._cookie_resend_round = self.handshake_started
+            self._initiate(now)
 
     def get_timer(self) -> float | None:
         times = [t[0] for t in self._timers[:1]]
@@ -398,7 +420,8 @@ class ControlServer(_Base):
     """The cloud's side: a control session per node, keyed by the node's static key."""
 
     def __init__(self, identity: hs.StaticIdentity, *, rng: random.Random | None = None,
-                 max_peers: int = C.MAX_CONTROL_PEERS) -> None:
+                 max_peers: int = C.MAX_CONTROL_PEERS,
+                 handshake_load_per_s: float = C.CONTROL_HANDSHAKE_LOAD_PER_S) -> None:
         super().__init__(identity, rng)
         self.max_peers = max_peers
         self.peers: OrderedDict[bytes, _Peer] = OrderedDict()  # confirmed, oldest activity first
@@ -408,6 +431,8 @@ class ControlServer(_Base):
         self._unconfirmed: OrderedDict[bytes, _Peer] = OrderedDict()
         self._by_index: dict[int, _Peer] = {}
         self.ratelimit = RateLimiter()
+        self.cookies = CookieResponder(identity.public, reply_type=wire_cookie.MSG_CONTROL_COOKIE,
+                                       load_per_s=handshake_load_per_s)
         self._next_sweep = 0.0
 
     def peer(self, static: bytes) -> _Peer | None:
@@ -467,6 +492,10 @@ class ControlServer(_Base):
 
     def _initiation(self, data: bytes, addr, now: float) -> None:
         msg = hs.check_mac1(self.identity, data, hs.CONTROL)
+        if not self.cookies.admit(data, addr, now):
+            self._push(self.cookies.reply(data, msg.sender_index, addr, now), addr)
+            self.counters["cookie_replies_sent"] += 1
+            raise RateLimitedError("under load: answered with a cookie reply", reason="under_load")
         if not self.ratelimit.allow(addr[0] if isinstance(addr, tuple) else addr, now):
             raise RateLimitedError("control initiations from this source too fast")
         received = hs.consume_initiation(self.identity, msg, hs.CONTROL)

@@ -8,6 +8,7 @@
 - BLAKE2b (RFC 7693) from ``hashlib``: the same function as libsodium's
   ``crypto_generichash``; ``tests/test_crypto.py`` checks the two agree. HMAC
   and HKDF as the Noise specification defines them over BLAKE2b (HASHLEN 64).
+- XChaCha20-Poly1305 IETF AEAD (24-byte random nonce) for cookie replies.
 - Ed25519 for certificates.
 
 The data channel's per-packet path does not go through this module's
@@ -74,6 +75,18 @@ def aead_encrypt(key: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
 def aead_decrypt(key: bytes, n: int, ad: bytes, ciphertext: bytes) -> bytes:
     try:
         return _b.crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, _noise_nonce(n), key)
+    except Exception as exc:  # nacl.exceptions.CryptoError and friends
+        raise AuthenticationError("AEAD tag did not verify") from exc
+
+
+def xaead_encrypt(key: bytes, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:
+    """XChaCha20-Poly1305: a random 24-byte nonce is safe under one long-lived key."""
+    return _b.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, ad, nonce, key)
+
+
+def xaead_decrypt(key: bytes, nonce: bytes, ad: bytes, ciphertext: bytes) -> bytes:
+    try:
+        return _b.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, ad, nonce, key)
     except Exception as exc:  # nacl.exceptions.CryptoError and friends
         raise AuthenticationError("AEAD tag did not verify") from exc
 

@@ -28,6 +28,7 @@ from . import constants as C
 from . import events as ev
 from . import handshake as hs
 from .certs import Certificate, TrustStore
+from .cookie import CookieJar, CookieResponder
 from .datachannel import OPEN_BUFFER as _OPEN_BUF
 from .datachannel import OPENED, RECV_STAGE, SEAL_STAGE, crypto_route_ok
 from .datachannel import RECV_BUFFER as _RECV_BUF
@@ -38,6 +39,7 @@ from .errors import (CyphonicError, LocalProtocolError, ParseError, RateLimitedE
 from .ratelimit import RateLimiter
 from .tunnel import Keypair, Tunnel
 from .wire import cert as wire_cert
+from .wire import cookie as wire_cookie
 from .wire import data as wire_data
 
 _MAX_INDEXES = C.MAX_PEERS * 4
@@ -56,7 +58,8 @@ class Device(Outbox):
     def __init__(self, identity: hs.StaticIdentity, trust: TrustStore, *,
                  accept_unknown_peers: bool = True,
                  local_vip4s: Iterable[bytes] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 handshake_load_per_s: float = C.HANDSHAKE_LOAD_PER_S) -> None:
         self.identity = identity
         self.trust = trust
         self.cert: Certificate = wire_cert.decode(identity.certificate)
@@ -64,6 +67,7 @@ class Device(Outbox):
         self.local_vip4s = frozenset(local_vip4s) if local_vip4s else frozenset({self.cert.vip4.packed})
         self.rng = rng or random.SystemRandom()
         self.ratelimit = RateLimiter()
+        self.cookies = CookieResponder(identity.public, load_per_s=handshake_load_per_s)
         self.peers_by_static: dict[bytes, Tunnel] = {}
         self.peers_by_vip: dict[bytes, Tunnel] = {}
         self.peers_by_fqdn: dict[str, Tunnel] = {}
@@ -316,6 +320,8 @@ class Device(Outbox):
         idx = self._new_index()
         attempt = hs.InitiatorHandshake(self.identity, peer.static, idx)
         msg = attempt.create_initiation(now, after_ns=self._last_timestamp_ns)
+        if peer.cookie is not None:
+            msg = peer.cookie.stamp(msg, now)  # mac2: the responder was under load
         self._last_timestamp_ns = attempt.timestamp_ns
         peer.handshake = attempt
         self._index[idx] = (peer, attempt)
@@ -337,6 +343,8 @@ class Device(Outbox):
                 self._receive_initiation(data, addr, now)
             elif mtype == wire_data.MSG_RESPONSE:
                 self._receive_response(data, addr, now)
+            elif mtype == wire_cookie.MSG_COOKIE:
+                self._receive_cookie(data, now)
             else:
                 raise ParseError(f"unknown message type {mtype}", reason="unknown_type")
         except RemoteProtocolError as exc:
@@ -346,6 +354,10 @@ class Device(Outbox):
 
     def _receive_initiation(self, data: bytes, addr, now: float) -> None:
         msg = hs.check_mac1(self.identity, data)
+        if not self.cookies.admit(data, addr, now):
+            self._push(self.cookies.reply(data, msg.sender_index, addr, now), addr)
+            self.counters["cookie_replies_sent"] += 1
+            raise RateLimitedError("under load: answered with a cookie reply", reason="under_load")
         if not self.ratelimit.allow(addr[0] if isinstance(addr, tuple) else addr, now):
             raise RateLimitedError("initiations from this source too fast")
         received = hs.consume_initiation(self.identity, msg)
@@ -395,6 +407,24 @@ class Device(Outbox):
         self._completed(peer, now, initiator=True)
         if not peer.staged:
             self._send_on(peer, b"", now)  # key confirmation for the responder
+
+    def _receive_cookie(self, data: bytes, now: float) -> None:
+        """A cookie reply to one of our initiations: keep the cookie, and resend at once
+        (once per handshake round: a reply can only be forged by someone who saw the
+        initiation, and then it costs us one initiation, not a loop)."""
+        if len(data) < 8:
+            raise ParseError("cookie reply too short", reason="short")
+        entry = self._index.get(int.from_bytes(data[4:8], "big"))
+        if entry is None or not isinstance(entry[1], hs.InitiatorHandshake):
+            raise ParseError("cookie reply for no outstanding handshake", reason="unknown_index")
+        peer, attempt = entry
+        jar = peer.cookie or CookieJar(peer.static)
+        jar.consume(data, attempt.message, now)
+        peer.cookie = jar
+        self.counters["cookies_received"] += 1
+        if peer.cookie_resend_round != peer.handshake_started:
+            peer.cookie_resend_round = peer.handshake_started
+            self._send_initiation(peer, now)
 
     def _receive_data(self, data: bytes, addr, now: float) -> None:
         idx, _ = wire_data.decode_header(data)

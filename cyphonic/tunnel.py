@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from . import constants as C
 from .certs import Certificate
+from .cookie import CookieJar
 from .datachannel import ReceiveSession, SendStream
 from .handshake import InitiatorHandshake, SessionKeys
 
@@ -78,6 +79,8 @@ class Tunnel:
     last_timestamp: bytes = b""
     last_initiation_consumed: float = float("-inf")
     last_handshake: float | None = None
+    cookie: CookieJar | None = None         # the last cookie this peer sent us (it was under load)
+    cookie_resend_round: float | None = None  # handshake round in which a cookie already made us resend
 
     staged: deque = field(default_factory=deque)
     last_sent: float = float("-inf")

@@ -14,12 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The sans-IO core: protocol state machines, wire formats, policies and security invariants.
 CORE = [
     "cyphonic/wire/common.py", "cyphonic/wire/cert.py", "cyphonic/wire/handshake.py",
-    "cyphonic/wire/data.py", "cyphonic/wire/relay.py", "cyphonic/wire/signaling.py",
+    "cyphonic/wire/data.py", "cyphonic/wire/relay.py", "cyphonic/wire/signaling.py", "cyphonic/wire/cookie.py",
     "cyphonic/constants.py", "cyphonic/errors.py", "cyphonic/events.py", "cyphonic/crypto.py",
     "cyphonic/certs.py", "cyphonic/handshake.py", "cyphonic/replay.py", "cyphonic/datachannel.py",
     "cyphonic/tunnel.py", "cyphonic/device.py", "cyphonic/control.py", "cyphonic/signaling.py",
     "cyphonic/resolver.py", "cyphonic/ratelimit.py", "cyphonic/outbox.py", "cyphonic/ipv4.py",
-    "cyphonic/health.py", "cyphonic/stream_ids.py", "cyphonic/busy_poll.py",
+    "cyphonic/health.py", "cyphonic/stream_ids.py", "cyphonic/busy_poll.py", "cyphonic/cookie.py",
     "cyphonic/node/engine.py", "cyphonic/node/constants.py",
     "cyphonic/cloud/core.py", "cyphonic/cloud/authentication.py", "cyphonic/cloud/node_management.py",
     "cyphonic/cloud/policy.py", "cyphonic/cloud/trs.py", "cyphonic/cloud/relay_token.py",

@@ -589,3 +589,17 @@ def test_real_edge_timer_sweeps_idle_sessions():
     asyncio.run(scenario())
     with pytest.raises(ValueError):
         asyncio.run(serve_relay(RelayService(KEY), None, None, 0))
+
+
+def test_errors_to_spoofed_sources_are_bounded_in_all():
+    """A spoofing sender gets each claimed source its own one ERROR a second; the total
+    is what bounds the answers unverified sources get (the cookie issue's TRS bound)."""
+    svc = RelayService(KEY, ratelimit_sources=100_000)
+    for i in range(5000):
+        svc.receive_datagram(wire.encode_data(SID, b"x" * 40),
+                             ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 4000), NOW)
+    assert svc.counters["errors_sent"] == CC.RELAY_ERRORS_TOTAL_PER_S
+    assert svc.counters["errors_suppressed"] == 5000 - CC.RELAY_ERRORS_TOTAL_PER_S
+    svc.datagrams_to_send()
+    svc.receive_datagram(wire.encode_data(SID, b"x" * 40), ("192.0.2.200", 4000), NOW + 1.0)
+    assert len(svc.datagrams_to_send()) == 1, "a second later the budget is back"

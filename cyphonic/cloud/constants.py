@@ -19,6 +19,8 @@ RELAY_RATELIMIT_SOURCES = 20_000   # source IPs the rate limiter tracks (least r
 RELAY_ERROR_RATE_PER_S = 1.0       # ERROR answers per source IP a second
 RELAY_ERROR_BURST = 1              # ... and their bucket size: at most one a second
 RELAY_ERROR_SOURCES = 4096         # source IPs the ERROR limiter tracks
+RELAY_ERRORS_TOTAL_PER_S = 1000.0  # ERROR answers a second in all: spoofed sources each get their own
+                                   # one a second, so only a total bounds what unverified sources get back
 RELAY_MAX_DATAGRAMS_QUEUED = 4096  # datagrams not yet pulled by the I/O edge (oldest dropped, counted)
 RELAY_SOCKET_BUFFER_BYTES = 4 << 20  # SO_RCVBUF / SO_SNDBUF asked for on the TRS sockets (best effort)
 

@@ -36,7 +36,8 @@ Rules, in the order a datagram meets them:
 What it must never do: read or alter a relayed payload; send anything to an
 address other than (a) a side bound with a valid token, or (b) the source of
 the datagram being answered, with an answer no larger than that datagram and
-at most one ERROR a second per source (no amplification, no open
+at most one ERROR a second per source and ``RELAY_ERRORS_TOTAL_PER_S`` in
+all, however many sources a spoofing sender claims (no amplification, no open
 reflection); raise out of ``receive_datagram``; grow without bound.
 
 Addresses are whatever tuples the sockets give: (host, port) for IPv4,
@@ -131,6 +132,7 @@ class RelayService:
         self.sessions: OrderedDict[int, RelaySession] = OrderedDict()
         self.ratelimit = RateLimiter(rate_per_s, burst, ratelimit_sources)
         self.error_limit = RateLimiter(error_rate_per_s, error_burst, CC.RELAY_ERROR_SOURCES)
+        self.error_total = RateLimiter(CC.RELAY_ERRORS_TOTAL_PER_S, CC.RELAY_ERRORS_TOTAL_PER_S, 1)
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
         self._out: deque = deque()
@@ -296,7 +298,7 @@ class RelayService:
 
     def _error(self, addr, session_id: int, code: int, now: float) -> None:
         """Answer an ERROR (13 bytes, never more than what it answers), at most once a second per source."""
-        if self.error_limit.allow(addr[0], now):
+        if self.error_limit.allow(addr[0], now) and self.error_total.allow(None, now):
             self._push(wire.encode_error(session_id, code), addr)
             self.counters["errors_sent"] += 1
         else:

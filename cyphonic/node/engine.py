@@ -189,9 +189,9 @@ class NodeEngine:
             self.drops["empty"] += 1
             return
         t = data[0]
-        if t in (6, 7, 8):
+        if t in (6, 7, 8, 10):
             self.signaling.receive_datagram(data, addr, now)
-        elif t in (1, 2, 4):
+        elif t in (1, 2, 3, 4):
             if self.device is None:
                 self.drops["tunnel_before_login"] += 1
             else:

@@ -145,7 +145,7 @@ class Adapter:
         for link in self._all_links():
             if self.way_back is not None:
                 self.way_back.unwatch(link)
-            link.sock.close()
+            link.close()
         if self.way_back is not None:
             self.way_back.close()
         if self.status_server is not None:
@@ -196,7 +196,7 @@ class Adapter:
         self.way_back.unwatch(link)
         if self.pool is not None:
             self.pool.close_port(link.port)   # the workers' copies of the socket too: the port is freed
-        link.sock.close()
+        link.close()
 
     def _on_gn_added(self, gn: GeneralNode, starting: bool) -> None:
         """A general node was enrolled: start it; a running pool is forked again so that its

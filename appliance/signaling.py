@@ -29,7 +29,7 @@ from cyphonic.health import Health
 from cyphonic.node.engine import NodeEngine
 from cyphonic.node.engine_host import EngineHost
 from cyphonic.stream_ids import StreamIds
-from cyphonic.udp import udp_socket
+from cyphonic.udp import steered_udp_sockets
 from cyphonic.wire import signaling as sig
 
 from .config import AdapterConfig
@@ -46,6 +46,7 @@ class Link:
     sock: socket.socket
     host: EngineHost
     sessions: SessionInstaller | None = None    # the adapter's own link seals nothing
+    intake: socket.socket | None = None         # initiations only (udp.steered_udp_sockets)
     # The stream ids its keys handed out: as long as the link, since its engine (and the keys of
     # its tunnels) outlive a session installer that a new virtual IP replaces.
     stream_ids: StreamIds = field(default_factory=StreamIds)
@@ -53,6 +54,12 @@ class Link:
     @property
     def engine(self) -> NodeEngine:
         return self.host.engine
+
+    def close(self) -> None:
+        """Close its sockets (after the way back stopped reading them)."""
+        self.sock.close()
+        if self.intake is not None:
+            self.intake.close()
 
 
 class Signaling:
@@ -71,13 +78,13 @@ class Signaling:
              deliver: Callable[[bytes], None], on_event: Callable[[object], None],
              after_round: Callable[[], int] | None = None) -> Link:
         """A link for ``gn`` on ``port`` (bound now; the engine starts with ``link.host.start()``)."""
-        sock = udp_socket(socket.AF_INET, "0.0.0.0", port, buffer_bytes=SOCKET_BUFFER_BYTES)
+        sock, intake = steered_udp_sockets(socket.AF_INET, "0.0.0.0", port, buffer_bytes=SOCKET_BUFFER_BYTES)
         engine = NodeEngine(identity, self.ca_public, self.cloud_static, self.cfg.cloud_addr,
                             token=token, name_hint=gn.name, nms_addr=self.cfg.nms_addr,
                             local_endpoints=[sig.Endpoint(self.wan_addr, port)] if self.wan_addr else [])
         host = EngineHost(engine, {socket.AF_INET: sock}, deliver=deliver, on_event=on_event, log=self.log,
                           health=self.health, who=who, subject=subject, after_round=after_round, clock=self.clock)
-        return Link(gn, port, sock, host)
+        return Link(gn, port, sock, host, intake=intake)
 
     @staticmethod
     def state(link: Link) -> str:

@@ -29,7 +29,7 @@ from collections import Counter
 from typing import Callable
 
 from cyphonic.datachannel import OPENED, RECV_BUFFER, RECV_STAGE
-from cyphonic.node.constants import READ_BATCH
+from cyphonic.node.constants import INTAKE_BATCH, READ_BATCH, RECV_BYTES
 
 from .packet_handling import ReplyWait
 
@@ -56,17 +56,23 @@ class WayBack:
     def watch(self, link, *, to_general_node: bool = True) -> None:
         """Read ``link``'s socket. ``to_general_node`` False: the adapter's own link, whose
         data packets are not for anyone on the LAN (all to its engine)."""
-        handler = self._handler(link, to_general_node)
-        if self.selector is not None:
-            self.selector.add_fast_reader(link.sock.fileno(), handler)
-        else:
-            asyncio.get_running_loop().add_reader(link.sock.fileno(), handler)
+        readers = [(link.sock, self._handler(link, to_general_node))]
+        if link.intake is not None:
+            readers.append((link.intake, self._intake_handler(link)))
+        for sock, handler in readers:
+            if self.selector is not None:
+                self.selector.add_fast_reader(sock.fileno(), handler)
+            else:
+                asyncio.get_running_loop().add_reader(sock.fileno(), handler)
 
     def unwatch(self, link) -> None:
-        if self.selector is not None:
-            self.selector.remove_fast_reader(link.sock.fileno())
-        else:
-            asyncio.get_running_loop().remove_reader(link.sock.fileno())
+        for sock in (link.sock, link.intake):
+            if sock is None:
+                continue
+            if self.selector is not None:
+                self.selector.remove_fast_reader(sock.fileno())
+            else:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
 
     def close(self) -> None:
         if self.heads_up >= 0:
@@ -88,6 +94,35 @@ class WayBack:
         """A packet the engine opened on its slow path (``EngineHost``'s ``deliver``)."""
         if not self.inject(packet):
             self.drops["inject_failed"] += 1
+
+    def _intake_handler(self, link) -> Callable[[], bool]:
+        """The reader of a link's intake socket (initiations only): ``INTAKE_BATCH`` at a
+        time to its engine, so under a flood the general nodes' packets wait for no more."""
+        receive_datagram = link.host.engine.receive_datagram
+        flush = link.host.flush
+        recvfrom = link.intake.recvfrom
+        clock = self.clock
+        drops = self.drops
+        batch = range(INTAKE_BATCH)
+
+        def on_intake() -> bool:
+            now = clock()
+            n = 0
+            for _ in batch:
+                try:
+                    data, addr = recvfrom(RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    drops["udp_error"] += 1
+                    continue
+                receive_datagram(data, addr[:2], now)
+                n += 1
+            if n:
+                flush()
+            return n > 0
+
+        return on_intake
 
     def _handler(self, link, to_general_node: bool) -> Callable[[], bool]:
         """The reader of one general node's socket: open, check and inject the common case;

@@ -75,6 +75,10 @@ CONTROL_HANDSHAKE_LOAD_PER_S = 1000.0    # the cloud's control channel: every no
 UNDER_LOAD_HOLD_S = 1.0                  # "under load" lasts this long after the bucket last ran dry
 COOKIE_SECRET_LIFETIME_S = 120.0         # the responder's cookie secret changes this often
 COOKIE_USABLE_S = 110.0                  # an initiator uses a cookie this long after receiving it
+# A day (or three) without the cloud (docs/protocol.md 11.6): while its own cloud link is down,
+# a node keeps rekeying with the peers it already has when their certificates expire, for this long
+# past the expiry; it learns no revocation meanwhile. Never for a peer it did not have.
+OUTAGE_CERT_GRACE_S = 7 * 86400.0
 MAX_PEERS = 4096                         # tunnels one device keeps
 STAGED_PACKETS_PER_PEER = 128            # packets queued while a handshake is under way
 MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (oldest dropped, counted)

@@ -15,7 +15,9 @@ data paths of their own (``cyphonic.node.engine_host``, ``appliance/``).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
+import struct
 import time
 from collections import Counter
 from typing import Callable
@@ -24,7 +26,7 @@ from .driver import CoreDriver
 
 
 def udp_socket(family: int, host: str, port: int, *, buffer_bytes: int = 0,
-               reuse_address: bool = False) -> socket.socket:
+               reuse_address: bool = False, reuse_port: bool = False) -> socket.socket:
     """A bound, non-blocking UDP socket; an IPv6 one is IPv6-only, so IPv4 never arrives as
     ``::ffff:a.b.c.d`` and each family has exactly one way in. ``buffer_bytes``: SO_RCVBUF and
     SO_SNDBUF, best effort (the kernel caps them at net.core.[rw]mem_max)."""
@@ -34,6 +36,8 @@ def udp_socket(family: int, host: str, port: int, *, buffer_bytes: int = 0,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_address:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if buffer_bytes:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 try:
@@ -46,6 +50,56 @@ def udp_socket(family: int, host: str, port: int, *, buffer_bytes: int = 0,
         sock.close()
         raise
     return sock
+
+
+# Initiations (tunnel and control channel) are the one message that costs a responder
+# Diffie-Hellman work or a cookie reply, and what a spoofed-source flood is made of.
+INITIATION_TYPES = (1, 6)
+SO_ATTACH_REUSEPORT_CBPF = 51   # <asm-generic/socket.h>; not in Python's socket module
+
+
+def _initiations_program() -> bytes:
+    """A classic BPF program for a reuseport group of two sockets: index 1 (the intake) for
+    a datagram whose first byte is an initiation type, 0 (the main socket) for any other.
+    The kernel runs it on the UDP payload; a datagram too short to load from gets 0."""
+    ld_b_abs, jeq_k, ret_k = 0x30, 0x15, 0x06
+    ins = [(ld_b_abs, 0, 0, 0)]
+    n = len(INITIATION_TYPES)
+    for i, t in enumerate(INITIATION_TYPES):
+        ins.append((jeq_k, n - i, 0, t))   # match: jump over the rest and "ret 0" to "ret 1"
+    ins += [(ret_k, 0, 0, 0), (ret_k, 0, 0, 1)]
+    return b"".join(struct.pack("HBBI", *i) for i in ins)
+
+
+def steered_udp_sockets(family: int, host: str, port: int, *,
+                        buffer_bytes: int = 0) -> tuple[socket.socket, socket.socket | None]:
+    """Two sockets on one address and port: the main one, and an intake that the kernel
+    fills with initiations only (``INITIATION_TYPES``, by a reuseport BPF program). A flood
+    of initiations then overflows the intake's receive queue, not the one data packets and
+    signaling wait in, and the reader can serve the main socket first. Everything is sent
+    from the main socket.
+
+    The port must be free: a plain bind probes it first, so a second daemon on the same port
+    fails with EADDRINUSE as it would without SO_REUSEPORT (instead of silently joining).
+    Where the kernel refuses the program, the intake is None and the main socket gets
+    everything, as a plain ``udp_socket`` would."""
+    probe = udp_socket(family, host, port)
+    port = probe.getsockname()[1]
+    probe.close()
+    main = udp_socket(family, host, port, buffer_bytes=buffer_bytes, reuse_port=True)
+    try:
+        intake = udp_socket(family, host, port, buffer_bytes=buffer_bytes, reuse_port=True)
+    except OSError:
+        return main, None
+    code = _initiations_program()
+    buf = ctypes.create_string_buffer(code, len(code))
+    try:
+        main.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
+                        struct.pack("HL", len(code) // 8, ctypes.addressof(buf)))
+    except OSError:
+        intake.close()  # without the program the kernel would spread datagrams by hash
+        return main, None
+    return main, intake
 
 
 class DeviceProtocol(asyncio.DatagramProtocol):

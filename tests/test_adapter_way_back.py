@@ -9,6 +9,8 @@ import socket
 from types import SimpleNamespace
 
 from cyphonic.datachannel import OPENED, RECV_STAGE
+from cyphonic.node.constants import INTAKE_BATCH
+from cyphonic.udp import steered_udp_sockets
 
 from appliance.way_back import WayBack
 
@@ -56,13 +58,18 @@ class Engine:
 
 
 def link_pair():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
+    sock, intake = steered_udp_sockets(socket.AF_INET, "127.0.0.1", 0)   # as appliance.signaling opens them
+    assert intake is not None, "this kernel takes the reuseport program"
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flushes = []
-    link = SimpleNamespace(sock=sock, host=SimpleNamespace(engine=Engine(), flush=lambda: flushes.append(1)))
+    link = SimpleNamespace(sock=sock, intake=intake,
+                           host=SimpleNamespace(engine=Engine(), flush=lambda: flushes.append(1)))
     return link, peer, flushes
+
+
+def _wait_readable(sock) -> None:
+    import select
+    assert select.select([sock], [], [], 5.0)[0], "the datagram never arrived"
 
 
 def test_data_is_injected_at_once_and_the_rest_goes_to_the_engine_flushed_once():
@@ -72,16 +79,43 @@ def test_data_is_injected_at_once_and_the_rest_goes_to_the_engine_flushed_once()
     link, peer, flushes = link_pair()
     wb.watch(link)
     handler = sel.readers[link.sock.fileno()]
-    for d in (b"Dhello", b"K", b"\x01handshake", b"Dworld", b"\x06signaling"):
+    for d in (b"Dhello", b"K", b"\x02response", b"Dworld", b"\x08signaling"):
         peer.sendto(d, link.sock.getsockname())
     assert handler() is True                   # the engine was used: asyncio has work
     assert injected == [b"hello", b"world"]
-    assert link.host.engine.slow == [b"\x01handshake", b"\x06signaling"] and flushes == [1]
+    assert link.host.engine.slow == [b"\x02response", b"\x08signaling"] and flushes == [1]
     peer.sendto(b"Dagain", link.sock.getsockname())
     assert handler() is False and injected[-1] == b"again" and flushes == [1]
     wb.unwatch(link)
     assert sel.readers == {}
     link.sock.close()
+    link.intake.close()
+    peer.close()
+
+
+def test_initiations_arrive_on_the_intake_and_are_read_a_few_at_a_time():
+    """The kernel steers initiations (types 1 and 6) to the link's intake socket, so a flood of
+    them cannot fill the queue the general node's packets wait in; its reader takes
+    INTAKE_BATCH per wakeup and hands them to the engine."""
+    sel = Selector()
+    wb = WayBack(lambda p: True, selector=sel)
+    link, peer, flushes = link_pair()
+    wb.watch(link)
+    flood = [bytes([1 if i % 2 else 6]) + b"init%d" % i for i in range(INTAKE_BATCH + 3)]
+    for d in flood:
+        peer.sendto(d, link.sock.getsockname())
+    peer.sendto(b"Ddata", link.sock.getsockname())
+    _wait_readable(link.sock)
+    assert sel.readers[link.sock.fileno()]() is False and flushes == []
+    _wait_readable(link.intake)
+    assert sel.readers[link.intake.fileno()]() is True
+    assert link.host.engine.slow == flood[:INTAKE_BATCH] and flushes == [1]
+    assert sel.readers[link.intake.fileno()]() is True
+    assert link.host.engine.slow == flood and flushes == [1, 1]
+    wb.unwatch(link)
+    assert sel.readers == {}
+    link.sock.close()
+    link.intake.close()
     peer.close()
 
 

@@ -33,6 +33,7 @@ class Sim:
         self.hosts: dict[str, Host] = {}
         self.now = self.net.now
         self.log = []
+        self.cloud_down = False
 
     def add(self, name, public, local=None, mode="open", groups=("default",)):
         tok = self.net.token(name, groups=groups).encode()
@@ -45,6 +46,9 @@ class Sim:
 
     def _deliver(self, data, src, dst):
         if dst == CLOUD:
+            if self.cloud_down:
+                self.log.append(("cloud down", src))
+                return
             self.net.cloud.receive_datagram(data, src, self.now)
             return
         if dst in (TRS4, TRS6):
@@ -204,3 +208,33 @@ def test_a_peer_asked_for_by_virtual_ip_comes_up():
     assert any(isinstance(e, Resolved) and e.fqdn == "b.ov.example" and e.vip4 == vip_b for e in evs)
     assert any(isinstance(e, TunnelUp) and e.fqdn == "b.ov.example" for e in evs)
     assert sim.ping_ok("a", "b")
+
+
+def test_a_tunnel_outlives_72_hours_without_the_cloud_on_one_day_certificates():
+    """The cloud is gone for three days; certificates last one (the AS's default). The tunnel
+    that existed rekeys every time it is used, on expired certificates after the first day
+    (docs/protocol.md 11.6), and carries every ping; the nodes log in again when the cloud
+    is back and the grace ends."""
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.start()
+    ups, fails = bring_up(sim, "a", "b")
+    assert ups and not fails
+    not_after = sim.hosts["a"].engine.device.cert.not_after
+    assert not_after - sim.now <= 86400 + 60
+    sim.cloud_down = True
+    lost = 0
+    for i in range(72 * 6):
+        lost += not sim.ping_ok("a" if i % 2 else "b", "b" if i % 2 else "a", i % 60000)
+        sim.advance(600, step=30)
+    assert sim.now > not_after + 2 * 86400
+    assert lost == 0
+    a_dev = sim.hosts["a"].engine.device
+    assert a_dev.expired_grace_s > 0
+    assert a_dev.counters["expired_certificate_in_outage"] + \
+        sim.hosts["b"].engine.device.counters["expired_certificate_in_outage"] > 0
+    sim.cloud_down = False
+    sim.advance(120, step=1)
+    assert all(h.engine.ready for h in sim.hosts.values())
+    assert a_dev.expired_grace_s == 0.0, "once the cloud answers, no grace: it renews and revokes again"

@@ -236,6 +236,8 @@ class NodeEngine:
                 break
             self._on_signaling(e, now)
         if self.device is not None:
+            # Cloud down: known peers' expired certificates still rekey (docs/protocol.md 11.6).
+            self.device.expired_grace_s = 0.0 if self.signaling.state == sg.State.READY else C.OUTAGE_CERT_GRACE_S
             while (e := self.device.next_event()) is not None:
                 self._on_device(e, now)
 

@@ -55,7 +55,8 @@ from .. import constants as C
 from ..busy_poll import BusyPoll
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
 
-from .constants import BURST_GAP_S, IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, READ_BATCH, RECV_BYTES
+from .constants import (BURST_GAP_S, IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, INTAKE_BATCH, READ_BATCH,
+                        RECV_BYTES)
 
 HEADER_BYTES = C.DATA_HEADER_BYTES
 
@@ -345,9 +346,11 @@ class PacketPath:
     quick = property(lambda self: self.busy.quick)
     busy_polls = property(lambda self: self.busy.busy_polls)
 
-    def attach(self, socks: dict[int, socket.socket], device=None, tun_fd: int = -1) -> None:
+    def attach(self, socks: dict[int, socket.socket], device=None, tun_fd: int = -1, *,
+               intake: dict[int, socket.socket] | None = None) -> None:
         """(Re)install the handlers: the sockets alone (all to the slow path) until a device
-        and a TUN exist."""
+        and a TUN exist. ``intake``: the sockets the kernel steers initiations to
+        (``cyphonic.udp.steered_udp_sockets``), read ``INTAKE_BATCH`` at a time."""
         self.detach()
         self.socks = dict(socks)
         self.device = device
@@ -355,6 +358,8 @@ class PacketPath:
         fast = device is not None and tun_fd >= 0
         for s in self.socks.values():
             self._install(s.fileno(), self._udp_handler(s, fast))
+        for s in (intake or {}).values():
+            self._install(s.fileno(), self._slow_udp_handler(s, INTAKE_BATCH))
         if fast:
             self._install(tun_fd, self._tun_handler())
 
@@ -373,8 +378,10 @@ class PacketPath:
     def _udp_handler(self, sock: socket.socket, fast: bool) -> Callable[[], bool]:
         return self._fast_udp_handler(sock) if fast else self._slow_udp_handler(sock)
 
-    def _slow_udp_handler(self, sock: socket.socket) -> Callable[[], bool]:
-        """Before the device and the TUN exist: every datagram to the slow path."""
+    def _slow_udp_handler(self, sock: socket.socket, batch: int = READ_BATCH) -> Callable[[], bool]:
+        """Every datagram to the slow path: a socket before the device and the TUN exist, and
+        an intake socket always (a small ``batch``: under a flood the data path is looked at
+        again after a few initiations)."""
         recvfrom = sock.recvfrom
         clock = self.clock
         slow_datagram = self.slow_datagram
@@ -383,7 +390,7 @@ class PacketPath:
         def on_udp() -> bool:
             now = clock()
             n = 0
-            for _ in range(READ_BATCH):
+            for _ in range(batch):
                 try:
                     data, addr = recvfrom(RECV_BYTES)
                 except (BlockingIOError, InterruptedError):

@@ -79,6 +79,7 @@ COOKIE_USABLE_S = 110.0                  # an initiator uses a cookie this long 
 # a node keeps rekeying with the peers it already has when their certificates expire, for this long
 # past the expiry; it learns no revocation meanwhile. Never for a peer it did not have.
 OUTAGE_CERT_GRACE_S = 7 * 86400.0
+MAX_PEER_RECORDS = 1024                  # peers a node keeps on disk for a restart without the cloud
 MAX_PEERS = 4096                         # tunnels one device keeps
 STAGED_PACKETS_PER_PEER = 128            # packets queued while a handshake is under way
 MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (oldest dropped, counted)

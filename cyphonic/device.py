@@ -107,6 +107,23 @@ class Device(Outbox):
         peer.persistent_keepalive_s = persistent_keepalive_s
         return peer
 
+    def restore_peer(self, certificate: bytes, now: float, *, endpoint=None, grace_s: float = 0.0) -> Tunnel:
+        """A peer we had before a restart, from our own cache (a certificate the CA signed
+        and an endpoint, which moves only with authenticated packets anyway). Verified as
+        ``add_peer`` does, except that, with ``grace_s`` (the cloud is unreachable), a
+        certificate that expired at most ``grace_s`` ago is taken as of its expiry, as
+        ``expired_grace_s`` takes it from a known peer (docs/protocol.md 11.6)."""
+        try:
+            return self.add_peer(certificate, now, endpoint=endpoint)
+        except CertificateError as exc:
+            if exc.cert_reason is not CertReason.EXPIRED or grace_s <= 0:
+                raise
+            cert = wire_cert.decode(certificate)
+            if now - cert.not_after > grace_s:
+                raise
+            self.counters["expired_certificate_in_outage"] += 1
+            return self.add_peer(certificate, float(cert.not_after), endpoint=endpoint)
+
     def _new_peer(self, cert: Certificate) -> Tunnel:
         if len(self.peers_by_static) >= C.MAX_PEERS:
             raise LocalProtocolError("peer table full")
@@ -202,6 +219,8 @@ class Device(Outbox):
         peer.keepalive_due = None
         peer.tx_bytes += size
         peer.tx_packets += 1
+        if peer.unanswered_since is None:
+            peer.unanswered_since = now
         return length, ep
 
     def fast_receive(self, data: bytes, addr, now: float):
@@ -235,6 +254,7 @@ class Device(Outbox):
             self.drops[exc.reason] += 1
             return 0
         peer.last_received = now
+        peer.unanswered_since = None
         if not plen:
             self.counters["keepalives_received"] += 1
             return 0
@@ -295,6 +315,8 @@ class Device(Outbox):
         if packet:
             peer.tx_bytes += len(packet)
             peer.tx_packets += 1
+            if peer.unanswered_since is None:
+                peer.unanswered_since = now
         if peer.wants_rekey(now):
             self._begin_handshake(peer, now)
 
@@ -458,6 +480,7 @@ class Device(Outbox):
             raise ReplayError("session expired", reason="expired")
         plaintext, _ = kp.receiver.open(data)
         peer.last_received = now
+        peer.unanswered_since = None
         self._move_endpoint(peer, addr)
         if kp is peer.next:
             kp.confirmed = True
@@ -530,6 +553,13 @@ class Device(Outbox):
                 setattr(peer, name, None)
                 if name == "current":
                     self._emit(ev.SessionExpired(peer.fqdn))
+        if peer.unanswered_since is not None and now >= peer.unanswered_since + C.KEEPALIVE_S + C.REKEY_TIMEOUT_S:
+            # Data went out and nothing came back, not even the passive keepalive the peer owes
+            # us within KEEPALIVE_S: its keys may be gone (it restarted). Handshake again.
+            peer.unanswered_since = None
+            if peer.current is not None:
+                self.counters["rekey_unanswered"] += 1
+                self._begin_handshake(peer, now)
         if peer.keepalive_due is not None and now >= peer.keepalive_due:
             peer.keepalive_due = None
             if peer.sendable(now) is not None and peer.last_sent < peer.last_received:

@@ -86,6 +86,7 @@ class Tunnel:
     last_sent: float = float("-inf")
     last_received: float = float("-inf")
     keepalive_due: float | None = None
+    unanswered_since: float | None = None   # first data sent since we last heard from the peer
 
     tx_bytes: int = 0
     rx_bytes: int = 0
@@ -127,6 +128,8 @@ class Tunnel:
             times.append(self.handshake_retry_at)
         if self.keepalive_due is not None:
             times.append(self.keepalive_due)
+        if self.unanswered_since is not None and self.current is not None:
+            times.append(self.unanswered_since + C.KEEPALIVE_S + C.REKEY_TIMEOUT_S)
         if self.persistent_keepalive_s > 0 and self.current is not None:
             times.append(self.last_sent + self.persistent_keepalive_s)
         for kp in self.keypairs():

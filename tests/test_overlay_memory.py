@@ -238,3 +238,70 @@ def test_a_tunnel_outlives_72_hours_without_the_cloud_on_one_day_certificates():
     sim.advance(120, step=1)
     assert all(h.engine.ready for h in sim.hosts.values())
     assert a_dev.expired_grace_s == 0.0, "once the cloud answers, no grace: it renews and revokes again"
+
+
+def _restart(sim, name, records):
+    """The node's process restarts: a new engine with the identity (and certificate) it had
+    on disk, and the peer records it wrote."""
+    old = sim.hosts[name].engine
+    eng = NodeEngine(old.signaling.identity, sim.net.keys.ca.public, sim.net.keys.signaling.public,
+                     CLOUD, name_hint=name, local_endpoints=old.signaling.local_endpoints,
+                     rng=random.Random(999))
+    sim.hosts[name].engine = eng
+    restored = eng.restore(records, sim.now)
+    eng.start(sim.now)
+    sim.pump()
+    return eng, restored
+
+
+def test_a_restart_without_the_cloud_reaches_the_peers_it_had_from_its_records():
+    """The cloud is down and node b restarts: from its cached records (certificates the CA
+    signed, and endpoints) it reaches a again, answering for a's name at once; a, which kept
+    its old session, notices b's silence and handshakes again (15 s), so traffic both ways
+    resumes; a name b never had fails at once. When the cloud is back b logs in as usual."""
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.add("c", public=("192.0.2.3", 3000))
+    sim.start()
+    ups, fails = bring_up(sim, "b", "a")
+    assert ups and not fails and sim.ping_ok("a", "b", 1)
+    records = sim.hosts["b"].engine.peer_records()
+    assert [r["endpoint"] for r in records] == [["192.0.2.1", 1000]]
+    sim.cloud_down = True
+    sim.advance(5)
+    b, restored = _restart(sim, "b", records)
+    assert restored == 1 and b.device is not None and not b.ready
+    assert b.resolve("a.ov.example", sim.now) == sim.vip("a")       # from the record, at once
+    b.resolve("c.ov.example", sim.now)
+    assert any(isinstance(e, TunnelFailed) and e.fqdn == "c.ov.example" for e in sim.events("b"))
+    sim.pump()
+    sim.advance(1)
+    assert sim.ping_ok("b", "a", 2) and sim.ping_ok("a", "b", 3)
+    sim.cloud_down = False
+    sim.advance(30, step=0.5)
+    assert b.ready and sim.ping_ok("a", "b", 4)
+
+
+def test_a_peer_that_lost_its_keys_is_handshaken_again_after_15_seconds_of_silence():
+    """a restarted (its session keys are gone); b still sends on its old session and
+    hears nothing back, not even a keepalive: after KEEPALIVE_S + REKEY_TIMEOUT_S it
+    handshakes again instead of waiting for the session's end (180 s)."""
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.start()
+    ups, _ = bring_up(sim, "a", "b")      # a initiated: b rekeys only near REJECT_AFTER_S
+    assert ups and sim.ping_ok("b", "a", 1)
+    sim.cloud_down = True                 # no route selection: only the rule can bring it back
+    # a knows b again (its record) but has no session, and sends nothing itself
+    a, restored = _restart(sim, "a", sim.hosts["a"].engine.peer_records())
+    assert restored == 1
+    ok = []
+    for i in range(25):
+        ok.append(sim.ping_ok("b", "a", 10 + i))
+        sim.advance(0.5)
+    assert not ok[0], "the old session is gone on a's side"
+    first = ok.index(True)
+    assert all(ok[first:]) and first * 1.0 <= 17, ok
+    assert sim.hosts["b"].engine.device.counters["rekey_unanswered"] == 1

@@ -131,6 +131,11 @@ class NodeEngine:
             peer = self.device.peer(fqdn)
             if peer is not None and peer.sendable(now) is not None:
                 return str(peer.cert.vip4)
+            if peer is not None and not self.ready and peer.endpoint is not None:
+                # The cloud is away and we know this peer (a record from before a restart, or
+                # a tunnel that lapsed): handshake straight to where it was.
+                self.device.connect(fqdn, now)
+                return str(peer.cert.vip4)
         route = self.routes.get(fqdn)
         if route is not None and not route.done:
             return None
@@ -142,6 +147,51 @@ class NodeEngine:
         self.routes[fqdn] = _Route(fqdn, None, None)
         self.signaling.request_route(fqdn, now)
         return None
+
+    # --- peer records: a restart without the cloud (docs/protocol.md 11.6) -----------------
+
+    def peer_records(self) -> list[dict]:
+        """What to keep on disk so that a restart while the cloud is down reaches the peers
+        we had: per peer with a direct endpoint, its certificate (signed by the CA, so the
+        cache needs no signature of its own) and that endpoint. Relayed peers are left out:
+        a relay session needs a token from the NMS."""
+        if self.device is None:
+            return []
+        out = []
+        for peer in list(self.device.peers_by_fqdn.values())[:C.MAX_PEER_RECORDS]:
+            ep = peer.endpoint
+            if peer.handshakes and isinstance(ep, tuple) and len(ep) >= 2:
+                out.append({"certificate": peer.cert.encode().hex(), "endpoint": [str(ep[0]), int(ep[1])]})
+        return out
+
+    def restore(self, records, now: float) -> int:
+        """Before the first login: make the device from our cached certificate and add the
+        peers of ``records`` (``peer_records`` of a previous run). Each record is verified
+        again (the CA's signature, a certificate expired at most ``OUTAGE_CERT_GRACE_S``
+        ago); a bad one is counted (``restore_refused``) and skipped. Returns how many
+        peers came back. Until the cloud answers, ``resolve`` answers for them from here."""
+        identity = self.signaling.identity
+        if self.device is not None or not identity.certificate:
+            return 0
+        try:
+            self.device = Device(identity, self.trust, accept_unknown_peers=False,
+                                 local_vip4s=self._local_vip4s, rng=self.rng)
+        except CyphonicError:
+            self.drops["restore_own_certificate"] += 1
+            return 0
+        self.device.expired_grace_s = C.OUTAGE_CERT_GRACE_S
+        restored = 0
+        for rec in list(records)[:C.MAX_PEER_RECORDS]:
+            try:
+                ep = rec.get("endpoint")
+                endpoint = (str(ep[0]), int(ep[1])) if ep else None
+                self.device.restore_peer(bytes.fromhex(rec["certificate"]), now, endpoint=endpoint,
+                                         grace_s=C.OUTAGE_CERT_GRACE_S)
+                restored += 1
+            except (CyphonicError, KeyError, TypeError, ValueError, IndexError, AttributeError):
+                self.drops["restore_refused"] += 1
+        self.counters["peers_restored"] += restored
+        return restored
 
     def send_packet(self, packet: bytes, now: float) -> None:
         if self.device is None:

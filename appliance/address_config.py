@@ -7,7 +7,8 @@ logic is ours and the lease table is `appliance/leases.py`.
 
 Who gets what: the general node behind the adapter gets its *virtual IP from the cloud* (the
 `bindings` callback is General Node Management: MAC -> Binding). A MAC without a binding gets
-nothing at all: no OFFER, no NAK (logged once per MAC, counted `unknown_mac`).
+nothing at all: no OFFER, no NAK (logged once per MAC, counted `unknown_mac`, and told to the
+`on_no_binding(mac, now)` callback: the controller keeps the unknown ones for `cyadm status`).
 
 Messages (RFC 2131 section 4.3):
   DISCOVER  -> OFFER of the binding's VIP (held in the lease table for OFFER_HOLD_S)
@@ -207,7 +208,8 @@ class DhcpServer:
     def __init__(self, *, server_ip: str, netmask: str, router: str, dns: str, domain: str,
                  mtu: int, lease_s: int = DEFAULT_LEASE_S,
                  bindings: Callable[[str], Binding | None], leases: LeaseStore,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print,
+                 on_no_binding: Callable[[str, float], None] | None = None):
         self.server_ip = str(ipaddress.IPv4Address(server_ip))
         self.netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{netmask}").netmask)
         self.router = str(ipaddress.IPv4Address(router))
@@ -221,6 +223,7 @@ class DhcpServer:
             raise ValueError(f"lease time {lease_s} s out of range")
         self.mtu, self.lease_s = mtu, int(lease_s)
         self.bindings, self.leases, self.log = bindings, leases, log
+        self.on_no_binding = on_no_binding
         self.counters: Counter[str] = Counter()      # messages received and sent, by type
         self.drops: Counter[str] = Counter()         # packets not answered, by reason
         self._logged: OrderedDict[tuple, None] = OrderedDict()
@@ -265,6 +268,8 @@ class DhcpServer:
         if binding is None:
             self._log_once(("unknown", req.mac),
                            f"dhcp: no binding for {req.mac}: not answering it (logged once)")
+            if self.on_no_binding is not None:
+                self.on_no_binding(req.mac, now)
             raise Drop("unknown_mac")
         if req.rapid_commit:
             self.counters["rapid_commit_ignored"] += 1

@@ -43,6 +43,7 @@ DEFAULTS = {
     "passthrough": False,           # LAN -> WAN in clear (off: zero trust)
     "auto_enroll": False,           # serve unknown MACs by enrolling them automatically
     "status_socket": "/run/cyphonic/adapter.sock",
+    "metrics_file": "/run/cyphonic/metrics/adapter.prom",   # Prometheus textfile every 5 s; "" = off
     "general_nodes": [],            # [{mac, name, group}]: enrolled at start when not in the registry
 }
 GENERAL_NODE_KEYS = {"mac": True, "name": True, "group": False}   # key -> required
@@ -85,6 +86,7 @@ class AdapterConfig:
     passthrough: bool
     auto_enroll: bool
     status_socket: str
+    metrics_file: str
     general_nodes: tuple = ()       # of ConfiguredGeneralNode
 
     @property
@@ -110,6 +112,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
             raise fail(k, "required")
     if values["gn_token_file"] and not os.path.isabs(values["gn_token_file"]):
         raise fail("gn_token_file", "must be an absolute path")
+    if values["metrics_file"] and not os.path.isabs(values["metrics_file"]):
+        raise fail("metrics_file", "must be an absolute path (or \"\" for none)")
     values["general_nodes"] = parse_general_nodes(values["general_nodes"], fail)
     cfg = AdapterConfig(**values)
     try:

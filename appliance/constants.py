@@ -20,7 +20,9 @@ DNS_HOLD_S = 8.0                # a general node's query for a peer is held this
 
 # --- the worker processes (appliance.worker_pool, appliance.packet_handling) ------------------
 WORKER_STOP_WAIT_S = 2.0        # at shutdown: a worker told to stop is killed after this
-WORKER_RESTART_WAIT_S = 1.0     # re-forking the pool (a new general node): the same, shorter
+WORKER_RESTART_WAIT_S = 1.0     # re-forking the whole pool (restart_all): the same, shorter
+WORKER_SOCKET_WAIT_S = 1.0      # a worker told of a new general node waits this long for its socket (the
+                                # controller sends it right after): none means the pipe is out of step
 WORKER_BIND_ATTEMPTS = 20       # a restarted worker waits for its queue, still held by its dying
 WORKER_BIND_RETRY_S = 0.1       # predecessor, up to attempts x retry
 WORKER_MAX_SESSIONS = 4096      # send sessions one worker holds (general nodes x their peers)
@@ -34,6 +36,9 @@ DEFAULT_LEASE_S = 3600
 OFFER_HOLD_S = 60                  # an OFFER reserves the address this long without a REQUEST
 DECLINE_HOLD_S = 600               # a DECLINEd address is not offered again for this long
 LOG_ONCE_MAX = 4096                # unknown MACs remembered for "log once"
+UNKNOWN_MACS_KEPT = 16             # unknown MACs that asked for a lease, shown by cyadm status (appliance.unknown_macs)
+UNKNOWN_MACS_WRITE_EVERY_S = 5.0   # their file is written at most this often (not per DHCP packet)
+UNKNOWN_MACS_FILE_MAX_BYTES = 65536  # a larger file is not read (16 entries take about 2 KiB)
 
 # --- the general node registry (appliance.general_nodes) --------------------------------
 MAX_GENERAL_NODES = 256

@@ -33,10 +33,12 @@ from collections import Counter
 from cyphonic import events as ev
 from cyphonic import signaling as sg
 from cyphonic.driver import run_until_signalled
-from cyphonic.health import Health, Warning
+from cyphonic.health import Health, LoadWatch, Warning
+from cyphonic.metrics_file import MetricsFile
 from cyphonic.node.engine import TunnelUp
 from cyphonic.node.engine_host import ptr_name
 from cyphonic.node.packet_handling import DataPathSelector, run_on_data_path, sample_idle_cpus
+from cyphonic.socket_stats import kernel_drop_counts
 from cyphonic.status_socket import remove as remove_status, serve_status
 
 from . import netlink
@@ -53,6 +55,7 @@ from .leases import LeaseStore
 from .resolver import AdapterResolver
 from .sessions import SessionInstaller
 from .signaling import Link, Signaling
+from .unknown_macs import UnknownMacs
 from .way_back import WayBack
 from .worker_pool import WorkerPool
 
@@ -65,9 +68,13 @@ class Adapter:
         self.clock = time.time
         self.started = self.clock()
         self.health = Health()
+        self.load = LoadWatch()               # under-load: cookie replies, kernel drops, drops climbing
+        self.metrics_file = MetricsFile(cfg.metrics_file, self.status, log=self.log)
         self.drops: Counter = Counter()
         self.registry = Registry(cfg.state_dir)
         self.leases = LeaseStore(os.path.join(cfg.state_dir, "leases.json"), log=self.log)
+        self.unknown_macs = UnknownMacs(os.path.join(cfg.state_dir, "unknown_macs.json"), log=self.log)
+        self.unknown_macs.load()
         self.prefix = ipaddress.IPv4Network(cfg.prefix)
         self.links: dict[str, Link] = {}       # mac -> the general node's link
         self.self_link: Link | None = None     # the adapter's own identity
@@ -77,6 +84,7 @@ class Adapter:
                                         drops=self.drops)
         self.pool: WorkerPool | None = None
         self.way_back: WayBack | None = None
+        self.injector: Injector | None = None
         self.dhcp = self.arp = self.status_server = None
         self.filter_mode = ""
         self._stop = asyncio.Event()
@@ -98,7 +106,8 @@ class Adapter:
             self.log(self.registry.warning)
         await asyncio.to_thread(netlink.setup_lan, cfg.lan_interface, cfg.lan_address)
         self.signaling.wan_addr = await asyncio.to_thread(netlink.first_address, cfg.wan_interface)
-        self.way_back = WayBack(Injector(cfg.lan_interface).inject, selector=self.selector,
+        self.injector = Injector(cfg.lan_interface)
+        self.way_back = WayBack(self.injector.inject, selector=self.selector,
                                 busy_poll_s=cfg.busy_poll_us / 1e6, drops=self.drops, clock=self.clock)
         self.pool = WorkerPool(cfg.nworkers, cfg.queue_first, worker_args=self._worker_args,
                                add_reader=loop.add_reader, remove_reader=loop.remove_reader,
@@ -116,7 +125,8 @@ class Adapter:
         self.dhcp = await serve_dhcp(DhcpServer(
             server_ip=cfg.lan_address, netmask=str(self.prefix.netmask), router=cfg.lan_address,
             dns=cfg.lan_address, domain=self.enrollment.domain() or "overlay", mtu=cfg.mtu, lease_s=cfg.lease_s,
-            bindings=self._binding, leases=self.leases, log=self.log), cfg.lan_interface)
+            bindings=self._binding, leases=self.leases, log=self.log, on_no_binding=self._no_binding),
+            cfg.lan_interface)
         policy = OverlayArpPolicy(cfg.prefix, gateway=cfg.lan_address, vip_of_mac=self.enrollment.vip_of_mac,
                                   local_vips=lambda: {link.gn.vip4 for link in self.links.values() if link.gn.vip4})
         self.arp = await serve_arp(ArpResponder(interface_mac(cfg.lan_interface), answer_for=policy),
@@ -132,6 +142,7 @@ class Adapter:
 
     async def close(self) -> None:
         self._stop.set()
+        self.metrics_file.remove()         # stopped: no metrics, rather than frozen ones
         for t in self._tasks:
             t.cancel()
         for link in self._all_links():
@@ -139,6 +150,7 @@ class Adapter:
         if self.pool is not None:
             self.pool.stop()
         await asyncio.to_thread(pf.unload)
+        self.unknown_macs.flush(self.clock(), force=True)
         for x in (self.dhcp, self.arp, self.resolver):
             if x is not None:
                 x.close()
@@ -172,6 +184,8 @@ class Adapter:
                                subject=gn.name, deliver=self.way_back.deliver,
                                on_event=lambda e: self._on_gn_event(link, e))
         self.links[gn.mac] = link
+        if self.pool is not None:
+            self.pool.add_port(link.port, link.sock)   # the running workers get its socket (none yet at start)
         self._install_sessions(link)
         link.host.start()
         return link
@@ -180,7 +194,8 @@ class Adapter:
         identity = self.registry.identity(gn)     # <state_dir>/gn/<mac>/ (0600)
         link = self.signaling.open(gn, identity, port, self.enrollment.login_token(gn, bool(identity.certificate)),
                                    who=who, subject=subject, deliver=deliver, on_event=on_event,
-                                   after_round=self.resolver.flush)
+                                   after_round=self.resolver.flush,
+                                   records_path=os.path.join(self.registry.identity_dir(gn), "peers.json"))
         if gn.mac != SELF_MAC:
             self.resolver.attach(link)
         self.way_back.watch(link, to_general_node=gn.mac != SELF_MAC)
@@ -199,12 +214,11 @@ class Adapter:
         link.close()
 
     def _on_gn_added(self, gn: GeneralNode, starting: bool) -> None:
-        """A general node was enrolled: start it; a running pool is forked again so that its
-        workers hold the new socket (their sessions are installed again with fresh stream ids)."""
+        """A general node was enrolled: start it. The running workers get its socket over their
+        pipes (``WorkerPool.add_port``), so none restarts and no other general node's packet in
+        a queue is lost."""
+        self.unknown_macs.forget(gn.mac)
         self._start_gn(gn)
-        if not starting and self.pool is not None and self.pool.workers:
-            self.pool.restart_all()
-            self._sync_all(self.clock())
 
     def _worker_args(self) -> tuple:
         return {link.port: link.sock for link in self.links.values()}, self.way_back.heads_up
@@ -244,8 +258,13 @@ class Adapter:
             return
         now = self.clock()
         device = link.engine.device
-        if device is not None and peer_vip in device.peers_by_vip:
+        known = device.peers_by_vip.get(peer_vip) if device is not None else None
+        if known is not None and known.sendable(now) is not None:
             self._sync(link, now)              # the tunnel is up: the worker lacks it yet
+        elif known is not None:
+            # A peer without a session: restored from its record after a restart (maybe with the
+            # cloud down), or its session lapsed. Bring it up by name, as a query would.
+            link.engine.resolve(known.fqdn, now)
         else:
             peer = ipaddress.IPv4Address(peer_vip)
             if peer in self.prefix:
@@ -288,6 +307,8 @@ class Adapter:
             next_stats = now + STATS_EVERY_S
             self.pool.ask_stats()
             self.health.observe(now, self._conditions(now))   # (and at every status request)
+        self.metrics_file.tick(now)
+        self.unknown_macs.flush(now)       # written at most every few seconds, not per DHCP packet
         return next_stats
 
     # --- events ------------------------------------------------------------------------------------
@@ -335,6 +356,12 @@ class Adapter:
     def _binding(self, mac: str) -> Binding | None:
         return self.enrollment.binding(mac, may_enroll=not self._stop.is_set())
 
+    def _no_binding(self, mac: str, now: float) -> None:
+        """DHCP did not answer ``mac``: recorded for ``cyadm status`` unless it is enrolled (and
+        only waiting for its login)."""
+        if self.registry.get(mac) is None:
+            self.unknown_macs.seen(mac, now)
+
     # --- cyadm -------------------------------------------------------------------------------------
 
     def _command(self, req: dict) -> dict:
@@ -362,7 +389,24 @@ class Adapter:
             return {"error": f"internal error: {type(exc).__name__}: {exc}"}
 
     def _conditions(self, now: float) -> list[Warning]:
-        return status.conditions(now, self.self_link, self.links, self.pool, self.enrollment, self.leases)
+        return (status.conditions(now, self.self_link, self.links, self.pool, self.enrollment, self.leases)
+                + self.load.conditions(now, self._load_sample) + self.metrics_file.conditions())
+
+    def _load_sample(self) -> dict:
+        """What ``under-load`` compares between two samples (``cyphonic.health.LoadWatch``)."""
+        return {"cookie_replies": {link.host.subject: link.engine.device.counters.get("cookie_replies_sent", 0)
+                                   for link in self._all_links() if link.engine.device is not None},
+                "kernel_drops": kernel_drop_counts(self._socket_rows()), "drops": self._drop_counts()}
+
+    def _drop_counts(self) -> dict:
+        return status.drop_counts(links=self._all_links(), own=self.drops, injector=self.injector, dhcp=self.dhcp,
+                                  arp=self.arp, resolver=self.resolver, pool=self.pool)
+
+    def _socket_rows(self) -> list[dict]:
+        queues = range(self.cfg.queue_first, self.cfg.queue_first + self.cfg.nworkers) \
+            if self.pool is not None and self.pool.workers else None
+        return status.socket_rows(links=self._all_links(), dhcp=self.dhcp, arp=self.arp, resolver=self.resolver,
+                                  queues=queues)
 
     def status(self) -> dict:
         now = self.clock()
@@ -373,7 +417,8 @@ class Adapter:
             links=self.links, registry=self.registry, leases=self.leases,
             pool=self.pool, health=self.health.report(now), filter_mode=self.filter_mode, dhcp=self.dhcp,
             arp=self.arp, dns=self.resolver.counters(), reply_wait=wait, selector=self.selector,
-            drops={**status.counters(self._all_links()), **self.drops})
+            drops=self._drop_counts(), sockets=self._socket_rows(),
+            unknown_macs=self.unknown_macs.status())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 
 It never touches the data path: it asks the daemon over its Unix socket
 (one JSON request line, one JSON answer line), as `tailscale status` asks
-tailscaled. Every listing has ``--json``.
+tailscaled. Every listing has ``--json``; ``cyadm metrics`` prints the status in the
+Prometheus text format (``cyphonic.metrics``).
 
 Exit codes a script can rely on:
   0  the daemon answered and reports no error-level health warning
@@ -184,8 +185,27 @@ def status(ctx, as_json) -> None:
                        f"{_bytes(t.get('tx_bytes')):>10}")
     else:
         click.echo("\n  no tunnels")
+    _print_drops(st)
     _print_health(st)
     _exit_for(st)
+
+
+def _print_drops(st: dict) -> None:
+    """What was dropped: the daemon's own drops (the three biggest reasons) and the kernel's
+    on its sockets; ``--json`` has every reason and every socket."""
+    drops = {k: v for k, v in (st.get("drops") or {}).items() if isinstance(v, int) and v > 0}
+    if drops:
+        top = sorted(drops.items(), key=lambda kv: -kv[1])[:3]
+        click.echo(f"\n  dropped {sum(drops.values())}: " + ", ".join(f"{k} {v}" for k, v in top)
+                   + (", ..." if len(drops) > 3 else ""))
+    rows = st.get("sockets") or []
+    kernel = [(r.get("socket"), r["kernel_drops"]) for r in rows
+              if isinstance(r.get("kernel_drops"), int) and r["kernel_drops"] > 0]
+    if kernel:
+        click.echo(f"  kernel dropped {sum(n for _, n in kernel)}: " + ", ".join(f"{k} {n}" for k, n in kernel))
+    unreadable = [str(r.get("socket")) for r in rows if not isinstance(r.get("kernel_drops"), int)]
+    if unreadable:
+        click.echo(f"  kernel drops unavailable on {', '.join(unreadable)}")
 
 
 def _print_health(st: dict) -> None:
@@ -227,7 +247,29 @@ def _print_adapter(st: dict) -> None:
         f"#{w['index']} queue {w['queue']} pid {w['pid']} {'up' if w.get('alive') else 'DOWN'} "
         f"sealed {w.get('sealed', 0)} dropped {sum(v for k, v in w.items() if k.startswith('drop_'))}"
         for w in workers) + (f"; restarts {st.get('worker_restarts')}" if st.get("worker_restarts") else ""))
+    _print_unknown_macs(st.get("dhcp", {}).get("unknown_macs") or {})
+    _print_drops(st)
     _print_health(st)
+
+
+UNKNOWN_MACS_SHOWN = 5      # the text shows the most recent few; --json has them all
+
+
+def _print_unknown_macs(u: dict) -> None:
+    """The devices that asked for a lease and are not enrolled (``cyadm gn add MAC`` serves one)."""
+    if u.get("warning"):
+        click.echo(f"\n  note: {u['warning']}")
+    if not u.get("total"):
+        return
+    now = time.time()
+    macs = u.get("macs", [])
+    click.echo(f"\n  unknown MACs asking for a lease: {u['total']} requests, the last {_age(now - u['last_seen'])}"
+               if u.get("last_seen") is not None else f"\n  unknown MACs asking for a lease: {u['total']} requests")
+    for m in macs[:UNKNOWN_MACS_SHOWN]:
+        click.echo(f"    {m['mac']}  {m['count']} requests, last {_age(now - m['last_seen'])}, "
+                   f"first {_age(now - m['first_seen'])}")
+    if len(macs) > UNKNOWN_MACS_SHOWN:
+        click.echo(f"    ... and {len(macs) - UNKNOWN_MACS_SHOWN} more (cyadm status --json)")
 
 
 @main.command()
@@ -244,6 +286,15 @@ def tunnels(ctx, as_json) -> None:
             click.echo(f"{t['peer']} {t['vip4']} {t['path']} {t.get('endpoint') or '-'} "
                        f"rx {t.get('rx_bytes', 0)} tx {t.get('tx_bytes', 0)}")
     _exit_for(st)
+
+
+@main.command()
+@click.pass_context
+def metrics(ctx) -> None:
+    """The status in the Prometheus text format 0.0.4 (the names: docs/architecture.md).
+    Exit 0 whenever the daemon answered: health is in cyphonic_health_warning."""
+    from cyphonic.metrics import exposition
+    click.echo(exposition(_status(ctx)), nl=False)
 
 
 @main.group()

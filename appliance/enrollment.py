@@ -17,7 +17,7 @@ what goes into it while the adapter runs:
   registry for as long as it is enrolled (its NAT mappings and registration stay valid).
 
 ``on_added(gn, starting)`` is the controller's: start the general node (and, once the
-workers run, fork them again so that they hold its socket).
+workers run, hand them its socket).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ packet it looks up the session by (source VIP, destination VIP), seals it with
 its **own stream id** of that session's key, handed out by the controller
 (``appliance.sessions``, by the rule of ``cyphonic.stream_ids``: no nonce is
 ever used twice across processes), sends it from the general node's UDP
-socket (inherited from the controller at fork, so the source port is the one
-the NMS registered), and gives the verdict DROP for the clear original. A
+socket (the controller's, inherited at fork or passed over the pipe, so the
+source port is the one the NMS registered), and gives the verdict DROP for the clear original. A
 packet with no session is dropped (the queue fails closed) and reported to the
 controller, which brings the tunnel up (a packet triggers a tunnel, as a DNS
 query does).
@@ -21,9 +21,18 @@ The processes are started, supervised and asked for counters by
 Control messages (controller -> worker, over a pipe, never on the packet path):
   ("tx", gn_vip, peer_vip, key, remote_index, stream_id, endpoint, port)  install or replace
   ("untx", gn_vip, peer_vip)                                         remove
+  ("add_port", port) + the socket's fd (SCM_RIGHTS, ``send_socket``)  a general node was added
+  ("close_port", port)                                               a general node was removed
   ("stats",)                                                         answered with counters
   ("stop",)
 Worker -> controller: ("miss", gn_vip, peer_vip) (rate-limited), ("stats", dict).
+
+A worker holds the general nodes' sockets it had at fork and those passed to it since: adding
+or removing a general node never restarts a worker (the other general nodes' packets in its
+queue would be lost). A general node's sessions and socket leave a worker together, at
+``close_port``: from then on it never sends from that socket. Only the controller writes the
+pipe; a message that breaks the protocol (an ``add_port`` with no socket, or not one bound to
+that port) stops the worker, and the supervisor forks a fresh one that inherits every socket.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import time
 from collections import Counter
 
@@ -38,7 +48,8 @@ from cyphonic.busy_poll import LONE_GAP_S, BusyPoll
 from cyphonic.datachannel import SendStream
 from cyphonic.wire import relay as wire_relay
 
-from .constants import MISS_REPORT_EVERY_S, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS
+from .constants import (MISS_REPORT_EVERY_S, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS,
+                        WORKER_SOCKET_WAIT_S)
 
 PR_SET_PDEATHSIG = 1        # prctl(2)
 
@@ -82,6 +93,110 @@ class ReplyWait:
             self.stop_spin()
 
 
+# --- a general node's socket over a worker's pipe -------------------------------------------------
+
+def send_socket(conn, sock: socket.socket) -> None:
+    """Pass ``sock`` (its fd, SCM_RIGHTS) over ``conn``, a multiprocessing pipe (a Unix socket
+    pair), right after the ``("add_port", port)`` message. Raises OSError (a closed pipe, or a
+    closed ``sock``: nothing is sent then)."""
+    fd = sock.fileno()
+    if fd < 0:
+        raise OSError("the socket is closed")
+    carrier = socket.socket(fileno=conn.fileno())      # the pipe's fd, borrowed: detached below
+    try:
+        socket.send_fds(carrier, [b"S"], [fd])
+    finally:
+        carrier.detach()
+
+
+def receive_socket(conn, wait_s: float = WORKER_SOCKET_WAIT_S) -> socket.socket | None:
+    """The socket ``send_socket`` passed after an ``add_port`` message; None if none came within
+    ``wait_s`` (the sender is gone, or broke the protocol)."""
+    fd = conn.fileno()
+    if not select.select([fd], [], [], wait_s)[0]:
+        return None
+    carrier = socket.socket(fileno=fd)
+    try:
+        data, fds, _flags, _ = socket.recv_fds(carrier, 1, 1)
+    finally:
+        carrier.detach()
+    if data != b"S" or len(fds) != 1:
+        for extra in fds:
+            os.close(extra)
+        return None
+    return socket.socket(fileno=fds[0])
+
+
+def _bound_to(sock: socket.socket, port: int) -> bool:
+    try:
+        return sock.type == socket.SOCK_DGRAM and sock.getsockname()[1] == port
+    except (OSError, IndexError, TypeError):
+        return False
+
+
+class SealTable:
+    """What a worker seals with: the send sessions by (general node VIP, peer VIP), and the
+    general nodes' sockets by port. Changed only by the controller's messages (``control``);
+    the packet handler reads ``sessions`` (the same dict, never replaced)."""
+
+    def __init__(self, index: int, queue_num: int, conn, sockets: dict, counters: Counter) -> None:
+        self.index = index
+        self.queue_num = queue_num
+        self.conn = conn
+        self.sockets: dict[int, socket.socket] = dict(sockets)
+        self.counters = counters
+        self.sessions: dict[tuple[bytes, bytes], tuple] = {}  # (gn vip, peer vip) -> (SendStream, endpoint, sock)
+        self.tx_bytes: Counter = Counter()                   # per session, for cyadm
+
+    def control(self, msg) -> bool:
+        """One control message; False: stop the worker."""
+        kind = msg[0]
+        sessions, counters = self.sessions, self.counters
+        if kind == "tx":
+            _, gn_vip, peer_vip, key, remote_index, stream_id, endpoint, port = msg
+            sock = self.sockets.get(port)
+            if sock is None:
+                counters["install_unknown_gn"] += 1
+                return True
+            if len(sessions) >= WORKER_MAX_SESSIONS and (gn_vip, peer_vip) not in sessions:
+                counters["install_table_full"] += 1
+                return True
+            sessions[(gn_vip, peer_vip)] = (SendStream(key, remote_index, stream_id), endpoint, sock)
+            counters["installs"] += 1
+        elif kind == "untx":
+            sessions.pop((msg[1], msg[2]), None)
+        elif kind == "add_port":
+            port = msg[1]
+            sock = receive_socket(self.conn)
+            if sock is None or not _bound_to(sock, port):
+                counters["add_port_refused"] += 1
+                if sock is not None:
+                    sock.close()
+                return False      # the pipe is out of step: a fresh worker inherits every socket
+            self.close_port(port)  # (a copy held already, e.g. forked just now: replaced)
+            self.sockets[port] = sock
+            counters["ports_added"] += 1
+        elif kind == "close_port":
+            self.close_port(msg[1])
+        elif kind == "stats":
+            per = {f"{'.'.join(map(str, k[0]))}>{'.'.join(map(str, k[1]))}": v for k, v in self.tx_bytes.items()
+                   if k in sessions}
+            self.conn.send(("stats", {"index": self.index, "queue": self.queue_num, "pid": os.getpid(),
+                                      "sessions": len(sessions), "ports": len(self.sockets), **counters,
+                                      "per_session": per}))
+        elif kind == "stop":
+            return False
+        return True
+
+    def close_port(self, port: int) -> None:
+        """The general node on ``port`` is gone: its sessions first, then its socket."""
+        sock = self.sockets.pop(port, None)
+        if sock is not None:
+            for k in [k for k, s in self.sessions.items() if s[2] is sock]:
+                del self.sessions[k]
+            sock.close()
+
+
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL this worker when the controller dies (even by kill -9), so a
     restarted controller finds its queues free."""
@@ -103,9 +218,10 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
     _die_with_parent()
     parent = os.getppid()
     counters: Counter = Counter()
-    sessions: dict[tuple[bytes, bytes], tuple] = {}    # (gn vip, peer vip) -> (SendStream, endpoint, sock)
+    table = SealTable(index, queue_num, conn, sockets, counters)
+    sessions = table.sessions                          # (gn vip, peer vip) -> (SendStream, endpoint, sock)
+    tx_bytes = table.tx_bytes
     last_miss: dict[tuple[bytes, bytes], float] = {}
-    tx_bytes: Counter = Counter()                      # per session, for cyadm
     last_sent = 0.0
     monotonic = time.monotonic
     eventfd_write = os.eventfd_write
@@ -159,36 +275,6 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
             if not verdict:
                 pkt.drop()
 
-    def on_control(msg) -> bool:
-        kind = msg[0]
-        if kind == "tx":
-            _, gn_vip, peer_vip, key, remote_index, stream_id, endpoint, port = msg
-            sock = sockets.get(port)
-            if sock is None:
-                counters["install_unknown_gn"] += 1
-                return True
-            if len(sessions) >= WORKER_MAX_SESSIONS and (gn_vip, peer_vip) not in sessions:
-                counters["install_table_full"] += 1
-                return True
-            sessions[(gn_vip, peer_vip)] = (SendStream(key, remote_index, stream_id), endpoint, sock)
-            counters["installs"] += 1
-        elif kind == "untx":
-            sessions.pop((msg[1], msg[2]), None)
-        elif kind == "close_port":
-            sock = sockets.pop(msg[1], None)
-            if sock is not None:
-                for k in [k for k, s in sessions.items() if s[2] is sock]:
-                    del sessions[k]
-                sock.close()
-        elif kind == "stats":
-            per = {f"{'.'.join(map(str, k[0]))}>{'.'.join(map(str, k[1]))}": v for k, v in tx_bytes.items()
-                   if k in sessions}
-            conn.send(("stats", {"index": index, "queue": queue_num, "pid": os.getpid(),
-                                 "sessions": len(sessions), **counters, "per_session": per}))
-        elif kind == "stop":
-            return False
-        return True
-
     nfq = NetfilterQueue()
     for attempt in range(WORKER_BIND_ATTEMPTS):  # a dying predecessor may hold the queue a moment longer
         try:
@@ -222,7 +308,7 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
                 else:
                     try:
                         while conn.poll():
-                            if not on_control(conn.recv()):
+                            if not table.control(conn.recv()):
                                 running = False
                                 break
                     except (EOFError, OSError):

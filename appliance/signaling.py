@@ -76,14 +76,16 @@ class Signaling:
 
     def open(self, gn: GeneralNode, identity: StaticIdentity, port: int, token: bytes, *, who: str, subject: str,
              deliver: Callable[[bytes], None], on_event: Callable[[object], None],
-             after_round: Callable[[], int] | None = None) -> Link:
-        """A link for ``gn`` on ``port`` (bound now; the engine starts with ``link.host.start()``)."""
+             after_round: Callable[[], int] | None = None, records_path: str | None = None) -> Link:
+        """A link for ``gn`` on ``port`` (bound now; the engine starts with ``link.host.start()``).
+        ``records_path``: where its peer records live (a restart without the cloud)."""
         sock, intake = steered_udp_sockets(socket.AF_INET, "0.0.0.0", port, buffer_bytes=SOCKET_BUFFER_BYTES)
         engine = NodeEngine(identity, self.ca_public, self.cloud_static, self.cfg.cloud_addr,
                             token=token, name_hint=gn.name, nms_addr=self.cfg.nms_addr,
                             local_endpoints=[sig.Endpoint(self.wan_addr, port)] if self.wan_addr else [])
         host = EngineHost(engine, {socket.AF_INET: sock}, deliver=deliver, on_event=on_event, log=self.log,
-                          health=self.health, who=who, subject=subject, after_round=after_round, clock=self.clock)
+                          health=self.health, who=who, subject=subject, after_round=after_round, clock=self.clock,
+                          records_path=records_path)
         return Link(gn, port, sock, host, intake=intake)
 
     @staticmethod

@@ -4,8 +4,14 @@ conditions (``cyphonic.health``: one model for the node daemon, the adapter and 
 The document's keys are what scripts read (``--json``): ``kind``, ``pid``, ``uptime_s``,
 ``identity``, ``cloud``, ``lan``, ``packet_filter``, ``general_nodes``, ``tunnels``,
 ``workers``, ``worker_restarts``, ``dhcp``, ``arp``, ``dns``, ``data_path``, ``drops``,
-``health``. Rows of tunnels are ``EngineHost.tunnel_rows`` (the node daemon's) with the
-general node's name in front (``gn``) and the bytes the workers sealed added.
+``sockets``, ``health``. Rows of tunnels are ``EngineHost.tunnel_rows`` (the node daemon's) with
+the general node's name in front (``gn``) and the bytes the workers sealed added.
+``dhcp.unknown_macs`` lists the devices that asked for a lease and are not enrolled
+(``appliance.unknown_macs``).
+
+``drops`` is every drop of the adapter by reason, in one flat table (``drop_counts``): what
+``cyadm status --json`` shows and ``under-load`` compares. ``sockets`` is what the kernel
+dropped on each socket and NFQUEUE (``cyphonic.socket_stats``).
 
 Pure but for reading the parts it is given: no sockets, no clock (``now`` is an argument).
 """
@@ -15,6 +21,10 @@ from __future__ import annotations
 from collections import Counter
 
 from cyphonic.health import Warning
+from cyphonic.socket_stats import nfqueue_rows, socket_rows as kernel_socket_rows
+
+# The workers' counters that are drops (the others: sealed, sealed_bytes, installs, sessions, ports...).
+WORKER_DROP_PREFIXES = ("drop_", "send_", "internal_", "nfq_", "install_", "heads_up_")
 
 
 def general_node_rows(registry, leases, links: dict, now: float) -> list[dict]:
@@ -59,9 +69,41 @@ def counters(links) -> dict:
     return dict(total)
 
 
+def drop_counts(*, links, own: dict, injector, dhcp, arp, resolver, pool) -> dict:
+    """Every drop by reason: the links' (``counters``: engines, devices, signaling channels,
+    sends), the controller's own (way back, sessions, enrollment, DNS askers), and prefixed
+    by part: ``inject_`` (toward the general nodes, by errno), ``dhcp_``, ``arp_`` (and
+    ``arp_edge_``), ``dns_`` (the resolver) and ``dns_edge_`` (its sockets), ``worker_``
+    (the workers' last counters, summed)."""
+    out = {**counters(links), **own}
+    parts = [("inject_", injector.drops if injector is not None else {}),
+             ("dhcp_", dhcp.server.drops if dhcp is not None else {}),
+             ("arp_", arp.responder.drops if arp is not None else {}),
+             ("arp_edge_", arp.errors if arp is not None else {}),
+             ("dns_", resolver.resolver.drops if resolver is not None and resolver.resolver is not None else {}),
+             ("dns_edge_", resolver.dns.errors if resolver is not None and resolver.dns is not None else {})]
+    for prefix, table in parts:
+        out.update({prefix + k: v for k, v in table.items()})
+    workers: Counter = Counter()
+    for w in (pool.workers if pool is not None else ()):
+        workers.update({k: v for k, v in w.stats.items()
+                        if k.startswith(WORKER_DROP_PREFIXES) and isinstance(v, int)})
+    out.update({"worker_" + k: v for k, v in workers.items()})
+    return out
+
+
+def socket_rows(*, links, dhcp, arp, resolver, queues: range | None) -> list[dict]:
+    """The kernel's drops on every socket of the controller and on the workers' NFQUEUEs."""
+    named = [(link.host.subject or link.gn.name, link.sock) for link in links]
+    named += [("dhcp", dhcp.sock if dhcp is not None else None), ("arp", arp.sock if arp is not None else None)]
+    if resolver is not None and resolver.dns is not None:
+        named += resolver.dns.sockets()
+    return kernel_socket_rows(named) + (nfqueue_rows(queues) if queues else [])
+
+
 def document(*, cfg, pid: int, now: float, started: float, self_link, links: dict, registry, leases,
              pool, health: list[dict], filter_mode: str, dhcp, arp, dns: dict, reply_wait, selector,
-             drops: dict) -> dict:
+             drops: dict, sockets: list[dict], unknown_macs: dict | None = None) -> dict:
     sig = self_link.engine.signaling if self_link is not None else None
     link_status = sig.status() if sig else {}
     return {
@@ -77,7 +119,7 @@ def document(*, cfg, pid: int, now: float, started: float, self_link, links: dic
         "tunnels": tunnel_rows(links, pool, now),
         "workers": pool.rows() if pool is not None else [],
         "worker_restarts": pool.restarts if pool is not None else 0,
-        "dhcp": dhcp.server.stats() if dhcp else {},
+        "dhcp": {**(dhcp.server.stats() if dhcp else {}), "unknown_macs": unknown_macs or {}},
         "arp": arp.stats() if arp else {},
         "dns": dns,
         "data_path": {"busy_poll_us": cfg.busy_poll_us if reply_wait else 0,
@@ -86,5 +128,6 @@ def document(*, cfg, pid: int, now: float, started: float, self_link, links: dic
                       "idle_cpus": round(reply_wait.idle_cpus, 2) if reply_wait else None,
                       "handler_errors": dict(selector.handler_errors) if selector else {}},
         "drops": drops,
+        "sockets": sockets,
         "health": health,
     }

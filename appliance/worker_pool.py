@@ -5,8 +5,10 @@ inherits every general node's WAN socket and the heads-up eventfd. The controlle
 each over a pipe (the messages are listed in ``appliance.packet_handling``); this module
 owns the processes and their pipes:
 
-- ``start()`` forks them; ``restart_all()`` forks them again (a general node was added:
-  only a process forked after its socket exists can send from it);
+- ``start()`` forks them; ``restart_all()`` forks them all again;
+- ``add_port(port, sock)`` hands a new general node's socket to the running workers (its fd
+  over each pipe) and ``close_port(port)`` takes it back: adding or removing a general node
+  restarts no worker, so no other general node's packet in a queue is lost;
 - ``supervise(now)`` replaces a worker that died (its pipe closed or its process ended)
   and records a ``worker-restarted`` health event; the ``worker-down`` condition holds
   while one is not running;
@@ -28,6 +30,7 @@ from typing import Callable
 from cyphonic.health import Health, Warning
 
 from .constants import WORKER_RESTART_WAIT_S, WORKER_STOP_WAIT_S
+from .packet_handling import send_socket
 
 
 @dataclass
@@ -55,12 +58,14 @@ def fork_worker(index: int, queue: int, conn, args: tuple):
 class WorkerPool:
     """``worker_args()``: what a worker gets at fork besides its index, queue and pipe (the
     sockets by port, the heads-up eventfd), read at every fork. ``add_reader`` /
-    ``remove_reader``: the event loop's. ``on_message(msg)``: a worker's ``miss``."""
+    ``remove_reader``: the event loop's. ``on_message(msg)``: a worker's ``miss``.
+    ``pass_socket(conn, sock)``: sends a socket's fd over a worker's pipe (tests: a stand-in)."""
 
     def __init__(self, nworkers: int, queue_first: int, *, worker_args: Callable[[], tuple],
                  add_reader: Callable, remove_reader: Callable, on_message: Callable[[tuple], None],
                  health: Health, log: Callable[[str], None], clock: Callable[[], float],
-                 launch: Callable = fork_worker, pipe: Callable | None = None) -> None:
+                 launch: Callable = fork_worker, pipe: Callable | None = None,
+                 pass_socket: Callable = send_socket) -> None:
         self.nworkers = nworkers
         self.queue_first = queue_first
         self.worker_args = worker_args
@@ -72,6 +77,7 @@ class WorkerPool:
         self.clock = clock
         self.launch = launch
         self.pipe = pipe or multiprocessing.get_context("fork").Pipe
+        self.pass_socket = pass_socket
         self.workers: list[Worker] = []
         self.restarts = 0
         self._generations = 0
@@ -108,7 +114,8 @@ class WorkerPool:
             pass
 
     def restart_all(self) -> None:
-        """Fork every worker again (they then hold the sockets made since)."""
+        """Fork every worker again (each loses what was in its queue; a new general node does
+        not need this: ``add_port``)."""
         for i, w in enumerate(self.workers):
             self._retire(w, WORKER_RESTART_WAIT_S)
             self.workers[i] = self._spawn(i)
@@ -160,9 +167,24 @@ class WorkerPool:
         for w in self.workers:
             self.send_to(w, ("stats",))
 
+    def add_port(self, port: int, sock) -> None:
+        """A general node was added: every running worker gets its socket (the fd over its pipe,
+        right after the message), so that its sessions can be installed there; a worker forked
+        later inherits it (``worker_args``). A worker whose pipe fails is marked dead and
+        replaced at the next supervision."""
+        for w in self.workers:
+            self.send_to(w, ("add_port", port))
+            if w.dead:
+                continue
+            try:
+                self.pass_socket(w.conn, sock)
+            except (OSError, ValueError):
+                w.dead = True
+
     def close_port(self, port: int) -> None:
-        """A general node is gone: every worker closes its copy of the node's socket (inherited
-        at fork), so that the port is free for the next general node."""
+        """A general node is gone: every worker drops its sessions and closes its copy of the
+        node's socket (from fork or ``add_port``), in that order, after what came before on its
+        pipe; the port is then free for the next general node."""
         for w in self.workers:
             self.send_to(w, ("close_port", port))
 

@@ -75,6 +75,7 @@ CONTROL_HANDSHAKE_LOAD_PER_S = 1000.0    # the cloud's control channel: every no
 UNDER_LOAD_HOLD_S = 1.0                  # "under load" lasts this long after the bucket last ran dry
 COOKIE_SECRET_LIFETIME_S = 120.0         # the responder's cookie secret changes this often
 COOKIE_USABLE_S = 110.0                  # an initiator uses a cookie this long after receiving it
+COOKIE_RETRY_S = 0.5                     # ... and, holding one, retransmits a control initiation this often
 # A day (or three) without the cloud (docs/protocol.md 11.6): while its own cloud link is down,
 # a node keeps rekeying with the peers it already has when their certificates expire, for this long
 # past the expiry; it learns no revocation meanwhile. Never for a peer it did not have.
@@ -94,12 +95,24 @@ CONTROL_RETRIES = 5               # resent after 1, 3, 7, 15 and 23 s; times out
 CONTROL_FAST_RETRY_MIN_S = 0.2    # plus one early resend at the measured RTO (RFC 6298), never sooner
 CONTROL_MAX_PENDING = 256         # outstanding requests per peer
 CONTROL_ANSWERED_CACHE = 64       # replies kept per peer to answer retransmitted requests
+CONTROL_FIRST_RETRY_S = 1.0       # a control initiation is retransmitted after 1, 2, 4, then every REKEY_TIMEOUT_S
 CONTROL_QUEUE_MAX = 64            # messages waiting for the control session to come up
 MAX_CONTROL_PEERS = 100_000       # nodes one cloud process holds confirmed sessions for
 MAX_CONTROL_UNCONFIRMED = 4096    # handshakes answered but not yet confirmed by a data packet
 CONTROL_PEER_IDLE_S = 600.0       # a cloud forgets a node's channel after this much silence
 CONTROL_SWEEP_S = 10.0            # how often the cloud looks for idle channels
 SERVER_REQUEST_ID_BASE = 1 << 31  # request ids the cloud starts (client ids stay below)
+
+# Getting back to the cloud (cyphonic.signaling): after a failure the signaling client tries
+# again (a control handshake, and a login if none is out) after RECONNECT_MIN_S, the wait
+# doubling up to a cap, and the control channel resends its initiation at least that often; a
+# handshake the cloud answers sends the login at once. Each wait is drawn from
+# [1 - RECONNECT_JITTER, 1] of its value, so links that failed together (an adapter's 16
+# general nodes) reach a returning cloud spread over the cap, never all at one instant.
+RECONNECT_MIN_S = 1.0             # the first try again after a failure (drawn in 0.5 .. 1 s)
+RECONNECT_MAX_S = 2.5             # the cap once the node has a certificate: back within this of the cloud's return
+ENROLL_RETRY_MAX_S = 30.0         # the cap while it has none (enrolling with a token): a wrong setup does not hammer
+RECONNECT_JITTER = 0.5
 
 # Node engine (route execution).
 PATH_ATTEMPT_S = 3.0             # a direct, local or punched path that has not handshaked by then has failed

@@ -272,6 +272,12 @@ class _Base(Outbox):
 class ControlClient(_Base):
     """The node's side: one control session to the cloud at ``cloud_addr``."""
 
+    # Set by the owner (the signaling client, while it waits for a silent cloud to come back):
+    # an unanswered initiation is resent at least this often, each wait drawn from
+    # [1 - RECONNECT_JITTER, 1] of it, and never abandoned. None: the schedule of _initiate
+    # alone, abandoned after REKEY_ATTEMPT_S.
+    retry_cap_s: float | None = None
+
     def __init__(self, identity: hs.StaticIdentity, cloud_static: bytes, cloud_addr, *,
                  rng: random.Random | None = None) -> None:
         super().__init__(identity, rng)
@@ -334,6 +340,12 @@ class ControlClient(_Base):
             return
         self.handshake_started = now
         self._initiate(now)
+        self._cap_retry(now)
+
+    def _cap_retry(self, now: float) -> None:
+        if self.retry_cap_s is not None:
+            wait = self.retry_cap_s * (1.0 - C.RECONNECT_JITTER * self.rng.random())
+            self.handshake_retry_at = min(self.handshake_retry_at, now + wait)
 
     def _initiate(self, now: float) -> None:
         idx = self.rng.getrandbits(32) or 1
@@ -341,7 +353,15 @@ class ControlClient(_Base):
         message = self.handshake.create_initiation(now, after_ns=self._last_timestamp_ns)
         self._push(self.cookie.stamp(message, now), self.peer.addr)
         self._last_timestamp_ns = self.handshake.timestamp_ns
-        self.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
+        # Retransmit after 1, 2, 4, then every 5 s (REKEY_TIMEOUT_S): a lost first initiation
+        # costs a second, not five, and a silent cloud is not hammered. Holding a cookie, the
+        # cloud is alive and under load, and what is lost now is lost in its full receive
+        # queue: try again soon (docs/protocol.md 4.10).
+        if self.cookie.valid(now):
+            wait = C.COOKIE_RETRY_S
+        else:
+            wait = min(C.REKEY_TIMEOUT_S, max(C.CONTROL_FIRST_RETRY_S, now - self.handshake_started))
+        self.handshake_retry_at = now + wait + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
         self.counters["initiations_sent"] += 1
 
     def receive_datagram(self, data: bytes, addr, now: float) -> None:
@@ -400,7 +420,9 @@ class ControlClient(_Base):
 
     def handle_timer(self, now: float) -> None:
         if self.handshake is not None and now >= self.handshake_retry_at:
-            if now - self.handshake_started >= C.REKEY_ATTEMPT_S:
+            # Abandoned after REKEY_ATTEMPT_S, unless the owner keeps trying (retry_cap_s): then
+            # the messages queued for the session (a login) stay, to go out when it comes.
+            if now - self.handshake_started >= C.REKEY_ATTEMPT_S and self.retry_cap_s is None:
                 self.handshake = None
                 dropped = len(self.queue)
                 self.queue.clear()
@@ -408,12 +430,18 @@ class ControlClient(_Base):
             else:
                 self.counters["initiations_retransmitted"] += 1
                 self._initiate(now)
+                self._cap_retry(now)
         if self.peer.send is not None and now - self.peer.created >= C.REJECT_AFTER_S:
             self.peer.send = None
             self.peer.confirmed = False
         while self._timers and self._timers[0][0] <= now:
             _, _, _, rid = heapq.heappop(self._timers)
+            pending = self.peer.pending.get(rid)
             self._retry_due(self.peer, rid, now)
+            if pending is not None and rid not in self.peer.pending and pending.data in self.queue:
+                # Timed out while waiting for a session: it is not sent later either (a login
+                # retried through a long outage would otherwise reach the cloud once per try).
+                self.queue.remove(pending.data)
 
 
 class ControlServer(_Base):

@@ -27,7 +27,6 @@ Pure: ``now`` and the secret's randomness (``random_bytes``) come in; no sockets
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Callable
 
 from . import constants as C
@@ -46,14 +45,13 @@ def reply_key(static_public: bytes) -> bytes:
 
 
 def address_bytes(addr) -> bytes:
-    """What a cookie is bound to: the source address as the responder saw it. An IP
-    address and port are their packed bytes and the port (big-endian); anything else
-    (a relay path) its ``repr``, which is deterministic for tuples of str and int."""
-    if isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str) and isinstance(addr[1], int):
-        try:
-            return ipaddress.ip_address(addr[0].split("%", 1)[0]).packed + (addr[1] & 0xFFFF).to_bytes(2, "big")
-        except ValueError:
-            pass
+    """What a cookie is bound to: the source address as the responder's socket gave it.
+    Only the responder ever computes a cookie, so this encoding is its own business: the
+    host as text, "|", the port (what the kernel reports for one source is always the
+    same text, and this is cheap under a flood); anything else (a relay path) its ``repr``,
+    which is deterministic for tuples of str and int."""
+    if type(addr) is tuple and len(addr) >= 2 and type(addr[0]) is str:
+        return f"{addr[0]}|{addr[1]}".encode()
     return repr(addr).encode()
 
 

@@ -146,6 +146,13 @@ class DnsServer:
                 lambda: _UdpProtocol(self._on_upstream_datagram, self.errors),
                 family=family, local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
 
+    def sockets(self) -> list[tuple[str, object]]:
+        """``(name, socket)`` of the UDP listener and the upstream socket, for the kernel's
+        drop counts in a status (``cyphonic.socket_stats``)."""
+        return [(name, proto.transport.get_extra_info("socket"))
+                for name, proto in (("dns", self._udp), ("dns upstream", self._up))
+                if proto is not None and proto.transport is not None]
+
     def close(self) -> None:
         self._closed = True
         self.timer.close()

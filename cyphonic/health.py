@@ -11,6 +11,10 @@ a test keeps the two the same):
 - an *event* happened (a worker died and was restarted, a tunnel failed): ``record()`` keeps
   it for ``EVENT_SHOW_S``, the latest text per (code, subject), at most ``EVENTS_MAX``.
 
+``LoadWatch`` turns rising counters into the ``under-load`` condition, the same for every
+daemon: cookie replies sent, kernel drops on the daemon's sockets and its own drops, compared
+between two samples.
+
 Pure: time is an argument; no clocks, files or sockets.
 """
 
@@ -18,10 +22,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 EVENT_SHOW_S = 300.0
 EVENTS_MAX = 64
+
+LOAD_SAMPLE_S = 1.0         # counters are compared over at least this long (a status asked between
+                            # two of a daemon's ticks neither starts nor ends the condition)
+LOAD_WARNING_HOLD_S = 5.0   # under-load holds this long after the last rise seen, then ends by itself
+LOAD_DROPS_PER_S = 10.0     # the daemon's own drops climbing this fast are load (a stray bad datagram
+                            # is not); any cookie reply sent or any kernel drop is
 
 ERROR = "error"
 WARNING = "warning"
@@ -48,6 +58,10 @@ CODES: dict[str, Code] = {
     "certificate-expiring": Code(WARNING, CONDITION, "the node's certificate expires within an hour "
                                                      "and has not been renewed"),
     "tunnel-failed": Code(WARNING, EVENT, "a tunnel could not be set up (policy, peer offline, no path)"),
+    # any daemon: the node daemon, the adapter, the cloud (LoadWatch below)
+    "under-load": Code(WARNING, CONDITION, "cookie replies are being sent, or the kernel or the daemon itself "
+                                           "is dropping datagrams faster than usual; ends by itself"),
+    "metrics-unwritable": Code(WARNING, CONDITION, "the Prometheus textfile (metrics_file) cannot be written"),
     # the node daemon
     "tun-failed": Code(ERROR, EVENT, "the TUN interface could not be created or configured"),
     "dns-down": Code(ERROR, EVENT, "the DNS server could not listen on its address"),
@@ -119,6 +133,72 @@ class Health:
 
     def codes(self, now: float) -> set[str]:
         return {r["code"] for r in self.report(now)}
+
+
+def _rise(old: Mapping[str, int], new: Mapping[str, int]) -> tuple[int, str]:
+    """How much the counters rose, key by key (one that fell, e.g. a restarted worker's, adds
+    nothing), and the key that rose most."""
+    total, top, top_n = 0, "", 0
+    for key, value in new.items():
+        d = value - old.get(key, 0)
+        if d > 0:
+            total += d
+            if d > top_n:
+                top, top_n = key, d
+    return total, top
+
+
+class LoadWatch:
+    """The ``under-load`` condition of one daemon. ``conditions(now, sample)`` is called
+    wherever the daemon observes its health; ``sample()`` answers three tables of counters
+    (name -> running total), read only once per ``sample_s``:
+
+    - ``cookie_replies``: cookie replies sent (``cookie_replies_sent`` of the devices and
+      control servers): any rise is load, since they are sent only under load;
+    - ``kernel_drops``: per socket (``socket_stats``): any rise is load (a full receive buffer);
+    - ``drops``: the daemon's own drops by reason: a rise of ``drops_per_s`` or more is load.
+
+    The condition holds from the first sample that saw a rise until ``hold_s`` after the last
+    one: it ends by itself once the counters stop climbing."""
+
+    def __init__(self, *, subject: str = "", sample_s: float = LOAD_SAMPLE_S,
+                 hold_s: float = LOAD_WARNING_HOLD_S, drops_per_s: float = LOAD_DROPS_PER_S) -> None:
+        self.subject = subject
+        self.sample_s = sample_s
+        self.hold_s = hold_s
+        self.drops_per_s = drops_per_s
+        self._last: tuple[float, dict] | None = None
+        self._until: float | None = None
+        self._text = ""
+
+    def observe(self, now: float, *, cookie_replies: Mapping[str, int], kernel_drops: Mapping[str, int],
+                drops: Mapping[str, int]) -> None:
+        """One sample: compared with the last one (the first only sets the base)."""
+        sample = {"cookie_replies": dict(cookie_replies), "kernel_drops": dict(kernel_drops), "drops": dict(drops)}
+        last, self._last = self._last, (now, sample)
+        if last is None or now <= last[0]:
+            return
+        dt = now - last[0]
+        cookies, _ = _rise(last[1]["cookie_replies"], sample["cookie_replies"])
+        kernel, kernel_top = _rise(last[1]["kernel_drops"], sample["kernel_drops"])
+        user, user_top = _rise(last[1]["drops"], sample["drops"])
+        why = []
+        if cookies:
+            why.append(f"{cookies} cookie replies sent")
+        if kernel:
+            why.append(f"{kernel} datagrams dropped by the kernel (most on {kernel_top})")
+        if user >= self.drops_per_s * dt:
+            why.append(f"{user} dropped by the daemon (most {user_top})")
+        if why:
+            self._until = now + self.hold_s
+            self._text = ", ".join(why) + f" in {dt:.1f} s"
+
+    def conditions(self, now: float, sample: Callable[[], Mapping[str, Mapping[str, int]]]) -> list[Warning]:
+        if self._last is None or now - self._last[0] >= self.sample_s:
+            self.observe(now, **sample())
+        if self._until is None or now >= self._until:
+            return []
+        return [Warning("under-load", self._text, subject=self.subject)]
 
 
 def describe(rows: list[dict], now: float) -> list[str]:

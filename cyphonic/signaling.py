@@ -11,18 +11,32 @@ Life cycle::
 
     IDLE --start--> LOGGING_IN --LoginResponse--> REGISTERING --RegisterResponse--> READY
       LOGGING_IN --token/identity refused--> FAILED      (the operator must act)
-      any --cloud silent (keepalive or request timed out)--> RECONNECTING --backoff--> LOGGING_IN
+      any --cloud silent (keepalive or request timed out)--> RECONNECTING --next try--> LOGGING_IN
 
 After a cloud restart the cloud has no session for us: our keepalive times out,
 we handshake, log in again (by key) and re-register, by ourselves. The
 certificate is renewed by a fresh login at two thirds of its lifetime.
+
+Getting back (the recovery target: logged in again within 5 s of the cloud's
+return). From the start and from the first failure until the link is ready, the
+client tries again on a timer: RECONNECT_MIN_S, doubling to RECONNECT_MAX_S (to
+ENROLL_RETRY_MAX_S while it has no certificate, or once the cloud answered with a
+refusal), each wait drawn from the lower half of its value so that links that
+failed together spread out. A try starts a control handshake unless one is under
+way or the cloud answered one since the last failure, and sends the login (or
+registration) unless it is out. Meanwhile the channel resends its initiation at
+least as often as that cap (``ControlClient.retry_cap_s``) and does not abandon
+it. A handshake the cloud answers is acted on at once: the queued login goes out
+with the session, and if none was out one is sent then. So a node that has
+logged in before is back within about RECONNECT_MAX_S of the cloud's return, for
+as long as the outage lasts, sending one initiation every 1.25 to 2.5 s meanwhile.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from . import constants as C
@@ -33,8 +47,6 @@ from .wire import signaling as sig
 
 E = sig.ErrorCode
 FATAL_LOGIN_CODES = {E.TOKEN_UNKNOWN, E.TOKEN_EXPIRED, E.TOKEN_USED, E.REVOKED, E.UNAUTHENTICATED}
-RECONNECT_MIN_S = 1.0
-RECONNECT_MAX_S = 30.0
 KEEPALIVE_RETRIES = 2
 
 
@@ -121,6 +133,7 @@ class SignalingClient:
         self.software = software
         self.local_endpoints = tuple(local_endpoints)[:C.MAX_ENDPOINTS]
         self.rng = rng or random.SystemRandom()
+        self.drops: Counter = Counter()   # control datagrams from addresses that are not the cloud
         self.state = State.IDLE
         self.channels: dict = {}
         self._events: deque = deque()
@@ -131,8 +144,10 @@ class SignalingClient:
         self._keepalive_at: float | None = None
         self._keepalive_s = 25.0
         self._relogin_at: float | None = None
-        self._reconnect_at: float | None = None
-        self._backoff = RECONNECT_MIN_S
+        self._reconnect_at: float | None = None   # the next try; None while ready (or idle, failed)
+        self._retries = 0                          # tries since the link was last ready: the wait doubles
+        self._alive_since = 0.0                    # a control session older than this is not trusted
+        self._refused = False                      # the cloud answered, with a refusal: no need to hurry
         self.last_error: str = ""
         self._sent_token = False
 
@@ -165,7 +180,8 @@ class SignalingClient:
     # --- life cycle -----------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        self._login(now)
+        self._alive_since = now
+        self._attempt(now)
 
     def _login(self, now: float) -> None:
         self.state = State.LOGGING_IN
@@ -218,6 +234,7 @@ class SignalingClient:
         if self.state == State.READY:
             self._channel(self.nms_addr).notify(sig.Deregister(), now)
         self.state = State.IDLE
+        self._reconnect_at = None
 
     # --- input ------------------------------------------------------------------------
 
@@ -229,6 +246,7 @@ class SignalingClient:
                     ch = c
                     break
         if ch is None:
+            self.drops["unknown_source"] += 1
             return
         ch.receive_datagram(data, addr, now)
         self._drain(ch, now)
@@ -244,7 +262,7 @@ class SignalingClient:
             elif isinstance(e, Unreachable):
                 self._lost(f"cloud at {e.addr} unreachable", now)
             elif isinstance(e, Connected):
-                pass
+                self._on_connected(ch, now)
 
     def _on_reply(self, e: Reply, now: float) -> None:
         rid = e.request.request_id
@@ -265,7 +283,11 @@ class SignalingClient:
             if isinstance(msg, sig.RegisterResponse):
                 self.state = State.READY
                 self.last_error = ""           # ready again: what went wrong before is over
-                self._backoff = RECONNECT_MIN_S
+                self._reconnect_at = None
+                self._retries = 0
+                self._refused = False
+                for ch in self.channels.values():
+                    ch.retry_cap_s = None          # rekeys keep the channel's own schedule
                 self._keepalive_s = max(1.0, float(msg.keepalive_interval_s))
                 self._keepalive_at = now + self._keepalive_s
                 self.registration = Registered(msg.observed, msg.nat == sig.NatType.NAT)
@@ -275,7 +297,7 @@ class SignalingClient:
                 if msg.code in (E.CERT_INVALID, E.UNAUTHENTICATED):
                     self._login(now)
                 else:
-                    self._lost(self.last_error, now)
+                    self._lost(self.last_error, now, refused=True)
         elif what == "keepalive":
             if isinstance(msg, sig.KeepaliveAck):
                 if self.registration is not None and msg.observed != self.registration.observed:
@@ -294,12 +316,13 @@ class SignalingClient:
             self.last_error = f"login refused: {msg.code.name} ({sig.ERROR_TEXTS.get(msg.code, '')}) {msg.text}"
             if msg.code in FATAL_LOGIN_CODES:
                 self.state = State.FAILED
+                self._reconnect_at = None
                 self._emit(LoginFailed(msg.code, msg.text))
             else:
-                self._lost(self.last_error, now)
+                self._lost(self.last_error, now, refused=True)
             return
         if not isinstance(msg, sig.LoginResponse):
-            self._lost("unexpected answer to login", now)
+            self._lost("unexpected answer to login", now, refused=True)
             return
         cert = wire_cert.decode(msg.certificate)
         enrolled = self._sent_token
@@ -315,6 +338,7 @@ class SignalingClient:
             ch.set_identity(self.identity)
         nms = self._channel(self.nms_addr)
         nms.set_cloud_address(self.nms_addr, now)  # handshake again so the NMS sees our certificate
+        self._alive_since = now
         self._register(now)
 
     def _on_incoming(self, ch: ControlClient, e: Incoming, now: float) -> None:
@@ -325,6 +349,7 @@ class SignalingClient:
             self._emit(Notified(msg))
             if msg.kind == sig.NotifyKind.REVOKED:
                 self.state = State.FAILED
+                self._reconnect_at = None
                 self._emit(LoginFailed(E.REVOKED, msg.detail))
             elif msg.kind == sig.NotifyKind.REREGISTER:
                 self._register(now)
@@ -337,19 +362,68 @@ class SignalingClient:
             self._emit(RouteFailed(peer, E.PEER_UNREACHABLE, "the cloud did not answer"))
         self._lost(f"the cloud did not answer {type(e.request).__name__}", now)
 
-    def _lost(self, reason: str, now: float) -> None:
+    def _lost(self, reason: str, now: float, refused: bool = False) -> None:
+        """The way up or the ready link failed: try again on the timer. ``refused``: the cloud
+        answered (a non-final error: rate limited, internal), so its session is alive and the
+        tries may back off as far as ENROLL_RETRY_MAX_S; otherwise it went silent."""
         if self.state == State.FAILED:
             return
-        if self.state == State.RECONNECTING and self._reconnect_at is not None:
-            return  # already counting down: more timeouts of the old session change nothing
+        self.last_error = reason
+        if refused:
+            self._refused = True
+        else:
+            self._alive_since = now           # the cloud went silent: whatever session we had is suspect
+        if self._reconnect_at is not None:
+            return  # already trying again on a timer: more timeouts of the old session change nothing
         was_ready = self.state == State.READY
         self.state = State.RECONNECTING
-        self.last_error = reason
         self._keepalive_at = None
-        self._reconnect_at = now + self._backoff * (0.5 + self.rng.random())
-        self._backoff = min(RECONNECT_MAX_S, self._backoff * 2)
+        self._reconnect_at = now + self._retry_wait()
         if was_ready:
             self._emit(CloudLost(reason))
+
+    # --- getting back -----------------------------------------------------------------------
+
+    def _retry_wait(self) -> float:
+        """The wait before the next try: doubling from RECONNECT_MIN_S to the cap, drawn from
+        [1 - RECONNECT_JITTER, 1] of that so that links which failed together spread out."""
+        base = min(self._cap(), C.RECONNECT_MIN_S * 2 ** self._retries)
+        self._retries = min(self._retries + 1, 16)
+        return base * (1.0 - C.RECONNECT_JITTER * self.rng.random())
+
+    def _cap(self) -> float:
+        """The short cap is for a silent cloud that a node with a certificate waits to come back."""
+        return C.RECONNECT_MAX_S if self.identity.certificate and not self._refused else C.ENROLL_RETRY_MAX_S
+
+    def _step(self) -> tuple[object, str]:
+        """The channel and the request the way up waits for now."""
+        if self.state == State.REGISTERING:
+            return self.nms_addr, "register"
+        return self.as_addr, "login"
+
+    def _attempt(self, now: float) -> None:
+        """One try: a handshake unless one is under way (the channel resends it, at least every
+        RECONNECT_MAX_S meanwhile) or the cloud answered one since the last failure, the login
+        (or registration) unless it is out already, and the next try after the wait."""
+        addr, what = self._step()
+        ch = self._channel(addr)
+        ch.retry_cap_s = self._cap()
+        if ch.handshake is None and not (ch.connected and ch.peer.created >= self._alive_since):
+            ch.set_cloud_address(ch.peer.addr, now)
+            self._alive_since = now
+        if what not in self._requests.values():
+            self._login(now) if what == "login" else self._register(now)
+        self._reconnect_at = now + self._retry_wait()
+
+    def _on_connected(self, ch: ControlClient, now: float) -> None:
+        """The cloud answered a handshake: while trying to get back, do not wait for the next
+        try. A login or registration waiting for this session already went out with it."""
+        if self._reconnect_at is None or self.state not in (State.RECONNECTING, State.LOGGING_IN,
+                                                            State.REGISTERING):
+            return
+        addr, what = self._step()
+        if ch is self.channels.get(addr) and what not in self._requests.values():
+            self._attempt(now)
 
     # --- timers ---------------------------------------------------------------------------
 
@@ -365,10 +439,10 @@ class SignalingClient:
                 ch.handle_timer(now)
                 self._drain(ch, now)
         if self._reconnect_at is not None and now >= self._reconnect_at:
-            self._reconnect_at = None
-            for ch in self.channels.values():
-                ch.set_cloud_address(ch.peer.addr, now)
-            self._login(now)
+            if self.state in (State.RECONNECTING, State.LOGGING_IN, State.REGISTERING):
+                self._attempt(now)
+            else:
+                self._reconnect_at = None
         if self._keepalive_at is not None and now >= self._keepalive_at and self.state == State.READY:
             self._keepalive_at = now + self._keepalive_s
             if "keepalive" not in self._requests.values():  # one outstanding keepalive at a time

@@ -29,7 +29,8 @@ def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers
         "cloud": f"{ov.cloud_host.addr4}:47101", "cloud_key": ov.cloud_key, "gn_token": gn_token,
         "state_dir": str(tmp_path / name), "lan_interface": lan_iface, "wan_interface": "eth0",
         "lan_address": LAN_ADDRESS, "prefix": "100.64.0.0/10", "workers": workers, "name": name,
-        "status_socket": sock, **(extra or {})}))
+        "status_socket": sock, "metrics_file": str(tmp_path / "metrics" / f"{name}.prom"),   # not the host's /run
+        **(extra or {})}))
     log = tmp_path / f"{name}.log"
     proc = lab.spawn(adapter, [PY, "-m", "appliance.controller", "--config", str(conf)], log=log)
     ov.wait_log(str(log), "started:", 20)

@@ -45,21 +45,36 @@ class Overlay:
             raise AssertionError(f"cyphonic-cloud {' '.join(args)}: {p.stderr}")
         return p.stdout
 
-    def start_cloud(self) -> None:
+    def start_cloud(self) -> float:
+        """Start the cloud, or start it again on its state after `stop_cloud`; returns the time
+        (time.time()) it was seen listening: its "cloud key" line, logged once its sockets are bound."""
+        seen = self._read(self.cloud_log).count("cloud key")
         self.cloud_proc = self.lab.spawn(self.cloud_host, [PY, "-m", "cyphonic.cloud.cli", "--config",
                                                            self.config, "serve"], log=self.cloud_log)
-        self.wait_log(self.cloud_log, "cloud key", 15)
+        self.wait_log(self.cloud_log, "cloud key", 15, count=seen + 1, poll=0.01)
+        return time.time()
 
-    def wait_log(self, path: str, needle: str, timeout: float) -> None:
+    def stop_cloud(self, kill: bool = True) -> None:
+        """The cloud goes away: SIGKILL (a crash) or SIGTERM (a clean stop). Its state stays."""
+        (self.cloud_proc.kill if kill else self.cloud_proc.terminate)()
+        self.cloud_proc.wait(15)
+
+    @staticmethod
+    def _read(path: str) -> str:
+        try:
+            with open(path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def wait_log(self, path: str, needle: str, timeout: float, *, count: int = 1, poll: float = 0.05) -> None:
+        """Wait until ``needle`` is in the log at ``path`` (``count`` times)."""
         end = time.time() + timeout
         while time.time() < end:
-            try:
-                if needle in open(path).read():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in {path} after {timeout}s:\n{open(path).read()[-3000:]}")
+            if self._read(path).count(needle) >= count:
+                return
+            time.sleep(poll)
+        raise AssertionError(f"{needle!r} not in {path} after {timeout}s:\n{self._read(path)[-3000:]}")
 
     def add_node(self, name: str, host, *, group: str = "default") -> dict:
         token = self.cli("enroll", name, "--group", group).strip()
@@ -70,6 +85,7 @@ class Overlay:
             "listen4": "0.0.0.0" if host.addr4 else "", "listen6": "::" if host.addr6 else "",
             "dns_listen": "127.0.0.1:53", "dns_upstream": "none",
             "status_socket": os.path.join(self.dir, f"{name}.sock"),
+            "metrics_file": os.path.join(self.dir, "metrics", f"{name}.prom"),   # not the host's /run
         }
         path = os.path.join(self.dir, f"{name}.toml")
         with open(path, "w") as f:
@@ -78,7 +94,7 @@ class Overlay:
         log = os.path.join(self.dir, f"{name}.log")
         proc = self.lab.spawn(host, [PY, "-m", "cyphonic.node.daemon", "--config", path], log=log)
         node = {"name": name, "host": host, "config": path, "log": log, "proc": proc,
-                "socket": conf["status_socket"], "fqdn": f"{name}.{DOMAIN}"}
+                "socket": conf["status_socket"], "metrics_file": conf["metrics_file"], "fqdn": f"{name}.{DOMAIN}"}
         self.nodes[name] = node
         return node
 

@@ -44,7 +44,14 @@ def test_general_node_gets_a_lease_resolves_pings_and_runs_iperf3(lab, tmp_path)
     # an unenrolled MAC gets no lease
     r, lease = dhclient(lab, gn, tmp_path, "gn0", timeout_s=4)
     assert not lease and "No DHCPOFFERS received" in r.stdout + r.stderr, r.stdout + r.stderr
+    # ... and is listed as an unknown device asking for one
+    unknown = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)["dhcp"]["unknown_macs"]
+    [row] = [m for m in unknown["macs"] if m["mac"] == mac]
+    assert row["count"] >= 1 and unknown["total"] >= row["count"] and time.time() - row["last_seen"] < 10, unknown
+    assert f"{mac}  {row['count']} requests" in cyadm(lab, adapter, sock, "status").stdout
     add_gn(lab, adapter, sock, log, ov, mac, "cam1")
+    unknown = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)["dhcp"]["unknown_macs"]
+    assert mac not in {m["mac"] for m in unknown["macs"]} and unknown["total"] >= row["count"]   # enrolled now
     r, lease = dhclient(lab, gn, tmp_path, "gn")
     assert lease, r.stdout + r.stderr + open(log).read()[-3000:]
     gn_vip = lease["new_ip_address"]
@@ -156,6 +163,45 @@ def test_worker_killed_during_iperf3_and_no_clear_packet_on_the_wan(lab, tmp_pat
     assert dump.stdout.strip() == "", dump.stdout[:2000]   # no clear packet of the GN on the WAN
 
 
+def test_gn_add_and_remove_disturb_no_other_general_node(lab, tmp_path):
+    """cam1 pings the node every 10 ms while cam2 is added (and gets its lease and a tunnel) and
+    removed with cyadm: not one of cam1's pings is lost and no worker restarts (adding used to
+    fork the pool again, losing what was in its queues)."""
+    site = adapter_site(lab, tmp_path, extra_gns=("gn2",))
+    adapter, gn, gn2, ov = site["adapter"], site["gn"], site["others"]["gn2"], site["ov"]
+    sock, log, srv_vip = site["sock"], site["log"], site["srv_vip"]
+    assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
+        .stdout.strip() == srv_vip                                 # cam1's tunnel is up
+    workers = [w["pid"] for w in json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)["workers"]]
+    count = 800                                                    # 8 s at 10 ms; the rest takes ~3 s
+    pinger = lab.spawn(gn, ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "2", srv_vip],
+                       log=tmp_path / "ping.log")
+    t0 = time.monotonic()
+    time.sleep(0.5)
+    mac2 = mac_of(lab, gn2)
+    add_gn(lab, adapter, sock, log, ov, mac2, "cam2")
+    r, lease = dhclient(lab, gn2, tmp_path, "gn2")
+    assert lease, r.stdout + r.stderr
+    assert lab.exec(gn2, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
+        .stdout.strip() == srv_vip                                 # cam2's own tunnel
+    p = lab.exec(gn2, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout + open(log).read()[-3000:]   # sealed by the same workers
+    removed = cyadm(lab, adapter, sock, "gn", "remove", mac2)
+    assert removed.returncode == 0, removed.stderr
+    p = lab.exec(gn2, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "1", srv_vip], timeout=20)
+    assert " 100% packet loss" in p.stdout, p.stdout               # its socket and sessions are gone
+    time.sleep(0.5)
+    assert pinger.poll() is None, "the ping ended before cam2 was removed: raise the count"
+    print(f"\ncam2 added, leased, pinged and removed within {time.monotonic() - t0:.1f} s of cam1's ping")
+    pinger.wait(40)
+    out = open(tmp_path / "ping.log").read()
+    assert f"{count} packets transmitted, {count} received, 0% packet loss" in out, out[-600:]
+    st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    assert [w["pid"] for w in st["workers"]] == workers and st["worker_restarts"] == 0
+    # cam1 and cam2 both came over the pipes (cam1 was added after the workers started too)
+    assert all(w.get("ports_added") == 2 and w.get("ports") == 1 for w in st["workers"]), st["workers"]
+
+
 def test_malformed_input_from_the_lan_and_the_wan_is_counted_and_changes_nothing(lab, tmp_path):
     site = adapter_site(lab, tmp_path)
     adapter, gn, srv_host, srv_vip = site["adapter"], site["gn"], site["srv_host"], site["srv_vip"]
@@ -184,6 +230,24 @@ def test_malformed_input_from_the_lan_and_the_wan_is_counted_and_changes_nothing
     assert sum(after["dhcp"]["drops"].values()) > sum(before["dhcp"]["drops"].values())
     assert sum(after["arp"]["drops"].values()) >= sum(before["arp"]["drops"].values()) + 50, after["arp"]
     assert sum(after["dns"].values()) > sum(before["dns"].values())          # the DNS garbage was seen
+    # ... and every drop is in the one table of `cyadm status --json` (it said `drops: {}`), the
+    # WAN junk at cam1's socket too; the kernel's drops of each socket and NFQUEUE are read
+    def part(st, prefix):
+        return sum(v for k, v in st["drops"].items() if k.startswith(prefix))
+    assert part(after, "dhcp_") > part(before, "dhcp_") and part(after, "arp_") >= part(before, "arp_") + 50
+    # (types 0-8 of the 300: 270, control types 6-8 from a stranger's address as
+    # signaling_unknown_source; 9 is a punch, counted apart)
+    assert part(after, "engine_") + part(after, "device_") + part(after, "signaling_") >= \
+        part(before, "engine_") + part(before, "device_") + part(before, "signaling_") + 270, after["drops"]
+    assert part(after, "signaling_unknown_source") >= 90
+    rows = {r["socket"]: r for r in after["sockets"]}
+    assert {"adapter", "cam1", "dhcp", "arp", "nfqueue 0", "nfqueue 1"} <= set(rows), rows
+    assert all(isinstance(r["kernel_drops"], int) for r in rows.values()), rows
+    metrics = cyadm(lab, adapter, sock, "metrics")
+    assert metrics.returncode == 0 and 'cyphonic_socket_kernel_drops_total{daemon="adapter",socket="cam1"' \
+        in metrics.stdout, metrics.stdout[-2000:] + metrics.stderr
+    with open(tmp_path / "metrics" / "adapter.prom") as f:                    # the textfile, every 5 s
+        assert 'cyphonic_info{daemon="adapter"' in f.read()
     assert [(g["mac"], g["vip4"]) for g in after["general_nodes"]] == \
         [(g["mac"], g["vip4"]) for g in before["general_nodes"]]
     # still serving: resolve and ping
@@ -199,6 +263,10 @@ def test_controller_kill_9_keeps_leases_and_identities_and_auto_enroll(lab, tmp_
     site = adapter_site(lab, tmp_path, extra_gns=("gn2",))
     adapter, gn, gn2, ov = site["adapter"], site["gn"], site["others"]["gn2"], site["ov"]
     proc, srv_vip, vip = site["proc"], site["srv_vip"], site["gn_vip"]
+    _, none = dhclient(lab, gn2, tmp_path, "gn2-unknown", timeout_s=3)   # not enrolled (yet): no lease
+    assert not none
+    mac2 = mac_of(lab, gn2)
+    time.sleep(0.5)                                   # (the first sighting is written at once, the rest every 5 s)
     proc.send_signal(_signal.SIGKILL)                 # the controller dies at once
     proc.wait(10)
     conf = tmp_path / "adapter.toml"
@@ -212,6 +280,10 @@ def test_controller_kill_9_keeps_leases_and_identities_and_auto_enroll(lab, tmp_
     assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
         .stdout.strip() == srv_vip
     assert " 0% packet loss" in lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", srv_vip], timeout=20).stdout
+    # the unknown MAC that asked before the kill is still listed
+    sock2 = str(tmp_path / "adapter.sock")
+    unknown = json.loads(cyadm(lab, adapter, sock2, "status", "--json").stdout)["dhcp"]["unknown_macs"]
+    assert [m["mac"] for m in unknown["macs"]] == [mac2] and unknown["total"] >= 1, unknown
     # auto-enrollment (configured on now): an unknown MAC is enrolled and served on a later try
     _, first = dhclient(lab, gn2, tmp_path, "gn2a", timeout_s=4)
     ov.wait_log(str(tmp_path / "adapter2.log"), "auto-enrolled", 10)

@@ -87,12 +87,17 @@ class Pool:
         self.pool = WorkerPool(n, 0, worker_args=lambda: (), add_reader=lambda *a: None,
                                remove_reader=lambda *a: None, on_message=lambda msg: None,
                                health=self.health, log=lambda line: None, clock=lambda: self.now,
-                               launch=self._launch, pipe=self._pipe)
+                               launch=self._launch, pipe=self._pipe, pass_socket=self._pass_socket)
         self.pool.start()
 
     def _pipe(self):
         self._last_parent = FakeConn(self.log)
         return self._last_parent, FakeConn([])
+
+    @staticmethod
+    def _pass_socket(conn, sock) -> None:
+        """(The real one sends the fd over the pipe, SCM_RIGHTS: recorded as a message here.)"""
+        conn.send(("fd", sock.getsockname()[1]))
 
     def _launch(self, index, queue, child, args):
         proc = FakeProc(index)

@@ -1,9 +1,20 @@
 """The adapter's worker pool (appliance.worker_pool) with stand-in processes and pipes:
-generations, supervision, health, messages, counters."""
+generations, supervision, health, messages, counters; and a general node added to and removed
+from running workers over real pipes (appliance.packet_handling.SealTable, the worker's side)."""
 
 from __future__ import annotations
 
-from test_adapter_sessions import FakeConn, Pool
+import os
+import socket
+from collections import Counter
+from multiprocessing.connection import Connection
+
+from cyphonic.health import Health
+
+from appliance.packet_handling import SealTable
+from appliance.worker_pool import WorkerPool
+
+from test_adapter_sessions import FakeConn, FakeProc, Pool
 
 
 def test_workers_start_on_their_queues_each_with_a_generation_of_its_own():
@@ -79,3 +90,93 @@ def test_forking_again_and_stopping():
     p.pool.stop()
     assert [m for proc, m in p.log if proc in {w.proc for w in p.pool.workers}] == [("stats",)] * 2 + [("stop",)] * 2
     assert p.pool.stopping
+
+
+# --- a general node added to and removed from running workers ------------------------------------------
+
+def udp(port: int = 0) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", port))
+    s.settimeout(2.0)
+    return s
+
+
+class LiveWorkers:
+    """A WorkerPool on real pipes (Unix socket pairs, as forked workers have) whose "processes" are
+    SealTables in this process, each on its own copy of the pipe's child end (as after a fork)."""
+
+    def __init__(self, n: int, sockets: dict) -> None:
+        self.tables: list[SealTable] = []
+        self.pool = WorkerPool(n, 0, worker_args=lambda: (dict(sockets), -1), add_reader=lambda *a: None,
+                               remove_reader=lambda *a: None, on_message=lambda msg: None, health=Health(),
+                               log=lambda line: None, clock=lambda: 0.0, launch=self._launch)
+        self.pool.start()
+
+    def _launch(self, index, queue, child, args):
+        sockets, _heads_up = args
+        inherited = Connection(os.dup(child.fileno()))
+        self.tables.append(SealTable(index, queue, inherited, {p: s.dup() for p, s in sockets.items()}, Counter()))
+        return FakeProc(index)
+
+    def run(self) -> list[bool]:
+        """Each worker reads what its pipe holds, as worker_main does; whether each goes on."""
+        out = []
+        for t in self.tables:
+            going = True
+            while going and t.conn.poll():
+                going = t.control(t.conn.recv())
+            out.append(going)
+        return out
+
+
+def tx(port: int, gn: int, peer: int) -> tuple:
+    return ("tx", bytes([100, 64, 0, gn]), bytes([100, 64, 1, peer]), os.urandom(32), 7, 1 + gn,
+            ("127.0.0.1", 9), port)
+
+
+def test_a_new_general_nodes_socket_reaches_the_running_workers_and_leaves_them_with_its_sessions():
+    a, b, peer = udp(), udp(), udp()
+    pa, pb = a.getsockname()[1], b.getsockname()[1]
+    live = LiveWorkers(2, {pa: a})
+    procs = [w.proc for w in live.pool.workers]
+    live.pool.add_port(pb, b)                       # `cyadm gn add`: b's socket, over each pipe
+    for w in live.pool.workers:
+        live.pool.send_to(w, tx(pa, 1, 1))
+        live.pool.send_to(w, tx(pb, 2, 1))
+    assert live.run() == [True, True]
+    assert [w.proc for w in live.pool.workers] == procs and not any(w.dead for w in live.pool.workers)
+    for t in live.tables:
+        assert set(t.sockets) == {pa, pb} and t.counters["installs"] == 2 and t.counters["ports_added"] == 1
+        copy = t.sessions[(bytes([100, 64, 0, 2]), bytes([100, 64, 1, 1]))][2]
+        assert copy.fileno() != b.fileno()          # its own copy of the controller's socket ...
+        copy.sendto(b"sealed", peer.getsockname())  # ... which sends from the general node's port
+        data, src = peer.recvfrom(100)
+        assert data == b"sealed" and src[1] == pb
+    # `cyadm gn remove`: the sessions of b leave with its socket; a's stay; the controller's b works on
+    live.pool.close_port(pb)
+    assert live.run() == [True, True]
+    for t in live.tables:
+        assert set(t.sockets) == {pa} and copy.fileno() == -1
+        assert all(s[2].getsockname()[1] == pa for s in t.sessions.values()) and len(t.sessions) == 1
+        assert all(s is not copy for _, _, s in t.sessions.values())
+    b.sendto(b"still mine", peer.getsockname())
+    assert peer.recvfrom(100)[0] == b"still mine"
+    for s in (a, b, peer):
+        s.close()
+
+
+def test_a_worker_refuses_an_add_port_without_its_socket_and_stops_for_a_fresh_fork(monkeypatch):
+    import appliance.packet_handling as ph
+    monkeypatch.setattr(ph.receive_socket, "__defaults__", (0.05,))   # the wait for the fd
+    other = udp()
+    live = LiveWorkers(1, {})
+    live.pool.send_to(live.pool.workers[0], ("add_port", 40000))        # no fd follows
+    assert live.run() == [False] and live.tables[0].counters["add_port_refused"] == 1
+    live = LiveWorkers(1, {})
+    live.pool.add_port(40000, other)                # a socket that is not bound to that port
+    assert live.run() == [False] and not live.tables[0].sockets
+    live = LiveWorkers(1, {})
+    live.pool.workers[0].conn.close()
+    live.pool.add_port(other.getsockname()[1], other)                  # a dead pipe: marked, replaced
+    assert live.pool.workers[0].dead
+    other.close()

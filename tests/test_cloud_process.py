@@ -161,6 +161,13 @@ def test_bad_input_is_counted_and_the_cloud_keeps_serving(cloud):
             with socket.socket(fam, socket.SOCK_DGRAM) as s:
                 for j in junk * 20:
                     s.sendto(j, (host, port))
+    # the next stats (every 2 s) count it and say the cloud is under load (issue 12)
+    for _ in range(100):
+        last = cloud.last_stats()
+        if sum(last.get("control_drops", {}).values()) >= 100:
+            break
+        time.sleep(0.05)
+    assert "under-load" in {h["code"] for h in last["health"]}, last["health"]
     tok = cloud.cli("enroll", "after").strip()
 
     async def scenario():
@@ -177,6 +184,16 @@ def test_bad_input_is_counted_and_the_cloud_keeps_serving(cloud):
     assert sum(st["control_drops"].values()) >= 100
     assert sum(st["relay"]["drops"].values()) >= 100
     assert cloud.proc.poll() is None
+    # the kernel's drops on each socket, and the same in the Prometheus text format
+    rows = {r["socket"]: r for r in st["sockets"]}
+    assert {"signaling4", "signaling6", "relay4", "relay6"} <= set(rows), rows
+    assert all(isinstance(rows[k]["kernel_drops"], int) for k in ("signaling4", "relay4")), rows
+    from test_metrics import parse
+    fams = parse(cloud.cli("metrics"))
+    drops = {dict(k)["reason"]: v for k, v in fams["cyphonic_drops_total"][2].items()}
+    assert sum(v for k, v in drops.items() if k.startswith("control_")) >= 100
+    assert sum(v for k, v in drops.items() if k.startswith("relay_")) >= 100
+    assert {dict(k)["socket"] for k in fams["cyphonic_socket_kernel_drops_total"][2]} >= {"signaling4", "relay4"}
 
 
 def test_kill_9_loses_nothing_and_nodes_come_back_by_themselves(tmp_path):

@@ -297,3 +297,22 @@ def test_no_early_resend_before_a_round_trip_was_timed_or_when_the_rto_is_long()
     assert slow.client.peer.early_resend_at(slow.now) is None
     fast = _timed_channel(rtt=0.05)  # RTO = 0.05 + 4 x 0.025 = 0.15 s -> the 0.2 s floor
     assert fast.client.peer.early_resend_at(fast.now) == fast.now + C.CONTROL_FAST_RETRY_MIN_S
+
+
+def test_a_request_that_timed_out_waiting_for_a_session_is_not_sent_later():
+    """A request queued for a session that did not come (the cloud away) and then timed out is
+    dropped from the queue too: when the session comes it is not sent (a signaling client that
+    logs in again through a long outage would otherwise reach the cloud with every old login)."""
+    net = Net()
+    net.drop = lambda side, d: True
+    net.client.request(sig.RouteRequest(peer_fqdn="old.example"), net.now)
+    net.advance(32, step=1.0)                         # 1 + 2 + 4 + 8 + 8 + 8: timed out
+    assert any(isinstance(e, ctl.RequestTimedOut) for e in net.events(net.client))
+    assert len(net.client.queue) == 0
+    net.drop = None
+    net.client.request(sig.RouteRequest(peer_fqdn="new.example"), net.now)
+    net.client.set_cloud_address(CLOUD, net.now)      # a fresh handshake: the cloud answers it
+    net.pump()
+    asked = [e.msg.peer_fqdn for e in net.events(net.server) if isinstance(e, ctl.Incoming)
+             and isinstance(e.msg, sig.RouteRequest)]
+    assert asked == ["new.example"]

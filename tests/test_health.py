@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cyphonic.health import CODES, CONDITION, EVENT, Health, Warning, describe
+from cyphonic.health import CODES, CONDITION, EVENT, Health, LoadWatch, Warning, describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,3 +74,70 @@ def test_the_documented_table_is_the_code_table():
 def test_describe_prints_severity_code_text_and_age():
     assert describe([{"code": "worker-down", "severity": "error", "text": "worker 1", "since": 90.0}], 100.0) == \
         ["[error] worker-down: worker 1 (for 10 s)"]
+
+
+class Counters:
+    """A daemon's running totals, as ``LoadWatch`` samples them (and how often it did)."""
+
+    def __init__(self) -> None:
+        self.t = {"cookie_replies": {"device": 0}, "kernel_drops": {"udp4 0.0.0.0:47100": 0},
+                  "drops": {"device_mac1": 0}}
+        self.samples = 0
+
+    def __call__(self) -> dict:
+        self.samples += 1
+        return {k: dict(v) for k, v in self.t.items()}
+
+
+def _under_load(h: Health, w: LoadWatch, c: Counters, now: float) -> dict | None:
+    h.observe(now, w.conditions(now, c))
+    rows = [r for r in h.report(now) if r["code"] == "under-load"]
+    return rows[0] if rows else None
+
+
+def test_under_load_holds_while_cookie_replies_climb_and_ends_by_itself():
+    h, w, c = Health(), LoadWatch(sample_s=1.0, hold_s=5.0), Counters()
+    assert _under_load(h, w, c, 100.0) is None                    # the first sample is the base
+    for i in range(1, 4):                                          # cookie replies sent, every second
+        c.t["cookie_replies"]["device"] += 50
+        row = _under_load(h, w, c, 100.0 + i)
+        assert row is not None and row["severity"] == "warning" and row["since"] == 101.0
+        assert row["text"].startswith("50 cookie replies sent")
+    samples = c.samples
+    assert _under_load(h, w, c, 103.3) is not None                  # a status between two samples:
+    assert c.samples == samples                                     # nothing read, nothing changed
+    # the replies stop: it holds hold_s after the last rise, then ends by itself
+    seen = {t: _under_load(h, w, c, t) is not None for t in (104.0, 105.0, 106.0, 107.0, 108.0, 109.0)}
+    assert seen == {104.0: True, 105.0: True, 106.0: True, 107.0: True, 108.0: False, 109.0: False}
+    c.t["cookie_replies"]["device"] += 1                            # again: a new since
+    assert _under_load(h, w, c, 110.0)["since"] == 110.0
+
+
+def test_under_load_from_kernel_drops_and_from_the_daemon_s_own_drops_climbing_fast():
+    h, w, c = Health(), LoadWatch(sample_s=1.0, hold_s=5.0, drops_per_s=10.0), Counters()
+    _under_load(h, w, c, 0.0)
+    c.t["kernel_drops"]["udp4 0.0.0.0:47100"] += 1                 # any kernel drop is load
+    row = _under_load(h, w, c, 1.0)
+    assert row is not None and "1 datagrams dropped by the kernel (most on udp4 0.0.0.0:47100)" in row["text"]
+    h2, w2, c2 = Health(), LoadWatch(sample_s=1.0, hold_s=5.0, drops_per_s=10.0), Counters()
+    _under_load(h2, w2, c2, 0.0)
+    c2.t["drops"]["device_mac1"] += 5                              # a few stray bad datagrams are not
+    assert _under_load(h2, w2, c2, 1.0) is None
+    c2.t["drops"]["engine_unknown_type"] = 9                       # a reason seen for the first time counts
+    assert _under_load(h2, w2, c2, 1.5) is None                     # whole (not sampled yet: 0.5 s after)
+    c2.t["drops"]["device_mac1"] += 3                              # 12 in 1 s
+    row = _under_load(h2, w2, c2, 2.0)
+    assert row is not None and row["text"] == "12 dropped by the daemon (most engine_unknown_type) in 1.0 s"
+
+
+def test_counters_that_fall_are_no_load_and_a_new_base():
+    """A restarted worker's counters start again from 0; a removed general node's vanish."""
+    h, w, c = Health(), LoadWatch(sample_s=1.0, hold_s=5.0), Counters()
+    c.t["kernel_drops"]["udp4 0.0.0.0:47100"] = 500
+    c.t["drops"]["worker_drop_no_session"] = 1000
+    _under_load(h, w, c, 0.0)
+    c.t["kernel_drops"] = {}
+    c.t["drops"]["worker_drop_no_session"] = 3
+    assert _under_load(h, w, c, 1.0) is None
+    c.t["drops"]["worker_drop_no_session"] = 50                     # from the new base: 47 in 1 s
+    assert _under_load(h, w, c, 2.0) is not None

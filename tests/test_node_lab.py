@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 
 import pytest
@@ -59,11 +60,20 @@ def test_two_nodes_resolve_ping_iperf_and_clean_stop(lab, tmp_path):
     t = st["tunnels"][0]
     assert t["peer"] == f"beta.{DOMAIN}" and t["up"] and t["tx_bytes"] > 1e6
     assert not [h for h in st["health"] if h["severity"] == "error"]
-    # a clean stop removes the TUN interface
+    # the kernel's drops on each socket (SO_MEMINFO reads here), and the metrics textfile
+    rows = {r["socket"]: r for r in st["sockets"]}
+    assert isinstance(rows["udp4"]["kernel_drops"], int) and isinstance(rows["dns"]["kernel_drops"], int), rows
+    from test_metrics import parse, value
     node = ov.nodes["alpha"]
+    with open(node["metrics_file"]) as f:
+        fams = parse(f.read())
+    assert value(fams, "cyphonic_info", daemon="node", fqdn=f"alpha.{DOMAIN}") == 1
+    assert value(fams, "cyphonic_cloud_link_up") == 1
+    # a clean stop removes the TUN interface (and the metrics file: stopped, not frozen)
     node["proc"].terminate()
     node["proc"].wait(10)
     assert "removed cy0" in open(node["log"]).read()
+    assert not os.path.exists(node["metrics_file"])
     assert lab.exec(h1, ["ip", "link", "show", "cy0"]).returncode != 0
     # and a crash leaves nothing that blocks the next start (the TUN is non-persistent)
     ov.nodes["beta"]["proc"].kill()
@@ -205,3 +215,43 @@ def test_tunnels_come_up_and_carry_traffic_over_a_reordering_underlay(lab, tmp_p
     assert swapped >= 10, log          # the underlay really reordered
     st = ov.status("outside")
     assert st["drops"].get("device_replay", 0) == 0, st["drops"]   # reordered packets are not replays
+
+
+def test_a_restart_without_the_cloud_reaches_the_peers_it_had(lab, tmp_path):
+    """The cloud is gone and a node daemon is killed and started again: from its peer records
+    (docs/protocol.md 11.6) it answers DNS for the peer it had at once, SERVFAIL at once for a
+    name it never had, and the tunnel carries pings both ways again, without any login."""
+    inet = lab.switch("inet", "198.18.0.0/24")
+    cloud = lab.host("cloud", inet)
+    h1 = lab.host("r1", inet)
+    h2 = lab.host("r2", inet)
+    ov = Overlay(lab, cloud, str(tmp_path))
+    ov.start_cloud()
+    ov.add_node("alpha", h1)
+    ov.add_node("beta", h2)
+    vip_a = ov.wait_ready("alpha")["identity"]["vip4"]
+    vip_b = ov.wait_ready("beta")["identity"]["vip4"]
+    assert ov.resolve("alpha", f"beta.{DOMAIN}") == vip_b
+    assert ov.ping("alpha", vip_b, count=3, interval=0.1)[1] == 3
+    ov.wait_log(ov.nodes["alpha"]["log"], "tunnel up", 5)
+    assert os.path.exists(os.path.join(str(tmp_path), "alpha", "peers.json"))
+    ov.stop_cloud()
+    node = ov.nodes["alpha"]
+    node["proc"].kill()
+    node["proc"].wait(10)
+    node["proc"] = lab.spawn(h1, [sys.executable, "-m", "cyphonic.node.daemon", "--config", node["config"]],
+                             log=node["log"])
+    ov.wait_log(node["log"], "restored 1 peer", 15)
+    ov.wait_log(node["log"], "DNS on", 15, count=2)
+    ov.wait_log(node["log"], "interface cy0", 15, count=2)
+    t0 = time.time()
+    d = ov.dig("alpha", f"beta.{DOMAIN}")
+    assert "status: NOERROR" in d.stdout and vip_b in d.stdout, d.stdout
+    d = ov.dig("alpha", f"nobody.{DOMAIN}")
+    assert "status: SERVFAIL" in d.stdout, d.stdout
+    assert time.time() - t0 < 2.0, "both answers come at once, not after a timeout"
+    sent, got, out = ov.ping("alpha", vip_b, count=10, interval=0.2)
+    assert got >= 9, out
+    sent, got, out = ov.ping("beta", vip_a, count=10, interval=0.2)
+    assert got >= 9, out
+    assert ov.status("alpha")["cloud"]["state"] != "ready"   # all of it without the cloud

@@ -7,6 +7,7 @@
     cyphonic-cloud revoke NAME
     cyphonic-cloud policy show [--json] | policy set FILE
     cyphonic-cloud stats [--json]
+    cyphonic-cloud metrics
 
 The config file is ``--config`` (or ``$CYPHONIC_CLOUD_CONFIG``, default
 ``/etc/cyphonic/cloud.toml``). Exit codes: 0 done, 1 refused or failed (the
@@ -253,14 +254,33 @@ def stats(ctx, as_json) -> None:
         return
     click.echo(f"pid {st['pid']}, services {', '.join(st['services'])}, up {time.time() - st['started']:.0f} s")
     click.echo(f"control sessions {st.get('sessions', 0)}, registered nodes {st.get('registered', 0)}")
-    for section in ("counters", "nms", "control", "control_drops", "relay", "socket_errors"):
+    for section in ("counters", "nms", "control", "control_drops", "relay", "socket_errors", "relay_socket_errors"):
         values = st.get(section)
         if values:
             flat = values if section != "relay" else {k: v for k, v in values.items() if not isinstance(v, (dict, list))}
             click.echo(f"{section}: " + ", ".join(f"{k}={v}" for k, v in sorted(flat.items())))
+    if st.get("relay", {}).get("drops"):
+        click.echo("relay_drops: " + ", ".join(f"{k}={v}" for k, v in sorted(st["relay"]["drops"].items())))
+    sockets = st.get("sockets") or []
+    if sockets:
+        click.echo("kernel_drops: " + ", ".join(f"{r['socket']}={r['kernel_drops']}" for r in sockets))
     from ..health import describe
     for line in describe(st.get("health", []), time.time()):
         click.echo(f"health: {line}")
+
+
+@main.command()
+@click.pass_context
+def metrics(ctx) -> None:
+    """The running cloud's counters in the Prometheus text format 0.0.4 (from the stats file
+    it writes every 2 s; the names: docs/architecture.md)."""
+    from ..metrics import exposition
+    cfg = _config(ctx)
+    st = _read_stats(cfg)
+    if st is None:
+        from .server import stats_path
+        fail(f"no recent {stats_path(cfg)}: is `cyphonic-cloud serve` running with this config?")
+    click.echo(exposition({"kind": "cloud", **st}), nl=False)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,8 @@ IDENTITY_CACHE_MAX = 100_000
 REGISTRATION_SWEEP_S = 5.0         # how often expired registrations are removed
 SIGNALING_PORT = 47101             # default UDP port of the AS+NMS control channel
 MAX_LOG_LINES_QUEUED = 10_000      # log lines not yet printed by the I/O edge
+
+# The cloud's intake socket (initiations only, cyphonic.udp.steered_udp_sockets): read this many
+# per callback, straight into the core with one flush, between asyncio's other callbacks.
+INTAKE_BATCH = 32
+RECV_BYTES = 2048                  # the largest initiation is 752 bytes; a longer datagram is still refused (oversize)

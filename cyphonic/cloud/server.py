@@ -22,10 +22,12 @@ import time
 from collections import Counter
 
 from ..driver import CoreDriver
-from ..health import Health, Warning
-from ..udp import udp_socket
+from ..health import Health, LoadWatch, Warning
+from ..socket_stats import kernel_drop_counts, socket_rows
+from ..udp import steered_udp_sockets
 from ..wire import signaling as sig
 from .config import CloudConfig
+from .constants import INTAKE_BATCH, RECV_BYTES
 from .core import CloudCore
 from .keys import load_keys
 from .store import SQLiteStore
@@ -71,8 +73,10 @@ class CloudServer:
         self.relay: RelayService | None = None
         self.relay_server = None
         self._transports: dict[int, asyncio.DatagramTransport] = {}
+        self._intakes: list[socket.socket] = []   # initiations only (udp.steered_udp_sockets)
         self.driver: CoreDriver | None = None
         self.health = Health()
+        self.load = LoadWatch()        # under-load: cookie replies, kernel drops, drops climbing
         self._stats_error = ""
         self._stopping = asyncio.Event()
         self.started = time.time()
@@ -101,14 +105,42 @@ class CloudServer:
             for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
                 if not host:
                     continue
-                sock = udp_socket(family, host, cfg.signaling_port, reuse_address=True)
+                # Initiations arrive on an intake socket of their own (udp.steered_udp_sockets):
+                # a flood of them cannot fill the queue logged-in nodes' requests wait in. It is
+                # read INTAKE_BATCH at a time, straight into the core with one flush per batch
+                # (under a flood that is most of the cost), between asyncio's other callbacks.
+                sock, intake = steered_udp_sockets(family, host, cfg.signaling_port)
                 transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
                 self._transports[family] = transport
+                if intake is not None:
+                    self._intakes.append(intake)
+                    loop.add_reader(intake.fileno(), self._read_intake, intake)
                 self.log(f"{'+'.join(s.upper() for s in services)} listening on {host} udp {cfg.signaling_port}")
         self.log(f"cloud key {self.keys.cloud_key}")
+        self.load.observe(time.time(), **self._load_sample())   # under-load's base: drops from the start count
         if self.driver is not None:
             self.driver.flush()
         loop.call_later(STATS_EVERY_S, self._write_stats_periodic)
+
+    def _read_intake(self, sock: socket.socket) -> None:
+        core, errors = self.core, self.errors
+        now = time.time()
+        n = 0
+        for _ in range(INTAKE_BATCH):
+            try:
+                data, addr = sock.recvfrom(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors surface here; never fatal
+                errors[type(exc).__name__] += 1
+                continue
+            try:
+                core.receive_datagram(data, addr, now)
+            except Exception as exc:  # noqa: BLE001 - the core has its own no-throw boundary; counted
+                errors["intake_" + type(exc).__name__] += 1
+            n += 1
+        if n:
+            self.driver.flush()
 
     def on_datagram(self, data: bytes, addr) -> None:
         if self.driver is not None:
@@ -127,11 +159,36 @@ class CloudServer:
             self.log(logs.popleft())
         return 0
 
+    def socket_rows(self) -> list[dict]:
+        """The kernel's drops on each of the cloud's sockets (``cyphonic.socket_stats``)."""
+        named = []
+        for sock, intake in [*((t.get_extra_info("socket"), False) for t in self._transports.values()),
+                             *((s, True) for s in self._intakes)]:
+            name = f"signaling{4 if sock is not None and sock.family == socket.AF_INET else 6}"
+            named.append((name + (" intake" if intake else ""), sock))
+        if self.relay_server is not None:
+            named += self.relay_server.sockets()
+        return socket_rows(named)
+
+    def _load_sample(self) -> dict:
+        """What ``under-load`` compares between two samples (``cyphonic.health.LoadWatch``)."""
+        drops = {}
+        if self.core is not None:
+            drops.update({f"control_{k}": v for k, v in self.core.server.drops.items()})
+        if self.relay is not None:
+            drops.update({f"relay_{k}": v for k, v in self.relay.drops.items()})
+        cookies = {"control": self.core.server.counters.get("cookie_replies_sent", 0)} if self.core else {}
+        return {"cookie_replies": cookies, "kernel_drops": kernel_drop_counts(self.socket_rows()), "drops": drops}
+
     def stats(self) -> dict:
         now = time.time()
-        self.health.observe(now, [Warning("stats-unwritable", self._stats_error)] if self._stats_error else [])
-        out = {"pid": os.getpid(), "services": list(self.config.services), "started": self.started,
-               "written": now, "socket_errors": dict(self.errors), "health": self.health.report(now)}
+        self.health.observe(now, ([Warning("stats-unwritable", self._stats_error)] if self._stats_error else [])
+                            + self.load.conditions(now, self._load_sample))
+        out = {"kind": "cloud", "pid": os.getpid(), "services": list(self.config.services), "started": self.started,
+               "written": now, "socket_errors": dict(self.errors), "sockets": self.socket_rows(),
+               "health": self.health.report(now)}
+        if self.relay_server is not None:
+            out["relay_socket_errors"] = dict(self.relay_server.errors)
         if self.core is not None:
             out.update(self.core.stats())
             if self.core.nms is not None:
@@ -167,6 +224,11 @@ class CloudServer:
             self.driver.close()
         for t in self._transports.values():
             t.close()
+        loop = asyncio.get_event_loop()
+        for s in self._intakes:
+            loop.remove_reader(s.fileno())
+            s.close()
+        self._intakes.clear()
         if self.relay_server is not None:
             self.relay_server.close()
         try:

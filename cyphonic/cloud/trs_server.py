@@ -88,6 +88,12 @@ class RelayServer:
         except (ValueError, TypeError) as exc:  # an address the transport refuses
             self.errors[type(exc).__name__] += 1
 
+    def sockets(self) -> list[tuple[str, object]]:
+        """``(name, socket)`` of each family's socket, for the kernel's drop counts in the stats
+        (``cyphonic.socket_stats``)."""
+        return [(f"relay{4 if family == socket.AF_INET else 6}", t.get_extra_info("socket"))
+                for family, t in sorted(self._transports.items())]
+
     def close(self) -> None:
         self.driver.close()
         for transport in self._transports.values():

@@ -52,6 +52,11 @@ dns_hold_s = 8.0        # how long a query for an overlay name waits for its tun
 # cyadm talks to the daemon here.
 status_socket = "/run/cyphonic/node.sock"
 
+# Prometheus metrics (`cyadm metrics` shows the same) written here every 5 s for
+# node_exporter's textfile collector (--collector.textfile.directory=/run/cyphonic/metrics);
+# "" = not written.
+metrics_file = "/run/cyphonic/metrics/node.prom"
+
 # After sending a lone packet of its own (a ping, a request), poll for the answer this many
 # microseconds instead of sleeping, while answers come that quickly and at least 0.75 CPUs
 # stood idle over the last 0.1 s (never when all CPUs are busy); 0 = never.
@@ -63,6 +68,7 @@ DEFAULTS = {
     "state_dir": "/var/lib/cyphonic-node", "port": 47100, "listen4": "0.0.0.0", "listen6": "::",
     "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "dns_listen": "127.0.0.53:53", "dns_upstream": "",
     "dns_hold_s": 8.0, "status_socket": "/run/cyphonic/node.sock", "busy_poll_us": BUSY_POLL_US_DEFAULT,
+    "metrics_file": "/run/cyphonic/metrics/node.prom",
 }
 
 
@@ -121,6 +127,7 @@ class NodeConfig:
     dns_hold_s: float
     status_socket: str
     busy_poll_us: int
+    metrics_file: str
 
     @property
     def cloud_addr(self) -> tuple[str, int]:
@@ -140,7 +147,7 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
         return NodeConfigError(f"{source}: {key}: {what}")
 
     values = typed_values(doc, DEFAULTS, fail)
-    for key in ("state_dir", "token_file", "status_socket"):
+    for key in ("state_dir", "token_file", "status_socket", "metrics_file"):
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.normpath(os.path.join(base_dir, values[key]))
     if not values["cloud"]:

@@ -37,9 +37,11 @@ from .. import signaling as sg
 from ..atomic_file import write_json_atomic
 from ..driver import run_until_signalled
 from ..cloud.keys import parse_cloud_key
-from ..health import Health, Warning
+from ..health import Health, LoadWatch, Warning
+from ..metrics_file import MetricsFile
+from ..socket_stats import kernel_drop_counts, socket_rows
 from ..status_socket import remove as remove_status, serve_status
-from ..udp import udp_socket
+from ..udp import steered_udp_sockets
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
@@ -64,6 +66,7 @@ class NodeDaemon:
         self.ca_public, self.cloud_static = parse_cloud_key(cfg.cloud_key)
         self.identity = load_identity(cfg.state_dir)
         self.socks: dict[int, socket.socket] = {}
+        self.intake: dict[int, socket.socket] = {}   # initiations only (udp.steered_udp_sockets)
         self.port = cfg.port
         self.engine: NodeEngine | None = None
         self.host: EngineHost | None = None
@@ -76,6 +79,8 @@ class NodeDaemon:
         self.drops: Counter = Counter()
         self.errors: Counter = Counter()
         self.health = Health()
+        self.load = LoadWatch()
+        self.metrics_file = MetricsFile(cfg.metrics_file, self.status, log=self.log, errors=self.errors)
         self._dns_starting = False
         self._stop = asyncio.Event()
         self.exit_code = 0
@@ -135,14 +140,17 @@ class NodeDaemon:
             if not host:
                 continue
             try:
-                s = udp_socket(family, host, self.port, buffer_bytes=SOCKET_BUFFER_BYTES)
+                s, intake = steered_udp_sockets(family, host, self.port, buffer_bytes=SOCKET_BUFFER_BYTES)
             except OSError as exc:
                 if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     continue  # no IPv6 here
                 raise
             self.port = s.getsockname()[1]
             self.socks[family] = s
-        self.path.attach(self.socks)  # all to the slow path until the device and the TUN exist
+            if intake is not None:
+                self.intake[family] = intake
+        # all to the slow path until the device and the TUN exist
+        self.path.attach(self.socks, intake=self.intake)
         try:
             self.addr_monitor = AddressMonitor()
             loop.add_reader(self.addr_monitor.fileno(), self._on_address_notification)
@@ -158,7 +166,8 @@ class NodeDaemon:
                                  token=token, name_hint=cfg.name, nms_addr=cfg.nms_addr,
                                  local_endpoints=self._endpoints())
         self.host = EngineHost(self.engine, self.socks, deliver=self._deliver, on_event=self._on_event,
-                               log=self.log, health=self.health, after_round=self._dns_flush)
+                               log=self.log, health=self.health, after_round=self._dns_flush,
+                               records_path=os.path.join(cfg.state_dir, "peers.json"))
         self.status_server = await serve_status(self.cfg.status_socket,
                                                 lambda req: self.status() if req.get("cmd", "status") == "status"
                                                 else {"error": "unknown command"})
@@ -170,6 +179,10 @@ class NodeDaemon:
         self.log(f"started: udp port {self.port}, cloud {cfg.cloud}, identity key "
                  f"{self.identity.public.hex()[:16]}...")
         self.host.start()   # the login goes out last: DNS and the status socket are up to hear of it
+        if self.engine.device is not None and self.login.get("vip4"):
+            # Peers came back from their records (the cloud may be down): the interface with the
+            # address of the last login, so they are reached before any login (docs/protocol.md 11.6).
+            self._setup_tun(self.login["vip4"], self.login["prefix_len"])
 
     def flush(self) -> None:
         if self.host is not None:
@@ -193,6 +206,7 @@ class NodeDaemon:
 
     def close(self) -> None:
         loop = asyncio.get_event_loop()
+        self.metrics_file.remove()          # stopped: no metrics, rather than frozen ones
         if self.host is not None:
             self.host.stop()
         if self.path is not None:
@@ -201,9 +215,10 @@ class NodeDaemon:
             loop.remove_reader(self.addr_monitor.fileno())
             self.addr_monitor.close()
             self.addr_monitor = None
-        for s in self.socks.values():
+        for s in [*self.socks.values(), *self.intake.values()]:
             s.close()
         self.socks.clear()
+        self.intake.clear()
         if self.tun is not None:
             self.tun.close()
             self.log(f"removed {self.cfg.interface}")
@@ -307,6 +322,7 @@ class NodeDaemon:
             try:
                 self.host.poke()
                 self.health.observe(time.time(), self._conditions(time.time()))
+                self.metrics_file.tick(time.time())
             except Exception as exc:  # noqa: BLE001
                 self.errors["tick_" + type(exc).__name__] += 1
                 if self.errors["tick_" + type(exc).__name__] == 1:
@@ -320,7 +336,7 @@ class NodeDaemon:
         if isinstance(e, sg.LoggedIn):
             self._save_login(e)
             self.identity = self.engine.signaling.identity
-            self._setup_tun(e)
+            self._setup_tun(e.vip4, e.prefix_len)
             if self.dns is None:
                 asyncio.get_running_loop().create_task(self._start_dns(e.domain))
             elif self.resolver is not None:
@@ -341,17 +357,17 @@ class NodeDaemon:
             if vip is not None:
                 self.drops["vip_queue_failed"] += len(self.vip_queue.pop(vip, ()))
 
-    def _setup_tun(self, e: sg.LoggedIn) -> None:
+    def _setup_tun(self, vip4: str, prefix_len: int) -> None:
         loop = asyncio.get_running_loop()
         try:
             if self.tun is None:
                 self.tun = Tun(self.cfg.interface)
-                self.path.attach(self.socks, self.engine.device, self.tun.fd)
+                self.path.attach(self.socks, self.engine.device, self.tun.fd, intake=self.intake)
         except TunError as exc:
             self.log(str(exc))
             self.health.record(time.time(), Warning("tun-failed", str(exc)))
             return
-        loop.create_task(self._configure_tun(e.vip4, e.prefix_len))
+        loop.create_task(self._configure_tun(vip4, prefix_len))
 
     async def _configure_tun(self, vip4: str, prefix_len: int) -> None:
         try:
@@ -406,7 +422,32 @@ class NodeDaemon:
     # --- status ----------------------------------------------------------------------------------
 
     def _conditions(self, now: float) -> list[Warning]:
-        return self.host.conditions(now) if self.host is not None else []
+        out = self.host.conditions(now) if self.host is not None else []
+        return out + self.load.conditions(now, self._load_sample) + self.metrics_file.conditions()
+
+    def _load_sample(self) -> dict:
+        """What ``under-load`` compares between two samples (``cyphonic.health.LoadWatch``)."""
+        device = self.engine.device if self.engine is not None else None
+        return {"cookie_replies": {"device": device.counters.get("cookie_replies_sent", 0)} if device else {},
+                "kernel_drops": kernel_drop_counts(self.socket_rows()), "drops": self.drop_counts()}
+
+    def socket_rows(self) -> list[dict]:
+        """The kernel's drops on each of our sockets (``cyphonic.socket_stats``)."""
+        named = [(f"udp{4 if fam == socket.AF_INET else 6}", s) for fam, s in self.socks.items()]
+        named += [(f"udp{4 if fam == socket.AF_INET else 6} intake", s) for fam, s in self.intake.items()]
+        if self.dns is not None:
+            named += self.dns.sockets()
+        return socket_rows(named)
+
+    def drop_counts(self) -> dict:
+        """Every drop of the daemon by reason: its own, the engine's (``EngineHost.counters``)
+        and the DNS stub's (``dns_``: the resolver's, ``dns_edge_``: its sockets')."""
+        out = {**dict(self.drops), **(self.host.counters() if self.host is not None else {})}
+        if self.resolver is not None:
+            out.update({f"dns_{k}": v for k, v in self.resolver.drops.items()})
+        if self.dns is not None:
+            out.update({f"dns_edge_{k}": v for k, v in self.dns.errors.items()})
+        return out
 
     def health_report(self) -> list[dict]:
         now = time.time()
@@ -432,7 +473,8 @@ class NodeDaemon:
                     "counters": dict(self.resolver.counters) if self.resolver else {}},
             "tunnels": tunnels,
             "health": self.health_report(),
-            "drops": {**dict(self.drops), **(self.host.counters() if self.host is not None else {})},
+            "drops": self.drop_counts(),
+            "sockets": self.socket_rows(),
             "errors": dict(self.errors),
             "data_path": {"busy_poll_us": self.cfg.busy_poll_us,
                           "busy_polls": self.path.busy_polls if self.path else 0,

@@ -20,6 +20,7 @@ each read their sockets on their own fast path and hand the rest to ``receive()`
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from typing import Callable
 
 from .. import events as ev
 from .. import signaling as sg
+from ..atomic_file import write_atomic
 from ..driver import CoreDriver
 from ..health import Health, Warning
 from ..wire import cert as wire_cert
@@ -53,9 +55,13 @@ class EngineHost:
     def __init__(self, engine: NodeEngine, socks: dict[int, socket.socket], *,
                  deliver: Callable[[bytes], None], on_event: Callable[[object], None],
                  log: Callable[[str], None], health: Health, who: str = "", subject: str | None = None,
-                 after_round: Callable[[], int] | None = None,
+                 after_round: Callable[[], int] | None = None, records_path: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
+        # Where the engine's peer records live (a restart without the cloud reaches the peers
+        # it had, docs/protocol.md 11.6); None: not kept.
+        self.records_path = records_path
+        self._records_written = b""
         self.socks = socks
         self.deliver = deliver
         self.on_event = on_event
@@ -76,8 +82,43 @@ class EngineHost:
     # --- driving ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.restore_records()
         self.engine.start(self.clock())
         self.driver.flush()
+
+    def restore_records(self) -> int:
+        """Before the first login: the peers of the records a previous run wrote. A missing
+        file is nothing to restore; an unreadable one is logged and left for the next write."""
+        if not self.records_path:
+            return 0
+        try:
+            with open(self.records_path, "rb") as f:
+                raw = f.read()
+            records = json.loads(raw).get("peers", [])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, AttributeError) as exc:
+            self.log(f"peer records {self.records_path} unreadable ({exc}); starting without them")
+            return 0
+        n = self.engine.restore(records, self.clock())
+        self._records_written = raw
+        if n:
+            self.log(f"restored {n} peer{'s' if n != 1 else ''} from {self.records_path}")
+        return n
+
+    def save_records(self) -> None:
+        """Write the engine's peer records if they changed (at most once per tunnel event)."""
+        if not self.records_path:
+            return
+        data = json.dumps({"peers": self.engine.peer_records()}, indent=1).encode()
+        if data == self._records_written:
+            return
+        try:
+            write_atomic(self.records_path, data)
+            self._records_written = data
+        except OSError as exc:
+            self.drops["records_unwritable"] += 1
+            self.log(f"cannot write peer records {self.records_path}: {exc}")
 
     def stop(self) -> None:
         """Say goodbye to the cloud (what can be sent now), then no more timers."""
@@ -121,6 +162,7 @@ class EngineHost:
             self.log(f"cloud link lost: {e.reason}; reconnecting")
         elif isinstance(e, TunnelUp):
             self.paths[e.fqdn] = e.path
+            self.save_records()
             self.log(f"tunnel up: {e.fqdn} ({e.vip4}) path {e.path} via {endpoint_text(e.endpoint)}")
             if self.resolver is not None:
                 self.resolver.tunnel_up(e.fqdn, e.vip4, self.clock(), asker=self.asker)
@@ -132,6 +174,7 @@ class EngineHost:
                 self.resolver.tunnel_failed(e.fqdn, e.code, self.clock(), asker=self.asker)
         elif isinstance(e, ev.EndpointChanged):
             self.log(f"{e.fqdn} moved: {endpoint_text(e.old)} -> {endpoint_text(e.new)}")
+            self.save_records()
         elif isinstance(e, ev.HandshakeFailed):
             self.log(f"handshake with {e.fqdn} failed: {e.reason} ({e.packets_dropped} packets dropped)")
         self.on_event(e)
@@ -173,8 +216,14 @@ class EngineHost:
         return rows
 
     def counters(self) -> dict:
-        """Drops and errors of this host and its engine, one flat table for the status."""
+        """Drops and errors of this host and its engine, one flat table for the status: the
+        engine's, its device's and its signaling channels' (``ControlClient``, summed over the
+        cloud's addresses)."""
         eng = self.engine
+        signaling: Counter = Counter(eng.signaling.drops)   # the client's own (not the cloud's address)
+        for ch in eng.signaling.channels.values():
+            signaling.update(ch.drops)
         return {**dict(self.drops), **{f"send_{k}": v for k, v in self.errors.items()},
                 **{f"engine_{k}": v for k, v in eng.drops.items()},
-                **{f"device_{k}": v for k, v in (eng.device.drops.items() if eng.device else ())}}
+                **{f"device_{k}": v for k, v in (eng.device.drops.items() if eng.device else ())},
+                **{f"signaling_{k}": v for k, v in signaling.items()}}

@@ -10,7 +10,10 @@ benchmarks (benchmarks, not tests). Each part prints a table and writes ``<out>/
   needs root, wireguard-go and wireguard-tools);
 - ``adapter`` (lab.bench.adapter): a general node through cyphonic-adapter, side by side in one
   run with the node daemon, plain routing and wireguard-go: the same measurements and the
-  adapter's memory (``adapter.json``; needs root).
+  adapter's memory (``adapter.json``; needs root);
+- ``flood`` (lab.bench.flood): an existing tunnel's ping loss and RTT without and under a flood of
+  valid-mac1 handshake initiations from spoofed sources, for the node daemon, the adapter and
+  wireguard-go, and a fresh tunnel's set-up under it (``flood.json``; needs root).
 
 Each part also runs alone: ``python -m lab.bench.<module> --out build/bench``.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("crypto", "cloud", "node", "adapter")
+PARTS = ("crypto", "cloud", "node", "adapter", "flood")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packets", type=int, default=100_000, help="crypto part: packets per round")
     ap.add_argument("--only", choices=(*PARTS, "all"), default="all",
                     help="crypto core, the cloud process, the node pair against wireguard-go, a general "
-                         "node through the adapter against those, or all of them")
+                         "node through the adapter against those, a handshake flood at each, or all of them")
     args = ap.parse_args(argv)
     if args.only in ("crypto", "all"):
         from . import core
@@ -44,4 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("adapter", "all"):
         from . import adapter
         adapter.run(args.out)
+    if args.only in ("flood", "all"):
+        from . import flood
+        flood.run(args.out)
     return 0

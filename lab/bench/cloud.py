@@ -442,10 +442,6 @@ def phase_routes(gen: LoadGenerator, cloud: CloudProcess, limit: int, max_s: flo
 
 # --- run, report ------------------------------------------------------------------------------
 
-def _raise_exit(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run(out_dir: str, *, nodes: int = 200, seconds: float = 15.0, registrations: int = 20_000,
         routes: int = 10_000, window: int = PER_NODE_WINDOW, inflight: int = MAX_INFLIGHT,
         login_seconds: float = 20.0, quiet: bool = False, profile: str | None = None) -> dict:
@@ -459,7 +455,7 @@ def run(out_dir: str, *, nodes: int = 200, seconds: float = 15.0, registrations:
     cloud = gen = None
     old_term = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM: clean up like Ctrl-C
-        old_term = signal.signal(signal.SIGTERM, _raise_exit)
+        old_term = signal.signal(signal.SIGTERM, common.raise_system_exit)
     try:
         cloud = bench_cloud(tmp, profile)
         token = cloud.cli("enroll", "bench", "--reusable", "--expires", "1d").strip().encode()

@@ -1,11 +1,20 @@
 """What every benchmark part does alike: describe the machine, read a process's CPU time from
-/proc, write its result as ``<out>/<part>.json``. No measuring here."""
+/proc, hold a lab and its work directory for one part (torn down on failure or SIGTERM, logs
+kept then), write its result as ``<out>/<part>.json``. No measuring here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
+import signal
+import tempfile
+import threading
+from typing import Callable, Iterator
+
+from ..topology import Lab
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -43,3 +52,37 @@ def write_result(out_dir: str, part: str, result: dict) -> str:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     return path
+
+
+def raise_system_exit(signum, frame) -> None:
+    """A SIGTERM handler: leave like Ctrl-C, so that `finally` tears the lab down."""
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def bench_lab(name: str, *, prefix: str, say: Callable[..., None],
+              dump_logs: Callable[[str, Callable[..., None]], None]) -> Iterator[tuple[Lab, str]]:
+    """A lab (namespaces ``prefix``*) and a work directory (with ``overlay/``) for one bench
+    part. SIGTERM tears it down as Ctrl-C does. On failure the daemons' logs are shown
+    (``dump_logs(work, say)``) and the work directory is kept; otherwise it is removed."""
+    work = tempfile.mkdtemp(prefix=f"cyphonic-{name}-bench-")
+    os.makedirs(os.path.join(work, "overlay"))
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, raise_system_exit)
+    failed = True
+    try:
+        with Lab(prefix=prefix) as lab:
+            try:
+                yield lab, work
+            except BaseException:
+                dump_logs(work, say)
+                raise
+        failed = False
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if failed:
+            say(f"{name} bench: logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)

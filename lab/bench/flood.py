@@ -40,11 +40,7 @@ import argparse
 import base64
 import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
-import threading
 import time
 
 from appliance.cyadm import ask
@@ -52,10 +48,9 @@ from cyphonic.wire import cert as wire_cert
 
 from .. import flood as fl
 from ..adapterlab import mac_of
-from ..topology import Lab
 from . import adapter as ab
 from . import node as nb
-from .common import cpu_seconds, machine, write_result
+from .common import bench_lab, cpu_seconds, machine, write_result
 
 PATHS = ("cyphonic", "adapter", "wireguard-go")
 COLUMNS = [("cyphonic", "node"), ("adapter", "adapter"), ("wireguard-go", "wireguard-go")]
@@ -219,48 +214,26 @@ class FloodBench(ab.AdapterBench):
         return row
 
 
-def _raise_exit(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
     """Build the lab, measure each path, print the table, write ``<out_dir>/flood.json``."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     nb._check_tools()
     t0 = time.perf_counter()
     m: dict = {"machine": machine()}
-    work = tempfile.mkdtemp(prefix="cyphonic-flood-bench-")
-    os.makedirs(os.path.join(work, "overlay"))
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, _raise_exit)
-    failed = True
-    try:
-        with Lab(prefix=prefix) as lab:
-            b = FloodBench(lab, work, log=say)
-            try:
-                say("flood bench: building the lab (cloud, 6 cyphonic-node daemons, an adapter, "
-                    "4 wireguard-go, an attacker)")
-                b.build()
-                b.warm_up()
-                m["build_s"] = round(time.perf_counter() - t0, 1)
-                for path in PATHS:
-                    say(f"flood bench: {path}")
-                    m[path] = b.measure(path)
-                    time.sleep(SETTLE_S)
-            except BaseException:
-                nb._dump_logs(work, say)
-                raise
-            finally:
-                b.stop_wireguard()
-        failed = False
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if failed:
-            say(f"flood bench: logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    with bench_lab("flood", prefix=prefix, say=say, dump_logs=nb._dump_logs) as (lab, work):
+        b = FloodBench(lab, work, log=say)
+        try:
+            say("flood bench: building the lab (cloud, 6 cyphonic-node daemons, an adapter, "
+                "4 wireguard-go, an attacker)")
+            b.build()
+            b.warm_up()
+            m["build_s"] = round(time.perf_counter() - t0, 1)
+            for path in PATHS:
+                say(f"flood bench: {path}")
+                m[path] = b.measure(path)
+                time.sleep(SETTLE_S)
+        finally:
+            b.stop_wireguard()
     result = {
         "what": "an existing tunnel's pings without and under a flood of valid-mac1 handshake "
                 "initiations from random spoofed sources, per target: node daemon, adapter "

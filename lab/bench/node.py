@@ -47,16 +47,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
-import tempfile
-import threading
 import time
 
 from ..nodelab import DOMAIN, Overlay
-from ..topology import Lab
-from .common import cpu_seconds, machine, write_result
+from .common import bench_lab, cpu_seconds, machine, write_result
 
 PATHS = ("plain", "cyphonic", "wireguard-go")
 UDP_BYTES = 1400
@@ -733,10 +729,6 @@ def _check_tools() -> None:
         raise BenchError("the node bench needs root (network namespaces)")
 
 
-def _raise_exit(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dict]:
     """The harness both parts use: build ``bench_cls``'s lab, run the measurement sequence
     (set-up times, ping, UDP fixed/unlimited/highest rate, TCP, processes), tear it all down
@@ -745,53 +737,35 @@ def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dic
     m: dict = {"machine": machine()}
     t_start = time.perf_counter()
     name = bench_cls.name
-    work = tempfile.mkdtemp(prefix=f"cyphonic-{name}-bench-")
-    os.makedirs(os.path.join(work, "overlay"))
-    old_term = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM: tear the lab down like Ctrl-C
-        old_term = signal.signal(signal.SIGTERM, _raise_exit)
-    failed = True
-    try:
-        with Lab(prefix=prefix) as lab:
-            b = bench_cls(lab, work, log=say)
-            try:
-                say(f"{name} bench: building the lab ({what})")
-                b.build()
-                t_built = time.perf_counter()
-                m["build_s"] = round(t_built - t_start, 1)
-                say(f"{name} bench: tunnel set-up times (fresh peers)")
-                m["setup"] = b.tunnel_setup()
-                b.stop_fresh_nodes()
-                b.warm_up()
-                m["mem_rest"] = b.processes()
-                m["sockbufs"] = b.socket_buffers()
-                m["cpu_rest"] = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in b.paths if p != "plain"}
-                say(f"{name} bench: ping")
-                m["ping"] = b.ping()
-                say(f"{name} bench: UDP at fixed rates")
-                m["fixed"] = b.udp_fixed()
-                m["unlimited"] = b.udp_unlimited()
-                say(f"{name} bench: UDP highest rate with < 1% loss")
-                m["sweep"] = b.udp_sweep(m["fixed"], m["unlimited"])
-                say(f"{name} bench: TCP")
-                m["tcp"] = b.tcp_all()
-                m["mem_load"] = b.processes()
-                m["drops"] = b.status_drops()
-                m["phases_s"] = round(time.perf_counter() - t_built, 1)
-                m["extra"] = b.after_measurements()
-            except BaseException:
-                _dump_logs(work, say)
-                raise
-            finally:
-                b.stop_wireguard()
-        failed = False
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if failed:
-            say(f"{name} bench: logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    with bench_lab(name, prefix=prefix, say=say, dump_logs=_dump_logs) as (lab, work):
+        b = bench_cls(lab, work, log=say)
+        try:
+            say(f"{name} bench: building the lab ({what})")
+            b.build()
+            t_built = time.perf_counter()
+            m["build_s"] = round(t_built - t_start, 1)
+            say(f"{name} bench: tunnel set-up times (fresh peers)")
+            m["setup"] = b.tunnel_setup()
+            b.stop_fresh_nodes()
+            b.warm_up()
+            m["mem_rest"] = b.processes()
+            m["sockbufs"] = b.socket_buffers()
+            m["cpu_rest"] = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in b.paths if p != "plain"}
+            say(f"{name} bench: ping")
+            m["ping"] = b.ping()
+            say(f"{name} bench: UDP at fixed rates")
+            m["fixed"] = b.udp_fixed()
+            m["unlimited"] = b.udp_unlimited()
+            say(f"{name} bench: UDP highest rate with < 1% loss")
+            m["sweep"] = b.udp_sweep(m["fixed"], m["unlimited"])
+            say(f"{name} bench: TCP")
+            m["tcp"] = b.tcp_all()
+            m["mem_load"] = b.processes()
+            m["drops"] = b.status_drops()
+            m["phases_s"] = round(time.perf_counter() - t_built, 1)
+            m["extra"] = b.after_measurements()
+        finally:
+            b.stop_wireguard()
     m["total_s"] = round(time.perf_counter() - t_start, 1)
     return b, m
 

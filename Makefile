@@ -7,10 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUILD := build
 
-# Debian packages the project needs (installed with --no-install-recommends).
+# Debian packages the project needs (installed with --no-install-recommends). postgresql: the
+# cloud's second engine; the store tests start their own server from it (no systemd unit used).
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
 	libnetfilter-queue-dev libnfnetlink-dev nftables iptables iproute2 \
-	iperf3 bind9-dnsutils isc-dhcp-client udhcpc dhcpcd-base iputils-ping procps tcpdump
+	iperf3 bind9-dnsutils isc-dhcp-client udhcpc dhcpcd-base iputils-ping procps tcpdump \
+	postgresql libpq5
 
 # `make image` (and so `make test`, whose boot test boots the image) needs these.
 IMAGE_APT_PACKAGES := mmdebstrap qemu-user-static binfmt-support arch-test mtools dosfstools \
@@ -35,11 +37,11 @@ apt:
 
 venv: $(VENV)/.installed
 
-# The product (root pyproject.toml) and the lab (lab/pyproject.toml: the namespace lab, the demo
+# The product (root pyproject.toml, with the cloud's PostgreSQL extra) and the lab (lab/pyproject.toml: the namespace lab, the demo
 # and the benchmarks; development only, never in the image), both editable.
 $(VENV)/.installed: pyproject.toml lab/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' -e ./lab
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,cloud]' -e ./lab
 	@touch $@
 
 # The image is rebuilt on every `make test` (the slow Debian base is cached outside the repo,

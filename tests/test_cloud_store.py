@@ -1,7 +1,8 @@
 """The cloud's persistent state (cyphonic.cloud.store).
 
-- One suite, run against both ``MemoryStore`` and ``SQLiteStore``: the fake
-  must behave exactly as the real store, errors included.
+- One suite, run against ``MemoryStore``, ``SQLiteStore`` and ``PostgresStore``
+  (a real PostgreSQL server started for the session, tests/postgres_server.py):
+  the fake must behave exactly as the real stores, errors included.
 - Address allocation is checked against an obviously right model (the lowest
   host address that is neither reserved nor ever allocated), driven by
   Hypothesis.
@@ -14,6 +15,12 @@
   name leaves the token as it was and creates no identity.
 - A corrupt file, a newer schema and another program's database are refused
   with a ``StoreError`` that names the path.
+- PostgreSQL: one one-time token raced from 4 connections (consume and
+  enroll): exactly one success; 150 enrollments from 6 connections at once:
+  150 distinct addresses, FQDNs and serials; a lost connection, an
+  unreachable server and a held write lock are clear errors within the
+  timeouts; schema versions, ``db upgrade``, pg_dump/pg_restore; a server left
+  by a crashed test run is removed by the next.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from cyphonic.cloud.store import (
     StoreError, TokenError, TokenRecord,
 )
 from cyphonic.errors import CyphonicError
+from postgres_server import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 NET24 = ipaddress.IPv4Network("10.9.8.0/24")
@@ -63,9 +71,35 @@ def enroll(store: Store, i: int, *, prefix: ipaddress.IPv4Network = NET24,
                                  "t1", now, prefix, reserved or set())
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session (tests/postgres_server.py), removed at the end."""
+    missing = PostgresServer.missing()
+    if missing:   # never skipped: `make setup` installs both (apt postgresql, the venv's cloud extra)
+        pytest.fail(f"the PostgreSQL store tests need {missing}; run `make setup`")
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A new, empty database on the session's server."""
+    return pg_server.new_database()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "cloud.sqlite3")
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "cloud.sqlite3")
+    else:
+        from cyphonic.cloud.store_postgres import PostgresStore
+        s = PostgresStore(request.getfixturevalue("pg_url"))
     yield s
     s.close()
 
@@ -769,4 +803,309 @@ def test_busy_database_times_out_cleanly(tmp_path):
         holder.execute("ROLLBACK")
         holder.close()
     assert s.next_serial() == 1  # the failed call consumed nothing
+    s.close()
+
+
+# --- Schema versions (both engines) ------------------------------------------------------
+
+_STEPS = ((1, ("create",)), (2, ("alter",)))
+
+
+def test_migration_steps_in_order():
+    from cyphonic.cloud.store import pending_migrations
+    assert pending_migrations(_STEPS, 0, upgrade=False, where="db") == list(_STEPS)
+    assert pending_migrations(_STEPS, 1, upgrade=True, where="db") == [_STEPS[1]]
+    assert pending_migrations(_STEPS, 2, upgrade=False, where="db") == []
+    # An existing older schema changes only on `db upgrade`; a newer one is refused.
+    with pytest.raises(StoreError, match="db: schema version 1 is older.*db upgrade"):
+        pending_migrations(_STEPS, 1, upgrade=False, where="db")
+    with pytest.raises(StoreError, match="db: schema version 3 is newer"):
+        pending_migrations(_STEPS, 3, upgrade=True, where="db")
+
+
+def test_open_store_picks_the_engine(tmp_path, pg_url):
+    from cyphonic.cloud.store import open_store
+    from cyphonic.cloud.store_postgres import PostgresStore
+    s = open_store(str(tmp_path / "c.sqlite3"))
+    assert isinstance(s, SQLiteStore)
+    s.close()
+    s = open_store(pg_url)
+    assert isinstance(s, PostgresStore) and s.schema_version_found == 0
+    s.close()
+
+
+# --- PostgreSQL only: versions, failures, concurrency from several connections ---------------
+
+def _pg(url: str, **kw):
+    from cyphonic.cloud.store_postgres import PostgresStore
+    return PostgresStore(url, **kw)
+
+
+def _sql(url: str, *statements: str) -> None:
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as db:
+        for stmt in statements:
+            db.execute(stmt)
+
+
+def test_pg_reopen_sees_everything_and_records_the_version(pg_url):
+    s = _pg(pg_url)
+    _fill(s)
+    s.close()
+    s = _pg(pg_url)
+    assert s.schema_version_found == SCHEMA_VERSION
+    assert s.get_meta("schema_version") == str(SCHEMA_VERSION)
+    with pytest.raises(StoreError, match="schema_version.*db upgrade"):
+        s.set_meta("schema_version", "0")
+    _check_filled(s)
+    s.close()
+
+
+def test_pg_newer_schema_refused(pg_url):
+    _pg(pg_url).close()
+    _sql(pg_url, f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="newer than this program"):
+        _pg(pg_url)
+    with pytest.raises(StoreError, match="newer than this program"):
+        _pg(pg_url, upgrade=True)
+
+
+def test_pg_other_programs_database_refused(pg_url):
+    _sql(pg_url, "CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(StoreError, match="not a cyphonic-cloud database"):
+        _pg(pg_url)
+
+
+def test_pg_messages_never_show_the_password(pg_server):
+    url = pg_server.url("no_such_db").replace("cyphonic@", "cyphonic:s3cret@")
+    with pytest.raises(StoreError) as e:
+        _pg(url)
+    assert "no_such_db" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_pg_no_server_is_a_clear_error_not_a_hang(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="cannot connect"):
+        _pg(f"postgresql://cyphonic@/x?host={tmp_path}", connect_timeout_s=2)
+    assert time.monotonic() - t0 < 5
+
+
+def test_pg_lost_connection_errors_then_reconnects(pg_url):
+    s = _pg(pg_url)
+    s.set_meta("k", "v")
+    pid = s._conn().info.backend_pid
+    _sql(pg_url, f"SELECT pg_terminate_backend({pid})")
+    with pytest.raises(StoreError, match="database unavailable"):
+        s.get_meta("k")
+    assert s.get_meta("k") == "v"   # the next call has a new connection
+    s.close()
+
+
+def test_pg_held_write_lock_times_out_cleanly(pg_url):
+    import psycopg
+    s = _pg(pg_url, statement_timeout_s=0.3)
+    holder = psycopg.connect(pg_url)
+    try:
+        holder.execute("SELECT value FROM counters WHERE name = 'write_lock' FOR UPDATE")
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="database unavailable.*statement timeout"):
+            s.next_serial()
+        assert 0.25 <= time.monotonic() - t0 < 3
+        assert s.get_meta("x") is None   # readers do not wait for the writer
+    finally:
+        holder.rollback()
+        holder.close()
+    assert s.next_serial() == 1          # the failed call consumed nothing
+    s.close()
+
+
+def _at_once(n: int, work) -> list:
+    """Run ``work(i)`` in n threads released together; results or exceptions, in order."""
+    import threading
+    barrier = threading.Barrier(n)
+    out: list = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = work(i)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_pg_one_time_token_consumed_once_from_several_connections(pg_url):
+    conns = [_pg(pg_url) for _ in range(4)]
+    try:
+        for r in range(5):
+            conns[0].add_token(token(f"once{r}"))
+            conns[0].add_token(token(f"enroll{r}"))
+            got = _at_once(4, lambda i: conns[i].consume_token(f"once{r}", now=20.0))
+            ok = [g for g in got if isinstance(g, TokenRecord)]
+            refused = [g for g in got if isinstance(g, TokenError)]
+            assert len(ok) == 1 and len(refused) == 3, got
+            assert all(e.reason == "used" for e in refused)
+            assert conns[1].get_token(f"once{r}").uses == 1
+            # The same race through enroll: one identity, the others refused, nothing half-done.
+            got = _at_once(4, lambda i: conns[i].enroll(
+                f"enroll{r}", key(1000 * r + i), [f"node{r}", f"node{r}-{i}"], DOMAIN, 5.0,
+                NET24, set()))
+            ok = [g for g in got if isinstance(g, tuple)]
+            assert len(ok) == 1 and all(isinstance(g, TokenError) and g.reason == "used"
+                                        for g in got if not isinstance(g, tuple)), got
+            assert ok[0][0].name == f"node{r}" and ok[0][1].uses == 1
+        assert len(conns[2].list_identities()) == 5
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_pg_concurrent_enrollments_get_distinct_addresses_names_serials(pg_url):
+    workers, per_worker = 6, 25
+    conns = [_pg(pg_url) for _ in range(workers)]
+    try:
+        conns[0].add_token(token("fleet", reusable=True))
+
+        def work(w: int) -> list[tuple[Identity, int]]:
+            done = []
+            for i in range(per_worker):
+                # Every worker proposes the same names: the store must pick free ones.
+                ident, _ = conns[w].enroll("fleet", key(10_000 + 100 * w + i),
+                                           [f"cam-{n}" for n in range(workers * per_worker)],
+                                           DOMAIN, 5.0, ipaddress.IPv4Network("10.70.0.0/16"),
+                                           {"10.70.0.1"})
+                serial = conns[w].next_serial()
+                conns[w].set_certificate(ident.static_public, serial, 99.0)
+                done.append((ident, serial))
+            return done
+
+        results = _at_once(workers, work)
+        for r in results:
+            assert isinstance(r, list), r
+        idents = [ident for r in results for ident, _ in r]
+        serials = [serial for r in results for _, serial in r]
+        n = workers * per_worker
+        assert len({i.vip4 for i in idents}) == len({i.fqdn for i in idents}) == n
+        assert sorted(serials) == list(range(1, n + 1))
+        net = ipaddress.IPv4Network("10.70.0.0/16")
+        assert sorted((i.vip4 for i in idents), key=ipaddress.IPv4Address) == [
+            str(a) for a in list(net.hosts())[1:n + 1]]
+        assert conns[0].get_token("fleet").uses == n
+        assert len(conns[0].list_identities()) == n
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_pg_several_connections_create_the_schema_at_once(pg_url):
+    got = _at_once(4, lambda i: _pg(pg_url))
+    assert all(not isinstance(g, Exception) for g in got), got
+    assert sorted(g.schema_version_found for g in got) == [0, 1, 1, 1]
+    for g in got:
+        g.close()
+
+
+# --- Configuration and `cyphonic-cloud db upgrade`, both engines ----------------------------
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_db_upgrade_command(tmp_path, request, engine):
+    from click.testing import CliRunner
+    from cyphonic.cloud.cli import main
+    from cyphonic.cloud.config import load_config
+    from cyphonic.cloud.store import open_store
+    database = (request.getfixturevalue("pg_url") if engine == "postgres"
+                else str(tmp_path / "cloud.sqlite3"))
+    conf = tmp_path / "cloud.toml"
+    conf.write_text(f"state_dir = {json.dumps(str(tmp_path))}\n"
+                    f"database = {json.dumps(database)}\n")
+    assert load_config(conf).database_target == database
+    run = lambda: CliRunner().invoke(main, ["--config", str(conf), "db", "upgrade"])  # noqa: E731
+    r = run()
+    assert r.exit_code == 0 and r.output == f"schema version 0 -> {SCHEMA_VERSION}\n", r.output
+    r = run()
+    assert r.exit_code == 0 and r.output == f"schema version {SCHEMA_VERSION}: up to date\n"
+    if engine == "postgres":
+        _sql(database, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    else:
+        db = sqlite3.connect(database)
+        db.execute("PRAGMA user_version = 99")
+        db.commit()
+        db.close()
+    r = run()
+    assert r.exit_code == 1 and "schema version 99 is newer" in r.output, r.output
+    with pytest.raises(StoreError, match="newer"):
+        open_store(load_config(conf).database_target)   # what the server opens at start
+
+
+def test_config_rejects_other_url_schemes(tmp_path):
+    from cyphonic.cloud.config import ConfigError, load_config
+    conf = tmp_path / "cloud.toml"
+    conf.write_text('database = "mysql://db.example/cloud"\n')
+    with pytest.raises(ConfigError, match="database: 'mysql' is not a database URL scheme"):
+        load_config(conf)
+    conf.write_text('database = "postgres://u@db.example:5433/cloud"\n')
+    c = load_config(conf)
+    assert c.database_is_postgres and c.database_target == "postgres://u@db.example:5433/cloud"
+
+
+_CRASHING_RUN = """
+    from postgres_server import PostgresServer
+    server = PostgresServer()
+    server.start()
+    print(server.dir, flush=True)
+    sys.stdin.readline()  # killed here, before any cleanup
+"""
+
+
+def test_pg_server_left_by_a_crashed_run_is_removed_by_the_next(pg_server):
+    """A test run killed with SIGKILL leaves a running server; the next start removes it."""
+    proc = _child(_CRASHING_RUN)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line, proc.stderr.read()
+        left = Path(line)
+        pid = int((left / "data" / "postmaster.pid").read_text().splitlines()[0])
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    def running(pid: int) -> bool:   # a zombie left for init to reap counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert left.is_dir() and running(pid)
+    PostgresServer.clean_stale()
+    assert not left.exists()
+    deadline = time.monotonic() + 10
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(pid), "the crashed run's postmaster still runs"
+    # The running session's own server (its owner is alive) was left alone.
+    assert pg_server.dir.is_dir() and _pg(pg_server.new_database()).close() is None
+
+
+def test_pg_backup_and_restore_with_pg_dump(pg_server, pg_url, tmp_path):
+    """The backup recipe of docs/cloud.md: pg_dump, pg_restore into an empty database."""
+    s = _pg(pg_url)
+    _fill(s)
+    dump = tmp_path / "cloud.dump"
+    subprocess.run([str(pg_server.bindir / "pg_dump"), "--format=custom", f"--file={dump}",
+                    f"--dbname={pg_url}"], check=True, timeout=60, capture_output=True)
+    s.close()
+    restored = pg_server.new_database()
+    subprocess.run([str(pg_server.bindir / "pg_restore"), f"--dbname={restored}", str(dump)],
+                   check=True, timeout=60, capture_output=True)
+    s = _pg(restored)
+    assert s.schema_version_found == SCHEMA_VERSION
+    _check_filled(s)
     s.close()

@@ -8,6 +8,7 @@
     cyphonic-cloud policy show [--json] | policy set FILE
     cyphonic-cloud stats [--json]
     cyphonic-cloud metrics
+    cyphonic-cloud db upgrade
 
 The config file is ``--config`` (or ``$CYPHONIC_CLOUD_CONFIG``, default
 ``/etc/cyphonic/cloud.toml``). Exit codes: 0 done, 1 refused or failed (the
@@ -30,7 +31,7 @@ from ..errors import CyphonicError
 from . import authentication, policy as pol
 from .config import CloudConfig, ConfigError, example_config, load_config
 from .keys import create_keys
-from .store import SQLiteStore, StoreError
+from .store import SCHEMA_VERSION, Store, StoreError, open_store
 
 DEFAULT_CONFIG = "/etc/cyphonic/cloud.toml"
 
@@ -47,9 +48,9 @@ def _config(ctx: click.Context) -> CloudConfig:
         fail(str(exc))
 
 
-def _store(cfg: CloudConfig) -> SQLiteStore:
+def _store(cfg: CloudConfig, *, upgrade: bool = False) -> Store:
     try:
-        return SQLiteStore(cfg.database_path)
+        return open_store(cfg.database_target, upgrade=upgrade)
     except StoreError as exc:
         fail(str(exc))
 
@@ -281,6 +282,29 @@ def metrics(ctx) -> None:
         from .server import stats_path
         fail(f"no recent {stats_path(cfg)}: is `cyphonic-cloud serve` running with this config?")
     click.echo(exposition({"kind": "cloud", **st}), nl=False)
+
+
+@main.group()
+def db() -> None:
+    """The database's schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx) -> None:
+    """Bring the database's schema to this program's version (creates it when empty).
+
+    Run it once after installing a new cyphonic, before starting the new
+    version's instances; a schema newer than this program is refused.
+    """
+    cfg = _config(ctx)
+    store = _store(cfg, upgrade=True)
+    found = store.schema_version_found  # type: ignore[attr-defined]
+    store.close()
+    if found == SCHEMA_VERSION:
+        click.echo(f"schema version {SCHEMA_VERSION}: up to date")
+    else:
+        click.echo(f"schema version {found} -> {SCHEMA_VERSION}")
 
 
 if __name__ == "__main__":

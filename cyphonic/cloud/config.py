@@ -8,7 +8,8 @@ the key and what is wrong: unknown keys (a typo must not silently fall back to
 a default), wrong types, bad prefixes, ports, services or names.
 
 Relative paths (``state_dir``, ``database``) are taken relative to the
-directory of the configuration file.
+directory of the configuration file; a ``database`` that is a
+``postgresql://`` URL is kept as it is.
 
 ``example_config()`` is the fully commented default file, generated from the
 same table as the defaults so the two cannot drift; ``write_default_config``
@@ -33,6 +34,7 @@ from typing import Any
 from ..atomic_file import write_text_atomic
 from ..errors import CyphonicError, ParseError
 from ..wire.common import validate_fqdn
+from .store import is_postgres_url
 
 __all__ = ["CloudConfig", "ConfigError", "load_config", "example_config",
            "write_default_config", "SERVICES", "LOG_LEVELS"]
@@ -58,7 +60,8 @@ class CloudConfig:
     state_dir: Path = field(default=Path("/var/lib/cyphonic-cloud"), metadata=_doc(
         "Directory of the cloud's keys and database."))
     database: str = field(default="", metadata=_doc(
-        f'SQLite database file. "" means <state_dir>/{DATABASE_FILE}.'))
+        f'SQLite database file, or a "postgresql://user@host/dbname" URL (PostgreSQL or '
+        f'CockroachDB; several cloud processes may share it). "" means <state_dir>/{DATABASE_FILE}.'))
     domain: str = field(default="overlay.cyphonic.example", metadata=_doc(
         "Overlay domain: a node's FQDN is <name>.<domain>."))
     prefix: ipaddress.IPv4Network = field(
@@ -90,9 +93,20 @@ class CloudConfig:
         "One of " + ", ".join(LOG_LEVELS) + "."))
 
     @property
+    def database_is_postgres(self) -> bool:
+        return is_postgres_url(self.database)
+
+    @property
     def database_path(self) -> Path:
-        """The database file: ``database`` if set, else ``<state_dir>/cloud.sqlite3``."""
+        """The SQLite file: ``database`` if set, else ``<state_dir>/cloud.sqlite3``."""
+        if self.database_is_postgres:
+            raise ValueError("database is a PostgreSQL URL, not a file")
         return Path(self.database) if self.database else self.state_dir / DATABASE_FILE
+
+    @property
+    def database_target(self) -> str:
+        """What ``store.open_store`` takes: the PostgreSQL URL or the SQLite file's path."""
+        return self.database if self.database_is_postgres else str(self.database_path)
 
     @property
     def relay_host4(self) -> str:
@@ -207,6 +221,14 @@ def _seconds(v: Any) -> float:
     return float(v)
 
 
+def _database(v: Any) -> str:
+    v = _want_str(v)
+    if "://" in v and not is_postgres_url(v):
+        raise ValueError(f'{v.split("://")[0]!r} is not a database URL scheme: '
+                         'use "postgresql://..." or a file path')
+    return v
+
+
 def _log_level(v: Any) -> str:
     s = _want_str(v)
     if s not in LOG_LEVELS:
@@ -216,7 +238,7 @@ def _log_level(v: Any) -> str:
 
 _CHECKS = {
     "state_dir": _path,
-    "database": _want_str,
+    "database": _database,
     "domain": _domain,
     "prefix": _prefix,
     "listen4": _address(4, unspecified_ok=True),
@@ -254,7 +276,8 @@ def parse_config(doc: dict[str, Any], source: str = "<config>",
     if base_dir is not None:
         if "state_dir" in values and not values["state_dir"].is_absolute():
             values["state_dir"] = base_dir / values["state_dir"]
-        if values.get("database") and not os.path.isabs(values["database"]):
+        if (values.get("database") and not is_postgres_url(values["database"])
+                and not os.path.isabs(values["database"])):
             values["database"] = str(base_dir / values["database"])
     cfg = CloudConfig(**values)
 

@@ -30,7 +30,7 @@ from .config import CloudConfig
 from .constants import INTAKE_BATCH, RECV_BYTES
 from .core import CloudCore
 from .keys import load_keys
-from .store import SQLiteStore
+from .store import open_store
 from .trs import RelayService
 from .trs_server import serve_relay
 
@@ -67,7 +67,7 @@ class CloudServer:
         self.config = config
         self.out = out or sys.stdout
         self.errors: Counter = Counter()
-        self.store = SQLiteStore(config.database_path)
+        self.store = open_store(config.database_target)
         self.keys = load_keys(config.state_dir)
         self.core: CloudCore | None = None
         self.relay: RelayService | None = None

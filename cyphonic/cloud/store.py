@@ -1,7 +1,12 @@
 """The cloud's persistent state: enrollment tokens, identities, serials, revocations, policy.
 
-One interface (``Store``, a ``typing.Protocol``) and two implementations that
-pass the same test suite:
+One interface (``Store``, a ``typing.Protocol``) and three implementations that
+pass the same test suite (``open_store`` picks the engine from the ``database``
+setting; schema versions and their ordered migration steps are shared rules,
+``pending_migrations``):
+
+- ``PostgresStore(url)`` in ``store_postgres``: several processes and hosts on
+  one PostgreSQL (or CockroachDB) database; imported only when configured.
 
 - ``SQLiteStore(path)``: the real one. One SQLite file, WAL journal,
   ``synchronous=FULL`` (a write that returned survives ``kill -9`` and power
@@ -9,6 +14,9 @@ pass the same test suite:
   so several cloud processes can share one file.
 - ``MemoryStore()``: a fake in dicts for fast unit tests, with the same
   behaviour, errors included.
+
+The two SQL engines run the same statements (``_SqlStore``, written with ``?``
+placeholders); each adds only its connection, transactions and schema.
 
 Every write is one transaction: it happens completely or not at all. Misuse
 raises a ``StoreError`` subclass whose message says what was wrong. ``enroll``
@@ -42,6 +50,7 @@ __all__ = [
     "SCHEMA_VERSION", "TOKEN_REASONS",
     "StoreError", "ConflictError", "NotFoundError", "TokenError",
     "TokenRecord", "Identity", "Store", "SQLiteStore", "MemoryStore",
+    "pending_migrations", "is_postgres_url", "open_store",
 ]
 
 SCHEMA_VERSION = 1                 # PRAGMA user_version of the database this code writes
@@ -333,6 +342,46 @@ def _policy_json(policy: Any) -> str:
         raise StoreError(f"policy cannot be stored as JSON: {e}") from None
 
 
+# --- Schema versions, shared by both engines ------------------------------------
+
+def pending_migrations(steps: tuple[tuple[int, tuple[str, ...]], ...], version: int, *,
+                       upgrade: bool, where: str) -> list[tuple[int, tuple[str, ...]]]:
+    """The migration steps to run on a database at ``version``, in order.
+
+    An empty database (version 0) is always created: starting the cloud on a
+    new database needs no extra command. An existing database older than this
+    program is changed only with ``upgrade`` (``cyphonic-cloud db upgrade``),
+    so a new binary never rewrites the schema under instances still running the
+    old one. A newer database is refused.
+    """
+    latest = steps[-1][0]
+    if [v for v, _ in steps] != list(range(1, latest + 1)):
+        raise AssertionError("migration steps must be numbered 1, 2, 3, ... without gaps")
+    if version > latest:
+        raise StoreError(f"{where}: schema version {version} is newer than this program "
+                         f"understands ({latest}); upgrade cyphonic")
+    if 0 < version < latest and not upgrade:
+        raise StoreError(f"{where}: schema version {version} is older than this program's "
+                         f"({latest}); run `cyphonic-cloud db upgrade` first")
+    return [(v, stmts) for v, stmts in steps if v > version]
+
+
+def is_postgres_url(database: str) -> bool:
+    """True when ``database`` names a PostgreSQL (or CockroachDB) server, not a file."""
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(database: str | os.PathLike[str], *, upgrade: bool = False) -> "Store":
+    """The store for a ``database`` setting: a ``postgresql://`` URL or an SQLite file path."""
+    if isinstance(database, str) and is_postgres_url(database):
+        try:
+            from .store_postgres import PostgresStore   # psycopg only where it is used
+        except ImportError as e:
+            raise StoreError(f"{e} (needed for database = \"postgresql://...\")") from e
+        return PostgresStore(database, upgrade=upgrade)
+    return SQLiteStore(database, upgrade=upgrade)
+
+
 # --- SQLite --------------------------------------------------------------------
 
 _SCHEMA = (
@@ -376,6 +425,12 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY CHECK (id = 1), document TEXT NOT NULL)""",
 )
 
+# Ordered steps: (version it leaves the database at, statements). Step 1 creates the schema;
+# a later change appends a step and raises SCHEMA_VERSION, never edits an older step.
+_SQLITE_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, _SCHEMA),
+)
+
 _TOKEN_COLS = "token_id, secret_hash, name, groups, reusable, expires_at, created_at, used_at, uses"
 _IDENTITY_COLS = ("static_public, name, fqdn, vip4, groups, created_at, serial, "
                   "cert_not_after, revoked, token_id")
@@ -400,11 +455,270 @@ def _rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
 
 
-class SQLiteStore:
+# --- The SQL both engines share -------------------------------------------------
+
+class _SqlStore:
+    """The store's SQL, written once for both engines (``SQLiteStore``, ``PostgresStore``).
+
+    Statements use sqlite3's ``?`` placeholders; ``_q`` turns them into the
+    engine's own (no SQL text here contains a literal ``?``). An engine class
+    provides the rest:
+
+    - ``_write(body)`` / ``_read(body)``: run ``body(cur)`` in one write (write
+      lock taken up front) or read transaction and return what it returns;
+    - ``_flag(b)``: a boolean as the engine stores it (SQLite 0/1, PostgreSQL BOOLEAN);
+    - schema creation and migrations, connections, ``close``.
+    """
+
+    _OWN_META_KEYS: tuple[str, ...] = ()   # meta keys the store keeps for itself
+
+    def _q(self, sql: str) -> str:
+        return sql
+
+    def _flag(self, value: bool) -> Any:
+        return int(value)
+
+    def _write(self, body: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def _read(self, body: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def _exec(self, cur: Any, sql: str, params: tuple = ()) -> Any:
+        return cur.execute(self._q(sql), params)
+
+    # meta
+
+    def get_meta(self, key: str) -> str | None:
+        _check_str(key, "meta key")
+        row = self._read(lambda cur: self._exec(
+            cur, "SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        _check_str(key, "meta key")
+        _check_str(value, f"meta value for {key!r}", empty_ok=True)
+        if key in self._OWN_META_KEYS:
+            raise StoreError(f"meta key {key!r} is the store's own; "
+                             "use `cyphonic-cloud db upgrade`")
+        self._write(lambda cur: self._exec(
+            cur, "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value)))
+
+    # tokens
+
+    def add_token(self, rec: TokenRecord) -> None:
+        rec = _normalize_token(rec)
+
+        def body(cur: Any) -> None:
+            if self._exec(cur, "SELECT 1 FROM tokens WHERE token_id = ?",
+                          (rec.token_id,)).fetchone():
+                raise ConflictError(f"token {rec.token_id!r} already exists")
+            self._exec(cur, f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (rec.token_id, rec.secret_hash, rec.name, json.dumps(rec.groups),
+                        self._flag(rec.reusable), rec.expires_at, rec.created_at, rec.used_at,
+                        rec.uses))
+        self._write(body)
+
+    def _get_token(self, cur: Any, token_id: str) -> TokenRecord | None:
+        row = self._exec(cur, f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_id = ?",
+                         (token_id,)).fetchone()
+        return None if row is None else _token_from_row(row)
+
+    def _spend_token(self, cur: Any, rec: TokenRecord) -> None:
+        self._exec(cur, "UPDATE tokens SET used_at = ?, uses = ? WHERE token_id = ?",
+                   (rec.used_at, rec.uses, rec.token_id))
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        _check_str(token_id, "token_id")
+        return self._read(lambda cur: self._get_token(cur, token_id))
+
+    def consume_token(self, token_id: str, now: float) -> TokenRecord:
+        _check_str(token_id, "token_id")
+        now = _check_time(now, "now")  # type: ignore[assignment]
+
+        def body(cur: Any) -> TokenRecord:
+            rec = _consume(self._get_token(cur, token_id), token_id, now)
+            self._spend_token(cur, rec)
+            return rec
+        return self._write(body)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._read(lambda cur: self._exec(
+            cur, f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id").fetchall())
+        return [_token_from_row(r) for r in rows]
+
+    def delete_token(self, token_id: str) -> None:
+        _check_str(token_id, "token_id")
+
+        def body(cur: Any) -> None:
+            if self._exec(cur, "DELETE FROM tokens WHERE token_id = ?",
+                          (token_id,)).rowcount == 0:
+                raise NotFoundError(f"token {token_id!r} does not exist")
+        self._write(body)
+
+    # identities
+
+    def _identity_where(self, cur: Any, column: str, value: Any) -> Identity | None:
+        assert column in ("static_public", "name", "fqdn", "vip4")
+        row = self._exec(cur, f"SELECT {_IDENTITY_COLS} FROM identities WHERE {column} = ?",
+                         (value,)).fetchone()
+        return None if row is None else _identity_from_row(row)
+
+    def _insert_identity(self, cur: Any, new: _NewIdentity, name: str, fqdn: str) -> Identity:
+        """Allocate the lowest free address and insert the identity, in ``cur``'s transaction."""
+        _check_unique(lambda col, v: self._identity_where(cur, col, v),
+                      new.static_public, name, fqdn)
+
+        def used(c: int) -> bool:
+            return self._exec(cur, "SELECT 1 FROM identities WHERE vip4_int = ?",
+                              (c,)).fetchone() is not None
+
+        def end_of_run(c: int) -> int:
+            return self._exec(
+                cur, "SELECT MIN(i.vip4_int) + 1 FROM identities i WHERE i.vip4_int >= ? "
+                "AND NOT EXISTS (SELECT 1 FROM identities j WHERE j.vip4_int = i.vip4_int + 1)",
+                (c,)).fetchone()[0]
+
+        vip4 = _lowest_free(new.first, new.last, new.reserved, used, end_of_run, new.prefix)
+        ident = new.identity(name, fqdn, vip4)
+        self._exec(
+            cur, "INSERT INTO identities (static_public, name, fqdn, vip4, vip4_int, groups, "
+            "created_at, serial, cert_not_after, revoked, revoked_at, token_id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ident.static_public, name, fqdn, vip4, int(ipaddress.IPv4Address(vip4)),
+             json.dumps(ident.groups), ident.created_at, 0, 0.0, self._flag(False), None,
+             ident.token_id))
+        return ident
+
+    def create_identity(self, static_public: bytes, name: str, fqdn: str,
+                        groups: tuple[str, ...], token_id: str, now: float,
+                        prefix: ipaddress.IPv4Network, reserved: set[str]) -> Identity:
+        new = _check_new_identity(static_public, groups, token_id, now, prefix, reserved)
+        _check_str(name, "name")
+        _check_str(fqdn, "fqdn")
+        return self._write(lambda cur: self._insert_identity(cur, new, name, fqdn))
+
+    def enroll(self, token_id: str, static_public: bytes, names: list[str], domain: str,
+               now: float, prefix: ipaddress.IPv4Network,
+               reserved: set[str]) -> tuple[Identity, TokenRecord]:
+        _check_str(token_id, "token_id")
+        new = _check_new_identity(static_public, (), token_id, now, prefix, reserved)
+        names = _check_candidates(names, domain)
+
+        def body(cur: Any) -> tuple[Identity, TokenRecord]:
+            rec = _consume(self._get_token(cur, token_id), token_id, new.now)
+            name, fqdn = _pick_name(lambda col, v: self._identity_where(cur, col, v),
+                                    token_id, new.static_public, names, domain)
+            ident = self._insert_identity(cur, replace(new, groups=rec.groups), name, fqdn)
+            self._spend_token(cur, rec)
+            return ident, rec
+        return self._write(body)
+
+    def get_identity(self, static_public: bytes) -> Identity | None:
+        static_public = _check_static(static_public)
+        return self._read(lambda cur: self._identity_where(cur, "static_public", static_public))
+
+    def get_identity_by_name(self, name: str) -> Identity | None:
+        _check_str(name, "name")
+        return self._read(lambda cur: self._identity_where(cur, "name", name))
+
+    def get_identity_by_fqdn(self, fqdn: str) -> Identity | None:
+        _check_str(fqdn, "fqdn")
+        return self._read(lambda cur: self._identity_where(cur, "fqdn", fqdn))
+
+    def get_identity_by_vip(self, vip4: str) -> Identity | None:
+        _check_str(vip4, "vip4")
+        return self._read(lambda cur: self._identity_where(cur, "vip4", vip4))
+
+    def list_identities(self) -> list[Identity]:
+        rows = self._read(lambda cur: self._exec(
+            cur, f"SELECT {_IDENTITY_COLS} FROM identities ORDER BY vip4_int").fetchall())
+        return [_identity_from_row(r) for r in rows]
+
+    # serials and certificates
+
+    def next_serial(self) -> int:
+        def body(cur: Any) -> int:
+            row = self._exec(cur, "SELECT value FROM counters WHERE name = 'serial'").fetchone()
+            highest = self._exec(cur, "SELECT MAX(serial) FROM issued_serials").fetchone()[0]
+            serial = max(row[0] if row else 0, highest or 0) + 1
+            self._exec(cur, "INSERT INTO counters (name, value) VALUES ('serial', ?) "
+                       "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (serial,))
+            return serial
+        return self._write(body)
+
+    def set_certificate(self, static_public: bytes, serial: int, not_after: float) -> None:
+        static_public = _check_static(static_public)
+        serial = _check_serial(serial)
+        not_after = _check_time(not_after, "not_after")  # type: ignore[assignment]
+
+        def body(cur: Any) -> None:
+            ident = self._identity_where(cur, "static_public", static_public)
+            row = self._exec(cur, "SELECT static_public FROM issued_serials WHERE serial = ?",
+                             (serial,)).fetchone()
+            revoked = self._exec(cur, "SELECT 1 FROM revoked_serials WHERE serial = ?",
+                                 (serial,)).fetchone() is not None
+            _check_certificate(ident, static_public, serial,
+                               None if row is None else bytes(row[0]), revoked)
+            self._exec(cur, "INSERT INTO issued_serials (serial, static_public, not_after) "
+                       "VALUES (?,?,?) ON CONFLICT (serial) DO UPDATE SET not_after = "
+                       "excluded.not_after", (serial, static_public, not_after))
+            self._exec(cur, "UPDATE identities SET serial = ?, cert_not_after = ? "
+                       "WHERE static_public = ?", (serial, not_after, static_public))
+        self._write(body)
+
+    # revocation
+
+    def revoke(self, name: str, now: float) -> Identity:
+        _check_str(name, "name")
+        now = _check_time(now, "now")  # type: ignore[assignment]
+
+        def body(cur: Any) -> Identity:
+            ident = self._identity_where(cur, "name", name)
+            if ident is None:
+                raise NotFoundError(f"no identity named {name!r}")
+            serials = {r[0] for r in self._exec(
+                cur, "SELECT serial FROM issued_serials WHERE static_public = ?",
+                (ident.static_public,)).fetchall()}
+            if ident.serial:
+                serials.add(ident.serial)
+            for s in sorted(serials):
+                self._exec(cur, "INSERT INTO revoked_serials (serial, static_public, revoked_at) "
+                           "VALUES (?,?,?) ON CONFLICT (serial) DO NOTHING",
+                           (s, ident.static_public, now))
+            self._exec(cur, "UPDATE identities SET revoked = ?, "
+                       "revoked_at = COALESCE(revoked_at, ?) WHERE static_public = ?",
+                       (self._flag(True), now, ident.static_public))
+            return replace(ident, revoked=True)
+        return self._write(body)
+
+    def revoked_serials(self) -> set[int]:
+        rows = self._read(lambda cur: self._exec(
+            cur, "SELECT serial FROM revoked_serials").fetchall())
+        return {r[0] for r in rows}
+
+    # policy
+
+    def get_policy(self) -> dict | None:
+        row = self._read(lambda cur: self._exec(
+            cur, "SELECT document FROM policy WHERE id = 1").fetchone())
+        return None if row is None else json.loads(row[0])
+
+    def set_policy(self, policy: dict) -> None:
+        doc = _policy_json(policy)
+        self._write(lambda cur: self._exec(
+            cur, "INSERT INTO policy (id, document) VALUES (1, ?) "
+            "ON CONFLICT (id) DO UPDATE SET document = excluded.document", (doc,)))
+
+
+# --- SQLite: the file, transactions, schema ------------------------------------
+
+class SQLiteStore(_SqlStore):
     """The store in one SQLite file; several processes may open the same file."""
 
     def __init__(self, path: str | os.PathLike[str], *,
-                 busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+                 busy_timeout_s: float = BUSY_TIMEOUT_S, upgrade: bool = False) -> None:
         self.path = os.fspath(path)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -426,7 +740,7 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: cannot open the database: {e}") from e
         try:
-            self._open(busy_timeout_s)
+            self._open(busy_timeout_s, upgrade)
         except BaseException as e:
             self._db.close()
             self._db = None
@@ -437,7 +751,7 @@ class SQLiteStore:
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
-    def _open(self, busy_timeout_s: float) -> None:
+    def _open(self, busy_timeout_s: float, upgrade: bool) -> None:
         db = self._db
         assert db is not None
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -458,19 +772,21 @@ class SQLiteStore:
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise StoreError(f"{self.path}: database is corrupt: {check}")
+        self.schema_version_found = version
         if version < SCHEMA_VERSION:
-            with self._write() as cur:
+            with self._write_txn() as cur:
                 # Another process may have created it while we waited for the lock.
                 version = cur.execute("PRAGMA user_version").fetchone()[0]
+                self.schema_version_found = version
                 if version > SCHEMA_VERSION:
                     raise StoreError(f"{self.path}: schema version {version} is newer than "
                                      f"this program understands ({SCHEMA_VERSION})")
-                if version == 0:
-                    for stmt in _SCHEMA:
+                for step_version, statements in pending_migrations(
+                        _SQLITE_MIGRATIONS, version, upgrade=upgrade, where=self.path):
+                    for stmt in statements:
                         cur.execute(stmt)
-                # Migrations from older versions go here, one step at a time.
+                    cur.execute(f"PRAGMA user_version = {step_version}")
                 cur.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _enable_wal(self, busy_timeout_s: float) -> str:
         """Switch the file to WAL (persistent, so once is enough) and return the mode.
@@ -505,7 +821,7 @@ class SQLiteStore:
         return self._db
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Cursor]:
+    def _write_txn(self) -> Iterator[sqlite3.Cursor]:
         """One write transaction, taking the database's write lock up front."""
         with self._lock:
             db = self._conn()
@@ -527,7 +843,7 @@ class SQLiteStore:
                 raise StoreError(f"{self.path}: {e}") from e
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Cursor]:
+    def _read_txn(self) -> Iterator[sqlite3.Cursor]:
         """One read transaction: a consistent snapshot for several statements."""
         with self._lock:
             db = self._conn()
@@ -543,213 +859,13 @@ class SQLiteStore:
             except sqlite3.Error as e:
                 raise StoreError(f"{self.path}: {e}") from e
 
-    # meta
+    def _write(self, body: Callable[[sqlite3.Cursor], Any]) -> Any:
+        with self._write_txn() as cur:
+            return body(cur)
 
-    def get_meta(self, key: str) -> str | None:
-        _check_str(key, "meta key")
-        with self._read() as cur:
-            row = cur.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def set_meta(self, key: str, value: str) -> None:
-        _check_str(key, "meta key")
-        _check_str(value, f"meta value for {key!r}", empty_ok=True)
-        with self._write() as cur:
-            cur.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
-
-    # tokens
-
-    def add_token(self, rec: TokenRecord) -> None:
-        rec = _normalize_token(rec)
-        with self._write() as cur:
-            if cur.execute("SELECT 1 FROM tokens WHERE token_id = ?", (rec.token_id,)).fetchone():
-                raise ConflictError(f"token {rec.token_id!r} already exists")
-            cur.execute(f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                        (rec.token_id, rec.secret_hash, rec.name, json.dumps(rec.groups),
-                         int(rec.reusable), rec.expires_at, rec.created_at, rec.used_at,
-                         rec.uses))
-
-    def _get_token(self, cur: sqlite3.Cursor, token_id: str) -> TokenRecord | None:
-        row = cur.execute(f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_id = ?",
-                          (token_id,)).fetchone()
-        return None if row is None else _token_from_row(row)
-
-    def get_token(self, token_id: str) -> TokenRecord | None:
-        _check_str(token_id, "token_id")
-        with self._read() as cur:
-            return self._get_token(cur, token_id)
-
-    def consume_token(self, token_id: str, now: float) -> TokenRecord:
-        _check_str(token_id, "token_id")
-        now = _check_time(now, "now")  # type: ignore[assignment]
-        with self._write() as cur:
-            rec = _consume(self._get_token(cur, token_id), token_id, now)
-            cur.execute("UPDATE tokens SET used_at = ?, uses = ? WHERE token_id = ?",
-                        (rec.used_at, rec.uses, token_id))
-        return rec
-
-    def list_tokens(self) -> list[TokenRecord]:
-        with self._read() as cur:
-            rows = cur.execute(f"SELECT {_TOKEN_COLS} FROM tokens "
-                               "ORDER BY created_at, token_id").fetchall()
-        return [_token_from_row(r) for r in rows]
-
-    def delete_token(self, token_id: str) -> None:
-        _check_str(token_id, "token_id")
-        with self._write() as cur:
-            if cur.execute("DELETE FROM tokens WHERE token_id = ?", (token_id,)).rowcount == 0:
-                raise NotFoundError(f"token {token_id!r} does not exist")
-
-    # identities
-
-    def _identity_where(self, cur: sqlite3.Cursor, column: str, value: Any) -> Identity | None:
-        row = cur.execute(f"SELECT {_IDENTITY_COLS} FROM identities WHERE {column} = ?",
-                          (value,)).fetchone()
-        return None if row is None else _identity_from_row(row)
-
-    def _insert_identity(self, cur: sqlite3.Cursor, new: _NewIdentity, name: str,
-                         fqdn: str) -> Identity:
-        """Allocate the lowest free address and insert the identity, in ``cur``'s transaction."""
-        _check_unique(lambda col, v: self._identity_where(cur, col, v),
-                      new.static_public, name, fqdn)
-
-        def used(c: int) -> bool:
-            return cur.execute("SELECT 1 FROM identities WHERE vip4_int = ?",
-                               (c,)).fetchone() is not None
-
-        def end_of_run(c: int) -> int:
-            return cur.execute(
-                "SELECT MIN(i.vip4_int) + 1 FROM identities i WHERE i.vip4_int >= ? "
-                "AND NOT EXISTS (SELECT 1 FROM identities j WHERE j.vip4_int = i.vip4_int + 1)",
-                (c,)).fetchone()[0]
-
-        vip4 = _lowest_free(new.first, new.last, new.reserved, used, end_of_run, new.prefix)
-        ident = new.identity(name, fqdn, vip4)
-        cur.execute(
-            "INSERT INTO identities (static_public, name, fqdn, vip4, vip4_int, groups, "
-            "created_at, serial, cert_not_after, revoked, revoked_at, token_id) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (ident.static_public, name, fqdn, vip4, int(ipaddress.IPv4Address(vip4)),
-             json.dumps(ident.groups), ident.created_at, 0, 0.0, 0, None, ident.token_id))
-        return ident
-
-    def create_identity(self, static_public: bytes, name: str, fqdn: str,
-                        groups: tuple[str, ...], token_id: str, now: float,
-                        prefix: ipaddress.IPv4Network, reserved: set[str]) -> Identity:
-        new = _check_new_identity(static_public, groups, token_id, now, prefix, reserved)
-        _check_str(name, "name")
-        _check_str(fqdn, "fqdn")
-        with self._write() as cur:
-            return self._insert_identity(cur, new, name, fqdn)
-
-    def enroll(self, token_id: str, static_public: bytes, names: list[str], domain: str,
-               now: float, prefix: ipaddress.IPv4Network,
-               reserved: set[str]) -> tuple[Identity, TokenRecord]:
-        _check_str(token_id, "token_id")
-        new = _check_new_identity(static_public, (), token_id, now, prefix, reserved)
-        names = _check_candidates(names, domain)
-        with self._write() as cur:
-            rec = _consume(self._get_token(cur, token_id), token_id, new.now)
-            name, fqdn = _pick_name(lambda col, v: self._identity_where(cur, col, v),
-                                    token_id, new.static_public, names, domain)
-            ident = self._insert_identity(cur, replace(new, groups=rec.groups), name, fqdn)
-            cur.execute("UPDATE tokens SET used_at = ?, uses = ? WHERE token_id = ?",
-                        (rec.used_at, rec.uses, token_id))
-        return ident, rec
-
-    def get_identity(self, static_public: bytes) -> Identity | None:
-        static_public = _check_static(static_public)
-        with self._read() as cur:
-            return self._identity_where(cur, "static_public", static_public)
-
-    def get_identity_by_name(self, name: str) -> Identity | None:
-        _check_str(name, "name")
-        with self._read() as cur:
-            return self._identity_where(cur, "name", name)
-
-    def get_identity_by_fqdn(self, fqdn: str) -> Identity | None:
-        _check_str(fqdn, "fqdn")
-        with self._read() as cur:
-            return self._identity_where(cur, "fqdn", fqdn)
-
-    def get_identity_by_vip(self, vip4: str) -> Identity | None:
-        _check_str(vip4, "vip4")
-        with self._read() as cur:
-            return self._identity_where(cur, "vip4", vip4)
-
-    def list_identities(self) -> list[Identity]:
-        with self._read() as cur:
-            rows = cur.execute(f"SELECT {_IDENTITY_COLS} FROM identities "
-                               "ORDER BY vip4_int").fetchall()
-        return [_identity_from_row(r) for r in rows]
-
-    # serials and certificates
-
-    def next_serial(self) -> int:
-        with self._write() as cur:
-            row = cur.execute("SELECT value FROM counters WHERE name = 'serial'").fetchone()
-            highest = cur.execute("SELECT MAX(serial) FROM issued_serials").fetchone()[0]
-            serial = max(row[0] if row else 0, highest or 0) + 1
-            cur.execute("INSERT INTO counters (name, value) VALUES ('serial', ?) "
-                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (serial,))
-        return serial
-
-    def set_certificate(self, static_public: bytes, serial: int, not_after: float) -> None:
-        static_public = _check_static(static_public)
-        serial = _check_serial(serial)
-        not_after = _check_time(not_after, "not_after")  # type: ignore[assignment]
-        with self._write() as cur:
-            ident = self._identity_where(cur, "static_public", static_public)
-            row = cur.execute("SELECT static_public FROM issued_serials WHERE serial = ?",
-                              (serial,)).fetchone()
-            revoked = cur.execute("SELECT 1 FROM revoked_serials WHERE serial = ?",
-                                  (serial,)).fetchone() is not None
-            _check_certificate(ident, static_public, serial,
-                               None if row is None else bytes(row[0]), revoked)
-            cur.execute("INSERT INTO issued_serials (serial, static_public, not_after) "
-                        "VALUES (?,?,?) ON CONFLICT(serial) DO UPDATE SET not_after = "
-                        "excluded.not_after", (serial, static_public, not_after))
-            cur.execute("UPDATE identities SET serial = ?, cert_not_after = ? "
-                        "WHERE static_public = ?", (serial, not_after, static_public))
-
-    # revocation
-
-    def revoke(self, name: str, now: float) -> Identity:
-        _check_str(name, "name")
-        now = _check_time(now, "now")  # type: ignore[assignment]
-        with self._write() as cur:
-            ident = self._identity_where(cur, "name", name)
-            if ident is None:
-                raise NotFoundError(f"no identity named {name!r}")
-            serials = {r[0] for r in cur.execute(
-                "SELECT serial FROM issued_serials WHERE static_public = ?",
-                (ident.static_public,))}
-            if ident.serial:
-                serials.add(ident.serial)
-            cur.executemany("INSERT OR IGNORE INTO revoked_serials (serial, static_public, "
-                            "revoked_at) VALUES (?,?,?)",
-                            [(s, ident.static_public, now) for s in sorted(serials)])
-            cur.execute("UPDATE identities SET revoked = 1, revoked_at = COALESCE(revoked_at, ?) "
-                        "WHERE static_public = ?", (now, ident.static_public))
-        return replace(ident, revoked=True)
-
-    def revoked_serials(self) -> set[int]:
-        with self._read() as cur:
-            return {r[0] for r in cur.execute("SELECT serial FROM revoked_serials")}
-
-    # policy
-
-    def get_policy(self) -> dict | None:
-        with self._read() as cur:
-            row = cur.execute("SELECT document FROM policy WHERE id = 1").fetchone()
-        return None if row is None else json.loads(row[0])
-
-    def set_policy(self, policy: dict) -> None:
-        doc = _policy_json(policy)
-        with self._write() as cur:
-            cur.execute("INSERT INTO policy (id, document) VALUES (1, ?) "
-                        "ON CONFLICT(id) DO UPDATE SET document = excluded.document", (doc,))
+    def _read(self, body: Callable[[sqlite3.Cursor], Any]) -> Any:
+        with self._read_txn() as cur:
+            return body(cur)
 
     def close(self) -> None:
         with self._lock:

@@ -6,7 +6,8 @@ benchmarks (benchmarks, not tests). Each part prints a table and writes ``<out>/
 - ``cloud`` (lab.bench.cloud): logins, registrations and route selections per second against
   one real cloud process (``cloud.json``);
 - ``node`` (lab.bench.node): two cyphonic-node daemons against plain routing and wireguard-go
-  in network namespaces: ping RTT, iperf3 UDP and TCP, tunnel set-up, memory (``node.json``;
+  in network namespaces: ping RTT, iperf3 UDP (1400- and 1300-byte datagrams) and TCP (1 and 4
+  streams, both directions), CPU per packet, tunnel set-up, memory (``node.json``;
   needs root, wireguard-go and wireguard-tools);
 - ``adapter`` (lab.bench.adapter): a general node through cyphonic-adapter, side by side in one
   run with the node daemon, plain routing and wireguard-go: the same measurements and the

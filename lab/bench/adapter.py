@@ -18,7 +18,8 @@ them alike), all to n2, whose iperf3 server binds the target address:
 
 Per path the node bench's measurements (ping: 200 echoes; iperf3 UDP, 1400-byte datagrams at
 10..50 Mbit/s offered, then unlimited, then the highest offered rate with < 1 % loss, held on
-the median of 3 runs; TCP 5 s), plus for the adapter path the drops at its NFQUEUE queues and
+the median of 3 runs; the same, shorter, with 1300-byte datagrams that fit the tunnel MTU;
+TCP 4 s with 1 and 4 streams, both directions; tunnel CPU per datagram and per packet), plus for the adapter path the drops at its NFQUEUE queues and
 its WAN socket. Tunnel set-up: the general node's first ``dig`` for a fresh peer (f1..f4, n1,
 n2: dig's own Query time), interleaved with the node daemons' fresh pairs. Memory: RSS (and
 PSS, since the forked workers share pages with the controller) of the adapter's controller and
@@ -29,7 +30,13 @@ Targets (issue, Benchmark section), checked in the same run:
 (a) adapter's highest offered UDP rate with < 1 % loss >= 90 % of the node daemon's,
 (b) ... and >= wireguard-go's;
 (c) adapter's median ping RTT within 0.2 ms of the node daemon's (not more than 0.2 ms above);
-(d) tunnel set-up for a general node, first DNS query to answer, < 50 ms at the median.
+(d) tunnel set-up for a general node, first DNS query to answer, < 50 ms at the median;
+and issue 15's ("Targets on this 2-core machine"): (e) adapter TCP >= 1.5 x wireguard-go's
+and (f) >= the node daemon's, (g) node daemon TCP >= 2 x wireguard-go's, each in all four TCP
+runs; (h) adapter's highest loss-free rate with 1300-byte datagrams >= 2 x wireguard-go's;
+(i) adapter's median ping <= wireguard-go's and (j) its 99th percentile < 2 ms; (k) CPU µs
+per datagram reported for every tunnel path. Ratio columns: adapter / node, / wireguard-go,
+/ plain (the distance to the limit).
 
 Printed as a table and written to ``<out>/adapter.json``.
 
@@ -75,6 +82,10 @@ PROFILE_TOP = 15
 RATE_VS_NODE = 0.90
 PING_MEDIAN_SLACK_MS = 0.2
 SETUP_MEDIAN_MS = 50.0
+TCP_VS_WG = 1.5               # issue 15 (batched data path): adapter TCP >= 1.5 x wireguard-go's ...
+NODE_TCP_VS_WG = 2.0          # ... node daemon TCP >= 2 x wireguard-go's
+MTU_RATE_VS_WG = 2.0          # ... adapter's 1300-byte highest loss-free rate >= 2 x wireguard-go's
+PING_P99_MS = 2.0             # ... adapter's 99th percentile ping < 2 ms
 
 
 def _read(path: str) -> str:
@@ -484,6 +495,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
                       what="cloud, 6 cyphonic-node daemons, 2 wireguard-go, an adapter with a general node")
     ping, sweep, setup = m["ping"], m["sweep"], m["setup"]
     sw = {p: sweep[p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS}
+    sw_mtu = {p: m["sweep_mtu"][p]["highest_offered_mbit_below_1pct_loss"] for p in PATHS}
     med = {p: ping[p]["median_ms"] for p in PATHS}
     held = {p: sweep[p]["verified_median_of_runs"] for p in ("cyphonic", "adapter", "wireguard-go")}
     st_ad = setup["adapter"]
@@ -507,6 +519,26 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
             "median_ms": st_ad["fresh_median_ms"], "fresh_ok": st_ad["fresh_ok"], "fresh_tried": st_ad["fresh_tried"],
             "met": (st_ad["fresh_median_ms"] is not None and st_ad["fresh_median_ms"] < SETUP_MEDIAN_MS
                     and st_ad["fresh_ok"] >= 5)},
+        # issue 15, "Targets on this 2-core machine"
+        "e_issue15_tcp_adapter_ge_1.5x_wireguard_go_every_run": nb.tcp_target(m["tcp"], "adapter", "wireguard-go",
+                                                                               TCP_VS_WG),
+        "f_issue15_tcp_adapter_ge_node_every_run": nb.tcp_target(m["tcp"], "adapter", "cyphonic", 1.0),
+        "g_issue15_tcp_node_ge_2x_wireguard_go_every_run": nb.tcp_target(m["tcp"], "cyphonic", "wireguard-go",
+                                                                         NODE_TCP_VS_WG),
+        "h_issue15_udp_1300B_highest_rate_adapter_ge_2x_wireguard_go": {
+            "adapter_mbit": sw_mtu["adapter"], "wireguard_go_mbit": sw_mtu["wireguard-go"],
+            "ratio": round(sw_mtu["adapter"] / sw_mtu["wireguard-go"], 3) if sw_mtu["wireguard-go"] else None,
+            "held_on_median_of_runs": {p: m["sweep_mtu"][p]["verified_median_of_runs"]
+                                       for p in ("cyphonic", "adapter", "wireguard-go")},
+            "met": sw_mtu["adapter"] > 0 and sw_mtu["adapter"] >= MTU_RATE_VS_WG * sw_mtu["wireguard-go"]},
+        "i_issue15_median_ping_adapter_le_wireguard_go": {
+            "adapter_ms": med["adapter"], "wireguard_go_ms": med["wireguard-go"],
+            "met": (med["adapter"] is not None and med["wireguard-go"] is not None
+                    and med["adapter"] <= med["wireguard-go"])},
+        "j_issue15_ping_p99_adapter_below_2ms": {
+            "adapter_p99_ms": ping["adapter"]["p99_ms"],
+            "met": ping["adapter"]["p99_ms"] is not None and ping["adapter"]["p99_ms"] < PING_P99_MS},
+        "k_issue15_cpu_us_per_datagram_reported": nb.cpu_reported_target(m, PATHS),
     }
     mem = {k: m[k]["adapter"] for k in ("mem_rest", "mem_load")}
     result = {
@@ -536,6 +568,8 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
         "udp_fixed": m["fixed"],
         "udp_unlimited": m["unlimited"],
         "udp_highest_rate": sweep,
+        "udp_mtu_fitting_unlimited": m["unlimited_mtu"],
+        "udp_mtu_fitting_highest_rate": m["sweep_mtu"],
         "tcp": m["tcp"],
         "tunnel_setup": setup,
         "tunnel_setup_note": "dig's Query time is in whole ms and comes in ~4 ms steps here (timer tick); "
@@ -598,7 +632,8 @@ def print_table(r: dict, say=print) -> None:
     rows.append(("MTU", dict(r["parameters"]["mtu"])))
     nb.print_rows(f"general node through the adapter vs node daemon, plain, wireguard-go (to n2; one run, "
                   f"interleaved; {r['machine']['cpus']} CPUs, shared: quote ratios)", COLUMNS, rows,
-                  [("ad/node", "adapter", "cyphonic"), ("ad/wg", "adapter", "wireguard-go")], say)
+                  [("ad/node", "adapter", "cyphonic"), ("ad/wg", "adapter", "wireguard-go"),
+                   ("ad/plain", "adapter", "plain", nb.vs_plain)], say)
     say("targets: " + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'}" for k, v in r["targets"].items()))
     prof = r.get("profile")
     if prof:

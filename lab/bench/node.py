@@ -14,12 +14,16 @@ Measured in ONE run, interleaved (each step runs all paths back to back, in rota
 so the noise of this shared 2-core machine hits all paths alike:
 
 - ping RTT: 200 echoes at 10 ms intervals (four interleaved chunks of 50): min, avg,
-  median, max. Userspace paths show a few ~4 ms samples (a scheduler tick): compare medians;
+  median, 99th percentile, max. Userspace paths show a few ~4 ms samples (a scheduler tick): compare medians;
 - iperf3 UDP, 1400-byte datagrams (a 1428-byte IP packet: both tunnels' default MTUs are
   smaller, so every datagram is two tunnel packets on both tunnels), offered 10..50 Mbit/s:
   received rate, jitter, loss; then unlimited offered load (``-b 0``): received rate and
   loss; then a bounded search for the highest offered rate carried with < 1 % loss;
-- iperf3 TCP (5 s) throughput;
+- iperf3 UDP, 1300-byte datagrams (fit both tunnel MTUs: one tunnel packet each; issue 15),
+  shorter, to keep the run's time: no fixed rates, unlimited for 2 s, a search of at most 4
+  runs of 2 s per path and one verification round;
+- iperf3 TCP (4 s each): 1 and 4 parallel streams (-P 4), n1 -> n2 and n2 -> n1 (-R);
+- tunnel CPU per datagram (UDP) and per tunnel packet both ways (TCP: data and ACKs);
 - cyphonic tunnel set-up: the first ``dig`` for a fresh peer (the answer waits for the
   tunnel), for six fresh pairs, against a repeated query once the tunnel is up;
 - RSS and CPU time of the tunnel processes (cyphonic-node and wireguard-go, both ends).
@@ -34,7 +38,10 @@ checked.
 
 The table is printed and ``<out>/node.json`` written, with the issue's targets:
 (a) cyphonic's highest offered UDP rate with < 1 % loss >= wireguard-go's;
-(b) cyphonic's median ping RTT <= wireguard-go's.
+(b) cyphonic's median ping RTT <= wireguard-go's;
+(c) issue 15: cyphonic's TCP >= twice wireguard-go's, in each of the four TCP runs;
+(d) issue 15: tunnel CPU µs per datagram reported for every tunnel path.
+Ratio columns: cyphonic / wireguard-go and cyphonic / plain (the distance to the limit).
 
     python -m lab.bench --only node --out build/bench
     python -m lab.bench.node --out build/bench        # the same, this part alone
@@ -55,7 +62,8 @@ from ..nodelab import DOMAIN, Overlay
 from .common import bench_lab, cpu_seconds, machine, write_result
 
 PATHS = ("plain", "cyphonic", "wireguard-go")
-UDP_BYTES = 1400
+UDP_BYTES = 1400              # the paper's datagrams: larger than every tunnel MTU (two fragments)
+UDP_MTU_BYTES = 1300          # datagrams that fit the tunnel MTU (issue 15): one tunnel packet each
 FIXED_RATES_MBIT = (10, 20, 30, 40, 50)
 LOSS_LIMIT_PERCENT = 1.0
 WG_NET = "10.250.0"
@@ -76,7 +84,12 @@ SWEEP_RESOLUTION = 0.06       # stop when (first bad - last good) <= 6 % of the 
 PLAIN_MAX_STEPS = 2           # plain is the reference: its limit is the iperf3 sender's
 VERIFY_RUNS = 3               # a tunnel's result must pass on the median of this many runs ...
 VERIFY_ROUNDS = 2             # ... stepping down at most this often
-TCP_SECONDS = 5
+TCP_SECONDS = 4               # each of the TCP_RUNS
+TCP_RUNS = (("1 stream", []), ("4 streams", ["-P", "4"]),          # (label, iperf3 arguments): n1 -> n2
+            ("1 stream reverse", ["-R"]), ("4 streams reverse", ["-P", "4", "-R"]))   # -R: n2 -> n1
+MTU_SECONDS = 2               # 1300-byte rows: no fixed rates; unlimited, then a shorter search ...
+MTU_SWEEP_MAX_STEPS = 4       # ... of at most this many runs per tunnel path
+MTU_VERIFY_ROUNDS = 1         # ... and one verification round (median of VERIFY_RUNS)
 SERVER_READY_S = 3.0
 DRAIN_MAX_S = 5.0             # after each run: wait (at most this) until the tunnel processes are idle
 DRAIN_IDLE_CPU_S = 0.005      # ... i.e. used less than this CPU time in DRAIN_WINDOW_S
@@ -416,6 +429,7 @@ class NodeBench:
                          "avg_ms": round(statistics.fmean(xs), 3) if xs else None,
                          "median_ms": round(statistics.median(xs), 3) if xs else None,
                          "p90_ms": round(_percentile(xs, 0.9), 3) if xs else None,
+                         "p99_ms": round(_percentile(xs, 0.99), 3) if xs else None,
                          "max_ms": round(max(xs), 3) if xs else None,
                          "over_3ms": sum(x > 3.0 for x in xs)}
         return out
@@ -498,16 +512,16 @@ class NodeBench:
         out["raw_end"] = res.get("end", {})
         return out
 
-    def udp(self, path: str, rate_mbit: float | None, seconds: int) -> dict:
+    def udp(self, path: str, rate_mbit: float | None, seconds: int, size: int = UDP_BYTES) -> dict:
         b = "0" if rate_mbit is None else f"{rate_mbit:g}M"
-        r = self.iperf(path, ["-u", "-l", str(UDP_BYTES), "-b", b, "-w", "2M"], seconds)
+        r = self.iperf(path, ["-u", "-l", str(size), "-b", b, "-w", "2M"], seconds)
         end = r.pop("raw_end")
         rcv, snt = end.get("sum_received") or {}, end.get("sum_sent") or {}
         n2 = r["counters"]["n2"]
         client = r["counters"]["client"]
         rcvbuf = n2.get("UdpRcvbufErrors", 0)
         tunnel_sock = n2.get("sock_drops_tunnel", 0)
-        row = {"offered_mbit": rate_mbit, "seconds": seconds,
+        row = {"offered_mbit": rate_mbit, "seconds": seconds, "datagram_bytes": size,
                "sent_mbit": round(snt.get("bits_per_second", 0) / 1e6, 2),
                "received_mbit": round(rcv.get("bits_per_second", 0) / 1e6, 2),
                "jitter_ms": round(rcv.get("jitter_ms", 0), 4) if rcv else None,
@@ -534,13 +548,19 @@ class NodeBench:
             row["error"] = r["error"]
         return row
 
-    def tcp(self, path: str) -> dict:
-        r = self.iperf(path, [], TCP_SECONDS)
+    def tcp(self, path: str, args: list[str]) -> dict:
+        """One TCP run (``args``: -P, -R). CPU per packet counts the tunnel packets both ways
+        (data and ACKs): the sending ends' segment ports, eth0 of n2 and of the client side."""
+        r = self.iperf(path, args, TCP_SECONDS)
         end = r.pop("raw_end")
         rcv = end.get("sum_received") or {}
         snt = end.get("sum_sent") or {}
+        wire = self.wire_tx_packets(path, r["counters"]) + r["counters"]["n2"].get("eth0_tx_packets", 0)
         row = {"received_mbit": round(rcv.get("bits_per_second", 0) / 1e6, 1),
-               "retransmits": snt.get("retransmits"), "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"]}
+               "retransmits": snt.get("retransmits"), "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"],
+               "wire_packets_both_ways": wire,
+               "tunnel_cpu_us_per_packet": (round(r["tunnel_cpu_s"] / wire * 1e6, 2)
+                                            if wire and path != "plain" else None)}
         if "error" in r:
             row["error"] = r["error"]
         return row
@@ -554,26 +574,27 @@ class NodeBench:
                 f"{p} {out[p][-1]['received_mbit']} Mbit/s {out[p][-1]['lost_percent']}% lost" for p in self.paths))
         return out
 
-    def udp_unlimited(self) -> dict:
+    def udp_unlimited(self, size: int = UDP_BYTES, seconds: int = SWEEP_SECONDS) -> dict:
         out = {}
         for path in _rotate(self.paths, 1):
-            out[path] = self.udp(path, None, SWEEP_SECONDS)
-        self.say("  udp unlimited: " + ", ".join(
+            out[path] = self.udp(path, None, seconds, size)
+        self.say(f"  udp {size} B unlimited: " + ", ".join(
             f"{p} {out[p]['received_mbit']} Mbit/s {out[p]['lost_percent']}% lost" for p in self.paths))
         return out
 
-    def udp_sweep(self, fixed: dict, unlimited: dict) -> dict:
-        """Per path: the highest offered rate with < 1 % loss.
+    def udp_sweep(self, fixed: dict, unlimited: dict, *, size: int = UDP_BYTES, seconds: int = SWEEP_SECONDS,
+                  max_steps: int = SWEEP_MAX_STEPS, verify_rounds: int = VERIFY_ROUNDS) -> dict:
+        """Per path: the highest offered rate with < 1 % loss (``size``-byte datagrams).
 
         Search (single runs, interleaved across paths): start from the fixed rates that passed;
         first candidate near the unlimited received rate; grow by 25 % while passing, bisect once
-        something failed; at most SWEEP_MAX_STEPS runs per tunnel path (PLAIN_MAX_STEPS for plain:
+        something failed; at most ``max_steps`` runs per tunnel path (PLAIN_MAX_STEPS for plain:
         the limit, bound by the sender). A sender-limited run counts at the rate really sent.
 
         Verification (tunnel paths): near its limit a path on this saturated 2-core machine swings
         from no loss to 20 % between identical runs, and the search keeps the best single run. So
         the result must pass on the median of VERIFY_RUNS runs at that rate; if not, step down to
-        the next lower rate that passed once (or 85 %), at most VERIFY_ROUNDS times."""
+        the next lower rate that passed once (or 85 %), at most ``verify_rounds`` times."""
         st = {}
         for path in self.paths:
             good = [r["offered_mbit"] for r in fixed[path] if _passed(r)]
@@ -584,14 +605,14 @@ class NodeBench:
             if hi is not None:
                 seed = _round_rate((lo + hi) / 2)
             st[path] = {"lo": lo, "hi": hi, "next": seed, "trials": [], "verify": [],
-                        "sender_limited": False, "steps": PLAIN_MAX_STEPS if path == "plain" else SWEEP_MAX_STEPS}
-        for step in range(SWEEP_MAX_STEPS):
+                        "sender_limited": False, "steps": min(PLAIN_MAX_STEPS if path == "plain" else max_steps, max_steps)}
+        for step in range(max_steps):
             active = [p for p in _rotate(self.paths, step) if st[p]["next"] is not None and len(st[p]["trials"]) < st[p]["steps"]]
             if not active:
                 break
             for path in active:
                 s = st[path]
-                row = self.udp(path, s["next"], SWEEP_SECONDS)
+                row = self.udp(path, s["next"], seconds, size)
                 s["trials"].append(row)
                 rate = s["next"]
                 if row["sender_limited"]:  # iperf3 could not offer this rate: count what it sent
@@ -615,13 +636,13 @@ class NodeBench:
                 if nxt is not None and (nxt <= lo or (hi is not None and nxt >= hi)):
                     nxt = None
                 s["next"] = nxt
-            self.say(f"  udp search step {step + 1}: " + ", ".join(
+            self.say(f"  udp {size} B search step {step + 1}: " + ", ".join(
                 f"{p} {st[p]['trials'][-1]['offered_mbit']:g}M->{st[p]['trials'][-1]['lost_percent']}%"
                 for p in active))
         for p in self.paths:
             st[p]["search_result"] = st[p]["lo"]
             st[p]["verified"] = None if p == "plain" else st[p]["lo"] <= 0
-        for rnd in range(VERIFY_ROUNDS):
+        for rnd in range(verify_rounds):
             todo = [p for p in _rotate(self.paths, rnd) if st[p]["verified"] is False]
             if not todo:
                 break
@@ -630,7 +651,7 @@ class NodeBench:
             for k in range(VERIFY_RUNS):
                 for path in _rotate(todo, k):
                     if len(runs_at[path]) < VERIFY_RUNS:
-                        row = self.udp(path, st[path]["lo"], SWEEP_SECONDS)
+                        row = self.udp(path, st[path]["lo"], seconds, size)
                         st[path]["verify"].append(row)
                         runs_at[path].append(row)
             for path in todo:
@@ -638,7 +659,7 @@ class NodeBench:
                 rate = s["lo"]
                 losses = [r["lost_percent"] if "error" not in r else 100.0 for r in runs_at[path]]
                 med = statistics.median(losses)
-                self.say(f"  udp verify {path} {rate:g}M: losses {losses} (median {med})")
+                self.say(f"  udp {size} B verify {path} {rate:g}M: losses {losses} (median {med})")
                 if med < LOSS_LIMIT_PERCENT:
                     s["verified"] = True
                     continue
@@ -654,7 +675,14 @@ class NodeBench:
                     "trials": st[p]["trials"], "verification_runs": st[p]["verify"]} for p in self.paths}
 
     def tcp_all(self) -> dict:
-        return {p: self.tcp(p) for p in _rotate(self.paths, 2)}
+        """Each of TCP_RUNS for every path, interleaved: {label: {path: row}}."""
+        out: dict = {label: {} for label, _ in TCP_RUNS}
+        for i, (label, args) in enumerate(TCP_RUNS):
+            for path in _rotate(self.paths, 2 + i):
+                out[label][path] = self.tcp(path, args)
+            self.say(f"  tcp {label}: " + ", ".join(f"{p} {out[label][p]['received_mbit']} Mbit/s"
+                                                     for p in self.paths))
+        return out
 
     # --- processes -------------------------------------------------------------------------------
 
@@ -758,6 +786,12 @@ def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dic
             m["unlimited"] = b.udp_unlimited()
             say(f"{name} bench: UDP highest rate with < 1% loss")
             m["sweep"] = b.udp_sweep(m["fixed"], m["unlimited"])
+            say(f"{name} bench: UDP with {UDP_MTU_BYTES}-byte datagrams (fit the tunnel MTU): unlimited, "
+                f"highest rate with < 1% loss")
+            m["unlimited_mtu"] = b.udp_unlimited(UDP_MTU_BYTES, MTU_SECONDS)
+            m["sweep_mtu"] = b.udp_sweep({p: [] for p in b.paths}, m["unlimited_mtu"], size=UDP_MTU_BYTES,
+                                         seconds=MTU_SECONDS, max_steps=MTU_SWEEP_MAX_STEPS,
+                                         verify_rounds=MTU_VERIFY_ROUNDS)
             say(f"{name} bench: TCP")
             m["tcp"] = b.tcp_all()
             m["mem_load"] = b.processes()
@@ -772,11 +806,33 @@ def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dic
 
 def common_parameters(b: "NodeBench") -> dict:
     return {"udp_datagram_bytes": UDP_BYTES, "udp_ip_packet_bytes": UDP_BYTES + 28,
+            "udp_mtu_fitting_datagram_bytes": UDP_MTU_BYTES,
+            "udp_mtu_fitting_rows": f"unlimited and search runs of {MTU_SECONDS} s, at most "
+                                    f"{MTU_SWEEP_MAX_STEPS} search runs per path, {MTU_VERIFY_ROUNDS} "
+                                    f"verification round; no fixed rates",
+            "tcp_runs": {label: args for label, args in TCP_RUNS},
             "ping": f"{PING_COUNT} echoes, -i {PING_INTERVAL_S}, {PING_CHUNKS} interleaved chunks",
             "fixed_rates_mbit": FIXED_RATES_MBIT, "fixed_seconds": FIXED_SECONDS,
             "unlimited_and_search_seconds": SWEEP_SECONDS, "search_max_steps": SWEEP_MAX_STEPS,
             "verify_runs": VERIFY_RUNS, "loss_limit_percent": LOSS_LIMIT_PERCENT, "iperf3_udp_window": "2M",
             "tcp_seconds": TCP_SECONDS, "receive_buffers": _rmem_max()}
+
+
+def tcp_target(tcp: dict, a: str, b: str, factor: float) -> dict:
+    """``a``'s TCP rate >= ``factor`` times ``b``'s, in every one of TCP_RUNS."""
+    ratios = {label: (round(tcp[label][a]["received_mbit"] / tcp[label][b]["received_mbit"], 2)
+                      if tcp[label][b]["received_mbit"] else None) for label in tcp}
+    return {"factor": factor, "ratios": ratios,
+            "mbit": {label: {a: tcp[label][a]["received_mbit"], b: tcp[label][b]["received_mbit"]} for label in tcp},
+            "met": all(x is not None and x >= factor for x in ratios.values())}
+
+
+def cpu_reported_target(m: dict, paths) -> dict:
+    """CPU µs per datagram reported for every tunnel path (UDP unlimited, both datagram sizes)."""
+    got = {p: {str(UDP_BYTES): m["unlimited"][p]["tunnel_cpu_us_per_datagram"],
+               str(UDP_MTU_BYTES): m["unlimited_mtu"][p]["tunnel_cpu_us_per_datagram"]}
+           for p in paths if p != "plain"}
+    return {"us_per_datagram_unlimited": got, "met": all(v is not None for d in got.values() for v in d.values())}
 
 
 def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
@@ -795,6 +851,8 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
             "cyphonic_ms": ping["cyphonic"]["median_ms"], "wireguard_go_ms": ping["wireguard-go"]["median_ms"],
             "met": (ping["cyphonic"]["median_ms"] is not None and ping["wireguard-go"]["median_ms"] is not None
                     and ping["cyphonic"]["median_ms"] <= ping["wireguard-go"]["median_ms"])},
+        "c_issue15_tcp_node_ge_2x_wireguard_go_every_run": tcp_target(m["tcp"], "cyphonic", "wireguard-go", 2.0),
+        "d_issue15_cpu_us_per_datagram_reported": cpu_reported_target(m, PATHS),
     }
     machine, fixed, unlimited, tcp = m["machine"], m["fixed"], m["unlimited"], m["tcp"]
     sockbufs, mem_rest, mem_load, cpu_rest, drops = (m["sockbufs"], m["mem_rest"], m["mem_load"],
@@ -820,6 +878,8 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
         "udp_fixed": fixed,
         "udp_unlimited": unlimited,
         "udp_highest_rate": sweep,
+        "udp_mtu_fitting_unlimited": m["unlimited_mtu"],
+        "udp_mtu_fitting_highest_rate": m["sweep_mtu"],
         "udp_highest_rate_note": ("plain: a lower bound (PLAIN_MAX_STEPS runs; its limit is the iperf3 sender "
                                   "and receiver). Tunnels: near the limit identical 3-s runs on this saturated "
                                   "2-core machine range from no loss to 20-30 % loss (scheduling of four busy "
@@ -861,7 +921,15 @@ def _fmt(v) -> str:
 def _ratio(c, w) -> str:
     if not isinstance(c, (int, float)) or not isinstance(w, (int, float)) or not w:
         return "-"
-    return f"{c / w:.2f}"
+    x = c / w
+    return f"{x:.3f}" if abs(x) < 0.1 else f"{x:.2f}"
+
+
+def _run_at_highest(hr: dict) -> dict:
+    """A passing run at a path's highest loss-free rate (its CPU and packet counts), or {}."""
+    rate = hr["highest_offered_mbit_below_1pct_loss"]
+    return next((t for t in hr["trials"] + hr["verification_runs"]
+                 if t["offered_mbit"] == rate and _passed(t)), {})
 
 
 def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
@@ -872,8 +940,8 @@ def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
         rows.append((label, {p: fn(p) for p in paths}))
 
     ping = r["ping"]
-    for k in ("min_ms", "avg_ms", "median_ms", "max_ms"):
-        row(f"ping RTT {k[:-3]} (ms)", lambda p: ping[p][k])
+    for k in ("min_ms", "avg_ms", "median_ms", "p99_ms", "max_ms"):
+        row(f"ping RTT {k[:-3]} (ms)", lambda p: ping[p].get(k))
     row("ping received / sent", lambda p: f"{ping[p]['received']}/{ping[p]['sent']}")
     for i, rate in enumerate(FIXED_RATES_MBIT):
         rr = {p: r["udp_fixed"][p][i] for p in paths}
@@ -890,30 +958,56 @@ def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
     top = {p: r["udp_fixed"][p][-1] for p in paths}
     row(f"UDP {FIXED_RATES_MBIT[-1]}M: tunnel CPU µs/datagram", lambda p: top[p]["tunnel_cpu_us_per_datagram"])
     row(f"UDP {FIXED_RATES_MBIT[-1]}M: packets on the wire/datagram", lambda p: top[p].get("wire_packets_per_datagram"))
-    hr = r["udp_highest_rate"]
-    row("UDP highest offered <1% loss (Mbit/s)",
-        lambda p: (f">={hr[p]['highest_offered_mbit_below_1pct_loss']:.0f}" if p == "plain"
-                   else hr[p]["highest_offered_mbit_below_1pct_loss"]))
-    row("UDP lowest offered that failed (Mbit/s)", lambda p: hr[p]["lowest_offered_mbit_failed"])
-    row("UDP search result, single runs (Mbit/s)", lambda p: hr[p]["search_result_mbit"])
-    row(f"UDP result held on median of {VERIFY_RUNS} runs",
-        lambda p: {None: "n/a", True: "yes", False: "NO"}[hr[p]["verified_median_of_runs"]])
-    row("UDP search + verification runs", lambda p: f"{len(hr[p]['trials'])}+{len(hr[p]['verification_runs'])}")
-    row(f"TCP {TCP_SECONDS} s (Mbit/s)", lambda p: r["tcp"][p]["received_mbit"])
+    def highest(hr, tag):
+        row(f"UDP{tag} highest offered <1% loss (Mbit/s)",
+            lambda p: (f">={hr[p]['highest_offered_mbit_below_1pct_loss']:.0f}" if p == "plain"
+                       else hr[p]["highest_offered_mbit_below_1pct_loss"]))
+        row(f"UDP{tag} lowest offered that failed (Mbit/s)", lambda p: hr[p]["lowest_offered_mbit_failed"])
+        row(f"UDP{tag} search result, single runs (Mbit/s)", lambda p: hr[p]["search_result_mbit"])
+        row(f"UDP{tag} result held on median of {VERIFY_RUNS} runs",
+            lambda p: {None: "n/a", True: "yes", False: "NO"}[hr[p]["verified_median_of_runs"]])
+        row(f"UDP{tag} search + verification runs",
+            lambda p: f"{len(hr[p]['trials'])}+{len(hr[p]['verification_runs'])}")
+
+    highest(r["udp_highest_rate"], "")
+    if "udp_mtu_fitting_unlimited" in r:
+        tag = f" {UDP_MTU_BYTES} B"
+        um = r["udp_mtu_fitting_unlimited"]
+        row(f"UDP{tag} unlimited: sent (Mbit/s)", lambda p: um[p]["sent_mbit"])
+        row(f"UDP{tag} unlimited: received (Mbit/s)", lambda p: um[p]["received_mbit"])
+        row(f"UDP{tag} unlimited: loss (%)", lambda p: um[p]["lost_percent"])
+        row(f"UDP{tag} unlimited: tunnel CPU µs/datagram", lambda p: um[p]["tunnel_cpu_us_per_datagram"])
+        hm = r["udp_mtu_fitting_highest_rate"]
+        highest(hm, tag)
+        best = {p: _run_at_highest(hm[p]) for p in paths}
+        row(f"UDP{tag} at that rate: tunnel CPU µs/datagram", lambda p: best[p].get("tunnel_cpu_us_per_datagram"))
+        row(f"UDP{tag} at that rate: packets on the wire/datagram",
+            lambda p: best[p].get("wire_packets_per_datagram"))
+    for label, by_path in r["tcp"].items():
+        row(f"TCP {label} {TCP_SECONDS} s (Mbit/s)", lambda p: by_path[p]["received_mbit"])
+    for label, by_path in r["tcp"].items():
+        row(f"TCP {label}: tunnel CPU µs/packet", lambda p: by_path[p].get("tunnel_cpu_us_per_packet"))
     return rows
 
 
 def print_rows(title: str, columns: list[tuple[str, str]], rows: list[tuple[str, dict]],
                ratios: list[tuple[str, str, str]], say=print) -> None:
-    """columns: (path, header); ratios: (header, numerator path, denominator path)."""
+    """columns: (path, header); ratios: (header, numerator path, denominator path), or with a
+    fourth element: the row labels it applies to (a predicate; '' in the other rows)."""
     w = max(len(x[0]) for x in rows) + 1
     cw = [max(12, len(h) + 1) for _, h in columns]
     say(f"\n{title}")
     say(f"{'metric':<{w}} " + " ".join(f"{h:>{c}}" for (_, h), c in zip(columns, cw))
-        + "".join(f" {h:>7}" for h, _, _ in ratios))
+        + "".join(f" {x[0]:>{max(7, len(x[0]))}}" for x in ratios))
     for name, vals in rows:
         say(f"{name:<{w}} " + " ".join(f"{_fmt(vals.get(p)):>{c}}" for (p, _), c in zip(columns, cw))
-            + "".join(f" {_ratio(vals.get(a), vals.get(b)):>7}" for _, a, b in ratios))
+            + "".join(f" {_ratio(vals.get(x[1]), vals.get(x[2])) if len(x) < 4 or x[3](name) else '':>{max(7, len(x[0]))}}"
+                      for x in ratios))
+
+
+def vs_plain(label: str) -> bool:
+    """Rows where a ratio to plain routing (the limit) means something: rates and RTTs."""
+    return "RTT" in label or ("(Mbit/s)" in label and "offered" not in label and "sent" not in label)
 
 
 def print_table(r: dict, say=print) -> None:
@@ -936,7 +1030,7 @@ def print_table(r: dict, say=print) -> None:
     rows.append(("MTU", dict(r["parameters"]["mtu"])))
     print_rows(f"node pair n1 -> n2 (one run, interleaved; {r['machine']['cpus']} CPUs, shared: quote ratios)",
                [("plain", "plain"), ("cyphonic", "cyphonic"), ("wireguard-go", "wireguard-go")], rows,
-               [("cy/wg", "cyphonic", "wireguard-go")], say)
+               [("cy/wg", "cyphonic", "wireguard-go"), ("cy/plain", "cyphonic", "plain", vs_plain)], say)
     say("targets: " + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'}" for k, v in r["targets"].items()))
 
 

@@ -117,6 +117,7 @@ RECONNECT_JITTER = 0.5
 # Node engine (route execution).
 PATH_ATTEMPT_S = 3.0             # a direct, local or punched path that has not handshaked by then has failed
 PATH_RESEND_S = 0.5              # meanwhile the initiation is re-sent this often (a lost one costs 0.5 s, not 5)
+PATH_RESEND_UNDER_LOAD_S = 0.1   # ... and every 0.1 s while the peer answers with cookies (it is under a flood)
 RELAY_BIND_EVERY_S = 25.0        # re-send BIND to the relay (keepalive of the relay session and our NAT)
 PUNCH_PACKETS = 3                # punch datagrams sent toward each peer endpoint
 PUNCH_SPACING_S = 0.2            # between punch datagrams

@@ -347,6 +347,7 @@ class Device(Outbox):
         msg = attempt.create_initiation(now, after_ns=self._last_timestamp_ns)
         if peer.cookie is not None:
             msg = peer.cookie.stamp(msg, now)  # mac2: the responder was under load
+            attempt.message = msg              # (copies re-sent during a path attempt carry it too)
         self._last_timestamp_ns = attempt.timestamp_ns
         peer.handshake = attempt
         self._index[idx] = (peer, attempt)

@@ -274,3 +274,26 @@ def test_the_cloud_under_a_flood_still_logs_a_node_in_through_a_cookie():
             client.receive_datagram(data, ("198.51.100.1", 4500), T0)
     assert client.counters["cookies_received"] == 1
     assert client.connected and server.peer(node.public) is not None
+
+
+def test_copies_resent_during_a_path_attempt_carry_the_mac2():
+    """A path attempt re-sends its initiation (NodeEngine, every PATH_RESEND_S): once the
+    peer sent a cookie, those copies must carry the mac2 too, or a responder under load
+    answers each with another cookie and never does the handshake."""
+    w = World()
+    a = w.device("alice", "100.64.0.1")
+    b = w.device("bob", "100.64.0.2", handshake_load_per_s=1)
+    a.add_peer(b.identity.certificate, w.now, endpoint=w.addr["bob"])
+    b.cookies.mark_loaded(w.now)
+    w.drop_filter = lambda data, src, dst: src == w.addr["alice"] and data[0] == wire_hs.MSG_INITIATION \
+        and data[-16:] != b"\x00" * 16   # the first stamped initiation is lost in b's full queue
+    a.send_packet(ping(a, b, 1), w.now)
+    w.pump()
+    assert a.counters["cookies_received"] == 1
+    peer = a.peer(b.cert.fqdn)
+    assert peer.handshake.message[-16:] != b"\x00" * 16, "the attempt keeps the stamped copy"
+    w.drop_filter = None
+    b.cookies.mark_loaded(w.now)
+    a._push(peer.handshake.message, w.addr["bob"])   # what NodeEngine._resend_initiation sends
+    w.pump()
+    assert [e.packet for e in w.events("bob") if isinstance(e, ev.PacketReceived)] == [ping(a, b, 1)]

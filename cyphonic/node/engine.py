@@ -407,7 +407,11 @@ class NodeEngine:
         for addr in targets:
             self.device._push(peer.handshake.message, addr)
         self.counters["initiations_resent"] += 1
-        route.resend_at = now + C.PATH_RESEND_S
+        # The peer sent us a cookie: it is under a flood, and a copy is lost in its full receive
+        # queue with the flood's odds. Copies are cheap for us (no new key agreement) and count
+        # against the per-source limit at the peer, so try more often.
+        loaded = peer.cookie is not None and peer.cookie.valid(now)
+        route.resend_at = now + (C.PATH_RESEND_UNDER_LOAD_S if loaded else C.PATH_RESEND_S)
 
     def _prune_routes(self) -> None:
         for fqdn in [f for f, r in self.routes.items() if r.done][: len(self.routes) // 2 + 1]:

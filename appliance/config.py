@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from cyphonic import constants as C
 from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.errors import CyphonicError
-from cyphonic.node.config import parse_hostport, typed_values
+from cyphonic.node.config import (check_cloud_keys, check_cloud_nms, parse_cloud_addresses, parse_hostport,
+                                   typed_values)
 
 from cyphonic.busy_poll import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
 
@@ -90,8 +91,15 @@ class AdapterConfig:
     general_nodes: tuple = ()       # of ConfiguredGeneralNode
 
     @property
+    def cloud_addrs(self) -> tuple[tuple[str, int], ...]:
+        """Every cloud instance as configured (a list, a comma-separated string, or one
+        host:port; names are resolved at start, ``cyphonic.node.config.resolve_cloud``)."""
+        return parse_cloud_addresses(self.cloud, "cloud")
+
+    @property
     def cloud_addr(self):
-        return parse_hostport(self.cloud, "cloud")
+        """The first cloud instance (callers from before there were several)."""
+        return self.cloud_addrs[0]
 
     @property
     def nms_addr(self):
@@ -106,7 +114,7 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
     def fail(key, what):
         return AdapterConfigError(f"{source}: {key}: {what}")
 
-    values = typed_values(doc, DEFAULTS, fail)
+    values = typed_values(check_cloud_keys(doc, fail), DEFAULTS, fail)
     for k in ("cloud", "cloud_key"):
         if not values[k]:
             raise fail(k, "required")
@@ -117,7 +125,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
     values["general_nodes"] = parse_general_nodes(values["general_nodes"], fail)
     cfg = AdapterConfig(**values)
     try:
-        cfg.cloud_addr, cfg.nms_addr
+        cfg.cloud_addrs, cfg.nms_addr
+        check_cloud_nms(cfg.cloud_addrs, cfg.cloud_nms, fail)
         parse_cloud_key(cfg.cloud_key)
         net = ipaddress.IPv4Network(cfg.prefix)
         if ipaddress.IPv4Address(cfg.lan_address) not in net:

@@ -99,6 +99,22 @@ class Adapter:
         await run_until_signalled(self.start, self.close, self._stop)
         return 0
 
+    async def _resolve_cloud(self) -> None:
+        """A cloud name that does not resolve yet (the appliance booted before the network or its
+        DNS server) is tried again, every 1 s doubling to 30 s, with a log line each: no crash loop."""
+        from .config import AdapterConfigError
+        wait = 1.0
+        while True:
+            try:
+                await asyncio.to_thread(self.signaling.resolve)
+                return
+            except AdapterConfigError as exc:
+                if "cloud_nms" in str(exc):
+                    raise                          # a configuration mistake: retrying cannot help
+                self.log(f"{exc}; trying again in {wait:.0f} s")
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
+
     async def start(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
@@ -106,6 +122,7 @@ class Adapter:
             self.log(self.registry.warning)
         await asyncio.to_thread(netlink.setup_lan, cfg.lan_interface, cfg.lan_address)
         self.signaling.wan_addr = await asyncio.to_thread(netlink.first_address, cfg.wan_interface)
+        await self._resolve_cloud()                         # the cloud's names -> its instances, once
         self.injector = Injector(cfg.lan_interface)
         self.way_back = WayBack(self.injector.inject, selector=self.selector,
                                 busy_poll_s=cfg.busy_poll_us / 1e6, drops=self.drops, clock=self.clock)
@@ -208,6 +225,7 @@ class Adapter:
         if link.sessions is not None:
             link.sessions.close()
         link.host.stop()
+        self.signaling.forget(link)
         self.way_back.unwatch(link)
         if self.pool is not None:
             self.pool.close_port(link.port)   # the workers' copies of the socket too: the port is freed

@@ -148,6 +148,11 @@ def _exit_for(st: dict) -> None:
     sys.exit(EXIT_OK)
 
 
+def _via(cloud: dict) -> str:
+    """Which cloud instance the link uses, when there are several to choose from."""
+    return f" via instance {cloud.get('instance')}" if len(cloud.get("instances") or []) > 1 else ""
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -167,7 +172,7 @@ def status(ctx, as_json) -> None:
     if exp:
         click.echo(f"  certificate serial {ident.get('cert_serial')}, expires in {(exp - time.time()) / 3600:.1f} h")
     obs = cloud.get("observed")
-    click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}"
+    click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}" + _via(cloud)
                + (f", seen as {obs}{' (behind NAT)' if cloud.get('nat') else ''}" if obs else ""))
     iface = st.get("interface", {})
     if iface:
@@ -225,7 +230,7 @@ def _print_adapter(st: dict) -> None:
     click.echo(f"  LAN {lan.get('interface')} {lan.get('address')}; packet filter: "
                f"{st.get('packet_filter') or 'not loaded'} NFQUEUE path")
     obs = cloud.get("observed")
-    click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}"
+    click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}" + _via(cloud)
                + (f", seen as {obs}{' (behind NAT)' if cloud.get('nat') else ''}" if obs else "")
                + f"; general nodes' links: {cloud.get('general_nodes')}")
     gns = st.get("general_nodes", [])
@@ -233,7 +238,7 @@ def _print_adapter(st: dict) -> None:
     for g in gns:
         lease = f"{g['lease_expires_in_s']}s" if g.get("lease_expires_in_s") else "-"
         click.echo(f"  {g['name']:14} {g['mac']:18} {str(g.get('fqdn') or '-'):30} {str(g.get('vip4') or '-'):15} "
-                   f"{lease:9} {g.get('cloud')}")
+                   f"{lease:9} {g.get('cloud')}" + (f" via {g['instance']}" if g.get("instance") else ""))
     tunnels = st.get("tunnels", [])
     if tunnels:
         click.echo(f"\n  {'FROM':10} {'PEER':28} {'VIP':15} {'PATH':9} {'ENDPOINT':22} {'HANDSHAKE':10} "

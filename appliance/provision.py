@@ -47,7 +47,7 @@ from cyphonic.atomic_file import write_atomic_if_changed, write_json_atomic
 from cyphonic.cloud.authentication import parse_token
 from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.errors import CyphonicError
-from cyphonic.node.config import parse_hostport
+from cyphonic.node.config import parse_cloud_addresses
 
 from . import config as adapter_config
 from .general_nodes import NAME_RE, GeneralNodeError, normalize_mac
@@ -72,7 +72,7 @@ DEFAULT_WAN_PORT = "end0"                             # the Pi 4's own Ethernet 
 SCHEMA: dict[str, dict[str, type]] = {
     "": {"hostname": str, "ssh_authorized_keys": list, "cloud": dict, "ports": dict, "wan": dict,
          "general_node": list, "adapter": dict},
-    "cloud": {"address": str, "key": str, "token": str},
+    "cloud": {"address": (str, list), "key": str, "token": str},   # address: one host:port or a list
     "ports": {"wan": str, "lan": str},
     "wan": {"address": str, "gateway": str, "dns": list},
     "general_node": {"mac": str, "name": str, "group": str},
@@ -85,7 +85,8 @@ ADAPTER_KEYS_SET_ELSEWHERE = {
     "general_nodes": "[[general_node]]", "state_dir": "cyphonic-provision (--state)",
     "status_socket": "the image (cyadm and the LED read /run/cyphonic/adapter.sock)",
 }
-TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", int: "an integer", bool: "true or false"}
+TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", int: "an integer", bool: "true or false",
+              (str, list): "a string or a list of strings"}
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
                  "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
@@ -151,10 +152,12 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
     # [cloud]
     address, key = cloud.get("address"), cloud.get("key")
     if not address:
-        err("[cloud] address: required (the cloud's AS+NMS address:port, e.g. 203.0.113.10:47101)")
-    elif isinstance(address, str):
+        err("[cloud] address: required (the cloud's AS+NMS address:port, e.g. 203.0.113.10:47101, or a list "
+            "of the cloud instances' addresses)")
+    elif isinstance(address, (str, list)) and all(isinstance(x, str) for x in (address if isinstance(address, list)
+                                                                            else [address])):
         try:
-            parse_hostport(address, "[cloud] address")
+            parse_cloud_addresses(address, "[cloud] address")
         except CyphonicError as exc:
             err(str(exc))
     if not key:
@@ -289,7 +292,7 @@ def _check_keys(table: dict, section: str, where: str, err) -> None:
             err(f"{name}: write [[general_node]] (double brackets), one per device")
         elif not isinstance(v, schema[k]) or isinstance(v, bool):
             err(f"{name}: must be {TYPE_NAMES[schema[k]]}, not {_toml_type(v)}")
-        elif schema[k] is list and k != "general_node" and not all(isinstance(x, str) for x in v):
+        elif isinstance(v, list) and k != "general_node" and not all(isinstance(x, str) for x in v):
             err(f"{name}: must be a list of strings")
 
 

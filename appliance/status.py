@@ -6,6 +6,9 @@ The document's keys are what scripts read (``--json``): ``kind``, ``pid``, ``upt
 ``workers``, ``worker_restarts``, ``dhcp``, ``arp``, ``dns``, ``data_path``, ``drops``,
 ``sockets``, ``health``. Rows of tunnels are ``EngineHost.tunnel_rows`` (the node daemon's) with
 the general node's name in front (``gn``) and the bytes the workers sealed added.
+``cloud.instance`` is the cloud instance (``host:port``) the adapter's own link uses and
+``cloud.instances`` the list it knows; each row of ``general_nodes`` has the ``instance`` its
+link uses (several instances: each link moves on by itself when its instance goes silent).
 ``dhcp.unknown_macs`` lists the devices that asked for a lease and are not enrolled
 (``appliance.unknown_macs``).
 
@@ -32,9 +35,10 @@ def general_node_rows(registry, leases, links: dict, now: float) -> list[dict]:
     for mac, gn in registry.nodes.items():
         lease = leases.get(mac)
         link = links.get(mac)
+        st = link.engine.signaling.status() if link else {}
         rows.append({"mac": mac, "name": gn.name, "fqdn": gn.fqdn or None, "vip4": gn.vip4 or None,
                      "lease_expires_in_s": round(lease.expires - now) if lease and lease.active(now) else None,
-                     "cloud": link.engine.signaling.status()["state"] if link else "stopped",
+                     "cloud": st.get("state", "stopped"), "instance": st.get("instance"),
                      "port": link.port if link else None})
     return rows
 

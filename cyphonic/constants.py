@@ -112,7 +112,21 @@ SERVER_REQUEST_ID_BASE = 1 << 31  # request ids the cloud starts (client ids sta
 RECONNECT_MIN_S = 1.0             # the first try again after a failure (drawn in 0.5 .. 1 s)
 RECONNECT_MAX_S = 2.5             # the cap once the node has a certificate: back within this of the cloud's return
 ENROLL_RETRY_MAX_S = 30.0         # the cap while it has none (enrolling with a token): a wrong setup does not hammer
+ENROLL_FAST_S = 30.0              # ... but for its first 30 s an enrolling node tries every
+ENROLL_FAST_RETRY_S = 0.5         # 0.5 s: first contact through a flooded intake is a matter of tries
 RECONNECT_JITTER = 0.5
+
+# Several cloud instances (docs/node.md "Several cloud instances"): a node that knows more than
+# one moves to the next instance as soon as the one it uses goes silent, so it must notice fast.
+# With more than one instance its keepalive (a sig.Keepalive request, about 100 bytes on the wire
+# with its answer of the same size) goes every FAILOVER_PROBE_S instead of the cloud's 25 s:
+# per node 0.5 requests a second to the one instance it uses, none to the others. Any request to
+# the instance in use (but a route request, which the cloud answers only once the peer did) that
+# is unanswered for FAILOVER_SILENT_S means it went silent. Worst case from a kill to the move:
+# one probe interval plus the silence, 3.5 s; the handshake, login and registration at the next
+# instance are three round trips more. With one instance none of this applies.
+FAILOVER_PROBE_S = 2.0            # keepalive interval while there are several instances
+FAILOVER_SILENT_S = 1.5           # a request unanswered this long: the instance went silent
 
 # Node engine (route execution).
 PATH_ATTEMPT_S = 3.0             # a direct, local or punched path that has not handshaked by then has failed

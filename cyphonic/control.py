@@ -107,6 +107,7 @@ class _Pending:
     sent_at: float = 0.0
     early_at: float | None = None     # the early resend, while it is still to come
     resent: bool = False              # then its answer is no RTT sample (Karn)
+    deadline: float | None = None     # times out here whatever the retries left (``timeout_s``)
 
 
 class _Peer:
@@ -180,7 +181,7 @@ class _Base(Outbox):
     # requests and answers
 
     def _new_request(self, peer: _Peer, msg: sig.Message, now: float, first_id: int,
-                     retries: int = C.CONTROL_RETRIES) -> sig.Message:
+                     retries: int = C.CONTROL_RETRIES, timeout_s: float | None = None) -> sig.Message:
         if len(peer.pending) >= C.CONTROL_MAX_PENDING:
             raise LocalProtocolError("too many outstanding control requests")
         span = C.SERVER_REQUEST_ID_BASE - 1
@@ -189,9 +190,12 @@ class _Base(Outbox):
         msg = replace(msg, request_id=rid)
         data = sig.encode(msg)
         early = peer.early_resend_at(now)
+        deadline = now + timeout_s if timeout_s is not None else None
         peer.pending[rid] = _Pending(msg, data, now + C.CONTROL_RETRY_S, C.CONTROL_RETRY_S, 0, retries,
-                                     sent_at=now, early_at=early)
+                                     sent_at=now, early_at=early, deadline=deadline)
         self._arm(now + C.CONTROL_RETRY_S, peer, rid)
+        if deadline is not None:
+            self._arm(deadline, peer, rid)
         if early is not None:
             self._arm(early, peer, rid)
         return msg
@@ -233,6 +237,10 @@ class _Base(Outbox):
     def _retry_due(self, peer: _Peer, rid: int, now: float) -> None:
         p = peer.pending.get(rid)
         if p is None:
+            return
+        if p.deadline is not None and now >= p.deadline:
+            del peer.pending[rid]
+            self._emit(RequestTimedOut(p.msg, peer.peer_static))
             return
         if p.early_at is not None and p.early_at <= now < p.next_at:
             p.early_at = None
@@ -305,10 +313,30 @@ class ControlClient(_Base):
         """After login: the certificate goes into later handshakes."""
         self.identity = identity
 
-    def request(self, msg: sig.Message, now: float, retries: int = C.CONTROL_RETRIES) -> sig.Message:
+    def close(self) -> None:
+        """Stop using this cloud (the owner moved to another cloud instance): forget the
+        session, the handshake, the queued messages, every outstanding request (no timeout
+        events follow) and the events not yet pulled. Nothing of the old session is accepted
+        afterwards. Request ids go on from where they were if the channel is used again, so a
+        cloud that still holds our session never takes a new request for one it answered."""
+        self.handshake = None
+        self.peer.send = None
+        self.peer.recv = self.peer.prev_recv = None
+        self.peer.confirmed = False
+        self.peer.pending.clear()
+        self.queue.clear()
+        self._timers.clear()
+        self._out.clear()
+        self._events.clear()
+        self.retry_cap_s = None
+
+    def request(self, msg: sig.Message, now: float, retries: int = C.CONTROL_RETRIES,
+                timeout_s: float | None = None) -> sig.Message:
         """Send a request that expects an answer; returns it with its request id. Without an
-        answer it is sent ``retries`` more times (1 s, 2 s, 4 s, 8 s, 8 s apart), then times out."""
-        msg = self._new_request(self.peer, msg, now, 1, retries)
+        answer it is sent ``retries`` more times (1 s, 2 s, 4 s, 8 s, 8 s apart), then times out;
+        with ``timeout_s`` it times out that long after now at the latest (the signaling client's
+        probe of one of several cloud instances: silence is noticed in 1.5 s, not 31 s)."""
+        msg = self._new_request(self.peer, msg, now, 1, retries, timeout_s)
         self._send_or_queue(self.peer.pending[msg.request_id].data, now)
         return msg
 

@@ -234,8 +234,10 @@ def cloud_metrics(doc: dict) -> Exposition:
     if isinstance(doc.get("written"), (int, float)) and isinstance(doc.get("started"), (int, float)):
         doc = {**doc, "uptime_s": round(doc["written"] - doc["started"], 1)}
     relay = doc.get("relay") or {}
+    cluster = doc.get("cluster") or {}
     doc = {**doc, "drops": {**{f"control_{k}": v for k, v in (doc.get("control_drops") or {}).items()},
-                            **{f"relay_{k}": v for k, v in (relay.get("drops") or {}).items()}},
+                            **{f"relay_{k}": v for k, v in (relay.get("drops") or {}).items()},
+                            **dict((cluster.get("drops") or {}).items())},
            "errors": {**(doc.get("socket_errors") or {}),
                       **{f"relay_{k}": v for k, v in (doc.get("relay_socket_errors") or {}).items()}}}
     _common(x, doc)
@@ -245,6 +247,17 @@ def cloud_metrics(doc: dict) -> Exposition:
     x.add("cyphonic_control_sessions", GAUGE, "Control channel sessions with nodes.", doc.get("sessions"))
     if isinstance(doc.get("registrations"), list):
         x.add("cyphonic_cloud_registered_nodes", GAUGE, "Nodes registered with the NMS.", len(doc["registrations"]))
+    x.add("cyphonic_cloud_relayed_routes", GAUGE, "Relayed routes this instance owns (moved off a dead relay).",
+          doc.get("relayed_routes"))
+    if cluster:
+        x.add("cyphonic_cloud_instance_info", GAUGE, "This instance among those sharing the database (always 1).",
+              1, instance=cluster.get("instance_id"), tag=cluster.get("tag"))
+        for state in ("alive", "dead"):
+            x.add("cyphonic_cloud_instances", GAUGE, "Instances in the database this one sees, by state.",
+                  len(cluster.get(state) or []), state=state)
+        x.add("cyphonic_cloud_relays_alive", GAUGE, "Relays (TRS instances) alive.", len(cluster.get("relays") or []))
+        x.events("cyphonic_cloud_bus", "Messages between instances and heartbeat failures, by event.",
+                 cluster.get("counters"))
     if relay:
         x.events("cyphonic_relay", "The TRS's counters, by event.", relay.get("counters"))
         x.add("cyphonic_relay_sessions", GAUGE, "Relay sessions.", relay.get("sessions"))

@@ -20,7 +20,8 @@ certificate is renewed by a fresh login at two thirds of its lifetime.
 Getting back (the recovery target: logged in again within 5 s of the cloud's
 return). From the start and from the first failure until the link is ready, the
 client tries again on a timer: RECONNECT_MIN_S, doubling to RECONNECT_MAX_S (to
-ENROLL_RETRY_MAX_S while it has no certificate, or once the cloud answered with a
+ENROLL_RETRY_MAX_S while it has no certificate (after ENROLL_FAST_S of tries every
+ENROLL_FAST_RETRY_S), or once the cloud answered with a
 refusal), each wait drawn from the lower half of its value so that links that
 failed together spread out. A try starts a control handshake unless one is under
 way or the cloud answered one since the last failure, and sends the login (or
@@ -30,6 +31,30 @@ it. A handshake the cloud answers is acted on at once: the queued login goes out
 with the session, and if none was out one is sent then. So a node that has
 logged in before is back within about RECONNECT_MAX_S of the cloud's return, for
 as long as the outage lasts, sending one initiation every 1.25 to 2.5 s meanwhile.
+
+Several cloud instances (issue 13: each serves AS+NMS on its own address, all share the
+signaling key, the CA and the database, so any of them takes our login and registration).
+The client is given their addresses in a list and uses one at a time, starting with the
+first. With more than one:
+- it notices silence fast: its keepalive goes every FAILOVER_PROBE_S (not the cloud's 25 s),
+  and a keepalive, login, registration or relay request unanswered for FAILOVER_SILENT_S is
+  silence (``ControlClient.request(timeout_s=...)``). Route requests are not timed so: the
+  cloud answers one only once the peer accepted;
+- when the instance in use goes silent (never on a refusal: an instance that answers is
+  alive, and the usual back-off applies there), it moves to the next one in the list at once
+  (event ``InstanceMoved``): a control handshake, a login by key (the token is never sent
+  again once we hold a certificate), a registration. Its channel to the silent instance is
+  closed (``ControlClient.close``): nothing it sent is resent, and nothing late from it is taken;
+- route requests outstanding at the silent instance fail at once with RouteFailed
+  (PEER_UNREACHABLE, naming the instance), rather than hanging for 31 s; the caller asks
+  again (the node daemon's next DNS query or packet does) and the new instance answers;
+- moving on is immediate until every instance was found silent since the link was last
+  ready (a whole round); from then on each move waits the back-off above
+  (RECONNECT_MIN_S .. RECONNECT_MAX_S), and ``CloudLost`` is emitted once;
+- tunnels are not the client's business: nothing here touches them, and the engine keeps
+  its device and peers across a move.
+With one instance (a single address, or the AS and NMS apart) nothing of this applies: the
+timers and the behaviour are the ones above.
 """
 
 from __future__ import annotations
@@ -41,6 +66,7 @@ from dataclasses import dataclass
 
 from . import constants as C
 from .control import Connected, ControlClient, Incoming, Reply, RequestTimedOut, Unreachable
+from .errors import LocalProtocolError
 from .handshake import StaticIdentity
 from .wire import cert as wire_cert
 from .wire import signaling as sig
@@ -120,14 +146,62 @@ class CloudLost:
     reason: str
 
 
+@dataclass(frozen=True)
+class InstanceMoved:
+    """The cloud instance in use went silent: the client moves to the next one (``host:port``
+    texts). ``round_failed``: every instance was silent since the link was last ready, so this
+    move waits the back-off (an edge that resolved a DNS name may resolve it again now)."""
+    old: str
+    new: str
+    reason: str
+    round_failed: bool
+
+    def __str__(self) -> str:
+        return f"cloud instance {self.old} silent; moving to {self.new}"
+
+
+def address_text(addr) -> str:
+    """``host:port`` (``[v6]:port``) of a cloud address as the status shows it."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def instance_list(addrs) -> tuple:
+    """One address (a ``(host, port)`` tuple) or a list of them: the instances, in order,
+    each once."""
+    if isinstance(addrs, list) or (isinstance(addrs, tuple) and addrs
+                                   and all(isinstance(a, (tuple, list)) for a in addrs)):
+        out: list = []
+        for a in addrs:
+            a = tuple(a)
+            if a not in out:
+                out.append(a)
+        return tuple(out)
+    return (addrs,)
+
+
 class SignalingClient:
+    """``as_addr``: the cloud's address, or a list of the addresses of its instances (see the
+    module's docstring). ``nms_addr``: a separate NMS, with a single cloud address only."""
+
     def __init__(self, identity: StaticIdentity, cloud_static: bytes, as_addr, nms_addr=None, *,
                  token: bytes = b"", name_hint: str = "", software: str = "cyphonic/0.1",
                  local_endpoints: tuple[sig.Endpoint, ...] = (), rng: random.Random | None = None) -> None:
         self.identity = identity
         self.cloud_static = cloud_static
-        self.as_addr = as_addr
-        self.nms_addr = nms_addr or as_addr
+        self.instances = instance_list(as_addr)
+        if not self.instances:
+            raise LocalProtocolError("no cloud address")
+        if nms_addr is not None and len(self.instances) > 1:
+            raise LocalProtocolError("a separate NMS address needs a single cloud address")
+        self._split_nms = nms_addr is not None
+        self._index = 0                             # the instance in use
+        self.as_addr = self.instances[0]
+        self.nms_addr = nms_addr or self.as_addr
+        self._hops = 0                              # instances found silent since the link was last ready
+        self._announced_lost = False                # CloudLost emitted for this outage
         self.token = token
         self.name_hint = name_hint
         self.software = software
@@ -148,6 +222,7 @@ class SignalingClient:
         self._retries = 0                          # tries since the link was last ready: the wait doubles
         self._alive_since = 0.0                    # a control session older than this is not trusted
         self._refused = False                      # the cloud answered, with a refusal: no need to hurry
+        self._started_at = 0.0                     # start(): an enrolling node tries fast at first
         self.last_error: str = ""
         self._sent_token = False
 
@@ -162,6 +237,23 @@ class SignalingClient:
 
     def owns(self, addr) -> bool:
         return addr in self.channels
+
+    @property
+    def several(self) -> bool:
+        """More than one cloud instance: the fast probe and moving on apply."""
+        return len(self.instances) > 1
+
+    def _request(self, addr, msg: sig.Message, now: float, **kw) -> sig.Message:
+        """A request to the cloud; with several instances it times out after FAILOVER_SILENT_S."""
+        timeout_s = C.FAILOVER_SILENT_S if self.several else None
+        return self._channel(addr).request(msg, now, timeout_s=timeout_s, **kw)
+
+    def _live_channels(self) -> list[ControlClient]:
+        """The channels of the instance in use (with one instance: every channel)."""
+        if not self.several:
+            return list(self.channels.values())
+        ch = self.channels.get(self.as_addr)
+        return [ch] if ch is not None else []
 
     def datagrams_to_send(self) -> list:
         out = []
@@ -181,6 +273,7 @@ class SignalingClient:
 
     def start(self, now: float) -> None:
         self._alive_since = now
+        self._started_at = now
         self._attempt(now)
 
     def _login(self, now: float) -> None:
@@ -189,7 +282,7 @@ class SignalingClient:
         self._sent_token = bool(token)
         msg = sig.LoginRequest(token=token, name_hint=self.name_hint, static_public=self.identity.public,
                                software=self.software)
-        sent = self._channel(self.as_addr).request(msg, now)
+        sent = self._request(self.as_addr, msg, now)
         self._requests[sent.request_id] = "login"
 
     def _register(self, now: float) -> None:
@@ -197,15 +290,15 @@ class SignalingClient:
         flags = 0
         for e in self.local_endpoints:
             flags |= sig.REGISTER_HAS_IPV6 if ":" in e.host else sig.REGISTER_HAS_IPV4
-        sent = self._channel(self.nms_addr).request(
-            sig.RegisterRequest(local_endpoints=self.local_endpoints, flags=flags), now)
+        sent = self._request(self.nms_addr, sig.RegisterRequest(local_endpoints=self.local_endpoints,
+                                                                flags=flags), now)
         self._requests[sent.request_id] = "register"
 
     def set_local_endpoints(self, endpoints, now: float) -> None:
         """Our addresses changed (roaming): re-register from the new path; the virtual IP stays."""
         self.local_endpoints = tuple(endpoints)[:C.MAX_ENDPOINTS]
         if self.state in (State.READY, State.REGISTERING):
-            for ch in self.channels.values():
+            for ch in self._live_channels():
                 ch.set_cloud_address(ch.peer.addr, now)  # new path: new handshake from the new address
             self._register(now)
 
@@ -226,7 +319,7 @@ class SignalingClient:
             route_id=pushed.direction.route_id, accepted=accepted, code=None if accepted else code), now)
 
     def request_relay(self, route_id: int, peer_fqdn: str, now: float) -> None:
-        sent = self._channel(self.nms_addr).request(sig.RelayAllocate(route_id=route_id, peer_fqdn=peer_fqdn), now)
+        sent = self._request(self.nms_addr, sig.RelayAllocate(route_id=route_id, peer_fqdn=peer_fqdn), now)
         self._requests[sent.request_id] = "relay"
 
     def stop(self, now: float) -> None:
@@ -252,6 +345,7 @@ class SignalingClient:
         self._drain(ch, now)
 
     def _drain(self, ch: ControlClient, now: float) -> None:
+        # A move to another instance closes ``ch`` (its events go with it): the loop ends there.
         while (e := ch.next_event()) is not None:
             if isinstance(e, Reply):
                 self._on_reply(e, now)
@@ -286,9 +380,13 @@ class SignalingClient:
                 self._reconnect_at = None
                 self._retries = 0
                 self._refused = False
+                self._hops = 0
+                self._announced_lost = False
                 for ch in self.channels.values():
                     ch.retry_cap_s = None          # rekeys keep the channel's own schedule
-                self._keepalive_s = max(1.0, float(msg.keepalive_interval_s))
+                # Several instances: probe the one in use often enough to move within seconds.
+                self._keepalive_s = (C.FAILOVER_PROBE_S if self.several
+                                     else max(1.0, float(msg.keepalive_interval_s)))
                 self._keepalive_at = now + self._keepalive_s
                 self.registration = Registered(msg.observed, msg.nat == sig.NatType.NAT)
                 self._emit(self.registration)
@@ -368,6 +466,9 @@ class SignalingClient:
         tries may back off as far as ENROLL_RETRY_MAX_S; otherwise it went silent."""
         if self.state == State.FAILED:
             return
+        if not refused and self.several and self.state != State.IDLE:
+            self._move(reason, now)
+            return
         self.last_error = reason
         if refused:
             self._refused = True
@@ -378,22 +479,94 @@ class SignalingClient:
         was_ready = self.state == State.READY
         self.state = State.RECONNECTING
         self._keepalive_at = None
-        self._reconnect_at = now + self._retry_wait()
+        self._reconnect_at = now + self._retry_wait(now)
         if was_ready:
             self._emit(CloudLost(reason))
 
+    def _move(self, reason: str, now: float) -> None:
+        """The instance in use went silent: close its channel, fail the route requests it
+        holds, and go to the next instance, at once unless a whole round of them failed."""
+        old = self.as_addr
+        ch = self.channels.get(old)
+        if ch is not None:
+            ch.close()
+        old_text = address_text(old)
+        for peer in self._route_requests.values():
+            self._emit(RouteFailed(peer, E.PEER_UNREACHABLE, f"cloud instance {old_text} went silent"))
+        self._route_requests.clear()
+        self._requests.clear()            # they were all at the silent instance
+        self._index = (self._index + 1) % len(self.instances)
+        self.as_addr = self.nms_addr = self.instances[self._index]
+        self._hops += 1
+        round_failed = self._hops >= len(self.instances)
+        self.last_error = f"cloud instance {old_text} silent ({reason})"
+        self.state = State.RECONNECTING
+        self._keepalive_at = None
+        self._alive_since = now
+        moved = InstanceMoved(old_text, address_text(self.as_addr), reason, round_failed)
+        self._emit(moved)
+        if round_failed:
+            if not self._announced_lost:
+                self._announced_lost = True
+                self._emit(CloudLost(f"every cloud instance silent (last: {old_text}, {reason})"))
+            self._reconnect_at = now + self._retry_wait(now)
+        else:
+            # The next try is the login's own timeout (a move); this timer is only a safety net.
+            self._attempt(now, wait=2 * C.FAILOVER_SILENT_S)
+
+    def set_instances(self, addrs, now: float) -> None:
+        """The cloud's addresses changed (the edge resolved its name again, after a whole
+        round failed). The instance in use stays if it is still listed; otherwise the next try
+        goes to the first one listed."""
+        new = instance_list(list(addrs))
+        if not new or new == self.instances:
+            return
+        if self._split_nms and len(new) > 1:
+            raise LocalProtocolError("a separate NMS address needs a single cloud address")
+        self.instances = new
+        if self.as_addr in new:
+            self._index = new.index(self.as_addr)
+            return
+        ch = self.channels.get(self.as_addr)
+        if ch is not None and not self._split_nms:
+            ch.close()
+        was_ready = self.state == State.READY
+        self._index = 0
+        self.as_addr = new[0]
+        if not self._split_nms:
+            self.nms_addr = new[0]
+        self._requests.clear()
+        for peer in self._route_requests.values():
+            self._emit(RouteFailed(peer, E.PEER_UNREACHABLE, "the cloud's addresses changed"))
+        self._route_requests.clear()
+        if was_ready or self.state in (State.LOGGING_IN, State.REGISTERING):
+            self.state = State.RECONNECTING
+            self._keepalive_at = None
+            self._attempt(now)
+
     # --- getting back -----------------------------------------------------------------------
 
-    def _retry_wait(self) -> float:
+    def _retry_wait(self, now: float) -> float:
         """The wait before the next try: doubling from RECONNECT_MIN_S to the cap, drawn from
         [1 - RECONNECT_JITTER, 1] of that so that links which failed together spread out."""
-        base = min(self._cap(), C.RECONNECT_MIN_S * 2 ** self._retries)
+        base = min(self._cap(now), C.RECONNECT_MIN_S * 2 ** self._retries)
         self._retries = min(self._retries + 1, 16)
         return base * (1.0 - C.RECONNECT_JITTER * self.rng.random())
 
-    def _cap(self) -> float:
-        """The short cap is for a silent cloud that a node with a certificate waits to come back."""
-        return C.RECONNECT_MAX_S if self.identity.certificate and not self._refused else C.ENROLL_RETRY_MAX_S
+    def _cap(self, now: float) -> float:
+        """The short cap is for a silent cloud that a node with a certificate waits to come back.
+        A node enrolling (no certificate yet) tries every ENROLL_FAST_RETRY_S for its first
+        ENROLL_FAST_S: the operator is waiting for it, and under a flood of initiations only a
+        fraction of any node's get through the cloud's full intake queue, so first contact is a
+        matter of tries (docs/protocol.md 4.10); after that it backs off to ENROLL_RETRY_MAX_S,
+        so a wrong address is not hammered."""
+        if self._refused:
+            return C.ENROLL_RETRY_MAX_S
+        if self.identity.certificate:
+            return C.RECONNECT_MAX_S
+        if now - self._started_at < C.ENROLL_FAST_S:
+            return C.ENROLL_FAST_RETRY_S
+        return C.ENROLL_RETRY_MAX_S
 
     def _step(self) -> tuple[object, str]:
         """The channel and the request the way up waits for now."""
@@ -401,19 +574,19 @@ class SignalingClient:
             return self.nms_addr, "register"
         return self.as_addr, "login"
 
-    def _attempt(self, now: float) -> None:
+    def _attempt(self, now: float, wait: float | None = None) -> None:
         """One try: a handshake unless one is under way (the channel resends it, at least every
         RECONNECT_MAX_S meanwhile) or the cloud answered one since the last failure, the login
         (or registration) unless it is out already, and the next try after the wait."""
         addr, what = self._step()
         ch = self._channel(addr)
-        ch.retry_cap_s = self._cap()
+        ch.retry_cap_s = self._cap(now)
         if ch.handshake is None and not (ch.connected and ch.peer.created >= self._alive_since):
             ch.set_cloud_address(ch.peer.addr, now)
             self._alive_since = now
         if what not in self._requests.values():
             self._login(now) if what == "login" else self._register(now)
-        self._reconnect_at = now + self._retry_wait()
+        self._reconnect_at = now + (self._retry_wait(now) if wait is None else wait)
 
     def _on_connected(self, ch: ControlClient, now: float) -> None:
         """The cloud answered a handshake: while trying to get back, do not wait for the next
@@ -447,11 +620,12 @@ class SignalingClient:
             self._keepalive_at = now + self._keepalive_s
             if "keepalive" not in self._requests.values():  # one outstanding keepalive at a time
                 # Few retries: a silent cloud is noticed within about 7 s and we reconnect.
-                sent = self._channel(self.nms_addr).request(sig.Keepalive(), now, retries=KEEPALIVE_RETRIES)
+                # With several instances it is the probe: unanswered for FAILOVER_SILENT_S, we move.
+                sent = self._request(self.nms_addr, sig.Keepalive(), now, retries=KEEPALIVE_RETRIES)
                 self._requests[sent.request_id] = "keepalive"
         if self._relogin_at is not None and now >= self._relogin_at and self.state == State.READY:
             self._relogin_at = None
-            sent = self._channel(self.as_addr).request(sig.LoginRequest(
+            sent = self._request(self.as_addr, sig.LoginRequest(
                 token=b"", name_hint=self.name_hint, static_public=self.identity.public,
                 software=self.software), now)
             self._requests[sent.request_id] = "login"
@@ -476,4 +650,6 @@ class SignalingClient:
                 "observed": (f"{self.registration.observed.host}:{self.registration.observed.port}"
                              if self.registration else None),
                 "nat": self.registration.nat if self.registration else None,
+                "instance": address_text(self.as_addr),
+                "instances": [address_text(a) for a in self.instances],
                 "last_error": self.last_error}

@@ -76,11 +76,13 @@ class Overlay:
             time.sleep(poll)
         raise AssertionError(f"{needle!r} not in {path} after {timeout}s:\n{self._read(path)[-3000:]}")
 
-    def add_node(self, name: str, host, *, group: str = "default") -> dict:
+    def add_node(self, name: str, host, *, group: str = "default", cloud: list | None = None) -> dict:
         token = self.cli("enroll", name, "--group", group).strip()
-        cloud = self.cloud_host.addr4 if host.addr4 else f"[{self.cloud_host.addr6}]"
+        if cloud is None:
+            addr = self.cloud_host.addr4 if host.addr4 else f"[{self.cloud_host.addr6}]"
+            cloud = f"{addr}:47101"
         conf = {
-            "cloud": f"{cloud}:47101", "cloud_key": self.cloud_key, "token": token, "name": name,
+            "cloud": cloud, "cloud_key": self.cloud_key, "token": token, "name": name,
             "state_dir": os.path.join(self.dir, name), "interface": "cy0",
             "listen4": "0.0.0.0" if host.addr4 else "", "listen6": "::" if host.addr6 else "",
             "dns_listen": "127.0.0.1:53", "dns_upstream": "none",
@@ -127,3 +129,78 @@ class Overlay:
             if t["peer"] == f"{peer}.{DOMAIN}" or t["peer"] == peer:
                 return t["path"]
         return None
+
+
+class ClusterOverlay(Overlay):
+    """Several cloud instances (AS+NMS) and relays (TRS alone), each on its own lab host, on one
+    PostgreSQL database (issue 13; docs/cloud.md, "Several instances"). They share the state
+    directory (keys) and the database; each has its own config (``instance_id``, addresses).
+    Nodes get every instance's address, starting with the one ``add_node(first=...)`` names."""
+
+    def __init__(self, lab, instance_hosts: dict, relay_hosts: dict, workdir: str, database: str, *,
+                 keepalive_s: int = 5, lifetime_s: int = 30) -> None:
+        first = next(iter(instance_hosts.values()))
+        super().__init__(lab, first, workdir, keepalive_s=keepalive_s, lifetime_s=lifetime_s)
+        self.instance_hosts = dict(instance_hosts)
+        self.relay_hosts = dict(relay_hosts)
+        self.database = database
+        base = open(self.config).read()
+        self.configs: dict[str, str] = {}
+        for name, host in [*instance_hosts.items(), *relay_hosts.items()]:
+            services = '["trs"]' if name in relay_hosts else '["as", "nms"]'
+            text = base
+            for k, v in (("listen4", json.dumps(host.addr4 or "")), ("listen6", json.dumps(host.addr6 or "")),
+                         ("services", services), ("database", json.dumps(database)),
+                         ("instance_id", json.dumps(name))):
+                text, n = re.subn(rf"(?m)^#? ?{k} = .*$", f"{k} = {v}", text, count=1)
+                if n != 1:
+                    raise AssertionError(f"no {k} line in {self.config}")
+            path = os.path.join(workdir, f"cloud-{name}.toml")
+            with open(path, "w") as f:
+                f.write(text)
+            self.configs[name] = path
+        self.env["CYPHONIC_CLOUD_CONFIG"] = self.configs[next(iter(instance_hosts))]
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log_of(self, name: str) -> str:
+        return os.path.join(self.dir, f"cloud-{name}.log")
+
+    def start_cloud(self) -> float:
+        for name in [*self.relay_hosts, *self.instance_hosts]:
+            self.start_instance(name)
+        return time.time()
+
+    def start_instance(self, name: str) -> None:
+        host = self.instance_hosts.get(name) or self.relay_hosts[name]
+        log = self.log_of(name)
+        seen = self._read(log).count("cloud key")
+        self.procs[name] = self.lab.spawn(host, [PY, "-m", "cyphonic.cloud.cli", "--config", self.configs[name],
+                                                 "serve"], log=log)
+        self.wait_log(log, "cloud key", 20, count=seen + 1, poll=0.02)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait(15)
+
+    def stop_cloud(self, kill: bool = True) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                (p.kill if kill else p.terminate)()
+                p.wait(15)
+
+    def instances(self) -> list:
+        return json.loads(self.cli("instances", "--json"))
+
+    def address(self, name: str, v6: bool = False) -> str:
+        h = self.instance_hosts[name]
+        return f"[{h.addr6}]:47101" if v6 else f"{h.addr4}:47101"
+
+    def add_node(self, name: str, host, *, group: str = "default", first: str | None = None) -> dict:
+        order = list(self.instance_hosts)
+        if first is not None:
+            i = order.index(first)
+            order = order[i:] + order[:i]
+        cloud = [self.address(n, v6=not host.addr4) for n in order]
+        node = super().add_node(name, host, group=group, cloud=cloud)
+        node["first"] = order[0]
+        return node

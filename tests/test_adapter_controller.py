@@ -21,7 +21,7 @@ CLOUD_KEY = "cyk1:" + "ab" * 32 + ":" + "cd" * 32
 STATUS_KEYS = {"kind", "pid", "uptime_s", "identity", "cloud", "lan", "packet_filter", "general_nodes", "tunnels",
                "workers", "worker_restarts", "dhcp", "arp", "dns", "data_path", "drops", "sockets", "health"}
 DATA_PATH_KEYS = {"busy_poll_us", "heads_ups", "busy_polls", "idle_cpus", "handler_errors"}
-GN_ROW_KEYS = {"mac", "name", "fqdn", "vip4", "lease_expires_in_s", "cloud", "port"}
+GN_ROW_KEYS = {"mac", "name", "fqdn", "vip4", "lease_expires_in_s", "cloud", "instance", "port"}
 
 
 class EngineDevice(Device):

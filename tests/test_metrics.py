@@ -207,6 +207,9 @@ CLOUD = {
     "counters": {"messages": 10, "logins_ok": 2}, "control_drops": {"mac1": 140}, "control": {"sessions": 2,
                                                                                            "cookie_replies_sent": 6},
     "sessions": 2, "nms": {"registrations": 2}, "registrations": [{"fqdn": "a"}, {"fqdn": "b"}],
+    "relayed_routes": 3,
+    "cluster": {"instance_id": "c1", "tag": 2, "alive": ["c1", "c2", "t1"], "dead": ["c3"], "relays": ["t1"],
+                "counters": {"bus_sent_push": 4, "bus_received": 5}, "drops": {"bus_short": 1}, "last_error": ""},
     "relay": {"sessions": 1, "max_sessions": 4096, "bound_sides": 2, "ratelimit_sources": 1, "queued": 0,
               "drops": {"malformed": 140}, "counters": {"relayed_packets": 7, "relayed_bytes": 700}},
 }
@@ -223,6 +226,12 @@ def test_the_cloud_stats_in_the_text_format():
     assert value(fams, "cyphonic_control_events_total", event="cookie_replies_sent") == 6
     assert value(fams, "cyphonic_cloud_registered_nodes") == 2 and value(fams, "cyphonic_control_sessions") == 2
     assert value(fams, "cyphonic_relay_events_total", event="relayed_packets") == 7
+    assert value(fams, "cyphonic_cloud_instance_info", instance="c1", tag="2") == 1
+    assert value(fams, "cyphonic_cloud_instances", state="alive") == 3
+    assert value(fams, "cyphonic_cloud_instances", state="dead") == 1
+    assert value(fams, "cyphonic_cloud_relays_alive") == 1 and value(fams, "cyphonic_cloud_relayed_routes") == 3
+    assert value(fams, "cyphonic_cloud_bus_events_total", event="bus_sent_push") == 4
+    assert value(fams, "cyphonic_drops_total", reason="bus_short") == 1
     assert value(fams, "cyphonic_relay_bytes_total", event="relayed_bytes") == 700     # one unit per family
     assert "relayed_bytes" not in {dict(k)["event"] for k in fams["cyphonic_relay_events_total"][2]}
     # the stats file as an older cloud wrote it (no kind) is still the cloud's

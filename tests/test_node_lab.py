@@ -181,7 +181,8 @@ def test_make_demo_runs_end_to_end_and_leaves_nothing_behind():
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "part 1 result: OK" in p.stdout
     assert "part 2 result: OK (path punched)" in p.stdout
-    assert p.stdout.count("torn down: no namespace left") == 2
+    assert "part 4 result: OK" in p.stdout
+    assert p.stdout.count("torn down: no namespace left") == 3
     assert "result: OK" in p.stdout.split("Part 3")[1]
     assert not [n for n in os.listdir("/var/run/netns") if n.startswith("cyd-")]
     assert not os.path.exists("/etc/netns/cyd-alpha")

@@ -201,6 +201,10 @@ def test_a_node_that_never_logged_in_backs_off_further():
     fresh = Outage(links=1)
     fresh.stop_cloud()
     fresh.net.start_all()
+    fresh.run(fresh.net.now + C.ENROLL_FAST_S)
+    # its first half-minute it tries every ENROLL_FAST_RETRY_S at least (an operator waits)
+    assert fresh.dropped["l0"] >= C.ENROLL_FAST_S / C.ENROLL_FAST_RETRY_S * 0.9, fresh.dropped
+    fresh.dropped["l0"] = 0
     fresh.run(fresh.net.now + 600)
     known = started(links=1)
     known.stop_cloud()

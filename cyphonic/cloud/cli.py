@@ -6,9 +6,11 @@
     cyphonic-cloud nodes [--json]
     cyphonic-cloud revoke NAME
     cyphonic-cloud policy show [--json] | policy set FILE
+    cyphonic-cloud instances [--json] [--forget ID]
     cyphonic-cloud stats [--json]
     cyphonic-cloud metrics
     cyphonic-cloud db upgrade
+    cyphonic-cloud db copy --from SRC --to DST
 
 The config file is ``--config`` (or ``$CYPHONIC_CLOUD_CONFIG``, default
 ``/etc/cyphonic/cloud.toml``). Exit codes: 0 done, 1 refused or failed (the
@@ -164,22 +166,72 @@ def nodes(ctx, as_json) -> None:
     """List enrolled nodes (and whether they are registered now)."""
     cfg = _config(ctx)
     store = _store(cfg)
-    idents = store.list_identities()
-    store.close()
-    stats = _read_stats(cfg) or {}
-    regs = {r["fqdn"]: r for r in stats.get("registrations", [])}
+    try:
+        idents = store.list_identities()
+        # Where each node is registered: the shared table, good while its instance is alive
+        now = time.time()
+        alive = {i.instance_id for i in store.list_instances() if i.alive(now)}
+        regs = {r.static_public: r for r in store.list_registrations() if r.instance_id in alive}
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
     rows = [{"name": i.name, "fqdn": i.fqdn, "vip4": i.vip4, "groups": list(i.groups), "revoked": i.revoked,
-             "serial": i.serial, "registered": i.fqdn in regs,
-             "observed": regs.get(i.fqdn, {}).get("observed"), "nat": regs.get(i.fqdn, {}).get("nat")}
+             "serial": i.serial, "registered": i.static_public in regs,
+             "instance": regs[i.static_public].instance_id if i.static_public in regs else None,
+             "observed": regs[i.static_public].observed if i.static_public in regs else None,
+             "nat": regs[i.static_public].nat if i.static_public in regs else None}
             for i in idents]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'NAME':16} {'FQDN':36} {'VIP':15} {'GROUPS':16} {'STATE':12} OBSERVED")
+    click.echo(f"{'NAME':16} {'FQDN':36} {'VIP':15} {'GROUPS':16} {'STATE':12} {'INSTANCE':20} OBSERVED")
     for r in rows:
         state = "revoked" if r["revoked"] else ("registered" if r["registered"] else "offline")
         click.echo(f"{r['name']:16} {r['fqdn']:36} {r['vip4']:15} {','.join(r['groups']):16} {state:12} "
-                   f"{r['observed'] or '-'}{' (NAT)' if r['nat'] else ''}")
+                   f"{r['instance'] or '-':20} {r['observed'] or '-'}{' (NAT)' if r['nat'] else ''}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--forget", "forget", metavar="ID", help="Remove a dead instance's row (and free its tag).")
+@click.pass_context
+def instances(ctx, as_json, forget) -> None:
+    """The cloud instances sharing this database: what each serves, whether it is alive, how many
+    nodes are registered at it (docs/cloud.md, "Several instances")."""
+    cfg = _config(ctx)
+    store = _store(cfg)
+    now = time.time()
+    try:
+        if forget:
+            rec = next((i for i in store.list_instances() if i.instance_id == forget), None)
+            if rec is not None and rec.alive(now):
+                fail(f"instance {forget!r} is alive (heartbeat {now - rec.heartbeat:.1f} s ago): stop it first")
+            store.forget_instance(forget)
+            click.echo(f"forgot instance {forget}")
+            return
+        recs = store.list_instances()
+        counts = store.count_registrations()
+    except StoreError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    rows = []
+    for i in recs:
+        state = "alive" if i.alive(now) else ("stopped" if i.heartbeat == 0 else "dead")
+        rows.append({"instance_id": i.instance_id, "tag": i.tag, "services": list(i.services), "state": state,
+                     "heartbeat_age_s": None if i.heartbeat == 0 else round(now - i.heartbeat, 1),
+                     "nodes": counts.get(i.instance_id, 0) if state == "alive" else 0,
+                     "signaling": list(i.signaling), "relay": list(i.relay), "host": i.host, "pid": i.pid,
+                     "started": i.started})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'INSTANCE':24} {'TAG':>4} {'SERVICES':12} {'STATE':12} {'NODES':>6} {'HOST':16} {'PID':>7}  ADDRESSES")
+    for r in rows:
+        state = r["state"] if r["state"] != "dead" else f"dead {r['heartbeat_age_s']:.0f}s"
+        click.echo(f"{r['instance_id']:24} {r['tag']:>4} {','.join(r['services']):12} {state:12} {r['nodes']:>6} "
+                   f"{r['host']:16} {r['pid']:>7}  {' '.join(r['signaling'] + r['relay']) or '-'}")
 
 
 @main.command()
@@ -305,6 +357,36 @@ def db_upgrade(ctx) -> None:
         click.echo(f"schema version {SCHEMA_VERSION}: up to date")
     else:
         click.echo(f"schema version {found} -> {SCHEMA_VERSION}")
+
+
+@db.command("copy")
+@click.option("--from", "source", required=True, metavar="SRC",
+              help="The database the cloud uses now: sqlite:PATH, a path or postgresql://...")
+@click.option("--to", "destination", required=True, metavar="DST",
+              help="A new, empty database: postgresql://..., sqlite:PATH or a path.")
+def db_copy(source, destination) -> None:
+    """Copy the cloud's persistent state from SRC into the empty DST (no node re-enrolls).
+
+    Identities, tokens (hashes), serials, revocations, the policy, meta and the
+    serial counter are copied in one transaction; registrations and other
+    runtime tables are not (nodes register again by themselves). Both must be at
+    this program's schema version; stop the cloud first, then point `database`
+    at DST. Reads no config: SRC and DST are the arguments.
+    """
+    from .store_copy import copy_database
+    try:
+        report = copy_database(source, destination)
+    except StoreError as exc:
+        fail(str(exc))
+    click.echo(f"copied {report.source} -> {report.destination} "
+               f"(schema version {report.schema_version})")
+    for table, n in report.rows.items():
+        click.echo(f"  {table:16} {n:6} row(s)")
+    if report.meta_already_there:
+        click.echo(f"  meta already in the destination with the same value: "
+                   f"{', '.join(report.meta_already_there)}")
+    if report.not_copied:
+        click.echo(f"not copied (runtime; nodes register again): {', '.join(report.not_copied)}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class CloudConfig:
         'IPv4 address nodes reach the TRS at. "" means listen4 if it is a specific address.'))
     public_relay_host6: str = field(default="", metadata=_doc(
         'IPv6 address nodes reach the TRS at. "" means listen6 if it is a specific address.'))
+    instance_id: str = field(default="", metadata=_doc(
+        'Name of this process among the cloud instances sharing the database (`cyphonic-cloud '
+        'instances`). "" means <hostname>:<signaling_port> (or <hostname>:<relay_port> for a TRS '
+        'alone). Two running processes must not share one.'))
     log_level: str = field(default="info", metadata=_doc(
         "One of " + ", ".join(LOG_LEVELS) + "."))
 
@@ -107,6 +111,14 @@ class CloudConfig:
     def database_target(self) -> str:
         """What ``store.open_store`` takes: the PostgreSQL URL or the SQLite file's path."""
         return self.database if self.database_is_postgres else str(self.database_path)
+
+    @property
+    def effective_instance_id(self) -> str:
+        if self.instance_id:
+            return self.instance_id
+        import socket
+        port = self.signaling_port if ("as" in self.services or "nms" in self.services) else self.relay_port
+        return f"{socket.gethostname()}:{port}"
 
     @property
     def relay_host4(self) -> str:
@@ -236,6 +248,13 @@ def _log_level(v: Any) -> str:
     return s
 
 
+def _instance_id(v: Any) -> str:
+    s = _want_str(v)
+    if len(s) > 200 or any(c.isspace() or not c.isprintable() for c in s):
+        raise ValueError(f"{s!r}: at most 200 printable characters without spaces")
+    return s
+
+
 _CHECKS = {
     "state_dir": _path,
     "database": _database,
@@ -252,6 +271,7 @@ _CHECKS = {
     "keepalive_interval_s": _seconds,
     "public_relay_host4": _address(4, unspecified_ok=False),
     "public_relay_host6": _address(6, unspecified_ok=False),
+    "instance_id": _instance_id,
     "log_level": _log_level,
 }
 assert set(_CHECKS) == set(_FIELDS), "every CloudConfig field needs a check"

@@ -21,9 +21,10 @@ from ..control import ControlServer, Incoming, Reply, RequestTimedOut
 from ..wire import signaling as sig
 from . import constants as CC
 from .authentication import AuthenticationService
+from .cluster import Cluster
 from .keys import CloudKeys
 from .node_management import NodeManagementService
-from .store import Store
+from .store import Store, StoreError
 
 REFRESH_S = 5.0
 
@@ -33,8 +34,9 @@ class CloudCore:
                  services: tuple[str, ...] = ("as", "nms"), cert_lifetime_s: float = 86400,
                  registration_lifetime_s: float = 120, keepalive_interval_s: int = 25,
                  relay_endpoints: dict[int, sig.Endpoint] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, cluster: Cluster | None = None) -> None:
         self.store = store
+        self.cluster = cluster    # several instances on one database; None: this process alone
         self.keys = keys
         self.server = ControlServer(keys.signaling, rng=rng)
         self.trust = TrustStore.of(keys.ca.public, revoked=store.revoked_serials())
@@ -48,8 +50,9 @@ class CloudCore:
                                          relay_endpoints=relay_endpoints or {},
                                          registration_lifetime_s=registration_lifetime_s,
                                          keepalive_interval_s=keepalive_interval_s,
-                                         log=self.log, rng=rng) if "nms" in services else None
+                                         log=self.log, rng=rng, cluster=cluster) if "nms" in services else None
         self._next_refresh = 0.0
+        self._last_db_log = -1e9
         self._identities: OrderedDict = OrderedDict()
 
     def log(self, line: str) -> None:
@@ -66,11 +69,18 @@ class CloudCore:
 
     def get_timer(self) -> float | None:
         times = [t for t in (self.server.get_timer(), self.nms.get_timer() if self.nms else None,
-                             self._next_refresh) if t is not None]
+                             self._next_refresh, self.cluster.get_timer() if self.cluster else None)
+                 if t is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
         self.server.handle_timer(now)
+        if self.cluster is not None:
+            poll, refreshed = self.cluster.handle_timer(now)
+            if refreshed and self.nms is not None:
+                self.nms.cluster_tick(now)
+            if poll:
+                self.read_bus(now)
         if self.nms is not None:
             self.nms.handle_timer(now)
         if now >= self._next_refresh:
@@ -78,9 +88,27 @@ class CloudCore:
             self.refresh(now)
         self._process(now)
 
+    def read_bus(self, now: float) -> None:
+        """Read what other instances sent us (the edge calls this on a NOTIFY; SQLite polls)."""
+        if self.cluster is None:
+            return
+        messages = self.cluster.receive(now)
+        if messages and self.nms is not None:
+            try:
+                self.nms.on_bus(messages, now)
+            except Exception as exc:  # no-throw boundary, as for datagrams
+                self.counters["internal_errors"] += 1
+                self.log(f"internal error handling the bus: {type(exc).__name__}: {exc}")
+        self._process(now)
+
     def refresh(self, now: float) -> None:
-        """Pick up revocations and policy changes made by the admin CLI."""
-        revoked = self.store.revoked_serials()
+        """Pick up revocations and policy changes made by the admin CLI (later, if the database
+        is away now)."""
+        try:
+            revoked = self.store.revoked_serials()
+        except StoreError:
+            self.counters["database_unavailable"] += 1
+            return
         if revoked != self.trust.revoked:
             self.trust.revoked = set(revoked)
             if self.nms is not None:
@@ -88,6 +116,7 @@ class CloudCore:
                     ident = self.store.get_identity(static)
                     if ident is None or ident.revoked:
                         del self.nms.registrations[static]
+                        self.nms.unpublish(static)
                         self.server.notify(static, sig.Notify(kind=sig.NotifyKind.REVOKED, fqdn=reg.identity.fqdn,
                                                               detail="identity revoked"), now)
                         self.log(f"revoked node={reg.identity.fqdn}: registration removed")
@@ -105,6 +134,14 @@ class CloudCore:
                     self.nms.on_reply(event, now)
                 elif isinstance(event, RequestTimedOut) and self.nms is not None:
                     self.nms.on_timeout(event, now)
+            except StoreError as exc:   # the database is away (a restart): say so, at once
+                self.counters["database_unavailable"] += 1
+                if now - self._last_db_log >= 1.0:
+                    self._last_db_log = now
+                    self.log(f"database unavailable handling {type(getattr(event, 'msg', event)).__name__}: {exc}")
+                if isinstance(event, Incoming) and event.msg.request_id:
+                    self.server.reply(event, sig.Error(code=sig.ErrorCode.INTERNAL,
+                                                       text="cloud database unavailable, retry later"), now)
             except Exception as exc:  # no-throw boundary: one bad message never stops the cloud
                 self.counters["internal_errors"] += 1
                 self.log(f"internal error handling {type(getattr(event, 'msg', event)).__name__}: "
@@ -147,7 +184,12 @@ class CloudCore:
         hit = self._identities.get(static)
         if hit is not None and now - hit[0] < CC.IDENTITY_CACHE_S:
             return hit[1]
-        identity = self.store.get_identity(static)
+        try:
+            identity = self.store.get_identity(static)
+        except StoreError:
+            if hit is not None:       # the database is away: keepalives go on from what we knew
+                return hit[1]
+            raise
         if identity is not None:
             self._identities[static] = (now, identity)
             self._identities.move_to_end(static)
@@ -155,10 +197,13 @@ class CloudCore:
                 self._identities.popitem(last=False)
         return identity
 
-    def stats(self) -> dict:
+    def stats(self, now: float = 0.0) -> dict:
         out = {"counters": dict(self.counters), "control_drops": dict(self.server.drops),
                "control": dict(self.server.counters), "sessions": len(self.server.peers)}
         if self.nms is not None:
             out["nms"] = dict(self.nms.counters)
             out["registered"] = len(self.nms.registrations)
+            out["relayed_routes"] = len(self.nms.relayed)
+        if self.cluster is not None:
+            out["cluster"] = self.cluster.status(now)
         return out

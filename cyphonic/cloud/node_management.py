@@ -22,6 +22,19 @@ The responder is told first, over its registered path, with a RouteDirection
 (a cloud request, retransmitted on loss); when it accepts, the initiator gets
 its RouteDirection as the answer to its RouteRequest. A route not answered in
 ROUTE_PENDING_S is answered PEER_UNREACHABLE.
+
+Several instances (``cluster.Cluster``; docs/cloud.md, "Several instances"):
+every registration is also written to the store with the instance that holds
+it, so an instance that is asked for a route to a node registered elsewhere
+finds it there (while that instance is alive). The route is owned by the
+instance A asked (its tag is in the route id); the responder is still told
+first, through its own instance: the owner PUSHes the direction over the bus,
+that instance sends it on its control session and passes the answer back.
+Route confirmations and relay requests that reach an instance which does not
+own the route are FORWARDed to the owner, and its answer comes back the same
+way. Relays are picked per route among the live TRS instances; when one dies
+the owner moves its relayed routes to another and pushes the new direction to
+both ends.
 """
 
 from __future__ import annotations
@@ -38,8 +51,11 @@ from ..errors import CertificateError
 from ..wire import signaling as sig
 from . import constants as CC
 from . import policy as pol
+from ..wire import bus as wire_bus
+from .cluster import ROUTE_TAG_SHIFT, Cluster, route_owner
 from .relay_token import mint_token
-from .store import Identity, Store
+from .store import Identity, Store, StoreError
+from .store_runtime import RegistrationRecord
 
 E = sig.ErrorCode
 
@@ -54,6 +70,7 @@ class Registration:
     nat: bool
     expires: float
     families: frozenset[int]
+    instance: str = ""          # "" here; else the instance that holds the node's control session
 
 
 @dataclass
@@ -66,6 +83,8 @@ class Route:
     created: float
     relay_session_id: int = 0
     confirmed: dict = field(default_factory=dict)
+    relay_instance: str = ""             # the TRS instance the relay session is at ("" from config)
+    relay_eps: dict = field(default_factory=dict)   # family -> sig.Endpoint of that TRS
 
 
 def vip_from_ptr_name(name: str) -> str | None:
@@ -88,12 +107,23 @@ def _endpoint_of(addr) -> sig.Endpoint:
     return sig.Endpoint(str(ipaddress.ip_address(addr[0])), int(addr[1]))
 
 
+def _ep_text(e: sig.Endpoint) -> str:
+    return f"[{e.host}]:{e.port}" if ":" in e.host else f"{e.host}:{e.port}"
+
+
+def _ep_parse(text: str) -> sig.Endpoint:
+    host, _, port = text.rpartition(":")
+    return sig.Endpoint(host.strip("[]"), int(port))
+
+
 class NodeManagementService:
     def __init__(self, store: Store, server: ControlServer, trust: TrustStore, *,
                  relay_key: bytes | None, relay_endpoints: dict[int, sig.Endpoint],
                  registration_lifetime_s: float, keepalive_interval_s: int,
-                 log=lambda line: None, rng: random.Random | None = None) -> None:
+                 log=lambda line: None, rng: random.Random | None = None,
+                 cluster: Cluster | None = None) -> None:
         self.store = store
+        self.cluster = cluster
         self.server = server
         self.trust = trust
         self.relay_key = relay_key
@@ -109,6 +139,15 @@ class NodeManagementService:
         # so the id alone would cross two nodes' answers.
         self._server_requests: dict[tuple[bytes, int], int] = {}
         self._verified: OrderedDict[bytes, tuple[bytes, object]] = OrderedDict()  # static -> (cert, parsed)
+        # Several instances: requests we PUSHed to another instance's node (key -> route id),
+        # PUSHes we carry for another instance ((node, our request id) -> (instance, key)),
+        # node requests we FORWARDed to a route's owner (key -> the node's Incoming), and the
+        # relayed routes we own (kept as long as their tokens, to move them off a dead TRS).
+        self._bus_keys = 0
+        self._pushed: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        self._carried: OrderedDict[tuple[bytes, int], tuple[str, int]] = OrderedDict()
+        self._forwarded: OrderedDict[int, Incoming] = OrderedDict()
+        self.relayed: OrderedDict[int, Route] = OrderedDict()
         self.counters: Counter = Counter()
         self._next_sweep = 0.0
         self._policy_cache: dict | None = None
@@ -134,6 +173,7 @@ class NodeManagementService:
         if isinstance(msg, sig.Deregister):
             if self.registrations.pop(inc.peer_static, None) is not None:
                 self.log(f"deregistered node={identity.fqdn}")
+                self.unpublish(inc.peer_static)
             return None
         if reg is None:
             return sig.Error(code=E.NOT_REGISTERED, text="register first")
@@ -141,11 +181,13 @@ class NodeManagementService:
             return self._keepalive(inc, reg, now)
         if isinstance(msg, sig.RouteRequest):
             return self._route_request(inc, reg, now)
+        if isinstance(msg, (sig.RouteConfirm, sig.RelayAllocate)) and self._elsewhere(msg.route_id, now):
+            return self._forward(inc, now)
         if isinstance(msg, sig.RouteConfirm):
-            self._route_confirm(inc, reg, now)
+            self._route_confirm(msg, reg, now)
             return None
         if isinstance(msg, sig.RelayAllocate):
-            return self._relay_allocate(inc, reg, now)
+            return self._relay_allocate(msg, reg, now)
         return sig.Error(code=E.BAD_MESSAGE, text=f"{type(msg).__name__} is not an NMS request")
 
     # --- registration -------------------------------------------------------------
@@ -168,6 +210,7 @@ class NodeManagementService:
                            now + self.lifetime_s, frozenset(families))
         self.registrations[inc.peer_static] = reg
         self.counters["registrations"] += 1
+        self._publish(reg, now)
         if old is None or old.observed != observed:
             self.log(f"registered node={identity.fqdn} vip={identity.vip4} observed={observed.host}:"
                      f"{observed.port} nat={'yes' if nat else 'no'}" + (" (moved)" if old else ""))
@@ -180,6 +223,7 @@ class NodeManagementService:
             reg.observed = observed
             reg.nat = observed not in reg.local
             self.log(f"node moved node={reg.identity.fqdn} observed={observed.host}:{observed.port}")
+            self._publish(reg, now)
         reg.expires = now + self.lifetime_s
         self.registrations.move_to_end(inc.peer_static)
         self.counters["keepalives"] += 1
@@ -231,6 +275,8 @@ class NodeManagementService:
             return sig.Error(code=E.POLICY_DENIED, text=f"policy forbids {a.identity.fqdn} -> {fqdn}")
         b = self.registrations.get(target.static_public)
         if b is None or b.expires < now:
+            b = self._remote_registration(target, now)
+        if b is None or b.expires < now:
             self.counters["routes_unreachable"] += 1
             return sig.Error(code=E.PEER_UNREACHABLE, text=f"{fqdn} is not registered")
         if b.static == a.static:
@@ -241,7 +287,7 @@ class NodeManagementService:
             self.counters["routes_evicted"] += 1
             if old.request is not None:  # never leave an initiator without an answer
                 self.server.reply(old.request, sig.Error(code=E.PEER_UNREACHABLE, text="cloud busy"), now)
-        route = Route(self.rng.getrandbits(63) or 1, route_type, a, b, inc, now)
+        route = Route(self._new_route_id(), route_type, a, b, inc, now)
         self.routes[route.route_id] = route
         return self._direct_responder(route, now)
 
@@ -253,23 +299,39 @@ class NodeManagementService:
                 self.routes.pop(route.route_id, None)
                 return err
         direction_b = self._direction(route, for_a=False)
-        sent = self.server.request(route.b.static, direction_b, now)
-        if sent is None:
+        if not self._request_node(route.b, direction_b, route.route_id, now):
             self.routes.pop(route.route_id, None)
             return sig.Error(code=E.PEER_UNREACHABLE, text=f"{route.b.identity.fqdn} has no control session")
-        self._server_requests[(route.b.static, sent.request_id)] = route.route_id
         self.counters[f"routes_{route.route_type.name.lower()}"] += 1
         self.log(f"route {route.route_type.name} from={route.a.identity.fqdn} to={route.b.identity.fqdn} "
                  f"id={route.route_id}")
         return None
 
-    def _mint_relay(self, route: Route, now: float) -> sig.Message | None:
+    def _mint_relay(self, route: Route, now: float, *, avoid: str = "") -> sig.Message | None:
+        """A new relay session for the route, at a live TRS that serves both ends' families
+        (picked by the session id among the live ones, so routes spread over relays); the
+        configured relay endpoints when the cluster knows no TRS (one process, unit tests)."""
         fa = _family(route.a.observed.host)
         fb = _family(route.b.observed.host)
-        if self.relay_key is None or fa not in self.relay_endpoints or fb not in self.relay_endpoints:
+        if self.relay_key is None:
+            return sig.Error(code=E.RELAY_UNAVAILABLE, text="no relay key")
+        session_id = self.rng.getrandbits(64) or 1
+        relays = self.cluster.live_relays(now) if self.cluster is not None else []
+        fitting = [r for r in relays if fa in r.endpoints and fb in r.endpoints and r.instance_id != avoid]
+        if fitting:
+            pick = fitting[session_id % len(fitting)]
+            route.relay_instance, route.relay_eps = pick.instance_id, dict(pick.endpoints)
+        elif not relays and fa in self.relay_endpoints and fb in self.relay_endpoints:
+            route.relay_instance, route.relay_eps = "", dict(self.relay_endpoints)
+        else:
             return sig.Error(code=E.RELAY_UNAVAILABLE, text="no relay for these address families")
-        route.relay_session_id = self.rng.getrandbits(64) or 1
+        route.relay_session_id = session_id
         self.counters["relay_grants"] += 1
+        if self.cluster is not None and route_owner(route.route_id) == self.cluster.tag:
+            self.relayed[route.route_id] = route
+            self.relayed.move_to_end(route.route_id)
+            while len(self.relayed) > CC.MAX_ROUTES:
+                self.relayed.popitem(last=False)
         return None
 
     def _direction(self, route: Route, *, for_a: bool) -> sig.RouteDirection:
@@ -289,7 +351,7 @@ class NodeManagementService:
         relay_ep, token = None, b""
         if t == sig.RouteType.RELAY:
             fam = _family(me.observed.host)
-            relay_ep = self.relay_endpoints[fam]
+            relay_ep = route.relay_eps[fam]
             side = 0 if for_a else 1
             token = mint_token(self.relay_key, route.relay_session_id, side,
                                int(route.created + CC.RELAY_TOKEN_LIFETIME_S))
@@ -302,11 +364,16 @@ class NodeManagementService:
                                   relay_token=token, expires_s=int(CC.ROUTE_PENDING_S))
 
     def on_reply(self, event: Reply, now: float) -> None:
+        if self._carried_answer(event.peer_static, event.request.request_id, event.msg, now):
+            return
         route_id = self._server_requests.pop((event.peer_static, event.request.request_id), None)
+        self._answered(route_id, event.msg, now)
+
+    def _answered(self, route_id: int | None, msg: sig.Message, now: float) -> None:
+        """The responder answered the direction we sent it (here, or through its instance)."""
         route = self.routes.get(route_id) if route_id is not None else None
         if route is None:
             return
-        msg = event.msg
         if route.request is None:  # a pushed (fallback) direction was acknowledged
             return
         if isinstance(msg, sig.TunnelResponse) and msg.accepted:
@@ -319,15 +386,19 @@ class NodeManagementService:
             self.log(f"route refused by responder from={route.a.identity.fqdn} to={route.b.identity.fqdn}")
 
     def on_timeout(self, event: RequestTimedOut, now: float) -> None:
+        if self._carried_answer(event.peer_static, event.request.request_id, None, now):
+            return
         route_id = self._server_requests.pop((event.peer_static, event.request.request_id), None)
+        self._silent(route_id, now)
+
+    def _silent(self, route_id: int | None, now: float) -> None:
         route = self.routes.pop(route_id, None) if route_id is not None else None
         if route is not None and route.request is not None:
             self.server.reply(route.request, sig.Error(code=E.PEER_UNREACHABLE,
                                                        text=f"{route.b.identity.fqdn} did not answer"), now)
             self.log(f"route failed: responder silent from={route.a.identity.fqdn} to={route.b.identity.fqdn}")
 
-    def _route_confirm(self, inc: Incoming, reg: Registration, now: float) -> None:
-        msg = inc.msg
+    def _route_confirm(self, msg: sig.RouteConfirm, reg: Registration, now: float) -> None:
         route = self.routes.get(msg.route_id)
         if route is None or reg.static not in (route.a.static, route.b.static):
             self.counters["confirm_unknown_route"] += 1
@@ -343,8 +414,8 @@ class NodeManagementService:
             return
         self._fallback_to_relay(route, now, why=f"{route.route_type.name} failed")
 
-    def _relay_allocate(self, inc: Incoming, reg: Registration, now: float) -> sig.Message:
-        route = self.routes.get(inc.msg.route_id)
+    def _relay_allocate(self, msg: sig.RelayAllocate, reg: Registration, now: float) -> sig.Message:
+        route = self.routes.get(msg.route_id) or self.relayed.get(msg.route_id)
         if route is None or reg.static not in (route.a.static, route.b.static):
             return sig.Error(code=E.BAD_MESSAGE, text="unknown route")
         if route.route_type != sig.RouteType.RELAY:
@@ -369,10 +440,184 @@ class NodeManagementService:
         for for_a, reg in ((True, route.a), (False, route.b)):
             if reg.static == requester:
                 continue
-            sent = self.server.request(reg.static, self._direction(route, for_a=for_a), now)
-            if sent is not None:
-                self._server_requests[(reg.static, sent.request_id)] = route.route_id
+            self._request_node(self._locate(reg, now), self._direction(route, for_a=for_a), route.route_id, now)
         return None
+
+    # --- several instances (cluster.Cluster) ----------------------------------------------
+
+    def _new_route_id(self) -> int:
+        tag = self.cluster.tag if self.cluster is not None else 0
+        return (tag << ROUTE_TAG_SHIFT) | (self.rng.getrandbits(ROUTE_TAG_SHIFT) or 1)
+
+    def _publish(self, reg: Registration, now: float) -> None:
+        """Write where the node is to the store, for the other instances (not on keepalives)."""
+        if self.cluster is None:
+            return
+        try:
+            self.store.put_registration(RegistrationRecord(
+                reg.static, self.cluster.instance_id, _ep_text(reg.observed),
+                tuple(_ep_text(e) for e in reg.local), reg.nat, reg.certificate, now))
+        except StoreError as exc:
+            self.counters["registrations_unpublished"] += 1
+            self.log(f"registration of node={reg.identity.fqdn} not shared with other instances: {exc}")
+
+    def unpublish(self, static: bytes) -> None:
+        if self.cluster is None:
+            return
+        try:
+            self.store.drop_registration(static, self.cluster.instance_id)
+        except StoreError as exc:
+            self.counters["registrations_unpublished"] += 1
+            self.log(f"registration row not removed: {exc}")
+
+    def _remote_registration(self, target: Identity, now: float) -> Registration | None:
+        """The node's registration at another live instance, from the store."""
+        if self.cluster is None:
+            return None
+        rec = self.store.get_registration(target.static_public)
+        if rec is None or rec.instance_id == self.cluster.instance_id or \
+                not self.cluster.alive(rec.instance_id, now):
+            return None
+        try:
+            observed = _ep_parse(rec.observed)
+            local = tuple(_ep_parse(t) for t in rec.local)
+        except ValueError:
+            self.counters["registrations_unreadable"] += 1
+            return None
+        families = {_family(e.host) for e in local} | {_family(observed.host)}
+        return Registration(target, rec.static_public, rec.certificate, observed, local, rec.nat,
+                            now + self.lifetime_s, frozenset(families), instance=rec.instance_id)
+
+    def _locate(self, reg: Registration, now: float) -> Registration:
+        """Where the node is now (it may have moved to another instance since the route began)."""
+        here = self.registrations.get(reg.static)
+        if here is not None:
+            return here
+        try:
+            there = self._remote_registration(reg.identity, now)
+        except StoreError:
+            there = None
+        return there or reg
+
+    def _request_node(self, reg: Registration, msg: sig.Message, route_id: int, now: float) -> bool:
+        """Send a request to a node: on our control session, or PUSHed to its instance."""
+        if not reg.instance or self.cluster is None or reg.instance == self.cluster.instance_id:
+            sent = self.server.request(reg.static, msg, now)
+            if sent is None:
+                return False
+            self._server_requests[(reg.static, sent.request_id)] = route_id
+            return True
+        self._bus_keys += 1
+        key = self._bus_keys
+        if not self.cluster.send(reg.instance, wire_bus.Kind.PUSH, key, reg.static, msg, now):
+            return False
+        self._pushed[key] = (route_id, reg.static, reg.instance)
+        self.counters["pushed_to_instance"] += 1
+        return True
+
+    def _elsewhere(self, route_id: int, now: float) -> bool:
+        """The route was minted by another instance that is alive (we cannot answer for it)."""
+        if self.cluster is None or route_id in self.routes or route_id in self.relayed:
+            return False
+        owner = route_owner(route_id)
+        if owner in (0, self.cluster.tag):
+            return False
+        rec = self.cluster.by_tag(owner)
+        return rec is not None and self.cluster.alive(rec.instance_id, now)
+
+    def _forward(self, inc: Incoming, now: float) -> sig.Message | None:
+        owner = self.cluster.by_tag(route_owner(inc.msg.route_id))
+        self._bus_keys += 1
+        key = self._bus_keys
+        if not self.cluster.send(owner.instance_id, wire_bus.Kind.FORWARD, key, inc.peer_static, inc.msg, now):
+            return sig.Error(code=E.INTERNAL, text="cannot reach the route's instance")
+        self.counters["forwarded_to_owner"] += 1
+        if inc.msg.request_id:
+            self._forwarded[key] = inc
+        return None
+
+    def on_bus(self, messages: list, now: float) -> None:
+        for m in messages:
+            sender = self.cluster.reply_to(m.sender)
+            if m.kind == wire_bus.Kind.PUSH:
+                self._carry(m, sender, now)
+            elif m.kind == wire_bus.Kind.PUSH_RESULT:
+                entry = self._pushed.pop(m.key, None)
+                if entry is None:
+                    self.counters["bus_late_results"] += 1
+                elif m.msg is None:
+                    self._silent(entry[0], now)
+                else:
+                    self._answered(entry[0], m.msg, now)
+            elif m.kind == wire_bus.Kind.FORWARD:
+                self._owner_answers(m, sender, now)
+            elif m.kind == wire_bus.Kind.FORWARD_RESULT:
+                inc = self._forwarded.pop(m.key, None)
+                if inc is not None and m.msg is not None:
+                    self.server.reply(inc, m.msg, now)
+
+    def _carry(self, m: wire_bus.BusMessage, sender: str | None, now: float) -> None:
+        """Another instance asks us to send a request to a node whose session we hold."""
+        if sender is None:
+            self.counters["bus_unknown_sender"] += 1
+            return
+        sent = self.server.request(m.static, m.msg, now) if m.static in self.registrations else None
+        if sent is None:
+            self.cluster.send(sender, wire_bus.Kind.PUSH_RESULT, m.key, m.static, None, now)
+            return
+        self._carried[(m.static, sent.request_id)] = (sender, m.key)
+        self.counters["carried_for_instance"] += 1
+
+    def _carried_answer(self, static: bytes, request_id: int, msg: sig.Message | None, now: float) -> bool:
+        entry = self._carried.pop((static, request_id), None)
+        if entry is None:
+            return False
+        self.cluster.send(entry[0], wire_bus.Kind.PUSH_RESULT, entry[1], static, msg, now)
+        return True
+
+    def _owner_answers(self, m: wire_bus.BusMessage, sender: str | None, now: float) -> None:
+        """A node's confirmation or relay request about one of our routes, via its instance."""
+        route = self.routes.get(m.msg.route_id) or self.relayed.get(m.msg.route_id)
+        reg = None
+        if route is not None:
+            reg = route.a if route.a.static == m.static else route.b if route.b.static == m.static else None
+        reply: sig.Message | None
+        if reg is None:
+            self.counters["confirm_unknown_route"] += 1
+            reply = sig.Error(code=E.BAD_MESSAGE, text="unknown route")
+        elif isinstance(m.msg, sig.RouteConfirm):
+            self._route_confirm(m.msg, reg, now)
+            reply = None
+        elif isinstance(m.msg, sig.RelayAllocate):
+            reply = self._relay_allocate(m.msg, reg, now)
+        else:
+            reply = sig.Error(code=E.BAD_MESSAGE, text=f"{type(m.msg).__name__} cannot be forwarded")
+        if m.msg.request_id and sender is not None and reply is not None:
+            self.cluster.send(sender, wire_bus.Kind.FORWARD_RESULT, m.key, m.static, reply, now)
+
+    def cluster_tick(self, now: float) -> None:
+        """After each cluster refresh: give up on PUSHes to instances that died, and move our
+        relayed routes off relays that died (new session at a live TRS, pushed to both ends)."""
+        if self.cluster is None:
+            return
+        for key, (route_id, _static, target) in list(self._pushed.items()):
+            if not self.cluster.alive(target, now):
+                del self._pushed[key]
+                self._silent(route_id, now)
+        for route in list(self.relayed.values()):
+            if not route.relay_instance or self.cluster.relay_alive(route.relay_instance, now):
+                continue
+            dead = route.relay_instance
+            err = self._mint_relay(route, now, avoid=dead)
+            if err is not None:
+                self.log(f"relay {dead} is gone and no other serves route id={route.route_id}: {err.text}")
+                self.relayed.pop(route.route_id, None)
+                continue
+            self.counters["relay_moves"] += 1
+            self.log(f"relay {dead} is gone: route id={route.route_id} moves to {route.relay_instance}")
+            for for_a, reg in ((True, route.a), (False, route.b)):
+                self._request_node(self._locate(reg, now), self._direction(route, for_a=for_a),
+                                   route.route_id, now)
 
     # --- timers ---------------------------------------------------------------------
 
@@ -388,6 +633,13 @@ class NodeManagementService:
                 del self.registrations[static]
                 self.counters["registrations_expired"] += 1
                 self.log(f"registration expired node={reg.identity.fqdn}")
+                self.unpublish(static)
+        for rid, route in list(self.relayed.items()):
+            if now - route.created >= CC.RELAY_TOKEN_LIFETIME_S:
+                del self.relayed[rid]
+        for table in (self._pushed, self._carried, self._forwarded):
+            while len(table) > CC.MAX_ROUTES:
+                table.popitem(last=False)
         for rid, route in list(self.routes.items()):  # oldest first
             if now - route.created < max(CC.ROUTE_KEEP_S, CC.ROUTE_PENDING_S):
                 break

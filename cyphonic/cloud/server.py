@@ -26,11 +26,12 @@ from ..health import Health, LoadWatch, Warning
 from ..socket_stats import kernel_drop_counts, socket_rows
 from ..udp import steered_udp_sockets
 from ..wire import signaling as sig
+from .cluster import Cluster
 from .config import CloudConfig
 from .constants import INTAKE_BATCH, RECV_BYTES
 from .core import CloudCore
 from .keys import load_keys
-from .store import open_store
+from .store import StoreError, open_store
 from .trs import RelayService
 from .trs_server import serve_relay
 
@@ -70,6 +71,10 @@ class CloudServer:
         self.store = open_store(config.database_target)
         self.keys = load_keys(config.state_dir)
         self.core: CloudCore | None = None
+        self.cluster: Cluster | None = None
+        self._bus_listener = None      # PostgreSQL: LISTEN for bus messages (store_postgres.BusListener)
+        self._listener_fd = -1
+        self._cluster_timer = None     # a TRS alone: its heartbeat timer (the core drives it otherwise)
         self.relay: RelayService | None = None
         self.relay_server = None
         self._transports: dict[int, asyncio.DatagramTransport] = {}
@@ -94,13 +99,14 @@ class CloudServer:
                                                   cfg.relay_port)
             relay_port = self.relay_server.port
             self.log(f"TRS listening on {', '.join(map(str, self.relay_server.addresses))}")
+        self.cluster = self._join_cluster(relay_port)
         if "as" in cfg.services or "nms" in cfg.services:
             services = tuple(s for s in cfg.services if s in ("as", "nms"))
             self.core = CloudCore(store=self.store, keys=self.keys, domain=cfg.domain, prefix=cfg.prefix,
                                   services=services, cert_lifetime_s=cfg.cert_lifetime_s,
                                   registration_lifetime_s=cfg.registration_lifetime_s,
                                   keepalive_interval_s=cfg.keepalive_interval_s,
-                                  relay_endpoints=relay_endpoints(cfg, relay_port))
+                                  relay_endpoints=relay_endpoints(cfg, relay_port), cluster=self.cluster)
             self.driver = CoreDriver(self.core, self._send, after_round=self._drain_logs, errors=self.errors)
             for family, host in ((socket.AF_INET, cfg.listen4), (socket.AF_INET6, cfg.listen6)):
                 if not host:
@@ -116,11 +122,98 @@ class CloudServer:
                     self._intakes.append(intake)
                     loop.add_reader(intake.fileno(), self._read_intake, intake)
                 self.log(f"{'+'.join(s.upper() for s in services)} listening on {host} udp {cfg.signaling_port}")
+        if self.core is None:
+            self._cluster_timer = loop.call_later(0, self._cluster_tick)
         self.log(f"cloud key {self.keys.cloud_key}")
         self.load.observe(time.time(), **self._load_sample())   # under-load's base: drops from the start count
         if self.driver is not None:
             self.driver.flush()
         loop.call_later(STATS_EVERY_S, self._write_stats_periodic)
+
+    def _join_cluster(self, relay_port: int) -> Cluster:
+        """This process's row among the instances sharing the database (raises StoreError)."""
+        cfg = self.config
+        signaling = []
+        if "as" in cfg.services or "nms" in cfg.services:
+            if cfg.listen4:
+                signaling.append(f"{cfg.listen4}:{cfg.signaling_port}")
+            if cfg.listen6:
+                signaling.append(f"[{cfg.listen6}]:{cfg.signaling_port}")
+        relay = []
+        if "trs" in cfg.services:
+            for fam, ep in sorted(relay_endpoints(cfg, relay_port).items()):
+                relay.append(f"[{ep.host}]:{ep.port}" if fam == 6 else f"{ep.host}:{ep.port}")
+        listener = None
+        if hasattr(self.store, "bus_listener") and ("nms" in cfg.services):
+            listener = self.store.bus_listener()
+            if listener.connected:
+                self._bus_listener = listener
+                self._listener_fd = listener.fileno()
+                asyncio.get_running_loop().add_reader(self._listener_fd, self._on_notify)
+            else:
+                self.log(f"bus: cannot LISTEN ({listener.error}); polling")
+        self._refuse_a_twin(cfg.effective_instance_id)
+        cluster = Cluster(self.store, cfg.effective_instance_id, services=tuple(cfg.services),
+                          signaling=tuple(signaling), relay=tuple(relay), host=socket.gethostname(),
+                          pid=os.getpid(), notified=self._bus_listener is not None, log=self.log)
+        cluster.start(time.time())
+        self.log(f"instance {cluster.instance_id} (tag {cluster.tag}); "
+                 f"{len(cluster.instances)} instance(s) in the database, "
+                 f"bus {'by NOTIFY' if cluster.notified else 'polled'}")
+        return cluster
+
+    def _refuse_a_twin(self, instance_id: str) -> None:
+        """Two live processes must not share an instance id (each would wipe the other's rows).
+        A row that is alive but whose process is gone (a restart after kill -9) is taken over."""
+        now = time.time()
+        rec = next((i for i in self.store.list_instances() if i.instance_id == instance_id), None)
+        if rec is None or not rec.alive(now):
+            return
+        if rec.host == socket.gethostname():
+            try:
+                os.kill(rec.pid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+            if rec.pid == os.getpid():
+                return
+        raise StoreError(f"instance id {instance_id!r} is in use by pid {rec.pid} on {rec.host} "
+                         f"(heartbeat {now - rec.heartbeat:.1f} s ago): give each process its own "
+                         "instance_id in its config")
+
+    def _on_notify(self) -> None:
+        listener = self._bus_listener
+        listener.drain()
+        if not listener.connected:     # lost: poll until it is back (_keep_listening)
+            asyncio.get_running_loop().remove_reader(self._listener_fd)
+            self._listener_fd = -1
+            self.cluster.notified = False
+            self.log(f"bus: LISTEN connection lost ({listener.error}); polling until it is back")
+        if self.core is not None:
+            self.core.read_bus(time.time())
+            self.driver.flush()
+
+    def _keep_listening(self) -> None:
+        """Called each stats period: reconnect a lost LISTEN connection."""
+        listener = self._bus_listener
+        if listener is None or self._listener_fd >= 0 or self.cluster is None:
+            return
+        if listener.reconnect():
+            self._listener_fd = listener.fileno()
+            asyncio.get_running_loop().add_reader(self._listener_fd, self._on_notify)
+            self.cluster.notified = True
+            self.log("bus: LISTEN connection back")
+
+    def _cluster_tick(self) -> None:
+        """A process without AS/NMS (a TRS alone) keeps its heartbeat here."""
+        if self._stopping.is_set() or self.cluster is None:
+            return
+        now = time.time()
+        self.cluster.handle_timer(now)
+        t = self.cluster.get_timer()
+        self._cluster_timer = asyncio.get_running_loop().call_later(
+            max(0.0, (t if t is not None else now + 1.0) - now), self._cluster_tick)
 
     def _read_intake(self, sock: socket.socket) -> None:
         core, errors = self.core, self.errors
@@ -190,7 +283,9 @@ class CloudServer:
         if self.relay_server is not None:
             out["relay_socket_errors"] = dict(self.relay_server.errors)
         if self.core is not None:
-            out.update(self.core.stats())
+            out.update(self.core.stats(now))
+        elif self.cluster is not None:
+            out["cluster"] = self.cluster.status(now)
             if self.core.nms is not None:
                 out["registrations"] = self.core.nms.status(time.time())
         if self.relay is not None:
@@ -198,6 +293,7 @@ class CloudServer:
         return out
 
     def _write_stats_periodic(self) -> None:
+        self._keep_listening()
         path = stats_path(self.config)
         try:
             write_stats(path, self.stats())
@@ -231,17 +327,30 @@ class CloudServer:
         self._intakes.clear()
         if self.relay_server is not None:
             self.relay_server.close()
+        if self._cluster_timer is not None:
+            self._cluster_timer.cancel()
+        if self._listener_fd >= 0:
+            loop.remove_reader(self._listener_fd)
+            self._listener_fd = -1
+        if self._bus_listener is not None:
+            self._bus_listener.close()
         try:
             write_stats(stats_path(self.config), self.stats())
         except OSError:
             pass
+        if self.cluster is not None:
+            self.cluster.stop()       # heartbeat 0: the others see a clean stop at once
         self.store.close()
 
 
 def stats_path(config: CloudConfig) -> str:
-    """``stats.json`` for the default all-in-one process, ``stats-<services>.json`` otherwise,
+    """``stats-<instance_id>.json`` when the config names the instance; else ``stats.json`` for the
+    default all-in-one process and ``stats-<services>.json`` otherwise,
     so processes that share a state directory do not overwrite each other's counters."""
     services = sorted(config.services)
+    if config.instance_id:   # several instances may share a state directory
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in config.instance_id)
+        return os.path.join(config.state_dir, f"stats-{safe}.json")
     name = "stats.json" if services == ["as", "nms", "trs"] else f"stats-{'-'.join(services)}.json"
     return os.path.join(config.state_dir, name)
 

@@ -45,15 +45,17 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from ..errors import CyphonicError
+from .store_runtime import (SQLITE_STEP_2, InstanceRecord, RegistrationRecord, _RuntimeMemory,
+                            _RuntimeSql)
 
 __all__ = [
     "SCHEMA_VERSION", "TOKEN_REASONS",
     "StoreError", "ConflictError", "NotFoundError", "TokenError",
-    "TokenRecord", "Identity", "Store", "SQLiteStore", "MemoryStore",
+    "TokenRecord", "Identity", "InstanceRecord", "RegistrationRecord", "Store", "SQLiteStore", "MemoryStore",
     "pending_migrations", "is_postgres_url", "open_store",
 ]
 
-SCHEMA_VERSION = 1                 # PRAGMA user_version of the database this code writes
+SCHEMA_VERSION = 2                 # PRAGMA user_version of the database this code writes
 APPLICATION_ID = 0x43595048        # PRAGMA application_id, "CYPH": refuse other programs' databases
 BUSY_TIMEOUT_S = 5.0               # wait this long for another process's write lock
 STATIC_KEY_BYTES = 32              # X25519 public key
@@ -161,6 +163,21 @@ class Store(Protocol):
 
     def get_policy(self) -> dict | None: ...
     def set_policy(self, policy: dict) -> None: ...
+
+    # What instances share at run time (``store_runtime``, schema version 2).
+    def join_instance(self, instance_id: str, *, services, signaling, relay, host: str, pid: int,
+                      now: float) -> InstanceRecord: ...
+    def heartbeat_instance(self, instance_id: str, now: float) -> None: ...
+    def leave_instance(self, instance_id: str) -> None: ...
+    def forget_instance(self, instance_id: str) -> None: ...
+    def list_instances(self) -> list[InstanceRecord]: ...
+    def put_registration(self, rec: RegistrationRecord) -> None: ...
+    def get_registration(self, static_public: bytes) -> RegistrationRecord | None: ...
+    def drop_registration(self, static_public: bytes, instance_id: str) -> None: ...
+    def list_registrations(self) -> list[RegistrationRecord]: ...
+    def count_registrations(self) -> dict[str, int]: ...
+    def bus_send(self, target: str, payload: bytes, now: float) -> None: ...
+    def bus_receive(self, target: str, limit: int = ...) -> list[bytes]: ...
 
     def close(self) -> None: ...
 
@@ -429,6 +446,7 @@ _SCHEMA = (
 # a later change appends a step and raises SCHEMA_VERSION, never edits an older step.
 _SQLITE_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (1, _SCHEMA),
+    (2, SQLITE_STEP_2),          # the runtime tables of several instances (store_runtime)
 )
 
 _TOKEN_COLS = "token_id, secret_hash, name, groups, reusable, expires_at, created_at, used_at, uses"
@@ -457,7 +475,7 @@ def _rollback(db: sqlite3.Connection) -> None:
 
 # --- The SQL both engines share -------------------------------------------------
 
-class _SqlStore:
+class _SqlStore(_RuntimeSql):
     """The store's SQL, written once for both engines (``SQLiteStore``, ``PostgresStore``).
 
     Statements use sqlite3's ``?`` placeholders; ``_q`` turns them into the
@@ -900,7 +918,7 @@ def _check_certificate(ident: Identity | None, static_public: bytes, serial: int
 
 # --- Memory --------------------------------------------------------------------
 
-class MemoryStore:
+class MemoryStore(_RuntimeMemory):
     """The store in dicts: the same behaviour as ``SQLiteStore``, gone at exit."""
 
     def __init__(self) -> None:
@@ -914,6 +932,7 @@ class MemoryStore:
         self._issued: dict[int, tuple[bytes, float]] = {}   # serial -> (static key, not_after)
         self._revoked: set[int] = set()
         self._policy: str | None = None
+        self._runtime_init()
 
     def __repr__(self) -> str:
         return "MemoryStore()"

@@ -14,7 +14,9 @@ both), on a server that several cloud processes and hosts can share:
 - A serialization failure or deadlock (CockroachDB runs SERIALIZABLE and asks
   clients to retry) is retried a few times, then reported as ``StoreError``.
 - A lost or unreachable server is a ``StoreError`` within ``connect_timeout``
-  / ``statement_timeout``, never a hang; the next call reconnects.
+  / ``statement_timeout``, never a hang; the next call reconnects. A
+  connection that died while the store was idle (a server restart) is found
+  at BEGIN and replaced once, so the first call after a restart works.
 - The schema version lives in ``meta`` under ``schema_version``; migration
   steps are ordered (``_PG_MIGRATIONS``) and applied under an advisory lock.
 
@@ -37,11 +39,13 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
     raise ImportError("the PostgreSQL store needs psycopg: pip install 'cyphonic[cloud]'") from _e
 
 from .store import SCHEMA_VERSION, ConflictError, StoreError, _SqlStore, pending_migrations
+from .store_runtime import BUS_CHANNEL, POSTGRES_STEP_2
 
 __all__ = ["PostgresStore", "CONNECT_TIMEOUT_S", "STATEMENT_TIMEOUT_S"]
 
 CONNECT_TIMEOUT_S = 5              # give up connecting after this long
 STATEMENT_TIMEOUT_S = 10.0         # one statement (a wait for the write lock included)
+TCP_USER_TIMEOUT_MS = 15000        # a server that stops acknowledging (not just idle) is given up on
 RETRY_ATTEMPTS = 5                 # serialization failures and deadlocks retried this often
 MIGRATION_LOCK_KEY = 0x43595048    # pg_advisory_xact_lock key, "CYPH"
 
@@ -91,10 +95,13 @@ _SCHEMA = (
 # Ordered steps, as for SQLite: append a step, raise SCHEMA_VERSION, never edit an old step.
 _PG_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (1, _SCHEMA),
+    (2, POSTGRES_STEP_2),        # the runtime tables of several instances (store_runtime)
 )
 assert _PG_MIGRATIONS[-1][0] == SCHEMA_VERSION
 
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+# The server ended the session (shut down, crashed, restarting): the connection is gone.
+_SERVER_GONE = (pg_errors.AdminShutdown, pg_errors.CrashShutdown, pg_errors.CannotConnectNow)
 
 
 def describe_url(url: str) -> str:
@@ -128,7 +135,9 @@ class PostgresStore(_SqlStore):
         self._lock = threading.RLock()
         self._db: psycopg.Connection | None = None
         self._closed = False
+        self._notify: bool | None = None
         self._migrate(upgrade)
+        self.notify_supported    # asked once, outside any other transaction
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.where!r})"
@@ -147,7 +156,8 @@ class PostgresStore(_SqlStore):
                 self.url, connect_timeout=self._connect_timeout_s,
                 options=f"-c statement_timeout={self._statement_timeout_ms}",
                 application_name="cyphonic-cloud",
-                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
+                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                tcp_user_timeout=TCP_USER_TIMEOUT_MS)
         except psycopg.Error as e:
             raise StoreError(f"{self.where}: cannot connect to the database: "
                              f"{str(e).strip()}") from e
@@ -168,9 +178,9 @@ class PostgresStore(_SqlStore):
     def _txn(self, *, write: bool) -> Iterator[psycopg.Cursor]:
         """One transaction; a write one holds the write lock from its first statement."""
         with self._lock:
-            db = self._conn()
             try:
-                with db.transaction():
+                with contextlib.ExitStack() as stack:
+                    db = self._begin(stack)
                     cur = db.cursor()
                     if write:
                         cur.execute("SELECT value FROM counters WHERE name = 'write_lock' "
@@ -186,6 +196,27 @@ class PostgresStore(_SqlStore):
             except psycopg.Error as e:
                 raise StoreError(f"{self.where}: {_first_line(e)}") from e
 
+    def _begin(self, stack: contextlib.ExitStack) -> psycopg.Connection:
+        """A connection with a transaction begun on it (ended by ``stack``).
+
+        A connection that died while the store was idle (the server restarted
+        or crashed, a proxy or firewall dropped it) is found by the BEGIN,
+        before anything of the caller's ran on it: it is replaced once, so the
+        first call after a database restart works. A connection lost later
+        (COMMIT included, whose outcome is then unknown) is never retried.
+        """
+        db = self._conn()
+        try:
+            stack.enter_context(db.transaction())
+        except psycopg.OperationalError as e:
+            if not (db.closed or isinstance(e, _SERVER_GONE)):
+                raise
+            with contextlib.suppress(Exception):
+                db.close()
+            db = self._conn()              # a new connection, or StoreError "cannot connect"
+            stack.enter_context(db.transaction())
+        return db
+
     def _write(self, body):
         """Run ``body(cur)`` in a write transaction, retrying what the server asks to retry."""
         for attempt in range(RETRY_ATTEMPTS):
@@ -200,6 +231,35 @@ class PostgresStore(_SqlStore):
     def _read(self, body):
         with self._txn(write=False) as cur:
             return body(cur)
+
+    def _write_runtime(self, body):
+        """A write to the runtime tables (store_runtime): one-key upserts and deletes that need
+        no write lock, so registrations and the bus never wait behind an enrollment."""
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                with self._txn(write=False) as cur:
+                    return body(cur)
+            except StoreError as e:
+                if not isinstance(e.__cause__, _RETRYABLE) or attempt == RETRY_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _after_bus_send(self, cur, target: str) -> None:
+        if self.notify_supported:
+            cur.execute("SELECT pg_notify(%s, %s)", (BUS_CHANNEL, target))   # delivered at commit
+
+    @property
+    def notify_supported(self) -> bool:
+        """PostgreSQL has LISTEN/NOTIFY; CockroachDB does not (its instances poll the bus)."""
+        if self._notify is None:
+            version = self._read(lambda cur: cur.execute("SELECT version()").fetchone()[0])
+            self._notify = "cockroachdb" not in str(version).lower()
+        return self._notify
+
+    def bus_listener(self) -> "BusListener":
+        """A connection of its own that LISTENs on the bus channel (for the I/O edge: watch
+        ``fileno()``, then ``drain()`` says whether a message came for anyone)."""
+        return BusListener(self)
 
     def _migrate(self, upgrade: bool) -> None:
         """Create or upgrade the schema, one process at a time (advisory lock)."""
@@ -249,6 +309,64 @@ class PostgresStore(_SqlStore):
                 with contextlib.suppress(Exception):
                     self._db.close()
                 self._db = None
+
+
+class BusListener:
+    """LISTEN on the bus channel on a separate autocommit connection. ``drain()`` never raises:
+    a lost connection makes it report True (read the bus now, in case) and reconnect on the next
+    ``reconnect()``; the edge polls meanwhile."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.conn: psycopg.Connection | None = None
+        self.error = ""
+        self.reconnect()
+
+    def reconnect(self) -> bool:
+        self.close()
+        if not self.store.notify_supported:
+            self.error = "the server has no LISTEN/NOTIFY (CockroachDB)"
+            return False
+        try:
+            self.conn = psycopg.connect(self.store.url, autocommit=True,
+                                        connect_timeout=self.store._connect_timeout_s,
+                                        application_name="cyphonic-cloud-bus",
+                                        keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                                        keepalives_count=3, tcp_user_timeout=TCP_USER_TIMEOUT_MS)
+            self.conn.execute(f"LISTEN {BUS_CHANNEL}")
+            self.error = ""
+            return True
+        except psycopg.Error as e:
+            self.conn = None
+            self.error = _first_line(e)
+            return False
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed and not self.conn.broken
+
+    def fileno(self) -> int:
+        return self.conn.pgconn.socket if self.conn is not None else -1
+
+    def drain(self) -> bool:
+        """Take every pending notification; True if any (or if the connection broke)."""
+        if self.conn is None:
+            return True
+        try:
+            got = False
+            for _ in self.conn.notifies(timeout=0):
+                got = True
+            return got
+        except psycopg.Error as e:
+            self.error = _first_line(e)
+            self.close()
+            return True
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
 
 
 def _first_line(e: BaseException) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 import tomllib
 from dataclasses import dataclass, fields
 
@@ -20,9 +22,13 @@ EXAMPLE = """\
 
 # The cloud: address of the Authentication + Node Management services, and its key
 # (printed by `cyphonic-cloud init`). Both are required.
+# Several cloud instances: a list, ["198.51.100.1:47101", "198.51.100.2:47101"], or one
+# "host:port" whose name has several A/AAAA records. The node uses one at a time, probes it
+# every 2 s, and moves to the next within seconds when it goes silent.
 cloud = "198.51.100.1:47101"
 cloud_key = "cyk1:<CA public key hex>:<signaling public key hex>"
-# A separate Node Management Service, if it runs apart from the AS ("" = same as cloud).
+# A separate Node Management Service, if it runs apart from the AS ("" = same as cloud);
+# only with a single cloud address.
 cloud_nms = ""
 
 # Enrollment token from `cyphonic-cloud enroll NAME`: used once, at the first start.
@@ -108,6 +114,123 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, p
 
 
+# --- the cloud's addresses: one, a list, or a name with several records -------------------------
+
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def is_dns_name(host: str) -> bool:
+    """A host name (RFC 1123 labels), not an IP address gone wrong (the last label is not all
+    digits: 10.0.0.300 is a bad address, not a name)."""
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    return 0 < len(name) <= 253 and all(_LABEL_RE.match(x) for x in labels) and not labels[-1].isdigit()
+
+
+def parse_cloud_entry(text: str, what: str) -> tuple[str, int]:
+    """One cloud address: ``host:port``, the host an IP address ([v6] in brackets) or a DNS name."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    ok = False
+    try:
+        p = int(port)
+        if sep and host and 0 < p < 65536:
+            try:
+                ipaddress.ip_address(host)
+                ok = True
+            except ValueError:
+                ok = not bracketed and is_dns_name(host)
+    except ValueError:
+        pass
+    if not ok:
+        raise NodeConfigError(f"{what}: expected host:port (e.g. 192.0.2.1:47101, [2001:db8::1]:47101 or "
+                              f"cloud.example.net:47101), not {text!r}")
+    return host, p
+
+
+def parse_cloud_addresses(value, what: str = "cloud") -> tuple[tuple[str, int], ...]:
+    """The cloud's instances as configured: one ``host:port``, a comma-separated string of them,
+    or a list of them; in order, none twice. Names are not resolved here (``resolve_cloud``)."""
+    if isinstance(value, str):
+        items = [(what, x) for x in value.split(",")] if value.strip() else []
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{what}[{i}]", x) for i, x in enumerate(value)]
+    else:
+        raise NodeConfigError(f"{what}: must be a string or a list of strings, not {type(value).__name__}")
+    if not items:
+        raise NodeConfigError(f"{what}: no address (give host:port, or a list of them)")
+    out: list[tuple[str, int]] = []
+    for where, item in items:
+        if not isinstance(item, str):
+            raise NodeConfigError(f"{where}: must be a string (host:port), not {type(item).__name__}")
+        if not item.strip():
+            raise NodeConfigError(f"{where}: empty entry in {value!r}" if isinstance(value, str)
+                                  else f"{where}: empty")
+        addr = parse_cloud_entry(item, where)
+        if addr in out:
+            raise NodeConfigError(f"{where}: {item.strip()} is listed twice")
+        out.append(addr)
+    return tuple(out)
+
+
+def cloud_text(value) -> str:
+    """A TOML list of addresses as the one string the config keeps (``a, b``)."""
+    return ", ".join(x.strip() for x in value) if isinstance(value, list) else value
+
+
+def check_cloud_keys(doc: dict, fail) -> dict:
+    """``cloud`` may be a TOML list of strings: checked here (``fail("cloud[1]", why)``), and
+    kept as one comma-separated string, so that ``typed_values`` sees a string."""
+    value = doc.get("cloud")
+    if not isinstance(value, list):
+        return doc
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise fail(f"cloud[{i}]", f"must be a string (host:port), not {type(item).__name__}")
+    if not value:
+        raise fail("cloud", "empty list (give at least one host:port)")
+    try:
+        parse_cloud_addresses(value, "cloud")      # here, so that errors name the entry (cloud[1])
+    except NodeConfigError as exc:
+        raise fail(*str(exc).split(": ", 1)) from None
+    return {**doc, "cloud": cloud_text(value)}
+
+
+def check_cloud_nms(addrs: tuple, cloud_nms: str, fail) -> None:
+    if cloud_nms and len(addrs) > 1:
+        raise fail("cloud_nms", f"only with a single cloud address (cloud lists {len(addrs)}); "
+                                "several instances each serve AS and NMS: leave cloud_nms empty")
+
+
+def resolve_cloud(addrs, *, what: str = "cloud", single: bool = False,
+                  getaddrinfo=socket.getaddrinfo) -> tuple[tuple[str, int], ...]:
+    """The edge's step, once at start (blocking: call it from a thread): each DNS name becomes
+    one instance per A/AAAA record, in the resolver's order; addresses stay as they are; none
+    twice. ``single``: a split AS/NMS setup (cloud_nms), where a name must give one address."""
+    out: list[tuple[str, int]] = []
+    for host, port in addrs:
+        try:
+            ipaddress.ip_address(host)
+            found = [(host, port)]
+        except ValueError:
+            try:
+                infos = getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except (OSError, UnicodeError) as exc:
+                raise NodeConfigError(f"{what}: cannot resolve {host}: {exc}") from None
+            found = [(str(info[4][0]), port) for info in infos]
+            if not found:
+                raise NodeConfigError(f"{what}: {host} has no address")
+        for a in found:
+            if a not in out:
+                out.append(a)
+    if single and len(out) > 1:
+        raise NodeConfigError(f"{what}: resolves to {len(out)} addresses, but cloud_nms needs a single "
+                              "cloud address")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     cloud: str
@@ -130,8 +253,14 @@ class NodeConfig:
     metrics_file: str
 
     @property
+    def cloud_addrs(self) -> tuple[tuple[str, int], ...]:
+        """Every cloud instance as configured (names not resolved: ``resolve_cloud``)."""
+        return parse_cloud_addresses(self.cloud, "cloud")
+
+    @property
     def cloud_addr(self) -> tuple[str, int]:
-        return parse_hostport(self.cloud, "cloud")
+        """The first cloud instance (callers from before there were several)."""
+        return self.cloud_addrs[0]
 
     @property
     def nms_addr(self) -> tuple[str, int] | None:
@@ -146,7 +275,7 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
     def fail(key: str, what: str) -> NodeConfigError:
         return NodeConfigError(f"{source}: {key}: {what}")
 
-    values = typed_values(doc, DEFAULTS, fail)
+    values = typed_values(check_cloud_keys(doc, fail), DEFAULTS, fail)
     for key in ("state_dir", "token_file", "status_socket", "metrics_file"):
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.normpath(os.path.join(base_dir, values[key]))
@@ -156,10 +285,11 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
         raise fail("cloud_key", "required (printed by `cyphonic-cloud init`)")
     cfg = NodeConfig(**values)
     try:
-        cfg.cloud_addr, cfg.nms_addr, cfg.dns_addr
+        cfg.cloud_addrs, cfg.nms_addr, cfg.dns_addr
         parse_cloud_key(cfg.cloud_key)
     except CyphonicError as exc:
         raise NodeConfigError(f"{source}: {exc}") from None
+    check_cloud_nms(cfg.cloud_addrs, cfg.cloud_nms, fail)
     if not 0 <= cfg.port < 65536:
         raise fail("port", "must be 0..65535")
     if not 576 <= cfg.mtu <= 65000:

@@ -45,7 +45,7 @@ from ..udp import steered_udp_sockets
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
-from .config import NodeConfig, parse_hostport
+from .config import NodeConfig, NodeConfigError, parse_hostport, resolve_cloud
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
 from .engine_host import EngineHost, ptr_name
 from .identity import load_identity, save_certificate
@@ -90,6 +90,7 @@ class NodeDaemon:
         self.path: PacketPath | None = None
         self.addr_monitor: AddressMonitor | None = None
         self._addr_changed = asyncio.Event()
+        self._resolving = False            # the cloud's names are being resolved again
 
     # --- logging and persistence -------------------------------------------------------
 
@@ -162,7 +163,12 @@ class NodeDaemon:
         token = self._token()
         if not self.identity.certificate and not token:
             self.log("not enrolled: set `token` (from `cyphonic-cloud enroll NAME`) in the config")
-        self.engine = NodeEngine(self.identity, self.ca_public, self.cloud_static, cfg.cloud_addr,
+        # The cloud's names resolved once, here (each A/AAAA record is an instance), again only
+        # when every instance failed a whole round (_on_event).
+        instances = await self._resolve_cloud_at_start()
+        if len(instances) > 1:
+            self.log("cloud instances: " + ", ".join(sg.address_text(a) for a in instances))
+        self.engine = NodeEngine(self.identity, self.ca_public, self.cloud_static, list(instances),
                                  token=token, name_hint=cfg.name, nms_addr=cfg.nms_addr,
                                  local_endpoints=self._endpoints())
         self.host = EngineHost(self.engine, self.socks, deliver=self._deliver, on_event=self._on_event,
@@ -345,6 +351,10 @@ class NodeDaemon:
             if e.code in sg.FATAL_LOGIN_CODES:
                 self.exit_code = FATAL_EXIT
                 self._stop.set()
+        elif isinstance(e, sg.InstanceMoved):
+            self.log(str(e) + (" (every instance silent: backing off)" if e.round_failed else ""))
+            if e.round_failed:
+                asyncio.get_running_loop().create_task(self._resolve_cloud_again())
         elif isinstance(e, Resolved):
             self.asked_by_vip[e.fqdn] = self.asked_by_vip.pop(e.asked, e.vip4)
         elif isinstance(e, TunnelUp):
@@ -356,6 +366,40 @@ class NodeDaemon:
             vip = self.asked_by_vip.pop(e.fqdn, None)
             if vip is not None:
                 self.drops["vip_queue_failed"] += len(self.vip_queue.pop(vip, ()))
+
+    async def _resolve_cloud_at_start(self):
+        """The cloud's names, resolved before the engine starts. A name that does not resolve
+        yet (booting before the network or the DNS server is up) is tried again, every 1 s
+        doubling to 30 s, with a log line each time; never a crash loop."""
+        wait = 1.0
+        while True:
+            try:
+                return await asyncio.to_thread(resolve_cloud, self.cfg.cloud_addrs, single=bool(self.cfg.cloud_nms))
+            except NodeConfigError as exc:
+                if "cloud_nms" in str(exc):
+                    raise                          # a configuration mistake: retrying cannot help
+                self.log(f"{exc}; trying again in {wait:.0f} s")
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
+
+    async def _resolve_cloud_again(self) -> None:
+        """Every cloud instance failed a whole round: if the config names the cloud by DNS, its
+        records may have changed. A failure keeps the list we have."""
+        names = [a for a in self.cfg.cloud_addrs if not _is_address(a[0])]
+        if not names or self._resolving or self.engine is None:
+            return
+        self._resolving = True
+        try:
+            instances = await asyncio.to_thread(resolve_cloud, self.cfg.cloud_addrs, single=bool(self.cfg.cloud_nms))
+            if instances != self.engine.signaling.instances:
+                self.log("cloud instances now: " + ", ".join(sg.address_text(a) for a in instances))
+                self.engine.signaling.set_instances(instances, time.time())
+                self.flush()
+        except Exception as exc:  # noqa: BLE001 - DNS trouble keeps the instances we have
+            self.errors["cloud_resolve"] += 1
+            self.log(f"cannot resolve the cloud again: {exc}")
+        finally:
+            self._resolving = False
 
     def _setup_tun(self, vip4: str, prefix_len: int) -> None:
         loop = asyncio.get_running_loop()
@@ -481,6 +525,14 @@ class NodeDaemon:
                           "idle_cpus": round(self.path.idle_cpus, 2) if self.path else None,
                           "handler_errors": dict(self.selector.handler_errors) if self.selector else {}},
         }
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _resolv_conf_upstream(own_host: str) -> tuple[str, int] | None:

@@ -4,7 +4,9 @@
 ``<tmp>/cyphonic-pg-XXXX`` and starts the server listening only on a Unix
 socket in that directory (no TCP port). As root it runs the server as the
 ``postgres`` system user (``initdb`` refuses root). ``stop()`` stops it
-with ``pg_ctl stop -m immediate`` and removes the directory.
+with ``pg_ctl stop -m immediate`` and removes the directory;
+``stop_server()`` and ``start_server()`` stop and start it on the same data
+directory (a database restart under a running store).
 
 A run that crashed leaves its directory behind; the next ``start()`` removes
 every ``cyphonic-pg-*`` directory whose owning test process (``owner.pid``)
@@ -105,13 +107,28 @@ class PostgresServer:
         try:
             self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                        "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
-            opts = (f"-k {self.dir} -c listen_addresses='' -c fsync=off "
-                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60")
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts,
-                       "-l", str(self.dir / "server.log"), "-w", "-t", "60", "start"])
+            self.start_server()
         except BaseException:
             self.stop()
             raise
+
+    def start_server(self) -> None:
+        """Start the server on the existing data directory (after ``stop_server``)."""
+        assert self.dir is not None
+        opts = (f"-k {self.dir} -c listen_addresses='' -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60")
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts,
+                   "-l", str(self.dir / "server.log"), "-w", "-t", "60", "start"])
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data directory, so ``start_server`` brings it back.
+
+        ``fast`` ends every session (as ``systemctl restart postgresql`` does);
+        ``immediate`` is a crash without a checkpoint (recovery at the next start).
+        """
+        assert self.dir is not None and mode in ("fast", "immediate")
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode,
+                   "-w", "-t", "30", "stop"], timeout=40)
 
     def url(self, dbname: str = "postgres") -> str:
         assert self.dir is not None

@@ -188,7 +188,8 @@ class SignalingClient:
 
     def __init__(self, identity: StaticIdentity, cloud_static: bytes, as_addr, nms_addr=None, *,
                  token: bytes = b"", name_hint: str = "", software: str = "cyphonic/0.1",
-                 local_endpoints: tuple[sig.Endpoint, ...] = (), rng: random.Random | None = None) -> None:
+                 local_endpoints: tuple[sig.Endpoint, ...] = (), rng: random.Random | None = None,
+                 spread: bool = True) -> None:
         self.identity = identity
         self.cloud_static = cloud_static
         self.instances = instance_list(as_addr)
@@ -197,8 +198,11 @@ class SignalingClient:
         if nms_addr is not None and len(self.instances) > 1:
             raise LocalProtocolError("a separate NMS address needs a single cloud address")
         self._split_nms = nms_addr is not None
-        self._index = 0                             # the instance in use
-        self.as_addr = self.instances[0]
+        # The instance to start at: with several, one picked by our key, so that nodes given
+        # the same list spread over the instances (``spread=False``: the first listed).
+        self._spread = spread
+        self._index = self._first_index()           # the instance in use
+        self.as_addr = self.instances[self._index]
         self.nms_addr = nms_addr or self.as_addr
         self._hops = 0                              # instances found silent since the link was last ready
         self._announced_lost = False                # CloudLost emitted for this outage
@@ -237,6 +241,11 @@ class SignalingClient:
 
     def owns(self, addr) -> bool:
         return addr in self.channels
+
+    def _first_index(self) -> int:
+        if not self._spread or len(self.instances) < 2:
+            return 0
+        return int.from_bytes(self.identity.public[:4], "big") % len(self.instances)
 
     @property
     def several(self) -> bool:
@@ -517,7 +526,7 @@ class SignalingClient:
     def set_instances(self, addrs, now: float) -> None:
         """The cloud's addresses changed (the edge resolved its name again, after a whole
         round failed). The instance in use stays if it is still listed; otherwise the next try
-        goes to the first one listed."""
+        goes to the one our key picks (or the first listed, without spreading)."""
         new = instance_list(list(addrs))
         if not new or new == self.instances:
             return
@@ -531,10 +540,10 @@ class SignalingClient:
         if ch is not None and not self._split_nms:
             ch.close()
         was_ready = self.state == State.READY
-        self._index = 0
-        self.as_addr = new[0]
+        self._index = self._first_index()
+        self.as_addr = new[self._index]
         if not self._split_nms:
-            self.nms_addr = new[0]
+            self.nms_addr = self.as_addr
         self._requests.clear()
         for peer in self._route_requests.values():
             self._emit(RouteFailed(peer, E.PEER_UNREACHABLE, "the cloud's addresses changed"))

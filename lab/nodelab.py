@@ -76,7 +76,8 @@ class Overlay:
             time.sleep(poll)
         raise AssertionError(f"{needle!r} not in {path} after {timeout}s:\n{self._read(path)[-3000:]}")
 
-    def add_node(self, name: str, host, *, group: str = "default", cloud: list | None = None) -> dict:
+    def add_node(self, name: str, host, *, group: str = "default", cloud: list | None = None,
+                 extra: dict | None = None) -> dict:
         token = self.cli("enroll", name, "--group", group).strip()
         if cloud is None:
             addr = self.cloud_host.addr4 if host.addr4 else f"[{self.cloud_host.addr6}]"
@@ -88,6 +89,7 @@ class Overlay:
             "dns_listen": "127.0.0.1:53", "dns_upstream": "none",
             "status_socket": os.path.join(self.dir, f"{name}.sock"),
             "metrics_file": os.path.join(self.dir, "metrics", f"{name}.prom"),   # not the host's /run
+            **(extra or {}),
         }
         path = os.path.join(self.dir, f"{name}.toml")
         with open(path, "w") as f:
@@ -201,6 +203,6 @@ class ClusterOverlay(Overlay):
             i = order.index(first)
             order = order[i:] + order[:i]
         cloud = [self.address(n, v6=not host.addr4) for n in order]
-        node = super().add_node(name, host, group=group, cloud=cloud)
+        node = super().add_node(name, host, group=group, cloud=cloud, extra={"cloud_order": "listed"})
         node["first"] = order[0]
         return node

@@ -49,7 +49,7 @@ class Cluster:
         c = sg.SignalingClient(StaticIdentity.generate(), self.keys.signaling.public,
                                list(self.clouds) if instances is None else instances, token=token,
                                name_hint=name, local_endpoints=(sig.Endpoint(*addr),),
-                               rng=random.Random(len(self.nodes)))
+                               rng=random.Random(len(self.nodes)), spread=False)
         self.nodes[name], self.addrs[name], self.events[name] = c, addr, []
         return c
 
@@ -303,3 +303,15 @@ def test_tunnels_survive_a_move():
     for e in after:
         eng._on_signaling(e, net.now)
     assert eng.device is device and renewed == [a.identity]     # same device: the new certificate only
+
+
+def test_nodes_given_the_same_list_spread_over_the_instances_by_their_key():
+    keys = make_keys()
+    starts = {sg.SignalingClient(StaticIdentity.generate(), keys.signaling.public, list(INSTANCES)).as_addr
+              for _ in range(60)}
+    assert starts == set(INSTANCES)                 # 60 keys over 3 instances: each gets some
+    ident = StaticIdentity.generate()
+    again = {sg.SignalingClient(ident, keys.signaling.public, list(INSTANCES)).as_addr for _ in range(5)}
+    assert len(again) == 1                          # the same key starts at the same one every time
+    listed = sg.SignalingClient(ident, keys.signaling.public, list(INSTANCES), spread=False)
+    assert listed.as_addr == INSTANCES[0]

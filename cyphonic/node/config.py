@@ -27,6 +27,9 @@ EXAMPLE = """\
 # every 2 s, and moves to the next within seconds when it goes silent.
 cloud = "198.51.100.1:47101"
 cloud_key = "cyk1:<CA public key hex>:<signaling public key hex>"
+# With several instances, which one to start at: "spread" picks one by this node's key (nodes
+# given the same list spread over the instances), "listed" the first listed.
+cloud_order = "spread"
 # A separate Node Management Service, if it runs apart from the AS ("" = same as cloud);
 # only with a single cloud address.
 cloud_nms = ""
@@ -70,7 +73,7 @@ busy_poll_us = 500
 """
 
 DEFAULTS = {
-    "cloud": "", "cloud_key": "", "cloud_nms": "", "token": "", "token_file": "", "name": "",
+    "cloud": "", "cloud_key": "", "cloud_nms": "", "cloud_order": "spread", "token": "", "token_file": "", "name": "",
     "state_dir": "/var/lib/cyphonic-node", "port": 47100, "listen4": "0.0.0.0", "listen6": "::",
     "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "dns_listen": "127.0.0.53:53", "dns_upstream": "",
     "dns_hold_s": 8.0, "status_socket": "/run/cyphonic/node.sock", "busy_poll_us": BUSY_POLL_US_DEFAULT,
@@ -236,6 +239,7 @@ class NodeConfig:
     cloud: str
     cloud_key: str
     cloud_nms: str
+    cloud_order: str
     token: str
     token_file: str
     name: str
@@ -290,6 +294,8 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
     except CyphonicError as exc:
         raise NodeConfigError(f"{source}: {exc}") from None
     check_cloud_nms(cfg.cloud_addrs, cfg.cloud_nms, fail)
+    if cfg.cloud_order not in ("spread", "listed"):
+        raise fail("cloud_order", f'must be "spread" or "listed", not {cfg.cloud_order!r}')
     if not 0 <= cfg.port < 65536:
         raise fail("port", "must be 0..65535")
     if not 576 <= cfg.mtu <= 65000:

@@ -170,7 +170,7 @@ class NodeDaemon:
             self.log("cloud instances: " + ", ".join(sg.address_text(a) for a in instances))
         self.engine = NodeEngine(self.identity, self.ca_public, self.cloud_static, list(instances),
                                  token=token, name_hint=cfg.name, nms_addr=cfg.nms_addr,
-                                 local_endpoints=self._endpoints())
+                                 local_endpoints=self._endpoints(), spread=cfg.cloud_order == "spread")
         self.host = EngineHost(self.engine, self.socks, deliver=self._deliver, on_event=self._on_event,
                                log=self.log, health=self.health, after_round=self._dns_flush,
                                records_path=os.path.join(cfg.state_dir, "peers.json"))

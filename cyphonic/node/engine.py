@@ -95,12 +95,12 @@ def endpoint_tuple(e: sig.Endpoint) -> tuple:
 class NodeEngine:
     def __init__(self, identity: StaticIdentity, ca_public: bytes, cloud_static: bytes, cloud_addr, *,
                  token: bytes = b"", name_hint: str = "", local_endpoints=(), nms_addr=None,
-                 rng: random.Random | None = None, local_vip4s=None) -> None:
+                 rng: random.Random | None = None, local_vip4s=None, spread: bool = True) -> None:
         self.rng = rng or random.SystemRandom()
         self.ca_public = ca_public
         self.signaling = sg.SignalingClient(identity, cloud_static, cloud_addr, nms_addr, token=token,
                                             name_hint=name_hint, local_endpoints=tuple(local_endpoints),
-                                            rng=self.rng)
+                                            rng=self.rng, spread=spread)
         self.trust = TrustStore.of(ca_public)
         self.device: Device | None = None
         self._local_vip4s = local_vip4s

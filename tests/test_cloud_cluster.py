@@ -323,3 +323,24 @@ def test_instances_see_each_other_live_and_dead():
     net.cores["i2"].cluster.stop()
     cl._refresh(net.now)
     assert not cl.alive("i2", net.now)            # a clean stop is seen at once (heartbeat 0)
+
+
+def test_a_node_that_moves_while_its_old_instance_lives_is_forgotten_there():
+    net = ClusterNet()
+    net.node("a", ("192.0.2.1", 1000), "i1")
+    b = net.node("b", ("192.0.2.2", 2000), "i2")
+    # b moves to i3 (as its failover does when i2 is unreachable for it, though i2 lives on)
+    net.nodes["b"] = sg.SignalingClient(b.identity, net.keys.signaling.public, ADDR["i3"],
+                                        local_endpoints=b.local_endpoints, rng=random.Random(9))
+    net.nodes["b"].start(net.now)
+    net.pump()
+    assert net.nodes["b"].state == sg.State.READY
+    assert b.identity.public not in net.cores["i2"].nms.registrations
+    assert net.cores["i2"].nms.counters["registrations_moved_away"] == 1
+    a = net.nodes["a"]                             # a moves to i2, where b's stale entry was
+    net.nodes["a"] = sg.SignalingClient(a.identity, net.keys.signaling.public, ADDR["i2"],
+                                        local_endpoints=a.local_endpoints, rng=random.Random(8))
+    net.nodes["a"].start(net.now)
+    net.pump()
+    pushed, evs = net.route("a", "b")              # i2 finds b at i3 now, not in its stale table
+    assert ready_route(evs).route_type == RT.DIRECT and pushed is not None

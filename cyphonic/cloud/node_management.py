@@ -454,6 +454,12 @@ class NodeManagementService:
         if self.cluster is None:
             return
         try:
+            before = self.store.get_registration(reg.static)
+            if before is not None and before.instance_id != self.cluster.instance_id and \
+                    self.cluster.alive(before.instance_id, now):
+                # It was registered at another live instance (it moved here while that one was
+                # unreachable for it): that instance must not answer for it from a stale entry.
+                self.cluster.send(before.instance_id, wire_bus.Kind.MOVED, 0, reg.static, None, now)
             self.store.put_registration(RegistrationRecord(
                 reg.static, self.cluster.instance_id, _ep_text(reg.observed),
                 tuple(_ep_text(e) for e in reg.local), reg.nat, reg.certificate, now))
@@ -551,6 +557,11 @@ class NodeManagementService:
                     self._answered(entry[0], m.msg, now)
             elif m.kind == wire_bus.Kind.FORWARD:
                 self._owner_answers(m, sender, now)
+            elif m.kind == wire_bus.Kind.MOVED:
+                gone = self.registrations.pop(m.static, None)
+                if gone is not None:
+                    self.counters["registrations_moved_away"] += 1
+                    self.log(f"node={gone.identity.fqdn} registered at another instance now")
             elif m.kind == wire_bus.Kind.FORWARD_RESULT:
                 inc = self._forwarded.pop(m.key, None)
                 if inc is not None and m.msg is not None:

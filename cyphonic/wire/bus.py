@@ -19,6 +19,7 @@ Kinds:
                     (no session here, or timed out)
     FORWARD         "the node sent me this about a route you own; answer it"
     FORWARD_RESULT  the owner's answer for the node; nothing: no answer
+    MOVED           "the node registered with me now": forget its registration (nothing after)
 
 The database is trusted (every instance holds the CA key anyway), so there is no
 MAC; the decoder still refuses anything malformed with ``ParseError`` and never
@@ -48,6 +49,7 @@ class Kind(enum.IntEnum):
     PUSH_RESULT = 2
     FORWARD = 3
     FORWARD_RESULT = 4
+    MOVED = 5
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from collections import Counter
 
 from cyphonic import events as ev
 from cyphonic import signaling as sg
-from cyphonic.driver import run_until_signalled
+from cyphonic.driver import patiently, run_until_signalled
 from cyphonic.health import Health, LoadWatch, Warning
 from cyphonic.metrics_file import MetricsFile
 from cyphonic.node.engine import TunnelUp
@@ -103,17 +103,8 @@ class Adapter:
         """A cloud name that does not resolve yet (the appliance booted before the network or its
         DNS server) is tried again, every 1 s doubling to 30 s, with a log line each: no crash loop."""
         from .config import AdapterConfigError
-        wait = 1.0
-        while True:
-            try:
-                await asyncio.to_thread(self.signaling.resolve)
-                return
-            except AdapterConfigError as exc:
-                if "cloud_nms" in str(exc):
-                    raise                          # a configuration mistake: retrying cannot help
-                self.log(f"{exc}; trying again in {wait:.0f} s")
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 30.0)
+        await patiently(self.signaling.resolve, retry_on=AdapterConfigError, log=self.log,
+                        final=lambda exc: "cloud_nms" in str(exc))
 
     async def start(self) -> None:
         cfg = self.cfg

@@ -34,7 +34,7 @@ from cyphonic import signaling as sg
 from cyphonic.cloud.keys import parse_cloud_key
 from cyphonic.handshake import StaticIdentity
 from cyphonic.health import Health
-from cyphonic.node.config import NodeConfigError, resolve_cloud
+from cyphonic.node.config import NodeConfigError, is_address, resolve_cloud
 from cyphonic.node.engine import NodeEngine
 from cyphonic.node.engine_host import EngineHost
 from cyphonic.stream_ids import StreamIds
@@ -100,7 +100,7 @@ class Signaling:
 
     @property
     def has_names(self) -> bool:
-        return any(not _is_address(host) for host, _ in self.cfg.cloud_addrs)
+        return any(not is_address(host) for host, _ in self.cfg.cloud_addrs)
 
     def resolve_again(self) -> bool:
         """Every instance failed a whole round on some link: resolve the names again (blocking:
@@ -171,12 +171,3 @@ class Signaling:
     @staticmethod
     def state(link: Link) -> str:
         return link.engine.signaling.state.value
-
-
-def _is_address(host: str) -> bool:
-    import ipaddress
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

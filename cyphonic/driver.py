@@ -7,6 +7,8 @@ next deadline. What runs it is the same everywhere, so it is written once, here:
   deadline and re-arms only when it moved; ``poke()`` is for edges whose fast path moves
   deadlines behind the core's back (keepalives, rekey checks): it fires a deadline that has
   passed, else re-arms.
+- ``patiently``: run a blocking call in a thread until it stops failing (a cloud name that
+  does not resolve yet at boot), waiting 1 s doubling to 30 s, one log line per failure.
 - ``CoreDriver``: a datagram core (``receive_datagram``, ``datagrams_to_send``,
   ``next_event``, ``get_timer``, ``handle_timer``): feed it, then ``flush()`` sends what came
   out, hands events to ``on_event`` and goes round again, since a handler may make the core
@@ -231,3 +233,20 @@ async def run_until_signalled(start: Callable[[], object], close: Callable[[], o
     finally:
         if inspect.isawaitable(closed := close()):
             await closed
+
+
+async def patiently(call: Callable[[], object], *, retry_on: type[BaseException], log: Callable[[str], None],
+                    final: Callable[[BaseException], bool] = lambda exc: False,
+                    first_s: float = 1.0, max_s: float = 30.0):
+    """``call()`` in a thread until it returns; a ``retry_on`` failure is logged and tried again
+    after ``first_s`` doubling to ``max_s``, unless ``final(exc)`` says retrying cannot help."""
+    wait = first_s
+    while True:
+        try:
+            return await asyncio.to_thread(call)
+        except retry_on as exc:
+            if final(exc):
+                raise
+            log(f"{exc}; trying again in {wait:.0f} s")
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max_s)

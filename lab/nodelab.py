@@ -133,6 +133,21 @@ class Overlay:
         return None
 
 
+def ping_background(lab, host, target: str, seconds: float, interval: float = 0.05) -> subprocess.Popen:
+    """A stock ping running in the background, its stdout piped (for ``ping_result``)."""
+    return lab.spawn(host, ["ping", "-n", "-D", "-c", str(int(seconds / interval)), "-i", str(interval),
+                            "-W", "1", target], stdout=subprocess.PIPE)
+
+
+def ping_result(p: subprocess.Popen) -> tuple[int, int, float]:
+    """(sent, received, the longest gap between two answers in seconds) of a finished ping."""
+    out = p.communicate(timeout=120)[0].decode(errors="replace")
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+    gap = max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
+    return (int(m.group(1)), int(m.group(2)), gap) if m else (0, 0, 0.0)
+
+
 class ClusterOverlay(Overlay):
     """Several cloud instances (AS+NMS) and relays (TRS alone), each on its own lab host, on one
     PostgreSQL database (issue 13; docs/cloud.md, "Several instances"). They share the state

@@ -156,8 +156,9 @@ def test_a_cloud_name_that_does_not_resolve_yet_is_tried_again_not_a_crash(monke
     async def no_sleep(s):
         waits.append(s)
 
+    from cyphonic import driver
     monkeypatch.setattr(d, "resolve_cloud", flaky)
-    monkeypatch.setattr(d.asyncio, "sleep", no_sleep)
+    monkeypatch.setattr(driver.asyncio, "sleep", no_sleep)
     nd = d.NodeDaemon.__new__(d.NodeDaemon)
     nd.cfg = type("C", (), {"cloud_addrs": (("cloud.example", 47101),), "cloud_nms": ""})()
     nd.log = logs.append

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import time
 
 import pytest
 
 from lab import Lab
-from lab.nodelab import DOMAIN, ClusterOverlay
+from lab.nodelab import DOMAIN, ClusterOverlay, ping_background, ping_result
 
 pytestmark = pytest.mark.root
 
@@ -104,22 +102,6 @@ def test_every_route_type_between_nodes_at_different_instances(lab, tmp_path, pg
     assert rows["t1"]["services"] == ["trs"] and rows["t1"]["state"] == "alive"
 
 
-def ping_bg(ov, name, target, seconds, interval=0.05):
-    """A ping running in the background; ``finish`` returns (sent, received, the longest gap in s)."""
-    count = int(seconds / interval)
-    return ov.lab.spawn(ov.nodes[name]["host"], ["ping", "-n", "-D", "-c", str(count), "-i", str(interval),
-                                                  "-W", "1", target], stdout=subprocess.PIPE)
-
-
-def finish(p) -> tuple[int, int, float]:
-    out, _ = p.communicate(timeout=120)
-    out = out.decode() if isinstance(out, bytes) else out
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
-    gap = max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
-    return (int(m.group(1)), int(m.group(2)), gap) if m else (0, 0, 0.0)
-
-
 def test_kill_9_of_an_instance_and_of_a_relay_during_traffic(lab, tmp_path, pg_url, capsys):
     inet, ov = cluster(lab, tmp_path, pg_url)
     hosts = {"a": lab.host("a", inet, v6=False), "b": lab.host("b", inet, v6=False),
@@ -134,7 +116,7 @@ def test_kill_9_of_an_instance_and_of_a_relay_during_traffic(lab, tmp_path, pg_u
 
     # 1. kill -9 the instance a uses, while a pings b: the tunnel does not notice; a moves; a new
     #    route selection through a works again within MOVE_WITHIN_S.
-    direct = ping_bg(ov, "a", vips["b"], seconds=8)
+    direct = ping_background(lab, hosts["a"], vips["b"], seconds=8)
     time.sleep(1.0)
     ov.kill("c1")
     killed = time.monotonic()
@@ -146,15 +128,15 @@ def test_kill_9_of_an_instance_and_of_a_relay_during_traffic(lab, tmp_path, pg_u
     wait_until(new_route, 15, "a new route from a after its instance died")
     route_again_s = time.monotonic() - killed
     moved_to = instance_of(ov, "a")
-    sent, got, gap = finish(direct)
+    sent, got, gap = ping_result(direct)
 
     # 2. kill -9 the relay b <-> six uses, while b pings six: the relayed traffic moves within 5 s
     relay_ep = next(t["endpoint"] for t in ov.status("b")["tunnels"] if t["peer"] == f"six.{DOMAIN}")
     used = next(n for n, h in ov.relay_hosts.items() if h.addr4 in relay_ep or (h.addr6 and h.addr6 in relay_ep))
-    relayed = ping_bg(ov, "b", vips["six"], seconds=10, interval=0.05)
+    relayed = ping_background(lab, hosts["b"], vips["six"], seconds=10)
     time.sleep(1.0)
     ov.kill(used)
-    rsent, rgot, rgap = finish(relayed)
+    rsent, rgot, rgap = ping_result(relayed)
     relay_now = next(t["endpoint"] for t in ov.status("b")["tunnels"] if t["peer"] == f"six.{DOMAIN}")
 
     with capsys.disabled():
@@ -183,7 +165,7 @@ def test_a_postgresql_restart_during_traffic(lab, tmp_path, pg_server, pg_url, c
         ov.add_node(name, hosts[name], first=first)
     vips = {n: ov.wait_ready(n)["identity"]["vip4"] for n in hosts}
     assert ov.resolve("a", f"b.{DOMAIN}") == vips["b"]
-    traffic = ping_bg(ov, "a", vips["b"], seconds=8)
+    traffic = ping_background(lab, hosts["a"], vips["b"], seconds=8)
     time.sleep(1.0)
     pg_server.stop_server("fast")
     down = time.monotonic()
@@ -199,7 +181,7 @@ def test_a_postgresql_restart_during_traffic(lab, tmp_path, pg_server, pg_url, c
     up_after_s = time.monotonic() - down
     wait_until(lambda: ov.resolve("a", f"c.{DOMAIN}") == vips["c"], 15, "a new route after the restart")
     back_s = time.monotonic() - down - up_after_s
-    sent, got, gap = finish(traffic)
+    sent, got, gap = ping_result(traffic)
     logs = "".join(open(ov.log_of(n)).read() for n in ("c1", "c2", "c3"))
     with capsys.disabled():
         print(f"\nPostgreSQL down {up_after_s:.1f} s: pings a->b {got}/{sent}, longest gap {gap * 1000:.0f} ms; "

@@ -8,21 +8,13 @@ import sqlite3
 import pytest
 
 from cyphonic.cloud import store_runtime as rt
-from cyphonic.cloud.store import (SCHEMA_VERSION, MemoryStore, NotFoundError, RegistrationRecord, SQLiteStore,
+from cyphonic.cloud.store import (SCHEMA_VERSION, NotFoundError, RegistrationRecord, SQLiteStore,
                                   StoreError)
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "memory":
-        s = MemoryStore()
-    elif request.param == "sqlite":
-        s = SQLiteStore(tmp_path / "cloud.sqlite3")
-    else:
-        from cyphonic.cloud.store_postgres import PostgresStore
-        s = PostgresStore(request.getfixturevalue("pg_url"))
-    yield s
-    s.close()
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 def join(store, iid, now=100.0, services=("as", "nms")):

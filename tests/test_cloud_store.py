@@ -71,17 +71,9 @@ def enroll(store: Store, i: int, *, prefix: ipaddress.IPv4Network = NET24,
                                  "t1", now, prefix, reserved or set())
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "memory":
-        s = MemoryStore()
-    elif request.param == "sqlite":
-        s = SQLiteStore(tmp_path / "cloud.sqlite3")
-    else:
-        from cyphonic.cloud.store_postgres import PostgresStore
-        s = PostgresStore(request.getfixturevalue("pg_url"))
-    yield s
-    s.close()
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 def test_both_implement_the_protocol(store):

@@ -24,24 +24,15 @@ import time
 import pytest
 
 from cyphonic.cloud.store import StoreError, TokenError, TokenRecord
-from lab.postgres import PostgresServer
 
 UNREACHABLE = r"database unavailable|cannot connect to the database"
 GAP_CALL_LIMIT_S = 5.0     # a call while the server is down fails within this long
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    """A server for this module alone: its tests stop and start it."""
-    missing = PostgresServer.missing()
-    if missing:   # never skipped: `make setup` installs both (apt postgresql, psycopg)
-        pytest.fail(f"the PostgreSQL store tests need {missing}; run `make setup`")
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+@pytest.fixture
+def pg_server(own_pg_server):
+    """A server for this module alone (conftest): its tests stop and start it."""
+    return own_pg_server
 
 
 @pytest.fixture

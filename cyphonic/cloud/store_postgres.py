@@ -219,9 +219,12 @@ class PostgresStore(_SqlStore):
 
     def _write(self, body):
         """Run ``body(cur)`` in a write transaction, retrying what the server asks to retry."""
+        return self._retrying(body, lock=True)
+
+    def _retrying(self, body, *, lock: bool):
         for attempt in range(RETRY_ATTEMPTS):
             try:
-                with self._txn(write=True) as cur:
+                with self._txn(write=lock) as cur:
                     return body(cur)
             except StoreError as e:
                 if not isinstance(e.__cause__, _RETRYABLE) or attempt == RETRY_ATTEMPTS - 1:
@@ -235,14 +238,7 @@ class PostgresStore(_SqlStore):
     def _write_runtime(self, body):
         """A write to the runtime tables (store_runtime): one-key upserts and deletes that need
         no write lock, so registrations and the bus never wait behind an enrollment."""
-        for attempt in range(RETRY_ATTEMPTS):
-            try:
-                with self._txn(write=False) as cur:
-                    return body(cur)
-            except StoreError as e:
-                if not isinstance(e.__cause__, _RETRYABLE) or attempt == RETRY_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return self._retrying(body, lock=False)
 
     def _after_bus_send(self, cur, target: str) -> None:
         if self.notify_supported:

@@ -339,8 +339,8 @@ class _RuntimeMemory:
             return [m[3] for m in mine]
 
 
-# Statements of schema step 2, per engine.
-SQLITE_STEP_2 = (
+# Statements of schema step 2, written once; each engine fills in its own column types.
+_STEP_2 = (
     """CREATE TABLE IF NOT EXISTS instances (
         instance_id TEXT PRIMARY KEY,
         tag INTEGER NOT NULL UNIQUE,
@@ -348,50 +348,27 @@ SQLITE_STEP_2 = (
         signaling TEXT NOT NULL,
         relay TEXT NOT NULL,
         host TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        started REAL NOT NULL,
-        heartbeat REAL NOT NULL)""",
+        pid {INT64} NOT NULL,
+        started {REAL} NOT NULL,
+        heartbeat {REAL} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS registrations (
-        static_public BLOB PRIMARY KEY,
+        static_public {BLOB} PRIMARY KEY,
         instance_id TEXT NOT NULL,
         observed TEXT NOT NULL,
         local_endpoints TEXT NOT NULL,
-        nat INTEGER NOT NULL,
-        certificate BLOB NOT NULL,
-        updated REAL NOT NULL)""",
+        nat {BOOL} NOT NULL,
+        certificate {BLOB} NOT NULL,
+        updated {REAL} NOT NULL)""",
     """CREATE INDEX IF NOT EXISTS registrations_by_instance ON registrations(instance_id)""",
     """CREATE TABLE IF NOT EXISTS bus (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        id {SERIAL_ID},
         target TEXT NOT NULL,
-        created REAL NOT NULL,
-        payload BLOB NOT NULL)""",
+        created {REAL} NOT NULL,
+        payload {BLOB} NOT NULL)""",
     """CREATE INDEX IF NOT EXISTS bus_by_target ON bus(target, id)""",
 )
 
-POSTGRES_STEP_2 = (
-    """CREATE TABLE IF NOT EXISTS instances (
-        instance_id TEXT PRIMARY KEY,
-        tag INTEGER NOT NULL UNIQUE,
-        services TEXT NOT NULL,
-        signaling TEXT NOT NULL,
-        relay TEXT NOT NULL,
-        host TEXT NOT NULL,
-        pid BIGINT NOT NULL,
-        started DOUBLE PRECISION NOT NULL,
-        heartbeat DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS registrations (
-        static_public BYTEA PRIMARY KEY,
-        instance_id TEXT NOT NULL,
-        observed TEXT NOT NULL,
-        local_endpoints TEXT NOT NULL,
-        nat BOOLEAN NOT NULL,
-        certificate BYTEA NOT NULL,
-        updated DOUBLE PRECISION NOT NULL)""",
-    """CREATE INDEX IF NOT EXISTS registrations_by_instance ON registrations(instance_id)""",
-    """CREATE TABLE IF NOT EXISTS bus (
-        id BIGSERIAL PRIMARY KEY,
-        target TEXT NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        payload BYTEA NOT NULL)""",
-    """CREATE INDEX IF NOT EXISTS bus_by_target ON bus(target, id)""",
-)
+SQLITE_STEP_2 = tuple(t.format(INT64="INTEGER", REAL="REAL", BLOB="BLOB", BOOL="INTEGER",
+                               SERIAL_ID="INTEGER PRIMARY KEY AUTOINCREMENT") for t in _STEP_2)
+POSTGRES_STEP_2 = tuple(t.format(INT64="BIGINT", REAL="DOUBLE PRECISION", BLOB="BYTEA", BOOL="BOOLEAN",
+                                 SERIAL_ID="BIGSERIAL PRIMARY KEY") for t in _STEP_2)

@@ -207,6 +207,15 @@ def check_cloud_nms(addrs: tuple, cloud_nms: str, fail) -> None:
                                 "several instances each serve AS and NMS: leave cloud_nms empty")
 
 
+def is_address(host: str) -> bool:
+    """An IP address, not a DNS name."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def resolve_cloud(addrs, *, what: str = "cloud", single: bool = False,
                   getaddrinfo=socket.getaddrinfo) -> tuple[tuple[str, int], ...]:
     """The edge's step, once at start (blocking: call it from a thread): each DNS name becomes

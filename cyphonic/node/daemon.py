@@ -35,7 +35,7 @@ from collections import Counter, OrderedDict, deque
 from .. import constants as C
 from .. import signaling as sg
 from ..atomic_file import write_json_atomic
-from ..driver import run_until_signalled
+from ..driver import patiently, run_until_signalled
 from ..cloud.keys import parse_cloud_key
 from ..health import Health, LoadWatch, Warning
 from ..metrics_file import MetricsFile
@@ -45,7 +45,7 @@ from ..udp import steered_udp_sockets
 from ..wire import cert as wire_cert
 from ..wire import signaling as sig
 from .addresses import AddressMonitor, host_addresses
-from .config import NodeConfig, NodeConfigError, parse_hostport, resolve_cloud
+from .config import NodeConfig, NodeConfigError, is_address, parse_hostport, resolve_cloud
 from .engine import NodeEngine, Resolved, TunnelFailed, TunnelUp
 from .engine_host import EngineHost, ptr_name
 from .identity import load_identity, save_certificate
@@ -370,22 +370,16 @@ class NodeDaemon:
     async def _resolve_cloud_at_start(self):
         """The cloud's names, resolved before the engine starts. A name that does not resolve
         yet (booting before the network or the DNS server is up) is tried again, every 1 s
-        doubling to 30 s, with a log line each time; never a crash loop."""
-        wait = 1.0
-        while True:
-            try:
-                return await asyncio.to_thread(resolve_cloud, self.cfg.cloud_addrs, single=bool(self.cfg.cloud_nms))
-            except NodeConfigError as exc:
-                if "cloud_nms" in str(exc):
-                    raise                          # a configuration mistake: retrying cannot help
-                self.log(f"{exc}; trying again in {wait:.0f} s")
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 30.0)
+        doubling to 30 s, with a log line each time; never a crash loop. A configuration
+        mistake (a name for cloud_nms with several addresses) is final."""
+        cfg = self.cfg
+        return await patiently(lambda: resolve_cloud(cfg.cloud_addrs, single=bool(cfg.cloud_nms)),
+                               retry_on=NodeConfigError, log=self.log, final=lambda exc: "cloud_nms" in str(exc))
 
     async def _resolve_cloud_again(self) -> None:
         """Every cloud instance failed a whole round: if the config names the cloud by DNS, its
         records may have changed. A failure keeps the list we have."""
-        names = [a for a in self.cfg.cloud_addrs if not _is_address(a[0])]
+        names = [a for a in self.cfg.cloud_addrs if not is_address(a[0])]
         if not names or self._resolving or self.engine is None:
             return
         self._resolving = True
@@ -525,14 +519,6 @@ class NodeDaemon:
                           "idle_cpus": round(self.path.idle_cpus, 2) if self.path else None,
                           "handler_errors": dict(self.selector.handler_errors) if self.selector else {}},
         }
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def _resolv_conf_upstream(own_host: str) -> tuple[str, int] | None:

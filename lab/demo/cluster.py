@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 
-from ..nodelab import DOMAIN, ClusterOverlay
+from ..nodelab import DOMAIN, ClusterOverlay, ping_background, ping_result
 from ..postgres import PostgresServer
 from ..topology import Lab
 
 PREFIX = "cyc"
-
-
-def _ping_bg(lab, host, target: str, seconds: float, interval: float = 0.05) -> subprocess.Popen:
-    return lab.spawn(host, ["ping", "-n", "-D", "-c", str(int(seconds / interval)), "-i", str(interval),
-                            "-W", "1", target], stdout=subprocess.PIPE)
-
-
-def _ping_result(p: subprocess.Popen) -> tuple[int, int, float]:
-    out = p.communicate(timeout=120)[0].decode(errors="replace")
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
-    gap = max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
-    return (int(m.group(1)), int(m.group(2)), gap) if m else (0, 0, 0.0)
 
 
 def _instance_of(ov: ClusterOverlay, name: str) -> str:
@@ -94,7 +79,7 @@ def run() -> int:
             print(f"  {got2}/{sent2} answered, path {ov.path('beta', 'six')}, {relay_before}")
 
             print("\n$ kill -9 c1   # alpha's instance, while alpha pings beta every 50 ms")
-            direct = _ping_bg(lab, hosts["alpha"], vips["beta"], seconds=6)
+            direct = ping_background(lab, hosts["alpha"], vips["beta"], seconds=6)
             time.sleep(1.0)
             ov.kill("c1")
             killed = time.monotonic()
@@ -105,17 +90,17 @@ def run() -> int:
                     route_s = time.monotonic() - killed
                     break
                 time.sleep(0.1)
-            s, g, gap = _ping_result(direct)
+            s, g, gap = ping_result(direct)
             print(f"  alpha -> beta during the kill: {g}/{s} answered, longest gap {gap * 1000:.0f} ms")
             print(f"  alpha now at instance {_instance_of(ov, 'alpha')}; a new route (alpha -> gamma) "
                   + (f"worked {route_s:.1f} s after the kill" if route_s is not None else "did NOT work"))
 
             used = next((n for n, h in rel.items() if h.addr4 and h.addr4 + ":" in relay_before), "t1")
             print(f"\n$ kill -9 {used}   # the relay beta <-> six uses, while beta pings six every 50 ms")
-            relayed = _ping_bg(lab, hosts["beta"], vips["six"], seconds=8)
+            relayed = ping_background(lab, hosts["beta"], vips["six"], seconds=8)
             time.sleep(1.0)
             ov.kill(used)
-            rs, rg, rgap = _ping_result(relayed)
+            rs, rg, rgap = ping_result(relayed)
             relay_after = next((t["endpoint"] for t in ov.status("beta")["tunnels"]
                                 if t["peer"] == f"six.{DOMAIN}"), "")
             print(f"  beta -> six: {rg}/{rs} answered, longest gap {rgap:.2f} s; now {relay_after}")

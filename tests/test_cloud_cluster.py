@@ -344,3 +344,25 @@ def test_a_node_that_moves_while_its_old_instance_lives_is_forgotten_there():
     net.pump()
     pushed, evs = net.route("a", "b")              # i2 finds b at i3 now, not in its stale table
     assert ready_route(evs).route_type == RT.DIRECT and pushed is not None
+
+
+def test_a_lone_instance_keeps_registrations_to_itself_and_shares_them_when_another_appears():
+    store, keys, now = MemoryStore(), make_keys(), T0
+    lone = Cluster(store, "i1", services=("as", "nms"))
+    lone.start(now)
+    core = CloudCore(store=store, keys=keys, domain=DOMAIN, prefix="100.64.0.0/24", rng=random.Random(1),
+                     cluster=lone)
+    net = ClusterNet.__new__(ClusterNet)
+    net.now, net.store, net.keys, net.cores, net.relays, net.dead = now, store, keys, {"i1": core}, {}, set()
+    net.nodes, net.addrs, net.home = {}, {}, {}
+    b = net.node("b", ("192.0.2.2", 2000), "i1")
+    assert store.count_registrations() == {}                 # alone: no write per registration
+    second = Cluster(store, "i2", services=("as", "nms"), notified=True)
+    second.start(net.now)
+    net.cores["i2"] = CloudCore(store=store, keys=keys, domain=DOMAIN, prefix="100.64.0.0/24",
+                                rng=random.Random(2), cluster=second)
+    net.advance(1.5)                                          # i1's next heartbeat sees i2
+    assert store.get_registration(b.identity.public).instance_id == "i1"
+    net.node("a", ("192.0.2.1", 1000), "i2")
+    pushed, evs = net.route("a", "b")
+    assert ready_route(evs).route_type == RT.DIRECT and pushed is not None

@@ -176,12 +176,18 @@ def nodes(ctx, as_json) -> None:
         fail(str(exc))
     finally:
         store.close()
-    rows = [{"name": i.name, "fqdn": i.fqdn, "vip4": i.vip4, "groups": list(i.groups), "revoked": i.revoked,
-             "serial": i.serial, "registered": i.static_public in regs,
-             "instance": regs[i.static_public].instance_id if i.static_public in regs else None,
-             "observed": regs[i.static_public].observed if i.static_public in regs else None,
-             "nat": regs[i.static_public].nat if i.static_public in regs else None}
-            for i in idents]
+    # An instance alone keeps its registrations to itself: its stats file has them
+    stats = _read_stats(cfg) or {}
+    here = {r["fqdn"]: r for r in stats.get("registrations", [])}
+    here_id = (stats.get("cluster") or {}).get("instance_id")
+    rows = []
+    for i in idents:
+        shared, local = regs.get(i.static_public), here.get(i.fqdn)
+        rows.append({"name": i.name, "fqdn": i.fqdn, "vip4": i.vip4, "groups": list(i.groups),
+                     "revoked": i.revoked, "serial": i.serial, "registered": bool(shared or local),
+                     "instance": shared.instance_id if shared else (here_id if local else None),
+                     "observed": shared.observed if shared else (local or {}).get("observed"),
+                     "nat": shared.nat if shared else (local or {}).get("nat")})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -216,6 +222,9 @@ def instances(ctx, as_json, forget) -> None:
         fail(str(exc))
     finally:
         store.close()
+    stats = _read_stats(cfg) or {}           # an instance alone keeps its registrations to itself
+    if (stats.get("cluster") or {}).get("instance_id") and "registrations" in stats:
+        counts.setdefault(stats["cluster"]["instance_id"], len(stats["registrations"]))
     rows = []
     for i in recs:
         state = "alive" if i.alive(now) else ("stopped" if i.heartbeat == 0 else "dead")

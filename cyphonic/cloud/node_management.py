@@ -148,6 +148,7 @@ class NodeManagementService:
         self._carried: OrderedDict[tuple[bytes, int], tuple[str, int]] = OrderedDict()
         self._forwarded: OrderedDict[int, Incoming] = OrderedDict()
         self.relayed: OrderedDict[int, Route] = OrderedDict()
+        self._shared = False      # registrations written to the store (other NMS instances alive)
         self.counters: Counter = Counter()
         self._next_sweep = 0.0
         self._policy_cache: dict | None = None
@@ -449,26 +450,35 @@ class NodeManagementService:
         tag = self.cluster.tag if self.cluster is not None else 0
         return (tag << ROUTE_TAG_SHIFT) | (self.rng.getrandbits(ROUTE_TAG_SHIFT) or 1)
 
+    def _record(self, reg: Registration, now: float) -> RegistrationRecord:
+        return RegistrationRecord(reg.static, self.cluster.instance_id, _ep_text(reg.observed),
+                                  tuple(_ep_text(e) for e in reg.local), reg.nat, reg.certificate, now)
+
     def _publish(self, reg: Registration, now: float) -> None:
-        """Write where the node is to the store, for the other instances (not on keepalives)."""
+        """Write where the node is to the store, for the other instances (not on keepalives).
+        An instance alone keeps its registrations to itself (no write per registration; what
+        one process on SQLite registers is bounded by it otherwise) and shares them all at once
+        when another NMS instance appears (``cluster_tick``)."""
         if self.cluster is None:
+            return
+        if not self._shared and not self.cluster.others_alive(now):
             return
         try:
             before = self.store.get_registration(reg.static)
+            if not self._shared:
+                self._share(True, now)           # all our rows, this one with them; then as usual
             if before is not None and before.instance_id != self.cluster.instance_id and \
                     self.cluster.alive(before.instance_id, now):
                 # It was registered at another live instance (it moved here while that one was
                 # unreachable for it): that instance must not answer for it from a stale entry.
                 self.cluster.send(before.instance_id, wire_bus.Kind.MOVED, 0, reg.static, None, now)
-            self.store.put_registration(RegistrationRecord(
-                reg.static, self.cluster.instance_id, _ep_text(reg.observed),
-                tuple(_ep_text(e) for e in reg.local), reg.nat, reg.certificate, now))
+            self.store.put_registration(self._record(reg, now))
         except StoreError as exc:
             self.counters["registrations_unpublished"] += 1
             self.log(f"registration of node={reg.identity.fqdn} not shared with other instances: {exc}")
 
     def unpublish(self, static: bytes) -> None:
-        if self.cluster is None:
+        if self.cluster is None or not self._shared:
             return
         try:
             self.store.drop_registration(static, self.cluster.instance_id)
@@ -606,11 +616,29 @@ class NodeManagementService:
         if m.msg.request_id and sender is not None and reply is not None:
             self.cluster.send(sender, wire_bus.Kind.FORWARD_RESULT, m.key, m.static, reply, now)
 
+    def _share(self, on: bool, now: float) -> None:
+        """Another NMS instance appeared (share every registration now, and each from now on),
+        or the last one went (stop; the rows are replaced when one appears again)."""
+        if not on:
+            self._shared = False
+            return
+        try:
+            self.store.replace_registrations(self.cluster.instance_id,
+                                             [self._record(r, now) for r in self.registrations.values()])
+        except StoreError as exc:
+            self.log(f"registrations not shared with the other instances yet: {exc}")
+            return
+        self._shared = True
+        self.log(f"another instance is alive: {len(self.registrations)} registration(s) shared")
+
     def cluster_tick(self, now: float) -> None:
         """After each cluster refresh: give up on PUSHes to instances that died, and move our
         relayed routes off relays that died (new session at a live TRS, pushed to both ends)."""
         if self.cluster is None:
             return
+        others = self.cluster.others_alive(now)
+        if others != self._shared:
+            self._share(others, now)
         for key, (route_id, _static, target) in list(self._pushed.items()):
             if not self.cluster.alive(target, now):
                 del self._pushed[key]

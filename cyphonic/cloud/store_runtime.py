@@ -184,15 +184,29 @@ class _RuntimeSql:
 
     # registrations
 
-    def put_registration(self, rec: RegistrationRecord) -> None:
-        rec = _check_registration(rec)
-        self._write_runtime(lambda cur: self._exec(
+    def _upsert_registration(self, cur: Any, rec: RegistrationRecord) -> None:
+        self._exec(  # type: ignore[attr-defined]
             cur, f"INSERT INTO registrations ({_REG_COLS}) VALUES (?,?,?,?,?,?,?) "
             "ON CONFLICT (static_public) DO UPDATE SET instance_id = excluded.instance_id, "
             "observed = excluded.observed, local_endpoints = excluded.local_endpoints, "
             "nat = excluded.nat, certificate = excluded.certificate, updated = excluded.updated",
             (rec.static_public, rec.instance_id, rec.observed, json.dumps(rec.local),
-             self._flag(rec.nat), bytes(rec.certificate), rec.updated)))  # type: ignore[attr-defined]
+             self._flag(rec.nat), bytes(rec.certificate), rec.updated))  # type: ignore[attr-defined]
+
+    def put_registration(self, rec: RegistrationRecord) -> None:
+        rec = _check_registration(rec)
+        self._write_runtime(lambda cur: self._upsert_registration(cur, rec))
+
+    def replace_registrations(self, instance_id: str, recs: list[RegistrationRecord]) -> None:
+        """All of this instance's rows at once, in one transaction (an instance that was alone
+        and kept them to itself shares them when another instance appears)."""
+        recs = [_check_registration(r) for r in recs]
+
+        def body(cur: Any) -> None:
+            self._exec(cur, "DELETE FROM registrations WHERE instance_id = ?", (instance_id,))  # type: ignore
+            for r in recs:
+                self._upsert_registration(cur, r)
+        self._write_runtime(body)
 
     def get_registration(self, static_public: bytes) -> RegistrationRecord | None:
         row = self._read(lambda cur: self._exec(  # type: ignore[attr-defined]
@@ -301,6 +315,13 @@ class _RuntimeMemory:
         rec = _check_registration(rec)
         with self._txn():  # type: ignore[attr-defined]
             self._registrations[rec.static_public] = rec
+
+    def replace_registrations(self, instance_id: str, recs: list[RegistrationRecord]) -> None:
+        recs = [_check_registration(r) for r in recs]
+        with self._txn():  # type: ignore[attr-defined]
+            self._registrations = {k: r for k, r in self._registrations.items() if r.instance_id != instance_id}
+            for r in recs:
+                self._registrations[r.static_public] = r
 
     def get_registration(self, static_public: bytes) -> RegistrationRecord | None:
         with self._txn():  # type: ignore[attr-defined]

@@ -316,6 +316,14 @@ def stats(ctx, as_json) -> None:
         return
     click.echo(f"pid {st['pid']}, services {', '.join(st['services'])}, up {time.time() - st['started']:.0f} s")
     click.echo(f"control sessions {st.get('sessions', 0)}, registered nodes {st.get('registered', 0)}")
+    cl = st.get("cluster")
+    if cl:
+        click.echo(f"instance {cl.get('instance_id')} (tag {cl.get('tag')}): alive {', '.join(cl.get('alive') or []) or '-'}; "
+                   f"dead {', '.join(cl.get('dead') or []) or '-'}; relays {', '.join(cl.get('relays') or []) or '-'}"
+                   + (f"; database: {cl['last_error']}" if cl.get("last_error") else ""))
+        for section in ("counters", "drops"):
+            if cl.get(section):
+                click.echo(f"cluster_{section}: " + ", ".join(f"{k}={v}" for k, v in sorted(cl[section].items())))
     for section in ("counters", "nms", "control", "control_drops", "relay", "socket_errors", "relay_socket_errors"):
         values = st.get(section)
         if values:

@@ -366,3 +366,25 @@ def test_a_lone_instance_keeps_registrations_to_itself_and_shares_them_when_anot
     net.node("a", ("192.0.2.1", 1000), "i2")
     pushed, evs = net.route("a", "b")
     assert ready_route(evs).route_type == RT.DIRECT and pushed is not None
+
+
+def test_the_timed_cache_reuses_for_its_ttl_keeps_no_misses_and_covers_a_store_outage():
+    from cyphonic.cloud.cache import TimedCache
+    from cyphonic.cloud.store import StoreError
+    c, calls = TimedCache(5.0, 2), []
+
+    def load(v):
+        def f():
+            calls.append(v)
+            if isinstance(v, Exception):
+                raise v
+            return v
+        return f
+    assert c.get("a", 0.0, load("A")) == "A" and c.get("a", 4.9, load("X")) == "A"
+    assert c.get("a", 5.0, load("B")) == "B"                       # expired: read again
+    assert c.get("n", 0.0, load(None)) is None and c.get("n", 0.1, load("N")) == "N"   # misses not kept
+    assert c.get("a", 20.0, load(StoreError("down"))) == "B"       # the store is away: the stale one
+    with pytest.raises(StoreError):
+        c.get("z", 20.0, load(StoreError("down")))                 # nothing known: the error
+    c.get("q", 21.0, load("Q"))
+    assert len(c) == 2                                             # bounded

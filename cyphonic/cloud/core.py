@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 
 from ..certs import TrustStore
 from ..control import ControlServer, Incoming, Reply, RequestTimedOut
 from ..wire import signaling as sig
 from . import constants as CC
 from .authentication import AuthenticationService
+from .cache import TimedCache
 from .cluster import Cluster
 from .keys import CloudKeys
 from .node_management import NodeManagementService
@@ -53,7 +54,7 @@ class CloudCore:
                                          log=self.log, rng=rng, cluster=cluster) if "nms" in services else None
         self._next_refresh = 0.0
         self._last_db_log = -1e9
-        self._identities: OrderedDict = OrderedDict()
+        self._identities = TimedCache(CC.IDENTITY_CACHE_S, CC.IDENTITY_CACHE_MAX)
 
     def log(self, line: str) -> None:
         self.logs.append(line)
@@ -179,23 +180,9 @@ class CloudCore:
             self.server.reply(inc, reply, now)
 
     def _identity(self, static: bytes, now: float):
-        """The node's identity, from a short-lived cache (the store is the truth; a revocation
-        reaches the cache within IDENTITY_CACHE_S)."""
-        hit = self._identities.get(static)
-        if hit is not None and now - hit[0] < CC.IDENTITY_CACHE_S:
-            return hit[1]
-        try:
-            identity = self.store.get_identity(static)
-        except StoreError:
-            if hit is not None:       # the database is away: keepalives go on from what we knew
-                return hit[1]
-            raise
-        if identity is not None:
-            self._identities[static] = (now, identity)
-            self._identities.move_to_end(static)
-            while len(self._identities) > CC.IDENTITY_CACHE_MAX:
-                self._identities.popitem(last=False)
-        return identity
+        """The node's identity, from a short-lived cache (``cache.TimedCache``: the store is the
+        truth; a revocation reaches the cache within IDENTITY_CACHE_S)."""
+        return self._identities.get(static, now, lambda: self.store.get_identity(static))
 
     def stats(self, now: float = 0.0) -> dict:
         out = {"counters": dict(self.counters), "control_drops": dict(self.server.drops),

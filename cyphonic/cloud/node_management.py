@@ -52,6 +52,7 @@ from ..wire import signaling as sig
 from . import constants as CC
 from . import policy as pol
 from ..wire import bus as wire_bus
+from .cache import TimedCache
 from .cluster import ROUTE_TAG_SHIFT, Cluster, route_owner
 from .relay_token import mint_token
 from .store import Identity, Store, StoreError
@@ -149,6 +150,7 @@ class NodeManagementService:
         self._forwarded: OrderedDict[int, Incoming] = OrderedDict()
         self.relayed: OrderedDict[int, Route] = OrderedDict()
         self._shared = False      # registrations written to the store (other NMS instances alive)
+        self._targets = TimedCache(CC.IDENTITY_CACHE_S, CC.IDENTITY_CACHE_MAX)   # route targets
         self.counters: Counter = Counter()
         self._next_sweep = 0.0
         self._policy_cache: dict | None = None
@@ -265,7 +267,12 @@ class NodeManagementService:
     def _route_request(self, inc: Incoming, a: Registration, now: float) -> sig.Message | None:
         fqdn = inc.msg.peer_fqdn
         vip = vip_from_ptr_name(fqdn)
-        target = self.store.get_identity_by_vip(vip) if vip else self.store.get_identity_by_fqdn(fqdn)
+        # Cached like the requester's own identity (a revocation applies within IDENTITY_CACHE_S,
+        # and the revoked serials are re-read every few seconds anyway): one query less per route.
+        if vip:
+            target = self._targets.get(("vip", vip), now, lambda: self.store.get_identity_by_vip(vip))
+        else:
+            target = self._targets.get(("fqdn", fqdn), now, lambda: self.store.get_identity_by_fqdn(fqdn))
         if target is None or target.revoked:
             self.counters["routes_unknown_peer"] += 1
             return sig.Error(code=E.UNKNOWN_PEER, text=f"no node {fqdn}")

@@ -1082,3 +1082,19 @@ def test_pg_backup_and_restore_with_pg_dump(pg_server, pg_url, tmp_path):
     assert s.schema_version_found == SCHEMA_VERSION
     _check_filled(s)
     s.close()
+
+
+def test_issue_serial_is_next_serial_and_set_certificate_in_one(store):
+    enroll(store, 1)
+    s1 = store.issue_serial(key(1), 1000.0)
+    s2 = store.issue_serial(key(1), 2000.0)
+    assert s2 == s1 + 1
+    ident = store.get_identity(key(1))
+    assert ident.serial == s2 and ident.cert_not_after == 2000.0
+    with pytest.raises(NotFoundError):
+        store.issue_serial(key(9), 1000.0)
+    store.revoke("n1", 3000.0)
+    with pytest.raises(StoreError):
+        store.issue_serial(key(1), 1000.0)
+    assert store.next_serial() == s2 + 1          # the refused calls consumed no serial
+    assert {s1, s2} <= store.revoked_serials()

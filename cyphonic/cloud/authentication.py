@@ -118,12 +118,11 @@ class AuthenticationService:
             how = "login"
         if identity.revoked:
             return refuse(sig.ErrorCode.REVOKED, "identity revoked", identity.fqdn)
-        serial = self.store.next_serial()
         not_after = int(now + self.cert_lifetime_s)
+        serial = self.store.issue_serial(peer_static, not_after)     # one transaction
         cert = self.ca.issue(serial=serial, fqdn=identity.fqdn, vip4=identity.vip4,
                              static_public=peer_static, not_before=int(now) - CC.CERT_BACKDATE_S,
                              not_after=not_after, groups=identity.groups)
-        self.store.set_certificate(peer_static, serial, not_after)
         encoded = cert.encode()
         reply = sig.LoginResponse(certificate=encoded, fqdn=identity.fqdn,
                                   vip4=ipaddress.IPv4Address(identity.vip4), vip6=None,

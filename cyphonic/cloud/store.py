@@ -157,6 +157,7 @@ class Store(Protocol):
 
     def next_serial(self) -> int: ...
     def set_certificate(self, static_public: bytes, serial: int, not_after: float) -> None: ...
+    def issue_serial(self, static_public: bytes, not_after: float) -> int: ...
 
     def revoke(self, name: str, now: float) -> Identity: ...
     def revoked_serials(self) -> set[int]: ...
@@ -657,13 +658,26 @@ class _SqlStore(_RuntimeSql):
 
     # serials and certificates
 
+    def _next_serial(self, cur: Any) -> int:
+        row = self._exec(cur, "SELECT value FROM counters WHERE name = 'serial'").fetchone()
+        highest = self._exec(cur, "SELECT MAX(serial) FROM issued_serials").fetchone()[0]
+        serial = max(row[0] if row else 0, highest or 0) + 1
+        self._exec(cur, "INSERT INTO counters (name, value) VALUES ('serial', ?) "
+                   "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (serial,))
+        return serial
+
     def next_serial(self) -> int:
+        return self._write(self._next_serial)
+
+    def issue_serial(self, static_public: bytes, not_after: float) -> int:
+        """``next_serial`` and ``set_certificate`` in one transaction (one commit per login):
+        the serial is recorded as the identity's before its certificate is signed."""
+        static_public = _check_static(static_public)
+        not_after = _check_time(not_after, "not_after")  # type: ignore[assignment]
+
         def body(cur: Any) -> int:
-            row = self._exec(cur, "SELECT value FROM counters WHERE name = 'serial'").fetchone()
-            highest = self._exec(cur, "SELECT MAX(serial) FROM issued_serials").fetchone()[0]
-            serial = max(row[0] if row else 0, highest or 0) + 1
-            self._exec(cur, "INSERT INTO counters (name, value) VALUES ('serial', ?) "
-                       "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (serial,))
+            serial = self._next_serial(cur)
+            self._set_certificate(cur, static_public, serial, not_after)
             return serial
         return self._write(body)
 
@@ -671,21 +685,21 @@ class _SqlStore(_RuntimeSql):
         static_public = _check_static(static_public)
         serial = _check_serial(serial)
         not_after = _check_time(not_after, "not_after")  # type: ignore[assignment]
+        self._write(lambda cur: self._set_certificate(cur, static_public, serial, not_after))
 
-        def body(cur: Any) -> None:
-            ident = self._identity_where(cur, "static_public", static_public)
-            row = self._exec(cur, "SELECT static_public FROM issued_serials WHERE serial = ?",
-                             (serial,)).fetchone()
-            revoked = self._exec(cur, "SELECT 1 FROM revoked_serials WHERE serial = ?",
-                                 (serial,)).fetchone() is not None
-            _check_certificate(ident, static_public, serial,
-                               None if row is None else bytes(row[0]), revoked)
-            self._exec(cur, "INSERT INTO issued_serials (serial, static_public, not_after) "
-                       "VALUES (?,?,?) ON CONFLICT (serial) DO UPDATE SET not_after = "
-                       "excluded.not_after", (serial, static_public, not_after))
-            self._exec(cur, "UPDATE identities SET serial = ?, cert_not_after = ? "
-                       "WHERE static_public = ?", (serial, not_after, static_public))
-        self._write(body)
+    def _set_certificate(self, cur: Any, static_public: bytes, serial: int, not_after: float) -> None:
+        ident = self._identity_where(cur, "static_public", static_public)
+        row = self._exec(cur, "SELECT static_public FROM issued_serials WHERE serial = ?",
+                         (serial,)).fetchone()
+        revoked = self._exec(cur, "SELECT 1 FROM revoked_serials WHERE serial = ?",
+                             (serial,)).fetchone() is not None
+        _check_certificate(ident, static_public, serial,
+                           None if row is None else bytes(row[0]), revoked)
+        self._exec(cur, "INSERT INTO issued_serials (serial, static_public, not_after) "
+                   "VALUES (?,?,?) ON CONFLICT (serial) DO UPDATE SET not_after = "
+                   "excluded.not_after", (serial, static_public, not_after))
+        self._exec(cur, "UPDATE identities SET serial = ?, cert_not_after = ? "
+                   "WHERE static_public = ?", (serial, not_after, static_public))
 
     # revocation
 
@@ -1062,6 +1076,16 @@ class MemoryStore(_RuntimeMemory):
         with self._txn():
             self._serial = max(self._serial, max(self._issued, default=0)) + 1
             return self._serial
+
+    def issue_serial(self, static_public: bytes, not_after: float) -> int:
+        static_public = _check_static(static_public)
+        not_after = _check_time(not_after, "not_after")  # type: ignore[assignment]
+        with self._txn():
+            ident = self._identities.get(static_public)
+            _check_certificate(ident, static_public, self._serial + 1, None, False)
+            serial = self.next_serial()
+            self.set_certificate(static_public, serial, not_after)
+            return serial
 
     def set_certificate(self, static_public: bytes, serial: int, not_after: float) -> None:
         static_public = _check_static(static_public)

@@ -388,3 +388,18 @@ def test_the_timed_cache_reuses_for_its_ttl_keeps_no_misses_and_covers_a_store_o
         c.get("z", 20.0, load(StoreError("down")))                 # nothing known: the error
     c.get("q", 21.0, load("Q"))
     assert len(c) == 2                                             # bounded
+
+
+def test_a_registration_that_changes_nothing_is_not_written_again():
+    net = ClusterNet()
+    b = net.node("b", ("192.0.2.2", 2000), "i2")
+    writes = []
+    put = net.store.put_registration
+    net.store.put_registration = lambda rec: (writes.append(rec), put(rec))[1]
+    for _ in range(3):
+        b._register(net.now)
+        net.pump()
+    assert writes == []                                  # the same as the row says
+    b.set_local_endpoints((sig.Endpoint("192.0.2.2", 2000), sig.Endpoint("10.9.9.9", 2000)), net.now)
+    net.pump()
+    assert len(writes) == 1 and writes[0].local == ("192.0.2.2:2000", "10.9.9.9:2000")

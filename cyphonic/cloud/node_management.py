@@ -151,6 +151,7 @@ class NodeManagementService:
         self.relayed: OrderedDict[int, Route] = OrderedDict()
         self._shared = False      # registrations written to the store (other NMS instances alive)
         self._targets = TimedCache(CC.IDENTITY_CACHE_S, CC.IDENTITY_CACHE_MAX)   # route targets
+        self._written: dict[bytes, tuple] = {}    # what our row in the store says, per node
         self.counters: Counter = Counter()
         self._next_sweep = 0.0
         self._policy_cache: dict | None = None
@@ -207,6 +208,7 @@ class NodeManagementService:
         old = self.registrations.pop(inc.peer_static, None)
         if old is None and len(self.registrations) >= CC.MAX_REGISTRATIONS:
             _, evicted = self.registrations.popitem(last=False)
+            self.unpublish(evicted.static)
             self.counters["registrations_evicted"] += 1
             self.log(f"registration evicted node={evicted.identity.fqdn} (table full)")
         reg = Registration(identity, inc.peer_static, inc.certificate, observed, local, nat,
@@ -470,6 +472,10 @@ class NodeManagementService:
             return
         if not self._shared and not self.cluster.others_alive(now):
             return
+        record = self._record(reg, now)
+        same = (record.observed, record.local, record.nat, record.certificate)
+        if self._shared and self._written.get(reg.static) == same:
+            return     # the row says this already (a move elsewhere would have told us: MOVED)
         try:
             before = self.store.get_registration(reg.static)
             if not self._shared:
@@ -479,12 +485,14 @@ class NodeManagementService:
                 # It was registered at another live instance (it moved here while that one was
                 # unreachable for it): that instance must not answer for it from a stale entry.
                 self.cluster.send(before.instance_id, wire_bus.Kind.MOVED, 0, reg.static, None, now)
-            self.store.put_registration(self._record(reg, now))
+            self.store.put_registration(record)
+            self._written[reg.static] = same
         except StoreError as exc:
             self.counters["registrations_unpublished"] += 1
             self.log(f"registration of node={reg.identity.fqdn} not shared with other instances: {exc}")
 
     def unpublish(self, static: bytes) -> None:
+        self._written.pop(static, None)
         if self.cluster is None or not self._shared:
             return
         try:
@@ -575,6 +583,7 @@ class NodeManagementService:
             elif m.kind == wire_bus.Kind.FORWARD:
                 self._owner_answers(m, sender, now)
             elif m.kind == wire_bus.Kind.MOVED:
+                self._written.pop(m.static, None)
                 gone = self.registrations.pop(m.static, None)
                 if gone is not None:
                     self.counters["registrations_moved_away"] += 1
@@ -626,6 +635,7 @@ class NodeManagementService:
     def _share(self, on: bool, now: float) -> None:
         """Another NMS instance appeared (share every registration now, and each from now on),
         or the last one went (stop; the rows are replaced when one appears again)."""
+        self._written.clear()
         if not on:
             self._shared = False
             return

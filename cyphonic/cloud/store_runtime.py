@@ -236,11 +236,11 @@ class _RuntimeSql:
         from .store import StoreError
 
         def body(cur: Any) -> None:
-            queued = self._exec(cur, "SELECT COUNT(*) FROM bus WHERE target = ?", (target,)).fetchone()[0]
-            if queued >= BUS_MAX_QUEUED:
-                raise StoreError(f"bus to instance {target!r} is full ({queued} messages unread)")
-            self._exec(cur, "INSERT INTO bus (target, created, payload) VALUES (?,?,?)",
-                       (target, now, bytes(payload)))
+            # The bound, in the statement that inserts (one round trip, not two)
+            if self._exec(cur, "INSERT INTO bus (target, created, payload) SELECT ?, ?, ? "
+                          "WHERE (SELECT COUNT(*) FROM bus WHERE target = ?) < ?",
+                          (target, now, bytes(payload), target, BUS_MAX_QUEUED)).rowcount == 0:
+                raise StoreError(f"bus to instance {target!r} is full ({BUS_MAX_QUEUED} messages unread)")
             self._after_bus_send(cur, target)
         self._write_runtime(body)
 

@@ -210,6 +210,12 @@ class _Base(Outbox):
             self._emit(Reply(msg, pending.msg, peer.peer_static))
             return
         if rid:
+            if self._ours(rid):
+                # An answer to a request of ours that is no longer pending (answered already: a
+                # resent request was answered twice; or given up). Never an Incoming: answering
+                # it would be answered in turn, a duplicate each way, for ever.
+                self.counters["late_answers"] += 1
+                return
             if rid in peer.answered:
                 cached = peer.answered[rid]
                 self.counters["duplicate_requests"] += 1
@@ -279,6 +285,10 @@ class _Base(Outbox):
 
 class ControlClient(_Base):
     """The node's side: one control session to the cloud at ``cloud_addr``."""
+
+    @staticmethod
+    def _ours(rid: int) -> bool:
+        return rid < C.SERVER_REQUEST_ID_BASE      # our request ids; the cloud's are above
 
     # Set by the owner (the signaling client, while it waits for a silent cloud to come back):
     # an unanswered initiation is resent at least this often, each wait drawn from
@@ -474,6 +484,10 @@ class ControlClient(_Base):
 
 class ControlServer(_Base):
     """The cloud's side: a control session per node, keyed by the node's static key."""
+
+    @staticmethod
+    def _ours(rid: int) -> bool:
+        return rid >= C.SERVER_REQUEST_ID_BASE     # our request ids; the nodes' are below
 
     def __init__(self, identity: hs.StaticIdentity, *, rng: random.Random | None = None,
                  max_peers: int = C.MAX_CONTROL_PEERS,

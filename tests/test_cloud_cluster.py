@@ -361,7 +361,7 @@ def test_a_lone_instance_keeps_registrations_to_itself_and_shares_them_when_anot
     second.start(net.now)
     net.cores["i2"] = CloudCore(store=store, keys=keys, domain=DOMAIN, prefix="100.64.0.0/24",
                                 rng=random.Random(2), cluster=second)
-    net.advance(1.5)                                          # i1's next heartbeat sees i2
+    net.pump()                                                # i2's HELLO: i1 shares at once
     assert store.get_registration(b.identity.public).instance_id == "i1"
     net.node("a", ("192.0.2.1", 1000), "i2")
     pushed, evs = net.route("a", "b")

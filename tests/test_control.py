@@ -316,3 +316,34 @@ def test_a_request_that_timed_out_waiting_for_a_session_is_not_sent_later():
     asked = [e.msg.peer_fqdn for e in net.events(net.server) if isinstance(e, ctl.Incoming)
              and isinstance(e.msg, sig.RouteRequest)]
     assert asked == ["new.example"]
+
+
+def test_an_answer_that_comes_twice_is_not_taken_for_a_request_both_ways():
+    """A request resent early is answered twice; the second answer finds nothing pending. Taken
+    for a new request it would be answered with an Error, which the other side would answer from
+    its cache, and so on for ever (a core's worth of CPU per pair). Both sides drop it, counted."""
+    net = Net()
+    msg = net.client.request(sig.Keepalive(), net.now)
+    net.pump()
+    inc = [e for e in net.events(net.server) if isinstance(e, ctl.Incoming)][0]
+    # the node resends the same request before the answer arrives: the cloud sees it twice
+    net.server.reply(inc, sig.KeepaliveAck(observed=sig.Endpoint(*NODE)), net.now)
+    net.server.reply(inc, sig.KeepaliveAck(observed=sig.Endpoint(*NODE)), net.now)   # a second answer
+    net.pump()
+    assert [type(e) for e in net.events(net.client) if not isinstance(e, ctl.Connected)] == [ctl.Reply]
+    assert net.client.counters["late_answers"] == 1
+    before = len(net.sent)
+    net.advance(5.0)
+    assert len(net.sent) - before <= 2, net.sent[before:]      # no ping-pong (keepalive-free: nothing)
+    # the same from the cloud's side: a node answering a cloud request twice
+    req = net.server.request(net.node_id.public, sig.TunnelRequest(
+        route_id=5, initiator_fqdn="a.example", initiator_vip4=ipaddress.IPv4Address("100.64.0.1"),
+        initiator_certificate=b"c", initiator_endpoints=(), route_type=sig.RouteType.DIRECT), net.now)
+    net.pump()
+    inc = [e for e in net.events(net.client) if isinstance(e, ctl.Incoming)][0]
+    for _ in range(2):
+        net.client.reply(inc, sig.TunnelResponse(route_id=5, accepted=True, code=None), net.now)
+    net.pump()
+    assert [type(e) for e in net.events(net.server)] == [ctl.Reply]
+    assert net.server.counters["late_answers"] == 1 and req.request_id >= C.SERVER_REQUEST_ID_BASE
+    assert msg.request_id < C.SERVER_REQUEST_ID_BASE

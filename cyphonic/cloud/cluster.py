@@ -82,6 +82,12 @@ class Cluster:
         self._joined = True
         self._next_beat = now + INSTANCE_HEARTBEAT_S
         self._refresh(now)
+        if "nms" in self.services:
+            # The NMS instances alive learn of us at once (not at their next heartbeat): one
+            # that was alone starts sharing its registrations before our first route request.
+            for other in self.instances.values():
+                if other.instance_id != self.instance_id and "nms" in other.services and other.alive(now):
+                    self.send(other.instance_id, wire_bus.Kind.HELLO, 0, bytes(32), None, now)
 
     def stop(self) -> None:
         if self._joined:

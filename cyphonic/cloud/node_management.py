@@ -582,6 +582,10 @@ class NodeManagementService:
                     self._answered(entry[0], m.msg, now)
             elif m.kind == wire_bus.Kind.FORWARD:
                 self._owner_answers(m, sender, now)
+            elif m.kind == wire_bus.Kind.HELLO:
+                self.cluster._refresh_quietly(now)
+                if not self._shared and self.cluster.others_alive(now):
+                    self._share(True, now)
             elif m.kind == wire_bus.Kind.MOVED:
                 self._written.pop(m.static, None)
                 gone = self.registrations.pop(m.static, None)

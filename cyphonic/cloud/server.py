@@ -184,13 +184,13 @@ class CloudServer:
 
     def _on_notify(self) -> None:
         listener = self._bus_listener
-        listener.drain()
+        mine = listener.drain(self.cluster.instance_id)
         if not listener.connected:     # lost: poll until it is back (_keep_listening)
             asyncio.get_running_loop().remove_reader(self._listener_fd)
             self._listener_fd = -1
             self.cluster.notified = False
             self.log(f"bus: LISTEN connection lost ({listener.error}); polling until it is back")
-        if self.core is not None:
+        if mine and self.core is not None:
             self.core.read_bus(time.time())
             self.driver.flush()
 
@@ -284,10 +284,10 @@ class CloudServer:
             out["relay_socket_errors"] = dict(self.relay_server.errors)
         if self.core is not None:
             out.update(self.core.stats(now))
-        elif self.cluster is not None:
-            out["cluster"] = self.cluster.status(now)
             if self.core.nms is not None:
-                out["registrations"] = self.core.nms.status(time.time())
+                out["registrations"] = self.core.nms.status(now)
+        elif self.cluster is not None:   # a TRS alone: no core, but a heartbeat
+            out["cluster"] = self.cluster.status(now)
         if self.relay is not None:
             out["relay"] = self.relay.stats()
         return out

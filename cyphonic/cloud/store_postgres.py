@@ -344,14 +344,16 @@ class BusListener:
     def fileno(self) -> int:
         return self.conn.pgconn.socket if self.conn is not None else -1
 
-    def drain(self) -> bool:
-        """Take every pending notification; True if any (or if the connection broke)."""
+    def drain(self, target: str) -> bool:
+        """Take every pending notification; True if one was for ``target`` (every instance
+        listens on the one channel; the payload names the instance a message waits for), or if
+        the connection broke."""
         if self.conn is None:
             return True
         try:
             got = False
-            for _ in self.conn.notifies(timeout=0):
-                got = True
+            for n in self.conn.notifies(timeout=0):
+                got = got or n.payload == target
             return got
         except psycopg.Error as e:
             self.error = _first_line(e)

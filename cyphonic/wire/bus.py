@@ -20,6 +20,7 @@ Kinds:
     FORWARD         "the node sent me this about a route you own; answer it"
     FORWARD_RESULT  the owner's answer for the node; nothing: no answer
     MOVED           "the node registered with me now": forget its registration (nothing after)
+    HELLO           "I have just joined": share your registrations now (no node: static zero)
 
 The database is trusted (every instance holds the CA key anyway), so there is no
 MAC; the decoder still refuses anything malformed with ``ParseError`` and never
@@ -50,6 +51,7 @@ class Kind(enum.IntEnum):
     FORWARD = 3
     FORWARD_RESULT = 4
     MOVED = 5
+    HELLO = 6
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ benchmarks (benchmarks, not tests). Each part prints a table and writes ``<out>/
 - ``crypto`` (lab.bench.core): the crypto core on one core, seal/open against a plain PyNaCl
   call, and full handshakes per second (``crypto.json``);
 - ``cloud`` (lab.bench.cloud): logins, registrations and route selections per second against
-  one real cloud process (``cloud.json``);
+  the cloud instances (one on SQLite, one to three on PostgreSQL) (``cloud.json``);
 - ``node`` (lab.bench.node): two cyphonic-node daemons against plain routing and wireguard-go
   in network namespaces: ping RTT, iperf3 UDP (1400- and 1300-byte datagrams) and TCP (1 and 4
   streams, both directions), CPU per packet, tunnel set-up, memory (``node.json``;

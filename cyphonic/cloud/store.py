@@ -585,10 +585,14 @@ class _SqlStore(_RuntimeSql):
                          (value,)).fetchone()
         return None if row is None else _identity_from_row(row)
 
-    def _insert_identity(self, cur: Any, new: _NewIdentity, name: str, fqdn: str) -> Identity:
-        """Allocate the lowest free address and insert the identity, in ``cur``'s transaction."""
-        _check_unique(lambda col, v: self._identity_where(cur, col, v),
-                      new.static_public, name, fqdn)
+    def _insert_identity(self, cur: Any, new: _NewIdentity, name: str, fqdn: str, *,
+                         checked: bool = False) -> Identity:
+        """Allocate the lowest free address and insert the identity, in ``cur``'s transaction.
+        ``checked``: the key, name and FQDN were found free in this transaction already
+        (``_pick_name``, under the write lock); the UNIQUE constraints stay the last word."""
+        if not checked:
+            _check_unique(lambda col, v: self._identity_where(cur, col, v),
+                          new.static_public, name, fqdn)
 
         def used(c: int) -> bool:
             return self._exec(cur, "SELECT 1 FROM identities WHERE vip4_int = ?",
@@ -630,7 +634,7 @@ class _SqlStore(_RuntimeSql):
             rec = _consume(self._get_token(cur, token_id), token_id, new.now)
             name, fqdn = _pick_name(lambda col, v: self._identity_where(cur, col, v),
                                     token_id, new.static_public, names, domain)
-            ident = self._insert_identity(cur, replace(new, groups=rec.groups), name, fqdn)
+            ident = self._insert_identity(cur, replace(new, groups=rec.groups), name, fqdn, checked=True)
             self._spend_token(cur, rec)
             return ident, rec
         return self._write(body)

@@ -403,3 +403,17 @@ def test_a_registration_that_changes_nothing_is_not_written_again():
     b.set_local_endpoints((sig.Endpoint("192.0.2.2", 2000), sig.Endpoint("10.9.9.9", 2000)), net.now)
     net.pump()
     assert len(writes) == 1 and writes[0].local == ("192.0.2.2:2000", "10.9.9.9:2000")
+
+
+def test_a_notified_instance_still_reads_the_bus_once_a_heartbeat():
+    store = MemoryStore()
+    a = Cluster(store, "a", services=("as", "nms"), notified=True)
+    b = Cluster(store, "b", services=("as", "nms"), notified=True)
+    a.start(T0)
+    b.start(T0)
+    assert a.handle_timer(T0 + 0.5) == (False, False)           # between heartbeats: NOTIFY's job
+    poll, refreshed = a.handle_timer(T0 + 1.0)
+    assert refreshed and poll                                    # a lost NOTIFY waits one heartbeat
+    lone = Cluster(MemoryStore(), "x", services=("as", "nms"), notified=True)
+    lone.start(T0)
+    assert lone.handle_timer(T0 + 1.0) == (False, True)          # alone: nothing to read

@@ -165,6 +165,8 @@ class Cluster:
                 self.last_error = str(exc)
         if self._next_poll is not None and now >= self._next_poll:
             poll = True
+        if refreshed and self.notified and self.others_alive(now):
+            poll = True        # a safety net once a heartbeat: a NOTIFY lost while LISTEN reconnected
         if poll or self._next_poll is None:
             self._next_poll = (now + BUS_POLL_S if self.others_alive(now) and not self.notified
                                else None)

@@ -869,8 +869,12 @@ def test_pg_lost_connection_is_replaced_by_the_next_call(pg_url):
     s.set_meta("k", "v")
     pid = s._conn().info.backend_pid
     _sql(pg_url, f"SELECT pg_terminate_backend({pid})")
-    assert s.get_meta("k") == "v"
+    s.set_meta("k", "w")                                   # a write, on the store's connection
     assert s._conn().info.backend_pid != pid
+    pid = s._rt_conn().info.backend_pid                    # reads and runtime rows: the second one
+    _sql(pg_url, f"SELECT pg_terminate_backend({pid})")
+    assert s.get_meta("k") == "w"
+    assert s._rt_conn().info.backend_pid != pid
     s.close()
 
 

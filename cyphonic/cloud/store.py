@@ -504,6 +504,11 @@ class _SqlStore(_RuntimeSql):
     def _read(self, body: Callable[[Any], Any]) -> Any:
         raise NotImplementedError
 
+    def _read1(self, body: Callable[[Any], Any]) -> Any:
+        """A read of one statement (no snapshot across statements needed); engines may run it
+        cheaper than ``_read``."""
+        return self._read(body)
+
     def _exec(self, cur: Any, sql: str, params: tuple = ()) -> Any:
         return cur.execute(self._q(sql), params)
 
@@ -511,7 +516,7 @@ class _SqlStore(_RuntimeSql):
 
     def get_meta(self, key: str) -> str | None:
         _check_str(key, "meta key")
-        row = self._read(lambda cur: self._exec(
+        row = self._read1(lambda cur: self._exec(
             cur, "SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
         return None if row is None else row[0]
 
@@ -551,7 +556,7 @@ class _SqlStore(_RuntimeSql):
 
     def get_token(self, token_id: str) -> TokenRecord | None:
         _check_str(token_id, "token_id")
-        return self._read(lambda cur: self._get_token(cur, token_id))
+        return self._read1(lambda cur: self._get_token(cur, token_id))
 
     def consume_token(self, token_id: str, now: float) -> TokenRecord:
         _check_str(token_id, "token_id")
@@ -564,7 +569,7 @@ class _SqlStore(_RuntimeSql):
         return self._write(body)
 
     def list_tokens(self) -> list[TokenRecord]:
-        rows = self._read(lambda cur: self._exec(
+        rows = self._read1(lambda cur: self._exec(
             cur, f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY created_at, token_id").fetchall())
         return [_token_from_row(r) for r in rows]
 
@@ -641,22 +646,22 @@ class _SqlStore(_RuntimeSql):
 
     def get_identity(self, static_public: bytes) -> Identity | None:
         static_public = _check_static(static_public)
-        return self._read(lambda cur: self._identity_where(cur, "static_public", static_public))
+        return self._read1(lambda cur: self._identity_where(cur, "static_public", static_public))
 
     def get_identity_by_name(self, name: str) -> Identity | None:
         _check_str(name, "name")
-        return self._read(lambda cur: self._identity_where(cur, "name", name))
+        return self._read1(lambda cur: self._identity_where(cur, "name", name))
 
     def get_identity_by_fqdn(self, fqdn: str) -> Identity | None:
         _check_str(fqdn, "fqdn")
-        return self._read(lambda cur: self._identity_where(cur, "fqdn", fqdn))
+        return self._read1(lambda cur: self._identity_where(cur, "fqdn", fqdn))
 
     def get_identity_by_vip(self, vip4: str) -> Identity | None:
         _check_str(vip4, "vip4")
-        return self._read(lambda cur: self._identity_where(cur, "vip4", vip4))
+        return self._read1(lambda cur: self._identity_where(cur, "vip4", vip4))
 
     def list_identities(self) -> list[Identity]:
-        rows = self._read(lambda cur: self._exec(
+        rows = self._read1(lambda cur: self._exec(
             cur, f"SELECT {_IDENTITY_COLS} FROM identities ORDER BY vip4_int").fetchall())
         return [_identity_from_row(r) for r in rows]
 
@@ -731,14 +736,14 @@ class _SqlStore(_RuntimeSql):
         return self._write(body)
 
     def revoked_serials(self) -> set[int]:
-        rows = self._read(lambda cur: self._exec(
+        rows = self._read1(lambda cur: self._exec(
             cur, "SELECT serial FROM revoked_serials").fetchall())
         return {r[0] for r in rows}
 
     # policy
 
     def get_policy(self) -> dict | None:
-        row = self._read(lambda cur: self._exec(
+        row = self._read1(lambda cur: self._exec(
             cur, "SELECT document FROM policy WHERE id = 1").fetchone())
         return None if row is None else json.loads(row[0])
 

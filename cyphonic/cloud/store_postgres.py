@@ -39,6 +39,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
     raise ImportError("the PostgreSQL store needs psycopg: pip install 'cyphonic[cloud]'") from _e
 
 from .store import SCHEMA_VERSION, ConflictError, StoreError, _SqlStore, pending_migrations
+from . import store_runtime
 from .store_runtime import BUS_CHANNEL, POSTGRES_STEP_2
 
 __all__ = ["PostgresStore", "CONNECT_TIMEOUT_S", "STATEMENT_TIMEOUT_S"]
@@ -136,6 +137,7 @@ class PostgresStore(_SqlStore):
         self._db: psycopg.Connection | None = None
         self._closed = False
         self._notify: bool | None = None
+        self._rt: psycopg.Connection | None = None     # the runtime tables' connection (_rt_conn)
         self._migrate(upgrade)
         self.notify_supported    # asked once, outside any other transaction
 
@@ -150,11 +152,16 @@ class PostgresStore(_SqlStore):
 
     # Connections and transactions. Every public method is exactly one transaction.
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self, *, runtime: bool = False) -> psycopg.Connection:
+        """The store's connection, or with ``runtime`` its second one: autocommit, and commits
+        that do not wait for the WAL flush (store_runtime's tables only: none of it needs to
+        survive a crash of the database; each flush cost ~1 ms on every cross-instance route)."""
+        options = f"-c statement_timeout={self._statement_timeout_ms}"
+        if runtime:
+            options += " -c synchronous_commit=off"
         try:
             return psycopg.connect(
-                self.url, connect_timeout=self._connect_timeout_s,
-                options=f"-c statement_timeout={self._statement_timeout_ms}",
+                self.url, connect_timeout=self._connect_timeout_s, options=options, autocommit=runtime,
                 application_name="cyphonic-cloud",
                 keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
                 tcp_user_timeout=TCP_USER_TIMEOUT_MS)
@@ -175,32 +182,56 @@ class PostgresStore(_SqlStore):
         return self._db
 
     @contextlib.contextmanager
-    def _txn(self, *, write: bool, runtime: bool = False) -> Iterator[psycopg.Cursor]:
-        """One transaction; a write one holds the write lock from its first statement. A
-        ``runtime`` one (store_runtime's tables: heartbeats, registrations, the bus) does not
-        wait for its commit to reach the disk: none of it needs to survive a crash of the
-        database (instances join again, nodes register again), and each of its commits would
-        otherwise cost a WAL flush (about 1 ms here) on the path of every cross-instance route."""
-        with self._lock:
-            try:
-                with contextlib.ExitStack() as stack:
-                    db = self._begin(stack)
-                    cur = db.cursor()
-                    if runtime:
-                        cur.execute("SET LOCAL synchronous_commit TO OFF")
-                    if write:
-                        cur.execute("SELECT value FROM counters WHERE name = 'write_lock' "
-                                    "FOR UPDATE")
-                    yield cur
-            except StoreError:
-                raise
-            except pg_errors.UniqueViolation as e:
-                raise ConflictError(f"{self.where}: {_first_line(e)}") from e
-            except psycopg.OperationalError as e:
-                # Connection lost, server shut down, statement or lock timeout.
-                raise StoreError(f"{self.where}: database unavailable: {_first_line(e)}") from e
-            except psycopg.Error as e:
-                raise StoreError(f"{self.where}: {_first_line(e)}") from e
+    def _txn(self, *, write: bool) -> Iterator[psycopg.Cursor]:
+        """One transaction; a write one holds the write lock from its first statement."""
+        with self._lock, self._errors():
+            with contextlib.ExitStack() as stack:
+                db = self._begin(stack)
+                cur = db.cursor()
+                if write:
+                    cur.execute("SELECT value FROM counters WHERE name = 'write_lock' "
+                                "FOR UPDATE")
+                yield cur
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """psycopg's errors as the store's: a conflict, the database away, or what it said."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except pg_errors.UniqueViolation as e:
+            raise ConflictError(f"{self.where}: {_first_line(e)}") from e
+        except psycopg.OperationalError as e:
+            # Connection lost, server shut down, statement or lock timeout.
+            raise StoreError(f"{self.where}: database unavailable: {_first_line(e)}") from e
+        except psycopg.Error as e:
+            raise StoreError(f"{self.where}: {_first_line(e)}") from e
+
+    def _rt_conn(self) -> psycopg.Connection:
+        if self._closed:
+            raise StoreError(f"{self.where}: store is closed")
+        if self._rt is None or self._rt.closed or self._rt.broken:
+            if self._rt is not None:
+                with contextlib.suppress(Exception):
+                    self._rt.close()
+            self._rt = None
+            self._rt = self._connect(runtime=True)
+        return self._rt
+
+    def _read1(self, body):
+        """A read of one statement, in autocommit on the second connection: one round trip
+        instead of three (BEGIN, the query, COMMIT). A read is idempotent, so a connection found
+        dead (the server restarted while we were idle) is replaced and the read tried again."""
+        with self._lock, self._errors():
+            for attempt in (0, 1):
+                db = self._rt_conn()
+                try:
+                    return body(db.cursor())
+                except psycopg.OperationalError:
+                    if attempt or not (db.closed or db.broken):
+                        raise
+        raise AssertionError("unreachable")
 
     def _begin(self, stack: contextlib.ExitStack) -> psycopg.Connection:
         """A connection with a transaction begun on it (ended by ``stack``).
@@ -225,12 +256,9 @@ class PostgresStore(_SqlStore):
 
     def _write(self, body):
         """Run ``body(cur)`` in a write transaction, retrying what the server asks to retry."""
-        return self._retrying(body, lock=True)
-
-    def _retrying(self, body, *, lock: bool):
         for attempt in range(RETRY_ATTEMPTS):
             try:
-                with self._txn(write=lock, runtime=not lock) as cur:
+                with self._txn(write=True) as cur:
                     return body(cur)
             except StoreError as e:
                 if not isinstance(e.__cause__, _RETRYABLE) or attempt == RETRY_ATTEMPTS - 1:
@@ -241,14 +269,34 @@ class PostgresStore(_SqlStore):
         with self._txn(write=False) as cur:
             return body(cur)
 
-    def _write_runtime(self, body):
-        """A write to the runtime tables (store_runtime): one-key upserts and deletes that need
-        no write lock, so registrations and the bus never wait behind an enrollment."""
-        return self._retrying(body, lock=False)
+    def _write_runtime(self, body, *, single: bool = False):
+        """A write to the runtime tables (store_runtime), on the second connection: no write
+        lock (registrations and the bus never wait behind an enrollment), no wait for the WAL
+        flush, and a ``single`` statement without BEGIN and COMMIT (one round trip)."""
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                with self._lock, self._errors():
+                    db = self._rt_conn()
+                    if single:
+                        return body(db.cursor())
+                    with db.transaction():
+                        return body(db.cursor())
+            except StoreError as e:
+                if not isinstance(e.__cause__, _RETRYABLE) or attempt == RETRY_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
-    def _after_bus_send(self, cur, target: str) -> None:
-        if self.notify_supported:
-            cur.execute("SELECT pg_notify(%s, %s)", (BUS_CHANNEL, target))   # delivered at commit
+    def bus_send(self, target: str, payload: bytes, now: float) -> None:
+        """One statement: the insert, its bound, and the NOTIFY (none on CockroachDB)."""
+        notify = "SELECT pg_notify(%s, target) FROM ins" if self.notify_supported else "SELECT target FROM ins"
+        bound = store_runtime.BUS_MAX_QUEUED
+        params = (target, now, bytes(payload), target, bound) + ((BUS_CHANNEL,) if self.notify_supported else ())
+        rows = self._write_runtime(lambda cur: cur.execute(
+            "WITH ins AS (INSERT INTO bus (target, created, payload) SELECT %s, %s, %s "
+            "WHERE (SELECT COUNT(*) FROM bus WHERE target = %s) < %s RETURNING target) " + notify,
+            params).fetchall(), single=True)
+        if not rows:
+            raise StoreError(f"bus to instance {target!r} is full ({bound} messages unread)")
 
     @property
     def notify_supported(self) -> bool:
@@ -307,10 +355,11 @@ class PostgresStore(_SqlStore):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._db is not None:
-                with contextlib.suppress(Exception):
-                    self._db.close()
-                self._db = None
+            for db in (self._db, self._rt):
+                if db is not None:
+                    with contextlib.suppress(Exception):
+                        db.close()
+            self._db = self._rt = None
 
 
 class BusListener:

@@ -110,7 +110,7 @@ class _RuntimeSql:
     ``_write``. ``_after_bus_send(cur, target)`` lets PostgreSQL NOTIFY.
     """
 
-    def _write_runtime(self, body):
+    def _write_runtime(self, body, *, single: bool = False):
         return self._write(body)          # type: ignore[attr-defined]
 
     def _after_bus_send(self, cur: Any, target: str) -> None:
@@ -178,7 +178,7 @@ class _RuntimeSql:
         self._write(body)                # type: ignore[attr-defined]
 
     def list_instances(self) -> list[InstanceRecord]:
-        rows = self._read(lambda cur: self._exec(  # type: ignore[attr-defined]
+        rows = self._read1(lambda cur: self._exec(  # type: ignore[attr-defined]
             cur, f"SELECT {_INSTANCE_COLS} FROM instances ORDER BY tag").fetchall())
         return [_instance_from_row(r) for r in rows]
 
@@ -195,7 +195,7 @@ class _RuntimeSql:
 
     def put_registration(self, rec: RegistrationRecord) -> None:
         rec = _check_registration(rec)
-        self._write_runtime(lambda cur: self._upsert_registration(cur, rec))
+        self._write_runtime(lambda cur: self._upsert_registration(cur, rec), single=True)
 
     def replace_registrations(self, instance_id: str, recs: list[RegistrationRecord]) -> None:
         """All of this instance's rows at once, in one transaction (an instance that was alone
@@ -209,7 +209,7 @@ class _RuntimeSql:
         self._write_runtime(body)
 
     def get_registration(self, static_public: bytes) -> RegistrationRecord | None:
-        row = self._read(lambda cur: self._exec(  # type: ignore[attr-defined]
+        row = self._read1(lambda cur: self._exec(  # type: ignore[attr-defined]
             cur, f"SELECT {_REG_COLS} FROM registrations WHERE static_public = ?",
             (bytes(static_public),)).fetchone())
         return None if row is None else _registration_from_row(row)
@@ -218,15 +218,15 @@ class _RuntimeSql:
         """Remove the row only if it is still this instance's (the node may have moved on)."""
         self._write_runtime(lambda cur: self._exec(
             cur, "DELETE FROM registrations WHERE static_public = ? AND instance_id = ?",
-            (bytes(static_public), instance_id)))
+            (bytes(static_public), instance_id)), single=True)
 
     def list_registrations(self) -> list[RegistrationRecord]:
-        rows = self._read(lambda cur: self._exec(  # type: ignore[attr-defined]
+        rows = self._read1(lambda cur: self._exec(  # type: ignore[attr-defined]
             cur, f"SELECT {_REG_COLS} FROM registrations").fetchall())
         return [_registration_from_row(r) for r in rows]
 
     def count_registrations(self) -> dict[str, int]:
-        rows = self._read(lambda cur: self._exec(  # type: ignore[attr-defined]
+        rows = self._read1(lambda cur: self._exec(  # type: ignore[attr-defined]
             cur, "SELECT instance_id, COUNT(*) FROM registrations GROUP BY instance_id").fetchall())
         return {r[0]: int(r[1]) for r in rows}
 
@@ -249,7 +249,7 @@ class _RuntimeSql:
             rows = self._exec(cur, "DELETE FROM bus WHERE id IN (SELECT id FROM bus WHERE target = ? "
                               "ORDER BY id LIMIT ?) RETURNING id, payload", (target, int(limit))).fetchall()
             return [bytes(p) for _, p in sorted(rows)]
-        return self._write_runtime(body)
+        return self._write_runtime(body, single=True)
 
 
 class _RuntimeMemory:

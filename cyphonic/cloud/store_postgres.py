@@ -170,16 +170,26 @@ class PostgresStore(_SqlStore):
                              f"{str(e).strip()}") from e
 
     def _conn(self) -> psycopg.Connection:
+        return self._live("_db", runtime=False)
+
+    def _rt_conn(self) -> psycopg.Connection:
+        return self._live("_rt", runtime=True)
+
+    def _live(self, attr: str, *, runtime: bool) -> psycopg.Connection:
+        """The connection kept in ``attr``, (re)connected if it is missing, closed or broken."""
         if self._closed:
             raise StoreError(f"{self.where}: store is closed")
-        if self._db is None or self._db.closed or self._db.broken:
-            if self._db is not None:
+        db = getattr(self, attr)
+        if db is None or db.closed or db.broken:
+            if db is not None:
                 with contextlib.suppress(Exception):
-                    self._db.close()
-            self._db = None
-            self._db = self._connect()
-            self._db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        return self._db
+                    db.close()
+            setattr(self, attr, None)
+            db = self._connect(runtime=runtime)
+            if not runtime:
+                db.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            setattr(self, attr, db)
+        return db
 
     @contextlib.contextmanager
     def _txn(self, *, write: bool) -> Iterator[psycopg.Cursor]:
@@ -207,17 +217,6 @@ class PostgresStore(_SqlStore):
             raise StoreError(f"{self.where}: database unavailable: {_first_line(e)}") from e
         except psycopg.Error as e:
             raise StoreError(f"{self.where}: {_first_line(e)}") from e
-
-    def _rt_conn(self) -> psycopg.Connection:
-        if self._closed:
-            raise StoreError(f"{self.where}: store is closed")
-        if self._rt is None or self._rt.closed or self._rt.broken:
-            if self._rt is not None:
-                with contextlib.suppress(Exception):
-                    self._rt.close()
-            self._rt = None
-            self._rt = self._connect(runtime=True)
-        return self._rt
 
     def _read1(self, body):
         """A read of one statement, in autocommit on the second connection: one round trip

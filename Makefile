@@ -16,7 +16,8 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
 
 # `make image` (and so `make test`, whose boot test boots the image) needs these.
 IMAGE_APT_PACKAGES := mmdebstrap qemu-user-static binfmt-support arch-test mtools dosfstools \
-	fdisk e2fsprogs xz-utils qemu-system-arm ipxe-qemu openssh-client
+	fdisk e2fsprogs xz-utils qemu-system-arm ipxe-qemu openssh-client \
+	rauc squashfs-tools u-boot-tools u-boot-qemu openssl
 
 # Only `make bench` needs these (the node benchmark's wireguard-go baseline).
 BENCH_APT_PACKAGES := wireguard-go wireguard-tools

@@ -66,3 +66,22 @@ NFT_CMD_TIMEOUT_S = 10
 # --- first-boot provisioning (appliance.provision) --------------------------------------
 PROVISION_WAIT_STEP_S = 0.5
 PROVISION_NFT_TIMEOUT_S = 10
+
+# --- signed A/B updates and the health gate (appliance.update, appliance.updater) --------
+GATE_DEFAULT_S = 300              # the trial boot's health gate: [update] gate_s in cyphonic.toml
+GATE_MIN_S = 30
+GATE_MAX_S = 3600                 # cyphonic-update-gate.service's TimeoutStartSec is above this
+GATE_POLL_S = 2.0                 # the adapter's status is asked this often during the gate
+GATE_MAX_RESTARTS = 3             # the adapter's unit restarted this often in the trial: fail at once
+GATE_ASK_TIMEOUT_S = 2.0
+GATE_MARK_RETRIES = 3             # rauc mark-good tried again this often (GATE_POLL_S apart) before giving up
+INSTALL_SAMPLE_GAP_S = 5.0        # two status samples at least this far apart tell which general
+                                  # nodes carry data now (the others need only their tunnel back)
+FETCH_CONNECT_TIMEOUT_S = 15.0    # a URL: connecting, and every read, give up after this
+FETCH_TOTAL_S = 1800.0            # and the whole download (cyadm update install --timeout)
+FETCH_CHUNK_BYTES = 1 << 20
+DATA_RESERVE_BYTES = 64 << 20     # a bundle may fill /data only up to this much free space
+UPDATE_FILE_MAX_BYTES = 1 << 20   # pending.json / last.json larger than this are not read
+RAUC_INFO_TIMEOUT_S = 300         # checking a bundle's signature reads all of it (slow SD cards)
+RAUC_INSTALL_TIMEOUT_S = 3600     # writing the other slot
+UPDATE_CMD_TIMEOUT_S = 60         # rauc status / mark-*, fw_printenv, systemctl

@@ -25,6 +25,8 @@ import click
 
 from cyphonic.health import describe
 
+from .constants import FETCH_TOTAL_S
+
 DEFAULT_SOCKETS = ("/run/cyphonic/adapter.sock", "/run/cyphonic/node.sock")
 PROVISION_STATUS = "/run/cyphonic/provision.json"     # written by cyphonic-provision at boot
 PROVISION_STATUS_ENV = "CYPHONIC_PROVISION_STATUS"
@@ -253,8 +255,17 @@ def _print_adapter(st: dict) -> None:
         f"sealed {w.get('sealed', 0)} dropped {sum(v for k, v in w.items() if k.startswith('drop_'))}"
         for w in workers) + (f"; restarts {st.get('worker_restarts')}" if st.get("worker_restarts") else ""))
     _print_unknown_macs(st.get("dhcp", {}).get("unknown_macs") or {})
+    _print_update_line()
     _print_drops(st)
     _print_health(st)
+
+
+def _print_update_line() -> None:
+    """One line about the last or pending update (files on /data only; nothing on a non-A/B card)."""
+    from .updater import summary
+    line = summary(_update_system().paths)
+    if line:
+        click.echo(f"\n  {line}")
 
 
 UNKNOWN_MACS_SHOWN = 5      # the text shows the most recent few; --json has them all
@@ -381,6 +392,82 @@ def leases(ctx, as_json) -> None:
         return
     for r in rows:
         click.echo(f"{r['mac']} {r['vip4']} {r['name']} expires in {r['lease_expires_in_s']} s")
+
+
+# --- signed A/B updates (appliance/updater.py, appliance/update.py) -----------------------------
+
+def _update_system():
+    from .updater import System
+    return System()
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        click.echo("cyadm update: needs root (rauc and the data partition): run it as root", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+@main.group()
+def update() -> None:
+    """Signed A/B updates: install a bundle, see the slots and the last update's outcome."""
+
+
+@update.command("install")
+@click.argument("source")
+@click.option("--no-reboot", is_flag=True, help="Install only; the new version is tried at the next boot.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable outcome.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 24 * 3600), default=FETCH_TOTAL_S, show_default=True,
+              help="A URL: give up when the download takes longer than this (seconds).")
+def update_install(source, no_reboot, as_json, timeout_s) -> None:
+    """Install the bundle SOURCE (a .raucb file, an http(s) URL, or - for stdin) into the slot not
+    booted, then reboot into it; the health gate commits it or rolls back."""
+    from .update import UpdateError
+    from .updater import install
+    _need_root()
+
+    def log(line: str) -> None:
+        click.echo(line, err=as_json)
+    try:
+        result = install(source, _update_system(), reboot=not no_reboot, total_s=timeout_s, log=log)
+    except (UpdateError, OSError) as exc:
+        if as_json:
+            click.echo(json.dumps({"installed": False, "error": str(exc)}, indent=2))
+        click.echo(f"cyadm update: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+@update.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def update_status(as_json) -> None:
+    """The slots, their versions, which is booted and good, a pending update and the last outcome."""
+    from .update import UpdateError, render_status
+    from .updater import status as update_status_doc
+    _need_root()
+    try:
+        doc = update_status_doc(_update_system())
+    except (UpdateError, OSError) as exc:
+        click.echo(f"cyadm update: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for line in render_status(doc):
+            click.echo(line)
+
+
+@update.command("ack")
+def update_ack() -> None:
+    """Acknowledge a rollback: the LED stops showing it."""
+    from .update import UpdateError
+    from .updater import acknowledge
+    _need_root()
+    try:
+        click.echo(acknowledge(_update_system()))
+    except (UpdateError, OSError) as exc:
+        click.echo(f"cyadm update: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
 
 
 if __name__ == "__main__":

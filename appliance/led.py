@@ -1,7 +1,8 @@
 """`cyphonic-led`: the appliance's state on the Pi's activity LED, for a Pi without a screen.
 
 The state comes from what is already there: ``/run/cyphonic/provision.json`` (written by
-`cyphonic-provision` at boot) and the adapter's status socket (as `cyadm status` asks it).
+`cyphonic-provision` at boot), the adapter's status socket (as `cyadm status` asks it) and the
+last update's outcome, ``/data/update/last.json`` (appliance/updater.py).
 The LED is driven through sysfs: ``/sys/class/leds/ACT`` (older kernels: ``led0``), its
 ``trigger`` set to ``none`` and its ``brightness`` written; the kernel's trigger is put back
 on SIGTERM.
@@ -16,7 +17,9 @@ shows them to users):
 | cloud-unreachable | 1 long, 1 short, pause | the adapter runs but cannot reach the cloud (WAN cable? address?) |
 | ready | heartbeat, 1 Hz | logged in to the cloud; no tunnel up |
 | tunnel-up | on, short off blip every 2 s | at least one general node's tunnel is up |
+| rolled-back | 2 long blinks, pause | working, but on the old version: the last update failed its health gate and rolled back (`cyadm update status` says why; `cyadm update ack` stops it) |
 
+`rolled-back` takes the place of ready and tunnel-up only: any problem pattern wins over it.
 `derive_state()` and `level_at()` are pure; `run()` is the loop: it re-reads the state every
 LED_POLL_S and never sleeps longer than LED_TICK_S, so SIGTERM ends it at once. With no LED it logs
 once and idles until SIGTERM (exit 0), because a missing LED must never fail the boot.
@@ -36,9 +39,11 @@ from .constants import ADAPTER_DOWN_AFTER_S, LED_ASK_TIMEOUT_S, LED_POLL_S, LED_
 LED_NAMES = ("ACT", "led0")
 PROVISION_STATUS = "/run/cyphonic/provision.json"
 ADAPTER_SOCKET = "/run/cyphonic/adapter.sock"
+LAST_UPDATE = "/data/update/last.json"
 
 BOOTING, NOT_PROVISIONED, ERROR, ADAPTER_DOWN = "booting", "not-provisioned", "error", "adapter-down"
 CLOUD_UNREACHABLE, READY, TUNNEL_UP = "cloud-unreachable", "ready", "tunnel-up"
+ROLLED_BACK = "rolled-back"
 
 _THREE_SHORT = ((True, 0.15), (False, 0.25), (True, 0.15), (False, 0.25), (True, 0.15), (False, 1.5))
 # state -> one period of (LED on?, seconds), repeated
@@ -50,13 +55,15 @@ PATTERNS: dict[str, tuple[tuple[bool, float], ...]] = {
     CLOUD_UNREACHABLE: ((True, 0.8), (False, 0.3), (True, 0.15), (False, 1.25)),
     READY: ((True, 0.1), (False, 0.1), (True, 0.1), (False, 0.7)),           # heartbeat, 1 s period
     TUNNEL_UP: ((True, 1.9), (False, 0.1)),
+    ROLLED_BACK: ((True, 0.8), (False, 0.4), (True, 0.8), (False, 1.5)),   # 2 long blinks, pause
 }
 
 
-def derive_state(provision: dict | None, status: dict | None, unanswered_s: float = 0.0) -> str:
+def derive_state(provision: dict | None, status: dict | None, unanswered_s: float = 0.0,
+                 rolled_back: bool = False) -> str:
     """The appliance's state from provision.json (None: not written yet), the adapter's answer to
-    `status` (None: no answer) and how long the adapter has not answered since provisioning
-    finished."""
+    `status` (None: no answer), how long the adapter has not answered since provisioning
+    finished, and whether the last update rolled back and nobody acknowledged it yet."""
     if provision is None:
         return BOOTING
     pstate = provision.get("state")
@@ -73,6 +80,8 @@ def derive_state(provision: dict | None, status: dict | None, unanswered_s: floa
         return CLOUD_UNREACHABLE
     if cloud != "ready":
         return BOOTING                  # logging in, registering
+    if rolled_back:
+        return ROLLED_BACK
     if any(t.get("up") for t in status.get("tunnels", [])):
         return TUNNEL_UP
     return READY
@@ -160,6 +169,16 @@ def read_provision(path: str) -> dict | None:
         return {"state": "unreadable"}
 
 
+def read_rolled_back(path: str) -> bool:
+    """last.json says the last update rolled back, unacknowledged (a missing or broken file: no)."""
+    from .update import Last, UpdateFileError, parse_file, rolled_back_unacknowledged
+    try:
+        with open(path, "rb") as f:
+            return rolled_back_unacknowledged(parse_file(f.read(1 << 20), Last))
+    except (OSError, UpdateFileError):
+        return False
+
+
 def ask_status(sock: str) -> dict | None:
     from .cyadm import ask
     try:
@@ -171,7 +190,7 @@ def ask_status(sock: str) -> dict | None:
 
 def run(*, leds_dir: str = "/sys/class/leds", led_name: str | None = None,
         provision_path: str = PROVISION_STATUS, socket_path: str = ADAPTER_SOCKET,
-        duration_s: float = 0.0, out=None) -> int:
+        duration_s: float = 0.0, out=None, last_update_path: str = LAST_UPDATE) -> int:
     out = out or sys.stdout
     stop = []
 
@@ -199,7 +218,8 @@ def run(*, leds_dir: str = "/sys/class/leds", led_name: str | None = None,
                     unanswered_from = unanswered_from or now
                 else:
                     unanswered_from = None
-                new = derive_state(prov, st, now - unanswered_from if unanswered_from else 0.0)
+                new = derive_state(prov, st, now - unanswered_from if unanswered_from else 0.0,
+                                   read_rolled_back(last_update_path))
                 if new != state:
                     log(f"state {new}")
                     state, since = new, now
@@ -226,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--led", default=None, help="the LED's name (default: ACT, else led0)")
     ap.add_argument("--provision-status", default=PROVISION_STATUS, help="default %(default)s")
     ap.add_argument("--socket", default=ADAPTER_SOCKET, help="the adapter's status socket (default %(default)s)")
+    ap.add_argument("--last-update", default=LAST_UPDATE, help="the last update's outcome (default %(default)s)")
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until SIGTERM)")
     a = ap.parse_args(argv)
     return run(leds_dir=a.leds_dir, led_name=a.led, provision_path=a.provision_status, socket_path=a.socket,
-               duration_s=a.duration)
+               duration_s=a.duration, last_update_path=a.last_update)
 
 
 if __name__ == "__main__":

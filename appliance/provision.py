@@ -6,6 +6,8 @@ At EVERY boot, before systemd-networkd and cyphonic-adapter, this writes:
 
 - ``/etc/cyphonic/adapter.toml`` (the adapter's own format, appliance/config.py), ports
   resolved to real interface names, the token only by reference (``gn_token_file``);
+- ``/etc/cyphonic/update.toml``: ``gate_s`` from ``[update]`` (default 300), read by
+  `cyphonic-update-gate` on a trial boot (appliance/updater.py);
 - ``/var/lib/cyphonic/token`` (0600, directory 0700): the enrollment token, moved there from
   the boot file, whose token line then becomes a comment (the rest kept byte for byte);
 - ``/run/systemd/network/10-cyphonic-{wan,lan}.network`` for systemd-networkd;
@@ -51,13 +53,15 @@ from cyphonic.node.config import parse_cloud_addresses
 
 from . import config as adapter_config
 from .general_nodes import NAME_RE, GeneralNodeError, normalize_mac
-from .constants import PROVISION_NFT_TIMEOUT_S, PROVISION_WAIT_STEP_S
+from .constants import (GATE_DEFAULT_S, GATE_MAX_S, GATE_MIN_S, PROVISION_NFT_TIMEOUT_S,
+                        PROVISION_WAIT_STEP_S)
 
 BOOT_FILE = "cyphonic.toml"
 EXAMPLE_FILE = "cyphonic.toml.example"
 TOKEN_FILE = "token"                                  # under the state directory
 PROVISIONED_COPY = "cyphonic.toml.provisioned"        # under the state directory: the last good file
 ADAPTER_CONF = "cyphonic/adapter.toml"                # under --etc
+UPDATE_CONF = "cyphonic/update.toml"                  # under --etc: cyphonic-update-gate's settings
 NETWORK_DIR = "systemd/network"                       # under --run
 WAN_NETWORK = "10-cyphonic-wan.network"
 LAN_NETWORK = "10-cyphonic-lan.network"
@@ -71,11 +75,12 @@ DEFAULT_WAN_PORT = "end0"                             # the Pi 4's own Ethernet 
 # error naming the key. [adapter] is checked against appliance/config.py's own keys.
 SCHEMA: dict[str, dict[str, type]] = {
     "": {"hostname": str, "ssh_authorized_keys": list, "cloud": dict, "ports": dict, "wan": dict,
-         "general_node": list, "adapter": dict},
+         "general_node": list, "adapter": dict, "update": dict},
     "cloud": {"address": (str, list), "key": str, "token": str},   # address: one host:port or a list
     "ports": {"wan": str, "lan": str},
     "wan": {"address": str, "gateway": str, "dns": list},
     "general_node": {"mac": str, "name": str, "group": str},
+    "update": {"gate_s": int},
 }
 # adapter.toml keys that [adapter] may not set: they come from elsewhere in the file or from here.
 ADAPTER_KEYS_SET_ELSEWHERE = {
@@ -148,6 +153,7 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
     ports = _table(doc, "ports", err)
     wan_cfg = _table(doc, "wan", err)
     adapter = _table(doc, "adapter", err)
+    update = _table(doc, "update", err)
 
     # [cloud]
     address, key = cloud.get("address"), cloud.get("key")
@@ -248,6 +254,12 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
         else:
             extra[k] = v
 
+    # [update]: the health gate of a trial boot (appliance/update.py)
+    gate_s = update.get("gate_s", GATE_DEFAULT_S)      # its type: _check_keys
+    if isinstance(gate_s, int) and not isinstance(gate_s, bool) and not GATE_MIN_S <= gate_s <= GATE_MAX_S:
+        err(f"[update] gate_s: must be an integer {GATE_MIN_S}..{GATE_MAX_S} (seconds the adapter has, after "
+            f"an update, to be as healthy as before; default {GATE_DEFAULT_S})")
+
     if p.errors:
         return p
 
@@ -261,6 +273,7 @@ def plan(doc: dict, interfaces: list[Interface], *, state_dir: str = "/var/lib/c
         return p
 
     p.outputs.append(Output("etc", ADAPTER_CONF, adapter_toml(conf).encode()))
+    p.outputs.append(Output("etc", UPDATE_CONF, toml_document({"gate_s": gate_s}).encode()))
     p.outputs.append(Output("run", f"{NETWORK_DIR}/{WAN_NETWORK}", wan_network.encode()))
     p.outputs.append(Output("run", f"{NETWORK_DIR}/{LAN_NETWORK}", lan_network(p.lan, cfg.lan_address).encode()))
     p.outputs.append(Output("run", GUARD_FILE, guard_ruleset(p.lan, p.wan, cfg.lan_address,

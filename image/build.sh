@@ -1,36 +1,64 @@
 #!/usr/bin/env bash
-# Build the flashable CYPHONIC adapter image for Raspberry Pi 4 and 3 (arm64, Debian bookworm).
+# Build the flashable CYPHONIC adapter image for Raspberry Pi 4 and 3 (arm64, Debian bookworm)
+# and its signed update bundle.
 #
-#   image/build.sh [--out DIR] [--cache DIR] [--no-xz]
+#   image/build.sh [--out DIR] [--cache DIR] [--no-xz] [--version V] [--bundle-only]
+#                  [--keys DIR] [--ca FILE --cert FILE --key FILE] [--zstd-level N]
+#
+#   --version V     the release's version (default: pyproject.toml's); names the files, goes
+#                   into /etc/cyphonic-release and the bundle's manifest
+#   --bundle-only   steps 1-4 and 6: the update bundle without the card image
+#   --ca/--cert/--key  the update CA certificate (the only one the image carries) and the
+#                   signing certificate and key issued by it (docs/appliance.md, image/README.md);
+#                   default: the development set in --keys DIR ($CYPHONIC_UPDATE_KEYS, else
+#                   ~/.config/cyphonic-update), made there on first use
+#   --zstd-level N  the bundle's squashfs compression (default 15; 3 builds 15 times faster,
+#                   15 % larger)
 #
 # Steps (each prints its elapsed time):
 #   1. host: binfmt_misc with qemu-aarch64, so arm64 maintainer scripts run here
 #   2. wheels: the project's pinned dependencies for arm64 (binary wheels where PyPI has them,
 #      NetfilterQueue from its sdist), and the project itself as a wheel
 #   3. base root filesystem (mmdebstrap, arm64): Debian packages only, kernel, raspi-firmware,
-#      one initramfs (MODULES=list), NetfilterQueue compiled inside the arm64 root, build
-#      tools purged again. Cached in --cache by a hash of its inputs: the slow step (~20 min).
+#      RAUC, U-Boot, one initramfs (MODULES=list), NetfilterQueue compiled inside the arm64
+#      root, build tools purged again. Cached in --cache by a hash of its inputs: the slow step
+#      (~20 min).
 #   4. project layer: venv under /opt/cyphonic/venv (offline, from step 2's wheels),
 #      nft templates under /usr/share/cyphonic/nft, rootfs-overlay/ laid over the root,
-#      units enabled, package manifest written
-#   5. assembly without loop mounts: FAT boot partition (mkfs.vfat -C + mcopy), ext4 root
-#      (mkfs.ext4 -d), MBR (sfdisk), dd
-#   6. xz + sha256
+#      the update CA, units enabled, package manifest written; then the root as a tight ext4
+#   5. assembly without loop mounts: FAT boot partition (firmware, U-Boot, boot.scr,
+#      cyboot.env; mkfs.vfat -C + mcopy), root A, an empty root B, the data partition
+#      (mkfs.ext4 -d), MBR (sfdisk) with a fixed disk identifier, dd
+#   6. the update bundle (RAUC, verity format, signed), checked against the CA
+#   7. xz + sha256
 # Needs root (file ownership in the root filesystem) and the host packages that `make image`
-# installs. Nothing is mounted except binfmt_misc; nothing outside --out and --cache is written.
+# installs. Nothing is mounted except binfmt_misc; nothing outside --out, --cache and the key
+# directory is written.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 OUT="$REPO/build/image"
 CACHE="${CYPHONIC_IMAGE_CACHE:-/var/cache/cyphonic-image}"
+KEYS="${CYPHONIC_UPDATE_KEYS:-$HOME/.config/cyphonic-update}"
 XZ=1
+BUNDLE_ONLY=0
+VERSION=""
+CA="" CERT="" KEY=""
+ZSTD_LEVEL=15
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
         --cache) CACHE="$2"; shift 2 ;;
         --no-xz) XZ=0; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --version) VERSION="$2"; shift 2 ;;
+        --bundle-only) BUNDLE_ONLY=1; XZ=0; shift ;;
+        --keys) KEYS="$2"; shift 2 ;;
+        --ca) CA="$2"; shift 2 ;;
+        --cert) CERT="$2"; shift 2 ;;
+        --key) KEY="$2"; shift 2 ;;
+        --zstd-level) ZSTD_LEVEL="$2"; shift 2 ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "image/build.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -40,14 +68,23 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml" | head -1)"
+PKG_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml" | head -1)"
+VERSION="${VERSION:-$PKG_VERSION}"
+case "$VERSION" in
+    *[!A-Za-z0-9.+~_-]*|"") echo "image/build.sh: --version: letters, digits and . + ~ _ - only: $VERSION" >&2; exit 2 ;;
+esac
 NAME="cyphonic-adapter-${VERSION}-arm64"
+COMPATIBLE=cyphonic-adapter-rpi-arm64     # RAUC: a bundle installs only where this matches
+DISK_ID=0x43594850                        # MBR disk identifier: PARTUUIDs 43594850-01..04,
+                                          # the same in every version (/etc/rauc/system.conf)
 SUITE=bookworm
 MIRROR="${CYPHONIC_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${CYPHONIC_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
-BOOT_MIB=256          # FAT boot partition (kernel, initrd, firmware, DTBs, cyphonic.toml)
+BOOT_MIB=256          # FAT boot partition (firmware, DTBs, U-Boot, boot.scr, cyboot.env, cyphonic.toml)
 BOOT_OFFSET_MIB=4     # where it starts (the Pi firmware reads the first FAT partition)
-ROOT_SLACK_MIB=320    # free space in the root before the first boot grows it to the card
+SLOT_MIB=1536         # each root slot (A, B): fixed at flashing; a root must fit 75 % of it
+DATA_MIB=64           # the data partition as built; the first boot grows it to the card
+ROOT_SLACK_MIB=64     # free space in the root file system as built (it grows to its slot)
 
 T0=$(date +%s)
 STEP_T=$T0
@@ -70,7 +107,7 @@ cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 
 # ---------------------------------------------------------------------------------------------
-step "1/6 host: binfmt_misc for arm64"
+step "1/7 host: binfmt_misc for arm64"
 if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 fi
@@ -82,7 +119,7 @@ grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
 done_step
 
 # ---------------------------------------------------------------------------------------------
-step "2/6 wheels for arm64 (pinned in pyproject.toml)"
+step "2/7 wheels for arm64 (pinned in pyproject.toml)"
 WHEELS="$WORK/wheels"
 mkdir -p "$WHEELS"
 PINS="$WORK/pins.txt"
@@ -124,6 +161,7 @@ RUNTIME_PKGS=(
     linux-image-arm64 raspi-firmware initramfs-tools zstd
     python3 python3-venv libnetfilter-queue1 nftables iptables iproute2 iputils-ping
     openssh-server fdisk e2fsprogs dosfstools procps less ca-certificates
+    rauc rauc-service libubootenv-tool u-boot-rpi
 )
 BUILD_PKGS=(gcc libc6-dev python3-dev python3-setuptools python3-wheel python3-pip
             libnetfilter-queue-dev libnfnetlink-dev pkg-config)
@@ -143,7 +181,7 @@ BASE_TAR="$CACHE/base-$BASE_KEY.tar"
 # Debian's security updates reach the image.
 find "$CACHE" -maxdepth 1 -name 'base-*.tar' -mtime +7 -delete
 
-step "3/6 base root filesystem (arm64, cache key $BASE_KEY)"
+step "3/7 base root filesystem (arm64, cache key $BASE_KEY)"
 if [ -f "$BASE_TAR" ] && [ -s "$BASE_TAR" ]; then
     echo "    cached: $BASE_TAR"
 else
@@ -183,14 +221,14 @@ fi
 done_step
 
 # ---------------------------------------------------------------------------------------------
-step "4/6 project layer: venv, nft templates, rootfs-overlay, units"
+step "4/7 project layer: venv, nft templates, rootfs-overlay, update CA, units"
 ROOT="$WORK/root"
 mkdir -p "$ROOT"
 tar --numeric-owner -xpf "$BASE_TAR" -C "$ROOT"
 cp "$WHEELS"/*.whl "$ROOT/opt/cyphonic/wheels/"
 chroot "$ROOT" /usr/bin/python3 -m venv /opt/cyphonic/venv
 chroot "$ROOT" /opt/cyphonic/venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    --no-index --find-links /opt/cyphonic/wheels "cyphonic==$VERSION"
+    --no-index --find-links /opt/cyphonic/wheels "cyphonic==$PKG_VERSION"
 chroot "$ROOT" /opt/cyphonic/venv/bin/python -c \
     'import netfilterqueue, nacl.bindings, scapy, pyroute2, dns, dhcppython, click, appliance.controller'
 rm -rf "$ROOT/opt/cyphonic/wheels"
@@ -199,7 +237,7 @@ cp "$REPO"/nft/* "$ROOT/usr/share/cyphonic/nft/"
 # rootfs-overlay: every file as it is in the tree, owned by root.
 tar -C "$REPO/rootfs-overlay" --exclude=./README.md --owner=0 --group=0 -cf - . \
     | tar -C "$ROOT" --keep-directory-symlink --no-overwrite-dir -xpf -
-for l in cyadm cyphonic-adapter cyphonic-provision; do
+for l in cyadm cyphonic-adapter cyphonic-provision cyphonic-update-gate; do
     [ -e "$ROOT/opt/cyphonic/venv/bin/$l" ] && ln -sf "/opt/cyphonic/venv/bin/$l" "$ROOT/usr/local/bin/$l"
 done
 # Units: systemd-networkd and timesyncd, and every unit of ours that has an [Install] section.
@@ -208,15 +246,53 @@ OUR_UNITS=$(cd "$REPO/rootfs-overlay/etc/systemd/system" 2>/dev/null \
 systemctl --root="$ROOT" --quiet enable systemd-networkd.service systemd-timesyncd.service \
     systemd-resolved.service $OUR_UNITS
 # The base's SSH host keys would be the same on every card: each appliance makes its own at
-# first boot (see rootfs-overlay).
+# first boot, on the data partition (see rootfs-overlay).
 rm -f "$ROOT"/etc/ssh/ssh_host_*
-# Predictable interface names: the Pi 4's own port is end0, a USB Ethernet adapter enx<MAC>,
-# stable across boots and USB sockets (raspi-firmware hard-codes net.ifnames=0; its
-# /etc/default/raspi-extra-cmdline, from rootfs-overlay, appends net.ifnames=1 when a kernel
-# update rewrites cmdline.txt; here the shipped file gets the one value).
-sed -i 's/ net\.ifnames=0 / net.ifnames=1 /' "$ROOT/boot/firmware/cmdline.txt"
-grep -q 'net.ifnames=1' "$ROOT/boot/firmware/cmdline.txt" || {
-    echo "image/build.sh: cmdline.txt has no net.ifnames=1: $(cat "$ROOT/boot/firmware/cmdline.txt")" >&2; exit 1; }
+# Updates come as bundles: a kernel installed with apt on a running appliance must not rewrite
+# the boot partition (raspi-firmware's hooks would point config.txt at a kernel on the FAT
+# partition, bypassing U-Boot and the A/B slots). They ran once, in step 3.
+for hook in /etc/kernel/postinst.d/z50-raspi-firmware /etc/initramfs/post-update.d/z50-raspi-firmware; do
+    if [ -e "$ROOT$hook" ] && [ ! -e "$ROOT$hook.distrib" ]; then
+        chroot "$ROOT" dpkg-divert --quiet --local --rename --add "$hook"
+        printf '#!/bin/sh\n# CYPHONIC adapter: kernel updates do not write the boot partition; a new kernel\n# comes in an update bundle (cyadm update), in its own root slot.\nexit 0\n' > "$ROOT$hook"
+        chmod 755 "$ROOT$hook"
+    fi
+done
+[ -L "$ROOT/vmlinuz" ] && [ -L "$ROOT/initrd.img" ] || {
+    echo "image/build.sh: no /vmlinuz and /initrd.img in the root (boot.scr loads them)" >&2; exit 1; }
+# The update CA: the only certificate the appliance trusts for bundles. The signing key never
+# goes into the image.
+if [ -z "$CA$CERT$KEY" ]; then
+    CA="$KEYS/ca.cert.pem" CERT="$KEYS/signing.cert.pem" KEY="$KEYS/signing.key.pem"
+    if [ ! -f "$CA" ] || [ ! -f "$CERT" ] || [ ! -f "$KEY" ]; then
+        echo "    no update keys in $KEYS: making a development CA and signing key there"
+        echo "    (keep them: a bundle signed with another key does not install on cards flashed now)"
+        mkdir -p "$(dirname "$KEYS")"
+        NEWKEYS="$(mktemp -d "${KEYS%/}.new.XXXXXX")"
+        ( cd "$NEWKEYS"
+          openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+              -keyout ca.key.pem -out ca.cert.pem -days 36500 \
+              -subj "/O=CYPHONIC development/CN=CYPHONIC update CA (development, $(hostname -s))" \
+              -addext "basicConstraints=critical,CA:true" -addext "keyUsage=critical,keyCertSign,cRLSign"
+          openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+              -keyout signing.key.pem -out signing.csr \
+              -subj "/O=CYPHONIC development/CN=CYPHONIC update signing (development, $(hostname -s))"
+          printf 'basicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature\n' > leaf.ext
+          openssl x509 -req -in signing.csr -CA ca.cert.pem -CAkey ca.key.pem \
+              -set_serial "0x$(openssl rand -hex 16)" -out signing.cert.pem -days 36500 -extfile leaf.ext
+          rm -f signing.csr leaf.ext; chmod 600 ./*.key.pem ) >/dev/null 2>&1 \
+            || { rm -rf "$NEWKEYS"; echo "image/build.sh: openssl failed to make the development keys" >&2; exit 1; }
+        rm -rf "$KEYS"
+        mv "$NEWKEYS" "$KEYS"
+    fi
+fi
+for f in "$CA" "$CERT" "$KEY"; do
+    [ -f "$f" ] || { echo "image/build.sh: $f: no such file (--ca, --cert and --key go together)" >&2; exit 2; }
+done
+openssl verify -CAfile "$CA" "$CERT" >/dev/null \
+    || { echo "image/build.sh: $CERT is not issued by $CA" >&2; exit 2; }
+install -D -m 0644 "$CA" "$ROOT/etc/rauc/keyring.pem"
+echo "    update CA: $(openssl x509 -in "$CA" -noout -subject | sed 's/^subject=//')"
 # The first boot's clock starts no earlier than the build (no RTC on a Pi; NTP comes later).
 touch "$ROOT/usr/lib/clock-epoch"
 echo "$NAME $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo unknown)" \
@@ -229,48 +305,136 @@ MANIFEST="$OUT/$NAME.manifest"
         | sed 's/^/pip /'
 } > "$MANIFEST"
 echo "    $(grep -c '^deb ' "$MANIFEST") Debian packages, $(grep -c '^pip ' "$MANIFEST") Python packages"
+# The boot partition's files leave the root: they go onto the FAT partition in step 5, and the
+# root (the same bytes in the image's slot A and in the bundle) carries none.
+FIRMWARE="$WORK/firmware"
+mkdir -p "$FIRMWARE"
+[ -f "$ROOT/boot/firmware/config.txt" ] || { echo "image/build.sh: no /boot/firmware/config.txt" >&2; exit 1; }
+cp -a "$ROOT"/boot/firmware/. "$FIRMWARE/"
+find "$ROOT/boot/firmware" -mindepth 1 -delete
+UBOOT_RPI="$ROOT/usr/lib/u-boot/rpi_arm64/u-boot.bin"
+[ -f "$UBOOT_RPI" ] || { echo "image/build.sh: no $UBOOT_RPI (u-boot-rpi)" >&2; exit 1; }
+cp "$UBOOT_RPI" "$FIRMWARE/u-boot.bin"
+# The root as a tight ext4: it grows to its slot (at the first boot for A, at install for B).
+ROOTIMG="$OUT/$NAME.rootfs.ext4"
+ROOT_USED_MIB=$(( $(du -sm --apparent-size "$ROOT" | cut -f1) ))
+ROOT_MIB=$(( ROOT_USED_MIB * 110 / 100 + ROOT_SLACK_MIB ))
+if [ $((ROOT_MIB * 4)) -gt $((SLOT_MIB * 3)) ]; then
+    echo "image/build.sh: the root ($ROOT_MIB MiB) is larger than 75 % of a slot ($SLOT_MIB MiB):" \
+         "cards flashed with this layout could not take the next update" >&2
+    exit 1
+fi
+rm -f "$ROOTIMG"
+truncate -s "${ROOT_MIB}M" "$ROOTIMG"
+mkfs.ext4 -q -L CYROOT -O ^metadata_csum_seed -E root_owner=0:0 -d "$ROOT" "$ROOTIMG"
+rm -rf "$ROOT"
+echo "    root: $ROOT_MIB MiB file system, $ROOT_USED_MIB MiB used, slot $SLOT_MIB MiB"
 done_step
 
 # ---------------------------------------------------------------------------------------------
-step "5/6 assembly (FAT boot + ext4 root, no loop mounts)"
 IMG="$OUT/$NAME.img"
-BOOTIMG="$WORK/boot.vfat"
-ROOTIMG="$WORK/root.ext4"
-[ -f "$ROOT/boot/firmware/config.txt" ] || { echo "image/build.sh: no /boot/firmware/config.txt" >&2; exit 1; }
-mkfs.vfat -C -F 32 -n CYBOOT "$BOOTIMG" $((BOOT_MIB * 1024)) >/dev/null
-mcopy -s -i "$BOOTIMG" "$ROOT"/boot/firmware/* ::/
-if [ -f "$REPO/rootfs-overlay/usr/share/cyphonic/cyphonic.toml.example" ]; then
-    mcopy -i "$BOOTIMG" "$REPO/rootfs-overlay/usr/share/cyphonic/cyphonic.toml.example" ::/cyphonic.toml.example
-fi
-find "$ROOT/boot/firmware" -mindepth 1 -delete
-ROOT_USED_MIB=$(( $(du -sm --apparent-size "$ROOT" | cut -f1) ))
-ROOT_MIB=$(( ROOT_USED_MIB * 115 / 100 + ROOT_SLACK_MIB ))
-mkfs.ext4 -q -L CYROOT -O ^metadata_csum_seed -E root_owner=0:0 -d "$ROOT" "$ROOTIMG" "${ROOT_MIB}M"
-TOTAL_MIB=$(( BOOT_OFFSET_MIB + BOOT_MIB + ROOT_MIB ))
-rm -f "$IMG"
-truncate -s "${TOTAL_MIB}M" "$IMG"
-sfdisk --quiet "$IMG" <<EOF
+if [ "$BUNDLE_ONLY" = 0 ]; then
+    step "5/7 assembly (FAT boot + root A + root B + data, no loop mounts)"
+    BOOTIMG="$WORK/boot.vfat"
+    DATAIMG="$WORK/data.ext4"
+    mkfs.vfat -C -F 32 -n CYBOOT "$BOOTIMG" $((BOOT_MIB * 1024)) >/dev/null
+    # The firmware's files and device trees, but neither kernel nor initramfs (they are in the
+    # slots) nor raspi-firmware's config.txt and cmdline.txt (written here).
+    find "$FIRMWARE" -mindepth 1 -maxdepth 1 \( -name 'vmlinuz*' -o -name 'initrd.img*' \
+        -o -name config.txt -o -name cmdline.txt \) -exec rm -rf {} +
+    cat > "$FIRMWARE/config.txt" <<'CONF'
+# CYPHONIC adapter. The Pi firmware starts U-Boot, and U-Boot's boot.scr boots root slot A or B
+# (kernel and initramfs come from the slot). Written by image/build.sh; updates do not change
+# this partition.
+arm_64bit=1
+enable_uart=1
+upstream_kernel=1
+kernel=u-boot.bin
+CONF
+    # The console only: boot.scr adds the root (by PARTUUID), the slot and the rest.
+    echo "console=ttyS1,115200 console=tty1" > "$FIRMWARE/cmdline.txt"
+    mkimage -A arm64 -O linux -T script -C none -n "cyphonic A/B boot" \
+        -d "$HERE/boot.cmd" "$FIRMWARE/boot.scr" >/dev/null
+    printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' > "$WORK/cyboot.txt"
+    mkenvimage -s 0x4000 -o "$FIRMWARE/cyboot.env" "$WORK/cyboot.txt"
+    mcopy -s -i "$BOOTIMG" "$FIRMWARE"/* ::/
+    if [ -f "$REPO/rootfs-overlay/usr/share/cyphonic/cyphonic.toml.example" ]; then
+        mcopy -i "$BOOTIMG" "$REPO/rootfs-overlay/usr/share/cyphonic/cyphonic.toml.example" ::/cyphonic.toml.example
+    fi
+    # The data partition: what survives updates (docs/appliance.md). 0700 where secrets live.
+    SKEL="$WORK/data"
+    install -d -m 0700 "$SKEL/cyphonic" "$SKEL/ssh" "$SKEL/update"
+    install -d -m 0755 "$SKEL/rauc"
+    truncate -s "${DATA_MIB}M" "$DATAIMG"
+    mkfs.ext4 -q -L CYDATA -b 4096 -O ^metadata_csum_seed -E root_owner=0:0 -d "$SKEL" "$DATAIMG"
+    P1=$BOOT_OFFSET_MIB; P2=$((P1 + BOOT_MIB)); P3=$((P2 + SLOT_MIB)); P4=$((P3 + SLOT_MIB))
+    TOTAL_MIB=$((P4 + DATA_MIB))
+    rm -f "$IMG"
+    truncate -s "${TOTAL_MIB}M" "$IMG"
+    sfdisk --quiet "$IMG" <<TABLE
 label: dos
+label-id: $DISK_ID
 unit: sectors
-start=$((BOOT_OFFSET_MIB * 2048)), size=$((BOOT_MIB * 2048)), type=c, bootable
-start=$(((BOOT_OFFSET_MIB + BOOT_MIB) * 2048)), type=83
-EOF
-dd if="$BOOTIMG" of="$IMG" bs=1M seek=$BOOT_OFFSET_MIB conv=notrunc status=none
-dd if="$ROOTIMG" of="$IMG" bs=1M seek=$((BOOT_OFFSET_MIB + BOOT_MIB)) conv=notrunc status=none
-echo "    $IMG: $TOTAL_MIB MiB (root $ROOT_MIB MiB, $ROOT_USED_MIB MiB used)"
+start=$((P1 * 2048)), size=$((BOOT_MIB * 2048)), type=c, bootable
+start=$((P2 * 2048)), size=$((SLOT_MIB * 2048)), type=83
+start=$((P3 * 2048)), size=$((SLOT_MIB * 2048)), type=83
+start=$((P4 * 2048)), size=$((DATA_MIB * 2048)), type=83
+TABLE
+    dd if="$BOOTIMG" of="$IMG" bs=1M seek="$P1" conv=notrunc,sparse status=none
+    dd if="$ROOTIMG" of="$IMG" bs=1M seek="$P2" conv=notrunc,sparse status=none
+    dd if="$DATAIMG" of="$IMG" bs=1M seek="$P4" conv=notrunc,sparse status=none
+    echo "    $IMG: $TOTAL_MIB MiB (boot $BOOT_MIB, slots 2 x $SLOT_MIB, data $DATA_MIB MiB, which grows at first boot)"
+    done_step
+fi
+
+# ---------------------------------------------------------------------------------------------
+step "6/7 update bundle (RAUC, verity, signed)"
+BUNDLE="$OUT/$NAME.raucb"
+BDIR="$WORK/bundle"
+mkdir -p "$BDIR"
+ln "$ROOTIMG" "$BDIR/rootfs.ext4" 2>/dev/null || cp --sparse=always "$ROOTIMG" "$BDIR/rootfs.ext4"
+cat > "$BDIR/manifest.raucm" <<MANIFEST
+[update]
+compatible=$COMPATIBLE
+version=$VERSION
+description=CYPHONIC adapter
+build=$(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo unknown)
+
+[bundle]
+format=verity
+
+[image.rootfs]
+filename=rootfs.ext4
+MANIFEST
+rm -f "$BUNDLE"
+rauc bundle --cert="$CERT" --key="$KEY" \
+    --mksquashfs-args="-comp zstd -Xcompression-level $ZSTD_LEVEL" "$BDIR" "$BUNDLE" >/dev/null
+if ! out="$(rauc info --keyring="$CA" "$BUNDLE" 2>&1)"; then
+    echo "$out" >&2
+    echo "image/build.sh: the new bundle does not verify against $CA" >&2
+    exit 1
+fi
+cp "$CA" "$OUT/update-ca.cert.pem"
+( cd "$OUT" && sha256sum "$NAME.raucb" > "$NAME.raucb.sha256" )
+ln -sf "$NAME.raucb" "$OUT/cyphonic-adapter.raucb"
+echo "    $BUNDLE: $(du -m --apparent-size "$BUNDLE" | cut -f1) MiB, version $VERSION, verified against $CA"
 done_step
 
 # ---------------------------------------------------------------------------------------------
 if [ "$XZ" = 1 ]; then
-    step "6/6 xz and sha256"
+    step "7/7 xz and sha256"
     rm -f "$IMG.xz"
     xz -T0 -3 -k "$IMG"
     ( cd "$OUT" && sha256sum "$NAME.img.xz" > "$NAME.img.xz.sha256" )
     echo "    $(du -m "$IMG.xz" | cut -f1) MiB compressed, $(du -m --apparent-size "$IMG" | cut -f1) MiB uncompressed"
     done_step
 fi
-ln -sf "$NAME.img" "$OUT/cyphonic-adapter.img"
-step "built $IMG in $(( $(date +%s) - T0 )) s"
+if [ "$BUNDLE_ONLY" = 0 ]; then
+    ln -sf "$NAME.img" "$OUT/cyphonic-adapter.img"
+    step "built $IMG and $BUNDLE in $(( $(date +%s) - T0 )) s"
+else
+    step "built $BUNDLE in $(( $(date +%s) - T0 )) s"
+fi
 exit 0
 
 # The mmdebstrap hooks (run as `hooks.sh PHASE ROOT`). Changing them changes the base cache key.

@@ -347,6 +347,13 @@ ALLOWED = {
     ("appliance/leases.py", "os.replace(self.path, aside)"),
     # a registry that cannot be read is moved aside to <path>.corrupt for inspection
     ("appliance/general_nodes.py", 'os.replace(self.path, self.path + ".corrupt")'),
+    # an update bundle (hundreds of MiB) is streamed to disk, not held in memory: fsync at the
+    # end; a download that fails or is cut is removed (never used half-written)
+    ("appliance/updater.py", "os.fsync(out.fileno())"),
+    # the state snapshot is a directory: copied beside it, then renamed into place
+    ("appliance/updater.py", "os.replace(tmp, snapshot)"),
+    # a pending.json that cannot be read is moved aside to pending.json.broken for inspection
+    ("appliance/updater.py", 'os.replace(p.pending, p.pending + ".broken")'),
 }
 
 

@@ -1,19 +1,25 @@
 """The flashable image, booted under QEMU (TCG, no KVM here) on every CI run.
 
-virt: the image as a virtio disk, two network cards on tap devices bridged into lab segments:
-the WAN card to a segment with the cloud and a cyphonic-node daemon, the LAN card to a general
-node that has only stock tools. A cyphonic.toml on the boot partition, as a user would write
-it. Passes when the appliance provisions itself, enrolls, the general node takes a lease with
-dhclient, resolves the node's FQDN with dig and pings it, and `cyadm status --json` read over
-SSH shows the tunnel; also checks the first boot's promises (token moved off the boot
-partition, 0600 secrets, root grown to the disk, LAN port closed to SSH).
+virt: the image as a virtio disk, booted by Debian's U-Boot (as a Pi's GPU firmware hands over
+to U-Boot) running the image's boot.scr, which picks root slot A or B; two network cards on tap
+devices bridged into lab segments: the WAN card to a segment with the cloud, a cyphonic-node
+daemon and an http server for bundles, the LAN card to a general node that has only stock
+tools. A cyphonic.toml on the boot partition, as a user would write it. The appliance must
+provision itself, enroll, give the general node a lease (dhclient), answer its DNS (dig) and
+carry its ping, keep the first boot's promises (token moved off the boot partition, 0600
+secrets, data partition grown to the disk, LAN port closed to SSH), and then update itself:
+refuse bad bundles without changing anything, install version 2 from a URL, boot it on trial
+and commit it at the health gate keeping identity, addresses and lease, and roll back by itself
+from a version whose adapter cannot start.
 
 raspi3b: the same image through the emulated SD card controller (no network card there) with
-no cyphonic.toml: the appliance must boot from the SD card, say on the console what is missing,
-and keep the LAN closed (the adapter does not start).
+no cyphonic.toml, booted by the Pi's own U-Boot build from the image: the appliance must boot
+slot A from the SD card, say on the console what is missing, and keep the LAN closed (the
+adapter does not start).
 
-Measurements (time to a ready adapter, memory at rest and under iperf3 load) are written to
-build/image/boot-metrics.json and printed.
+Measurements (time to a ready adapter, memory at rest and under iperf3 load, bundle size, time
+to install, the general node's downtime during an update, time to an automatic rollback, the
+data partition's size) are written to build/image/boot-metrics.json and printed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -29,7 +36,8 @@ import pytest
 
 from lab import Lab
 from lab.adapterlab import DHCLIENT_SCRIPT
-from lab.imagelab import VM, ImageFiles, have_tools, image_path, mtype, prepare_disk, ssh_argv
+from lab.imagelab import (VM, ImageFiles, boot_state, build_bundle, have_tools, image_path, mdir, mtype,
+                          prepare_disk, rebundle, rogue_bundle, ssh_argv)
 from lab.nodelab import DOMAIN, Overlay
 
 pytestmark = pytest.mark.root
@@ -38,8 +46,9 @@ LAN_ADDRESS = "100.127.255.254"
 WAN_MAC = "52:54:00:c0:00:01"
 LAN_MAC = "52:54:00:c0:00:02"
 APPLIANCE_WAN = "198.18.7.50"
-DISK_BYTES = 4 << 30          # a "4 GB card": the root partition must grow to fill it
+DISK_BYTES = 4 << 30          # a "4 GB card": the data partition must grow to fill it
 BOOT_TIMEOUT_S = 420          # power-on to a ready adapter under TCG (about 2 minutes seen)
+GATE_S = 300                  # the trial boot's health gate ([update] gate_s; the default)
 METRICS = os.path.join(ROOT, "build", "image", "boot-metrics.json")
 
 
@@ -94,10 +103,69 @@ def _dhclient_until_lease(lab, gn, tmp_path, deadline: float) -> dict:
     raise AssertionError(f"no lease from the appliance:\n{last}")
 
 
-def test_virt_boot_provisions_enrolls_and_carries_a_general_node(lab, tmp_path):
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """The bundles the update scenario installs, made from this tree before the VM starts:
+    - v2: image/build.sh --bundle-only with another version string (same keys as the image);
+    - broken: v2's root without the adapter's executable, signed with the same keys;
+    - rogue: signed by a CA the image does not trust;
+    - truncated: the first half of v2."""
+    if os.geteuid() != 0:
+        pytest.fail("the boot test needs root (image/build.sh); CI runs it as root")
+    have_tools()
+    image_path()
+    work = tmp_path_factory.mktemp("bundles")
+    base = re.sub(r"^cyphonic-adapter-|-arm64\.img$", "", os.path.basename(image_path()))
+    out = os.path.join(ROOT, "build", "image", "test-v2")
+    t0 = time.monotonic()
+    v2 = build_bundle(f"{base}+test2", out)
+    build_s = time.monotonic() - t0
+    rootfs = v2[:-len(".raucb")] + ".rootfs.ext4"
+    broken = rebundle(rootfs, f"{base}+broken", str(work / "broken.raucb"), str(work),
+                      ["rm /opt/cyphonic/venv/bin/cyphonic-adapter"])
+    rogue = rogue_bundle(str(work / "rogue.raucb"), str(work))
+    truncated = str(work / "truncated.raucb")
+    with open(v2, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read(os.path.getsize(v2) // 2))
+    yield {"v2": v2, "v2_version": f"{base}+test2", "v1_version": base, "broken": broken,
+           "broken_version": f"{base}+broken", "rogue": rogue, "truncated": truncated, "build_s": build_s}
+    for path in (broken, rogue, truncated):
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _ping_replies(log: str) -> list[float]:
+    """The times (ping -D) of the replies in a ping log."""
+    out = []
+    try:
+        text = open(log, errors="replace").read()
+    except OSError:
+        return out
+    for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", text, re.M):
+        out.append(float(m.group(1)))
+    return out
+
+
+def _wait_ping_after(log: str, t: float, timeout: float) -> float:
+    """The first reply after wall-clock time t."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        later = [r for r in _ping_replies(log) if r > t]
+        if later:
+            return later[0]
+        time.sleep(1)
+    raise AssertionError(f"no ping reply after {t} within {timeout}s:\n{open(log).read()[-1500:]}")
+
+
+def test_virt_boot_enrolls_carries_a_general_node_and_updates_itself(lab, tmp_path, bundles):
+    """Version 1 boots (slot A), provisions, enrolls and carries the general node; bundles
+    signed by another key, truncated, or behind a dead URL are refused and change nothing;
+    version 2 (over http) boots on trial in slot B, passes the health gate and is committed,
+    with the same identity, addresses and lease; a version whose adapter cannot start fails
+    the gate, and the appliance is back on slot B by itself."""
     img = image_path()
     inet = lab.switch("inet", "198.18.7.0/24")
-    cloud = lab.host("cloud", inet, v6=False)               # the cloud and a node daemon
+    cloud = lab.host("cloud", inet, v6=False)               # the cloud, a node daemon, the bundle server
     lan = lab.switch("lan", gateway=False)
     gn = lab.host("gn", lan, v4=False, v6=False)            # stock tools only
     vmseg = lab.switch("vm", gateway=False)                 # the namespace qemu runs in
@@ -134,33 +202,52 @@ dns = ["{inet.gateway4}"]
 [[general_node]]
 mac = "{gn_mac}"
 name = "cam1"
+
+[update]
+gate_s = {GATE_S}
 """
-    files = ImageFiles(img, str(tmp_path))
+    ImageFiles(img, str(tmp_path))            # U-Boot, boot.scr and cyboot.env are on the FAT partition
+    assert boot_state(img, str(tmp_path)) == {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"}
     disk = prepare_disk(img, str(tmp_path / "disk.img"), DISK_BYTES, boot_toml)
     vm = VM(lab, vmseg, str(tmp_path / "serial.log"))
     vm.add_nic(inet, WAN_MAC)
     vm.add_nic(lan, LAN_MAC)
-    vm.start_virt(files, disk)
+    vm.start_virt(disk)
 
     def ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        # StrictHostKeyChecking=accept-new with one known_hosts for the whole test: a host key
+        # that changed across an update or a rollback fails every later call
         return lab.exec(cloud, ssh_argv(key, known, APPLIANCE_WAN, command), timeout=timeout)
 
+    def ssh_stdin(command: str, path: str, timeout: float) -> subprocess.CompletedProcess:
+        argv = " ".join(shlex.quote(a) for a in ssh_argv(key, known, APPLIANCE_WAN, command))
+        return lab.exec(cloud, ["bash", "-c", f"{argv} < {shlex.quote(path)}"], timeout=timeout)
+
+    def wait_ready(deadline: float) -> dict:
+        """The adapter answers cyadm with its cloud link up and the general node known."""
+        last = ""
+        while time.monotonic() < deadline:
+            r = ssh("cyadm status --json", timeout=60)
+            last = r.stdout + r.stderr
+            if r.stdout.strip().startswith("{"):
+                st = json.loads(r.stdout)
+                gns = st.get("general_nodes", [])
+                if st.get("cloud", {}).get("state") == "ready" and gns and gns[0].get("vip4"):
+                    return st
+            time.sleep(3)
+        raise AssertionError(f"adapter not ready:\n{last}\n{vm.console()[-4000:]}")
+
+    def update_status() -> dict:
+        r = ssh("cyadm update status --json")
+        assert r.returncode == 0 and r.stdout.strip().startswith("{"), r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    # --- version 1, slot A: first boot ------------------------------------------------------------
     deadline = time.monotonic() + BOOT_TIMEOUT_S
+    vm.wait_console(r"cyboot: slot A, 3 attempts left", BOOT_TIMEOUT_S)
     vm.wait_console(r"Reached target .*Multi-User System|login:", BOOT_TIMEOUT_S)
     multi_user_s = vm.elapsed()
-    # ready: the adapter answers cyadm with its cloud link up and the general node logged in
-    status, last = None, ""
-    while time.monotonic() < deadline:
-        r = ssh("cyadm status --json", timeout=60)
-        last = r.stdout + r.stderr
-        if r.stdout.strip().startswith("{"):
-            st = json.loads(r.stdout)
-            gns = st.get("general_nodes", [])
-            if st.get("cloud", {}).get("state") == "ready" and gns and gns[0].get("vip4"):
-                status = st
-                break
-        time.sleep(3)
-    assert status is not None, f"adapter not ready:\n{last}\n{vm.console()[-4000:]}"
+    status = wait_ready(deadline)
     ready_s = vm.elapsed()
 
     lease = _dhclient_until_lease(lab, gn, tmp_path, time.monotonic() + 120)
@@ -182,8 +269,18 @@ name = "cam1"
     assert token not in boot_file and "token moved" in boot_file, boot_file
     assert ssh("stat -c '%a %U' /var/lib/cyphonic/token").stdout.split() == ["600", "root"]
     assert token in ssh("cat /var/lib/cyphonic/token").stdout
-    root_bytes = int(ssh("lsblk -bno SIZE /dev/disk/by-label/CYROOT").stdout.split()[0])
-    assert root_bytes > DISK_BYTES * 0.8, (root_bytes, ssh("journalctl -u cyphonic-growroot --no-pager").stdout)
+    # slot A is the root; the data partition (the last) grew to the end of the disk, the root
+    # file system to its slot, and the state directory is on the data partition
+    assert "rauc.slot=A" in ssh("cat /proc/cmdline").stdout
+    assert ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda2"
+    parts = dict(line.split() for line in ssh("lsblk -bnro NAME,SIZE /dev/vda").stdout.splitlines()[1:])
+    data_bytes = int(parts["vda4"])
+    assert data_bytes > DISK_BYTES - (3400 << 20), (parts, ssh("journalctl -u cyphonic-growroot --no-pager").stdout)
+    assert int(parts["vda2"]) == int(parts["vda3"]) == 1536 << 20, parts
+    root_fs_bytes = int(ssh("df -B1 --output=size / | tail -1").stdout.split()[0])
+    assert root_fs_bytes > (1536 << 20) * 0.9, root_fs_bytes
+    assert ssh("findmnt -no SOURCE /var/lib/cyphonic").stdout.strip() in ("/dev/vda4[/cyphonic]", "/dev/vda4")
+    assert ssh("stat -c %a /data/ssh/ssh_host_ed25519_key").stdout.strip() == "600"
     assert ssh("hostname").stdout.strip() == "cy-test"
     assert "cyphonic" in ssh("nft list tables").stdout
     # the general node cannot reach the appliance's SSH on its LAN address
@@ -216,7 +313,95 @@ name = "cam1"
     _record(virt_multi_user_s=round(multi_user_s, 1), virt_ready_s=round(ready_s, 1),
             adapter_cgroup_rest_mib=round(rest / 2**20, 1), adapter_cgroup_load_mib=round(load / 2**20, 1),
             adapter_rss_rest_mib=round(rest_rss / 2**20, 1), adapter_rss_load_mib=round(load_rss / 2**20, 1),
-            emulated_iperf3_tcp_mbit=round(mbit, 1))
+            emulated_iperf3_tcp_mbit=round(mbit, 1), data_partition_after_first_boot_mib=data_bytes >> 20)
+
+    # --- what the update must keep ------------------------------------------------------------------
+    def kept(st: dict) -> dict:
+        g = st["general_nodes"][0]
+        return {"identity": st["identity"], "gn": (g["mac"], g["fqdn"], g["vip4"]),
+                "host_key": ssh("ssh-keygen -lf /data/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]}
+    before = kept(wait_ready(time.monotonic() + 60))
+    us = update_status()
+    assert us["booted"] == "A" and us["pending"] is None, us
+    assert us["release"]["version"] == bundles["v1_version"], us["release"]
+    env_before = ssh("fw_printenv").stdout
+
+    # --- refusals: nothing changes ------------------------------------------------------------------
+    r = ssh_stdin("cyadm update install - --no-reboot", bundles["rogue"], timeout=300)
+    assert r.returncode != 0 and "bundle refused" in r.stderr and "signature" in r.stderr.lower(), r.stdout + r.stderr
+    r = ssh_stdin("cyadm update install - --no-reboot", bundles["truncated"], timeout=300)
+    assert r.returncode != 0 and "bundle refused" in r.stderr, r.stdout + r.stderr
+    r = ssh(f"cyadm update install http://{cloud.addr4}:9/cyphonic.raucb --no-reboot --timeout 30", timeout=120)
+    assert r.returncode != 0 and "cannot fetch" in r.stderr, r.stdout + r.stderr
+    assert update_status() == us
+    assert ssh("fw_printenv").stdout == env_before
+    assert ssh("ls -A /data/update").stdout.split() == [], ssh("ls -la /data/update").stdout
+
+    # --- version 2 over http: trial boot in slot B, the gate commits it ------------------------------
+    ping_log = str(tmp_path / "ping.log")
+    # bounded by its count (30 min at most); no -w: with a deadline, iputils' ping exits at its
+    # first error, and the adapter's reboot gives it some (ARP for the gateway fails)
+    lab.spawn(gn, ["ping", "-D", "-n", "-i", "0.2", "-W", "1", "-c", "9000", srv_vip], log=ping_log)
+    serve_dir = os.path.dirname(bundles["v2"])
+    lab.spawn(cloud, [sys.executable, "-m", "http.server", "8099", "-b", cloud.addr4, "-d", serve_dir],
+              log=tmp_path / "http.log")
+    url = f"http://{cloud.addr4}:8099/{os.path.basename(bundles['v2'])}"
+    t0 = time.monotonic()
+    r = None
+    for _ in range(10):                    # the server may take a moment to listen
+        r = ssh(f"cyadm update install {url} --no-reboot --json", timeout=900)
+        if "cannot fetch" not in r.stderr:
+            break
+        time.sleep(1)
+    install_s = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr + ssh("journalctl -u rauc -n 40 --no-pager").stdout
+    us = update_status()
+    assert us["pending"] and us["pending"]["to_slot"] == "B" and us["pending"]["to_version"] == bundles["v2_version"], us
+    mark = vm.console_size()
+    ssh("systemctl reboot", timeout=30)
+    vm.wait_console(r"cyboot: slot B, 1 attempts left", 300, since=mark)
+    t_trial = time.time()
+    vm.wait_console(r"cyphonic-update-gate: committed slot B", GATE_S + BOOT_TIMEOUT_S, since=mark)
+    st = wait_ready(time.monotonic() + 300)
+    assert kept(st) == before
+    assert st["general_nodes"][0]["lease_expires_in_s"], st["general_nodes"]
+    us = update_status()
+    assert us["booted"] == "B" and us["pending"] is None, us
+    assert us["release"]["version"] == bundles["v2_version"], us["release"]
+    assert us["last"]["outcome"] == "committed" and us["last"]["to_version"] == bundles["v2_version"], us["last"]
+    slot_b = next(s for s in us["slots"] if s["bootname"] == "B")
+    assert slot_b["boot_status"] == "good", us["slots"]
+    # the general node's ping (it never renewed its lease nor asked DNS again) answers again
+    first_after = _wait_ping_after(ping_log, t_trial, 120)
+    replies = _ping_replies(ping_log)
+    downtime_s = max(b - a for a, b in zip(replies, replies[1:]) if b <= first_after)
+
+    # --- a version whose adapter cannot start: the gate fails, back to slot B by itself ------------
+    mark = vm.console_size()
+    r = ssh_stdin("cyadm update install -", bundles["broken"], timeout=900)   # reboots when done
+    vm.wait_console(r"cyboot: slot A, 1 attempts left", 900, since=mark)
+    t_broken = time.time()
+    tm_broken = time.monotonic()
+    vm.wait_console(r"cyphonic-update-gate: trial of slot A failed: [^\n]+", GATE_S + BOOT_TIMEOUT_S, since=mark)
+    vm.wait_console(r"cyboot: slot B, \d attempts left", 300, since=mark)
+    back = _wait_ping_after(ping_log, t_broken + 5, GATE_S + BOOT_TIMEOUT_S)
+    rollback_s = time.monotonic() - tm_broken
+    st = wait_ready(time.monotonic() + 300)
+    assert kept(st) == before
+    us = update_status()
+    assert us["booted"] == "B" and us["pending"] is None, us
+    assert us["release"]["version"] == bundles["v2_version"], us["release"]
+    assert us["last"]["outcome"] == "rolled-back" and us["last"]["to_slot"] == "A" and us["last"]["reason"], us["last"]
+    slot_a = next(s for s in us["slots"] if s["bootname"] == "A")
+    assert slot_a["boot_status"] == "bad", us["slots"]
+    assert "rolled back" in ssh("cyadm status").stdout.lower()
+    p = lab.exec(gn, ["ping", "-n", "-c", "5", "-i", "0.2", "-W", "3", srv_vip], timeout=60)
+    assert re.search(r"[45] received", p.stdout), p.stdout
+
+    _record(bundle_mib=round(os.path.getsize(bundles["v2"]) / 2**20, 1),
+            bundle_build_s=round(bundles["build_s"], 1), update_install_s=round(install_s, 1),
+            update_downtime_s=round(downtime_s, 1), update_trial_to_first_ping_s=round(first_after - t_trial, 1),
+            rollback_to_first_ping_s=round(back - t_broken, 1), rollback_s=round(rollback_s, 1))
     ssh("systemctl poweroff", timeout=30)
     vm.proc.wait(120)
 
@@ -225,14 +410,20 @@ def test_raspi3b_boots_from_the_sd_card_and_keeps_the_lan_closed_without_a_boot_
     img = image_path()
     vmseg = lab.switch("vm", gateway=False)
     files = ImageFiles(img, str(tmp_path))
-    assert {"config.txt", "cmdline.txt", "bcm2711-rpi-4-b.dtb", "bcm2837-rpi-3-b.dtb"} <= set(files.names), files.names
+    assert {"config.txt", "cmdline.txt", "bcm2711-rpi-4-b.dtb", "bcm2837-rpi-3-b.dtb", "u-boot.bin",
+            "boot.scr", "cyboot.env", "start4.elf", "bootcode.bin"} <= set(files.names), files.names
+    # the kernel and initramfs are in the slots, not on the FAT partition
+    assert not [n for n in mdir(img) if n.startswith(("vmlinuz", "initrd"))], files.names
     config = mtype(img, "config.txt")
-    assert "arm_64bit=1" in config and re.search(r"(?m)^kernel=", config), config
-    assert "LABEL=CYROOT" in mtype(img, "cmdline.txt")
-    assert "cma=64M" not in mtype(img, "cmdline.txt")
+    assert "arm_64bit=1" in config and re.search(r"(?m)^kernel=u-boot\.bin$", config), config
+    assert not re.search(r"(?m)^initramfs", config), config
+    cmdline = mtype(img, "cmdline.txt")
+    assert "root=" not in cmdline and "cma=64M" not in cmdline, cmdline
     disk = prepare_disk(img, str(tmp_path / "sd.img"), 4 << 30, None)   # SD sizes are powers of 2
     vm = VM(lab, vmseg, str(tmp_path / "serial.log"))
     vm.start_raspi3b(files, disk)
+    # the Pi's U-Boot (on the mini UART) ran boot.scr from the card and chose slot A
+    vm.wait_console(r"cyboot: slot A, 3 attempts left", BOOT_TIMEOUT_S, log=vm.uart1_log)
     vm.wait_console(r"(?i)cyphonic\.toml", BOOT_TIMEOUT_S)
     vm.wait_console(r"Reached target .*Multi-User System|login:", BOOT_TIMEOUT_S)
     elapsed = vm.elapsed()

@@ -47,14 +47,42 @@ def test_derive_state(provision, status, unanswered, expected):
     assert derive_state(provision, status, unanswered) == expected
 
 
+@pytest.mark.parametrize("provision,status,unanswered,expected", [
+    (OK, adapter("ready"), 0, led.ROLLED_BACK),                           # working, on the old version
+    (OK, adapter("ready", tunnels=[{"up": True}]), 0, led.ROLLED_BACK),
+    (OK, adapter("reconnecting"), 0, led.CLOUD_UNREACHABLE),              # problems win over it
+    (OK, None, led.ADAPTER_DOWN_AFTER_S + 1, led.ADAPTER_DOWN),
+    ({"state": "error", "errors": ["x"]}, None, 0, led.ERROR),
+    (OK, adapter("logging in"), 0, led.BOOTING),
+])
+def test_derive_state_after_a_rollback(provision, status, unanswered, expected):
+    assert derive_state(provision, status, unanswered, rolled_back=True) == expected
+
+
+def test_rolled_back_is_read_from_last_json(tmp_path):
+    from appliance.update import COMMITTED, ROLLED_BACK, Last
+    path = tmp_path / "last.json"
+    assert led.read_rolled_back(str(path)) is False                       # no update yet
+    last = Last(ROLLED_BACK, "A", "B", "0.1.0", "0.2.0", 1.0, 2.0, reason="the adapter restarted 3 times")
+    path.write_text(json.dumps(last.to_json()))
+    assert led.read_rolled_back(str(path)) is True
+    path.write_text(json.dumps({**last.to_json(), "acknowledged": True}))  # cyadm update ack
+    assert led.read_rolled_back(str(path)) is False
+    path.write_text(json.dumps({**last.to_json(), "outcome": COMMITTED}))  # the next update went well
+    assert led.read_rolled_back(str(path)) is False
+    path.write_bytes(b"{garbage")                                          # a broken file shows nothing
+    assert led.read_rolled_back(str(path)) is False
+
+
 def test_every_state_has_a_pattern_and_they_are_told_apart():
     states = {led.BOOTING, led.NOT_PROVISIONED, led.ERROR, led.ADAPTER_DOWN, led.CLOUD_UNREACHABLE, led.READY,
-              led.TUNNEL_UP}
+              led.TUNNEL_UP, led.ROLLED_BACK}
     assert set(PATTERNS) == states
     for p in PATTERNS.values():
         assert all(d > 0 for _, d in p) and any(on for on, _ in p) and any(not on for on, _ in p)
-    distinct = {PATTERNS[s] for s in (led.BOOTING, led.ERROR, led.CLOUD_UNREACHABLE, led.READY, led.TUNNEL_UP)}
-    assert len(distinct) == 5
+    distinct = {PATTERNS[s] for s in (led.BOOTING, led.ERROR, led.CLOUD_UNREACHABLE, led.READY, led.TUNNEL_UP,
+                                      led.ROLLED_BACK)}
+    assert len(distinct) == 6
     assert PATTERNS[led.NOT_PROVISIONED] == PATTERNS[led.ERROR] == PATTERNS[led.ADAPTER_DOWN]
 
 
@@ -71,6 +99,9 @@ def test_documented_codes():
     assert period(PATTERNS[led.READY]) == pytest.approx(1.0)                            # heartbeat 1 Hz
     on_time = sum(d for on, d in PATTERNS[led.TUNNEL_UP] if on)
     assert on_time / period(PATTERNS[led.TUNNEL_UP]) > 0.9                              # on, short blips
+    ons = [d for on, d in PATTERNS[led.ROLLED_BACK] if on]
+    assert len(ons) == 2 and min(ons) >= 0.5                                            # 2 long blinks, then
+    assert PATTERNS[led.ROLLED_BACK][-1][1] >= 1.0 and not PATTERNS[led.ROLLED_BACK][-1][0]   # a pause
 
 
 def test_level_at():

@@ -520,7 +520,24 @@ BAD = [
     ("adapter token", GOOD.replace("mtu = 1400", f'mtu = 1400\ngn_token = "{TOKEN}"'), "[adapter] gn_token: not here"),
     ("adapter semantic", GOOD.replace("mtu = 1400", 'mtu = 1400\nlan_address = "192.168.1.1"'),
      "[adapter] lan_address: must be inside prefix"),
+    ("update gate_s too short", GOOD + "\n[update]\ngate_s = 10\n", "[update] gate_s: must be an integer 30..3600"),
+    ("update gate_s too long", GOOD + "\n[update]\ngate_s = 3601\n", "[update] gate_s: must be an integer 30..3600"),
+    ("update gate_s type", GOOD + "\n[update]\ngate_s = \"5m\"\n", "[update] gate_s: must be an integer"),
+    ("update gate_s bool", GOOD + "\n[update]\ngate_s = true\n", "[update] gate_s: must be an integer"),
+    ("update unknown", GOOD + "\n[update]\ngate = 60\n", "[update] gate: unknown key"),
 ]
+
+
+def test_update_gate_s_reaches_the_gate():
+    """[update] gate_s goes to /etc/cyphonic/update.toml, which cyphonic-update-gate reads
+    (appliance/update.py parse_gate_conf); without it the file says the default."""
+    from appliance.update import parse_gate_conf
+    p = plan_of(GOOD + "\n[update]\ngate_s = 90\n")
+    assert not p.errors, p.errors
+    assert tomllib.loads(p.file("etc", pv.UPDATE_CONF).decode()) == {"gate_s": 90}
+    assert parse_gate_conf(p.file("etc", pv.UPDATE_CONF).decode()) == (90, "")
+    p = plan_of(GOOD)
+    assert parse_gate_conf(p.file("etc", pv.UPDATE_CONF).decode()) == (300, "")
 
 
 @pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD])

@@ -47,7 +47,8 @@ SCRIPTS = sorted((OVERLAY / "usr/lib/cyphonic").iterdir())
 HOST_UNITS = Path("/usr/lib/systemd/system")
 SYSTEMD_SYSCTL = "/lib/systemd/systemd-sysctl"
 EXPECTED_UNITS = {"cyphonic-adapter.service", "cyphonic-growroot.service", "cyphonic-guard.service",
-                  "cyphonic-led.service", "cyphonic-provision.service", "cyphonic-ssh-keygen.service"}
+                  "cyphonic-led.service", "cyphonic-provision.service", "cyphonic-ssh-keygen.service",
+                  "cyphonic-update-gate.service"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_boot_transaction_has_no_cycle_or_error(vroot):
     wants = vroot / "etc/systemd/system"
     assert (wants / "sysinit.target.wants/cyphonic-guard.service").is_symlink()
     assert (wants / "ssh.service.wants/cyphonic-ssh-keygen.service").is_symlink()
-    for n in ("cyphonic-adapter", "cyphonic-provision", "cyphonic-led", "cyphonic-growroot"):
+    for n in ("cyphonic-adapter", "cyphonic-provision", "cyphonic-led", "cyphonic-growroot", "cyphonic-update-gate"):
         assert (wants / f"multi-user.target.wants/{n}.service").is_symlink(), n
 
 
@@ -260,7 +261,8 @@ def test_boot_order_of_guard_provision_and_adapter():
     assert "cyphonic-guard.service" in words(prov, "Unit", "Requires")
     assert "cyphonic-guard.service" in words(prov, "Unit", "After")
     assert {"systemd-networkd.service", "cyphonic-adapter.service", "ssh.service"} <= words(prov, "Unit", "Before")
-    assert {"/boot/firmware", "/var/lib"} <= words(prov, "Unit", "RequiresMountsFor")
+    assert {"/boot/firmware", "/var/lib/cyphonic"} <= words(prov, "Unit", "RequiresMountsFor")
+    assert "/var/lib/cyphonic" in words(parse_unit(UNIT_DIR / "cyphonic-adapter.service"), "Unit", "RequiresMountsFor")
     assert one(prov, "Service", "Type") == "oneshot" and one(prov, "Service", "RemainAfterExit") == "yes"
     assert "console" in one(prov, "Service", "StandardOutput")
     # networkd (user systemd-network) must read the .network files it writes: default umask
@@ -372,15 +374,23 @@ def test_led_and_helpers_are_confined():
     assert values(led, "Service", "ProtectKernelTunables") in ([], ["no"])
 
     keygen = parse_unit(UNIT_DIR / "cyphonic-ssh-keygen.service")
-    assert one(keygen, "Unit", "ConditionPathExists") == "!/etc/ssh/ssh_host_ed25519_key"
+    # on the data partition: an update keeps the host key
+    assert one(keygen, "Unit", "ConditionPathExists") == "!/data/ssh/ssh_host_ed25519_key"
+    assert "/data" in words(keygen, "Unit", "RequiresMountsFor")
+    sshd = (OVERLAY / "etc/ssh/sshd_config.d/cyphonic.conf").read_text()
+    assert re.findall(r"(?m)^HostKey (\S+)", sshd) == ["/data/ssh/ssh_host_ed25519_key"]
     assert "ssh.service" in words(keygen, "Unit", "Before")
     assert one(keygen, "Install", "WantedBy") == "ssh.service"
     assert values(keygen, "Service", "CapabilityBoundingSet") == [""]
 
     grow = parse_unit(UNIT_DIR / "cyphonic-growroot.service")
-    assert one(grow, "Unit", "ConditionPathExists") == "!/var/lib/cyphonic/.root-grown"
+    # either marker missing runs it (the conditions are "triggering": |); both are on /data
+    assert sorted(values(grow, "Unit", "ConditionPathExists")) == ["|!/data/.data-grown", "|!/data/.root-grown"]
+    starts = values(grow, "Service", "ExecStart")
+    assert [s.split()[-1] for s in starts] == ["/", "/data"]
+    assert [s.split()[1:3] for s in starts] == [["--marker", "/data/.root-grown"], ["--marker", "/data/.data-grown"]]
     assert words(grow, "Service", "CapabilityBoundingSet") == {"CAP_SYS_ADMIN", "CAP_SYS_RESOURCE"}
-    assert "/var/lib/cyphonic/.root-grown" in GROWROOT.read_text()
+    assert "--marker) MARKER=" in GROWROOT.read_text()
 
 
 # --- sysctl.d ------------------------------------------------------------------------------------
@@ -449,11 +459,18 @@ def test_fstab():
             if line.strip() and not line.lstrip().startswith("#")]
     assert all(len(r) == 6 for r in rows), rows
     by_mount = {r[1]: r for r in rows}
-    assert set(by_mount) == {"/", "/boot/firmware", "/tmp"}
+    assert set(by_mount) == {"/", "/data", "/var/lib/cyphonic", "/boot/firmware", "/tmp"}
     src, _, fstype, opts, dump, passno = by_mount["/"]
     opts = opts.split(",")
-    assert (src, fstype, passno) == ("LABEL=CYROOT", "ext4", "1")
+    # the booted slot's partition, whichever of A and B the kernel command line names
+    assert (src, fstype, passno) == ("/dev/root", "ext4", "1")
     assert {"noatime", "errors=remount-ro"} <= set(opts) and "ro" not in opts
+    src, _, fstype, opts, dump, passno = by_mount["/data"]
+    assert (src, fstype, passno) == ("LABEL=CYDATA", "ext4", "2")
+    assert {"noatime", "nofail"} <= set(opts.split(","))
+    src, _, fstype, opts, dump, passno = by_mount["/var/lib/cyphonic"]
+    assert (src, fstype) == ("/data/cyphonic", "none")
+    assert {"bind", "x-systemd.requires-mounts-for=/data"} <= set(opts.split(","))
     src, _, fstype, opts, dump, passno = by_mount["/boot/firmware"]
     opts = opts.split(",")
     assert (src, fstype, passno) == ("LABEL=CYBOOT", "vfat", "2")
@@ -467,7 +484,31 @@ def test_fstab():
     assert by_mount["/tmp"][2] == "tmpfs"
     # the labels are the ones image/build.sh gives the partitions
     build = (REPO / "image/build.sh").read_text()
-    assert re.search(r"mkfs\.vfat .*-n CYBOOT", build) and re.search(r"mkfs\.ext4 .*-L CYROOT", build)
+    assert re.search(r"mkfs\.vfat .*-n CYBOOT", build) and re.search(r"mkfs\.ext4 .*-L CYDATA", build)
+
+
+def test_rauc_system_conf_matches_the_image_and_boot_script():
+    """The slots RAUC writes are the partitions build.sh makes and boot.scr boots; the
+    compatible string is the one build.sh signs bundles for; the variables are RAUC's."""
+    conf = ini(OVERLAY / "etc/rauc/system.conf")
+    build = (REPO / "image/build.sh").read_text()
+    disk_id = re.search(r"(?m)^DISK_ID=0x([0-9a-f]{8})\b", build).group(1)
+    assert conf["system"]["compatible"] == re.search(r"(?m)^COMPATIBLE=(\S+)", build).group(1)
+    assert conf["system"]["bootloader"] == "uboot"
+    assert conf["system"]["data-directory"].startswith("/data/")
+    assert "-plain" in conf["system"]["bundle-formats"]
+    assert conf["system"]["boot-attempts-primary"] == "1"
+    assert conf["keyring"]["path"] == "/etc/rauc/keyring.pem" and "etc/rauc/keyring.pem" in build
+    slots = {conf[s]["bootname"]: conf[s]["device"] for s in conf if s.startswith("slot.rootfs.")}
+    assert slots == {"A": f"/dev/disk/by-partuuid/{disk_id}-02", "B": f"/dev/disk/by-partuuid/{disk_id}-03"}
+    boot = (REPO / "image/boot.cmd").read_text()
+    assert "setenv cy_part 2" in boot and "setenv cy_part 3" in boot
+    for name in ("BOOT_ORDER", "BOOT_A_LEFT", "BOOT_B_LEFT", "rauc.slot=", "root=PARTUUID="):
+        assert name in boot, name
+    fw = [l.split() for l in (OVERLAY / "etc/fw_env.config").read_text().splitlines()
+          if l.strip() and not l.startswith("#")]
+    assert fw == [["/boot/firmware/cyboot.env", "0x0000", "0x4000"]]
+    assert "0x4000" in boot and "mkenvimage -s 0x4000" in build
 
 
 def test_journald_watchdog_networkd_resolved():

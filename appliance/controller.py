@@ -427,7 +427,8 @@ class Adapter:
             pool=self.pool, health=self.health.report(now), filter_mode=self.filter_mode, dhcp=self.dhcp,
             arp=self.arp, dns=self.resolver.counters(), reply_wait=wait, selector=self.selector,
             drops=self._drop_counts(), sockets=self._socket_rows(),
-            unknown_macs=self.unknown_macs.status())
+            unknown_macs=self.unknown_macs.status(),
+            way_back_batches=self.way_back.batch if self.way_back is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

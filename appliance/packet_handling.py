@@ -12,6 +12,16 @@ packet with no session is dropped (the queue fails closed) and reported to the
 controller, which brings the tunnel up (a packet triggers a tunnel, as a DNS
 query does).
 
+Batches (issue 15): a worker reads its queue through ``QueueDrain`` (at most
+``NFQ_DRAIN_PACKETS`` packets per drain), adds each sealed datagram to a
+``cyphonic.udp_batch.GsoSender`` (runs of up to 64 datagrams per ``sendmsg``), and when the
+drain ends sends the runs and then **one** verdict for every packet it read: DROP, always
+(``appliance.nfqueue_wire.verdict_batch``), so a packet whose handling failed is dropped
+too. At bind the queue's fail-open flag is set explicitly off (``nfqueue_wire.config``):
+a full queue drops, it never lets a clear packet through; and its netlink receive buffer
+is ``NFQ_SOCKET_BYTES``. A drain ends when the queue is empty or the bound is reached: a lone
+packet is sealed, sent and judged in the wakeup it arrived in, never held for a timer.
+
 The receiving half (open, replay window, crypto routing, injection) runs in
 the controller, which owns every receive session: one replay window per
 session, one owner, so no packet is ever accepted twice (``appliance.way_back``).
@@ -37,21 +47,34 @@ that port) stops the worker, and the supervisor forks a fresh one that inherits 
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
 import socket
 import time
+import warnings
 from collections import Counter
 
+from cyphonic import constants as C
 from cyphonic.busy_poll import LONE_GAP_S, BusyPoll
-from cyphonic.datachannel import SendStream
+from cyphonic.datachannel import SEAL_STAGE, SEALED, SendStream
+from cyphonic.udp_batch import GsoSender
 from cyphonic.wire import relay as wire_relay
 
+from . import nfqueue_wire as nfw
 from .constants import (MISS_REPORT_EVERY_S, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS,
                         WORKER_SOCKET_WAIT_S)
 
 PR_SET_PDEATHSIG = 1        # prctl(2)
+# The NFQUEUE edge of a worker (issue 15). (Implementation choices; appliance.constants is their
+# natural home once the files settle.)
+NFQ_DRAIN_PACKETS = 256      # packets read per drain, then the runs go out and one verdict covers them
+NFQ_SOCKET_BYTES = 8 << 20   # the queue's netlink receive buffer (SO_RCVBUFFORCE as root)
+NFQ_RECV_BYTES = 8192        # one queued packet: the package copies at most 4016 bytes of it, plus metadata
+NFQ_MAX_LEN = 4096           # packets the kernel holds for the queue (read or not, until their verdict)
+NFQ_CONFIG_SEQ = 1           # our configuration request's sequence number (its ACK is taken out of the stream)
+_MAX_INNER = C.MAX_INNER_PACKET_BYTES
 
 
 class ReplyWait:
@@ -139,12 +162,14 @@ class SealTable:
     general nodes' sockets by port. Changed only by the controller's messages (``control``);
     the packet handler reads ``sessions`` (the same dict, never replaced)."""
 
-    def __init__(self, index: int, queue_num: int, conn, sockets: dict, counters: Counter) -> None:
+    def __init__(self, index: int, queue_num: int, conn, sockets: dict, counters: Counter,
+                 prefixed: dict[str, Counter] | None = None) -> None:
         self.index = index
         self.queue_num = queue_num
         self.conn = conn
         self.sockets: dict[int, socket.socket] = dict(sockets)
         self.counters = counters
+        self.prefixed = prefixed or {}   # more counters, reported with a prefix (the sender's as send_*)
         self.sessions: dict[tuple[bytes, bytes], tuple] = {}  # (gn vip, peer vip) -> (SendStream, endpoint, sock)
         self.tx_bytes: Counter = Counter()                   # per session, for cyadm
 
@@ -181,9 +206,10 @@ class SealTable:
         elif kind == "stats":
             per = {f"{'.'.join(map(str, k[0]))}>{'.'.join(map(str, k[1]))}": v for k, v in self.tx_bytes.items()
                    if k in sessions}
+            more = {prefix + k: v for prefix, table in self.prefixed.items() for k, v in table.items()}
             self.conn.send(("stats", {"index": self.index, "queue": self.queue_num, "pid": os.getpid(),
                                       "sessions": len(sessions), "ports": len(self.sockets), **counters,
-                                      "per_session": per}))
+                                      **more, "per_session": per}))
         elif kind == "stop":
             return False
         return True
@@ -195,6 +221,146 @@ class SealTable:
             for k in [k for k, s in self.sessions.items() if s[2] is sock]:
                 del self.sessions[k]
             sock.close()
+
+
+class QueueDrain:
+    """A worker's reads of its NFQUEUE and its verdicts, on the package's netlink socket ``sock``.
+
+    ``NetfilterQueue.run_socket(drain)`` reads through ``recv``: at most ``limit`` packets a
+    drain (then EAGAIN, so the batch is bounded and the epoll loop comes back), with the ACK
+    of our configuration taken out of the stream (``config_acked``, or ``nfq_config_refused``)
+    and the kernel's ENOBUFS (packets it could not queue to us: dropped, fail-open being off)
+    counted as ``nfq_enobufs``. The packet callback calls ``seen(id)`` first thing. ``end()``
+    closes the drain: the sender's runs go out, then one DROP verdict for every packet read
+    (``verdict_batches``; ``verdicts``: the packets they covered). Counters in ``counters``."""
+
+    def __init__(self, sock, queue_num: int, counters: Counter, sender: GsoSender | None = None,
+                 limit: int = NFQ_DRAIN_PACKETS) -> None:
+        self.sock = sock
+        self.queue_num = queue_num
+        self.counters = counters
+        self.sender = sender
+        self.limit = limit
+        self.left = limit
+        self.last_id: int | None = None
+        self.count = 0
+
+    def configure(self) -> None:
+        """Fail-open explicitly off (mask bit set, value 0), asked with an ACK."""
+        try:
+            self.sock.send(nfw.config(self.queue_num, flags=0, mask=nfw.F_FAIL_OPEN, seq=NFQ_CONFIG_SEQ))
+        except OSError as exc:
+            self.counters["nfq_config_" + (errno.errorcode.get(exc.errno, "") or type(exc).__name__)] += 1
+
+    def recv(self, _bufsize: int = NFQ_RECV_BYTES) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "drain bound reached")
+        while True:
+            try:
+                data = self.sock.recv(NFQ_RECV_BYTES, socket.MSG_DONTWAIT)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.counters["nfq_enobufs"] += 1
+                raise
+            ack = nfw.parse_ack(data)
+            if ack is None:
+                self.left -= 1
+                return data
+            if ack.error:
+                self.counters["nfq_config_refused"] += 1
+            else:
+                self.counters["config_acked"] += 1
+
+    def seen(self, packet_id: int) -> None:
+        self.last_id = packet_id
+        self.count += 1
+
+    def end(self) -> None:
+        """The drain is over: send what was sealed, then DROP every packet read (fail closed)."""
+        self.left = self.limit
+        if self.sender is not None:
+            self.sender.flush()
+        last, self.last_id = self.last_id, None
+        if last is None:
+            return
+        n, self.count = self.count, 0
+        try:
+            self.sock.send(nfw.verdict_batch(self.queue_num, nfw.DROP_ONLY, last))
+        except OSError as exc:  # the packets stay queued: the next batch covers them, or the queue drops
+            self.counters["nfq_verdict_" + (errno.errorcode.get(exc.errno, "") or type(exc).__name__)] += 1
+            return
+        self.counters["verdict_batches"] += 1
+        self.counters["verdicts"] += n
+
+
+def packet_handler(table: "SealTable", sender: GsoSender, drain: QueueDrain, heads_up: int = -1,
+                   clock=time.monotonic):
+    """The NFQUEUE callback of a worker: seal each packet with its session's stream and add it
+    to ``sender``; no verdict here (``drain.end`` drops them all). Never raises."""
+    counters = table.counters
+    sessions = table.sessions                          # (gn vip, peer vip) -> (SendStream, endpoint, sock)
+    tx_bytes = table.tx_bytes
+    conn = table.conn
+    last_miss: dict[tuple[bytes, bytes], float] = {}
+    last_sent = 0.0
+    eventfd_write = os.eventfd_write
+    seen = drain.seen
+    add = sender.add
+    send_now = sender.send_now
+    stage = SEAL_STAGE
+    sealed = SEALED
+
+    def on_packet(pkt) -> None:
+        nonlocal last_sent
+        try:
+            seen(pkt.id)   # first: whatever happens below, the drain's verdict (DROP) covers it
+            payload = pkt.get_payload()
+            size = len(payload)
+            if size < 20 or payload[0] >> 4 != 4:
+                counters["drop_not_ipv4"] += 1
+                return
+            key = (payload[12:16], payload[16:20])
+            s = sessions.get(key)
+            if s is None:
+                counters["drop_no_session"] += 1
+                now = clock()
+                if now - last_miss.get(key, 0.0) >= MISS_REPORT_EVERY_S:
+                    if len(last_miss) > WORKER_MAX_SESSIONS:
+                        last_miss.clear()
+                    last_miss[key] = now
+                    conn.send(("miss", key[0], key[1]))
+                return
+            if size > _MAX_INNER:
+                counters["drop_oversize"] += 1
+                return
+            stream, endpoint, sock = s
+            stage[0:size] = payload
+            length = stream.seal_staged(size)      # the stream's next counter, never another
+            now = clock()
+            lone = now - last_sent > LONE_GAP_S    # the first packet after a pause (a ping, a request)
+            last_sent = now
+            if lone and heads_up >= 0:  # tell the controller to wait awake for the answer (ReplyWait)
+                try:
+                    eventfd_write(heads_up, 1)
+                except OSError:
+                    counters["heads_up_failed"] += 1
+            if endpoint[0] == "relay":
+                dest, datagram = endpoint[1], wire_relay.encode_data(endpoint[2], sealed[:length])
+            else:
+                dest, datagram = endpoint, sealed[:length]
+            if lone and not sender.pending:
+                send_now(sock, dest, datagram)     # nothing before it waits: out at once, no copy
+            else:
+                add(sock, dest, datagram)          # (copied into the run: the stage is free)
+            counters["sealed"] += 1
+            counters["sealed_bytes"] += size
+            tx_bytes[key] += size
+        except OSError as exc:  # e.g. the miss report's pipe: never end the loop
+            counters["send_" + (os.strerror(exc.errno) if exc.errno else type(exc).__name__)] += 1
+        except Exception as exc:  # noqa: BLE001 - no-throw boundary of the packet path
+            counters["internal_" + type(exc).__name__] += 1
+
+    return on_packet
 
 
 def _die_with_parent() -> None:
@@ -218,80 +384,35 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
     _die_with_parent()
     parent = os.getppid()
     counters: Counter = Counter()
-    table = SealTable(index, queue_num, conn, sockets, counters)
-    sessions = table.sessions                          # (gn vip, peer vip) -> (SendStream, endpoint, sock)
-    tx_bytes = table.tx_bytes
-    last_miss: dict[tuple[bytes, bytes], float] = {}
-    last_sent = 0.0
-    monotonic = time.monotonic
-    eventfd_write = os.eventfd_write
-
-    def on_packet(pkt) -> None:
-        nonlocal last_sent
-        verdict = False
-        try:
-            payload = pkt.get_payload()
-            if len(payload) < 20 or payload[0] >> 4 != 4:
-                counters["drop_not_ipv4"] += 1
-                pkt.drop()
-                return
-            key = (payload[12:16], payload[16:20])
-            s = sessions.get(key)
-            if s is None:
-                counters["drop_no_session"] += 1
-                pkt.drop()
-                now = time.monotonic()
-                if now - last_miss.get(key, 0.0) >= MISS_REPORT_EVERY_S:
-                    if len(last_miss) > WORKER_MAX_SESSIONS:
-                        last_miss.clear()
-                    last_miss[key] = now
-                    conn.send(("miss", key[0], key[1]))
-                return
-            stream, endpoint, sock = s
-            sealed = stream.seal(payload)
-            if heads_up >= 0:  # a lone packet: tell the controller to wait awake (ReplyWait)
-                now = monotonic()
-                if now - last_sent > LONE_GAP_S:
-                    try:
-                        eventfd_write(heads_up, 1)
-                    except OSError:
-                        counters["heads_up_failed"] += 1
-                last_sent = now
-            if endpoint[0] == "relay":
-                sock.sendto(wire_relay.encode_data(endpoint[2], sealed), endpoint[1])
-            else:
-                sock.sendto(sealed, endpoint)
-            pkt.drop()  # after the send: the verdict is not on the way to the peer
-            verdict = True
-            counters["sealed"] += 1
-            counters["sealed_bytes"] += len(payload)
-            tx_bytes[key] += len(payload)
-        except OSError as exc:  # e.g. ECONNREFUSED after an ICMP error: never end the loop
-            counters["send_" + (os.strerror(exc.errno) if exc.errno else type(exc).__name__)] += 1
-            if not verdict:
-                pkt.drop()
-        except Exception as exc:  # noqa: BLE001 - no-throw boundary of the packet path
-            counters["internal_" + type(exc).__name__] += 1
-            if not verdict:
-                pkt.drop()
+    send_drops: Counter = Counter()                    # the sender's drops and errors, as send_*
+    table = SealTable(index, queue_num, conn, sockets, counters, prefixed={"send_": send_drops})
+    sender = GsoSender(counters=counters, drops=send_drops, errors=send_drops)
+    drain = QueueDrain(None, queue_num, counters, sender)
+    on_packet = packet_handler(table, sender, drain, heads_up)
 
     nfq = NetfilterQueue()
     for attempt in range(WORKER_BIND_ATTEMPTS):  # a dying predecessor may hold the queue a moment longer
         try:
-            nfq.bind(queue_num, on_packet, max_len=4096)
+            with warnings.catch_warnings():     # a smaller buffer than asked is read back below
+                warnings.simplefilter("ignore")
+                nfq.bind(queue_num, on_packet, max_len=NFQ_MAX_LEN, sock_len=NFQ_SOCKET_BYTES)
             break
         except OSError:
             if attempt == WORKER_BIND_ATTEMPTS - 1:
                 os._exit(3)  # the supervisor will try again
             time.sleep(WORKER_BIND_RETRY_S)
+    nfq_fd = nfq.get_fd()
+    nl = socket.socket(fileno=os.dup(nfq_fd))    # the package's netlink socket (a second descriptor)
+    drain.sock = nl
+    drain.configure()
+    counters["queue_rcvbuf_bytes"] = nl.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     # A bare epoll, and the controller checked only when idle (PR_SET_PDEATHSIG covers its death
     # anyway): a worker woken by one packet runs as little as it can before sealing it.
     ep = select.epoll()
-    nfq_fd = nfq.get_fd()
     ctl_fd = conn.fileno()
     ep.register(nfq_fd, select.EPOLLIN)
     ep.register(ctl_fd, select.EPOLLIN)
-    run_queue = nfq.run
+    run_socket = nfq.run_socket
     conn.send(("ready", index, os.getpid()))
     running = True
     try:
@@ -302,9 +423,11 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
             for fd, _ in events:
                 if fd == nfq_fd:
                     try:
-                        run_queue(block=False)
+                        run_socket(drain)
                     except OSError as exc:
                         counters["nfq_" + type(exc).__name__] += 1
+                    finally:
+                        drain.end()   # the runs go out, then one DROP for every packet read
                 else:
                     try:
                         while conn.poll():
@@ -315,4 +438,5 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
                         running = False  # the controller is gone: stop (the queue then drops)
     finally:
         ep.close()
-        nfq.unbind()
+        nfq.unbind()   # (what is still queued is dropped by the kernel)
+        nl.close()

@@ -28,6 +28,9 @@ from cyphonic.socket_stats import nfqueue_rows, socket_rows as kernel_socket_row
 
 # The workers' counters that are drops (the others: sealed, sealed_bytes, installs, sessions, ports...).
 WORKER_DROP_PREFIXES = ("drop_", "send_", "internal_", "nfq_", "install_", "heads_up_")
+# The workers' counters of batching (issue 15), summed into ``data_path.batches``.
+WORKER_BATCH_COUNTERS = ("gso_sends", "gso_segments", "plain_sends", "gso_disabled", "verdict_batches",
+                         "verdicts")
 
 
 def general_node_rows(registry, leases, links: dict, now: float) -> list[dict]:
@@ -96,6 +99,15 @@ def drop_counts(*, links, own: dict, injector, dhcp, arp, resolver, pool) -> dic
     return out
 
 
+def batch_counts(pool, way_back_batches) -> dict:
+    """How many packets each system call moved: the way back's GRO reads (``gro_reads``,
+    ``gro_pieces``, ...) and the workers' GSO sends and NFQUEUE verdict batches, summed."""
+    out: Counter = Counter(way_back_batches or {})
+    for w in (pool.workers if pool is not None else ()):
+        out.update({k: v for k, v in w.stats.items() if k in WORKER_BATCH_COUNTERS and isinstance(v, int)})
+    return dict(out)
+
+
 def socket_rows(*, links, dhcp, arp, resolver, queues: range | None) -> list[dict]:
     """The kernel's drops on every socket of the controller and on the workers' NFQUEUEs."""
     named = [(link.host.subject or link.gn.name, link.sock) for link in links]
@@ -107,7 +119,8 @@ def socket_rows(*, links, dhcp, arp, resolver, queues: range | None) -> list[dic
 
 def document(*, cfg, pid: int, now: float, started: float, self_link, links: dict, registry, leases,
              pool, health: list[dict], filter_mode: str, dhcp, arp, dns: dict, reply_wait, selector,
-             drops: dict, sockets: list[dict], unknown_macs: dict | None = None) -> dict:
+             drops: dict, sockets: list[dict], unknown_macs: dict | None = None,
+             way_back_batches: dict | None = None) -> dict:
     sig = self_link.engine.signaling if self_link is not None else None
     link_status = sig.status() if sig else {}
     return {
@@ -130,7 +143,8 @@ def document(*, cfg, pid: int, now: float, started: float, self_link, links: dic
                       "heads_ups": reply_wait.heads_ups if reply_wait else 0,
                       "busy_polls": reply_wait.busy_polls if reply_wait else 0,
                       "idle_cpus": round(reply_wait.idle_cpus, 2) if reply_wait else None,
-                      "handler_errors": dict(selector.handler_errors) if selector else {}},
+                      "handler_errors": dict(selector.handler_errors) if selector else {},
+                      "batches": batch_counts(pool, way_back_batches)},
         "drops": drops,
         "sockets": sockets,
         "health": health,

@@ -12,6 +12,13 @@ through at once, as the node daemon's ``PacketPath`` does toward its TUN:
 Everything else (signaling, handshakes, relays, new endpoints, the adapter's own link) goes
 to the general node's engine and its ``EngineHost`` is flushed once per batch.
 
+Batches (issue 15): each general node's socket reads with UDP GRO, so a burst from one peer
+arrives as one read of up to 64 datagrams; every piece is moved to the front of ``RECV_STAGE``
+and goes through the fast path on its own (its own authentication, replay-window entry and
+crypto routing), and a piece the fast path refuses goes to the engine, as a lone datagram
+would. ``batch`` counts ``gro_reads``, ``gro_pieces`` and ``gro_initiation_on_main`` (an
+initiation merged into a run of data packets, past the reuseport steering: still handled).
+
 Busy polling for answers: the workers write a heads-up (an eventfd) before sending a lone
 packet; ``ReplyWait`` (``appliance.packet_handling``, on ``cyphonic.busy_poll``) then keeps
 the controller awake for the answer, which this path tells it about before injecting.
@@ -30,6 +37,8 @@ from typing import Callable
 
 from cyphonic.datachannel import OPENED, RECV_BUFFER, RECV_STAGE
 from cyphonic.node.constants import INTAKE_BATCH, READ_BATCH, RECV_BYTES
+from cyphonic.udp import INITIATION_TYPES
+from cyphonic.udp_batch import enable_gro, read_merged
 
 from .packet_handling import ReplyWait
 
@@ -44,6 +53,7 @@ class WayBack:
         self.selector = selector
         self.clock = clock
         self.drops: Counter = drops if drops is not None else Counter()
+        self.batch: Counter = Counter()   # gro_reads, gro_pieces, gro_initiation_on_main, gro_unavailable
         self.heads_up = -1          # the eventfd the workers write before a lone packet
         self.reply_wait: ReplyWait | None = None
         if selector is not None and busy_poll_s:
@@ -56,6 +66,8 @@ class WayBack:
     def watch(self, link, *, to_general_node: bool = True) -> None:
         """Read ``link``'s socket. ``to_general_node`` False: the adapter's own link, whose
         data packets are not for anyone on the LAN (all to its engine)."""
+        if not enable_gro(link.sock):
+            self.batch["gro_unavailable"] += 1
         readers = [(link.sock, self._handler(link, to_general_node))]
         if link.intake is not None:
             readers.append((link.intake, self._intake_handler(link)))
@@ -130,10 +142,14 @@ class WayBack:
         engine = link.host.engine
         receive_datagram = engine.receive_datagram
         flush = link.host.flush
-        recvfrom_into = link.sock.recvfrom_into
+        recvmsg_into = link.sock.recvmsg_into
+        into = [RECV_STAGE]
+        read = read_merged
+        stage = RECV_STAGE
         inject = self.inject
         clock = self.clock
         drops = self.drops
+        counts = self.batch
         wait = self.reply_wait
         delivered = wait.policy.delivered if wait is not None else None   # (ReplyWait.delivered, inline)
         stop_spin = wait.stop_spin if wait is not None else None
@@ -142,28 +158,38 @@ class WayBack:
         def on_udp() -> bool:
             now = clock()
             device = engine.device if to_general_node else None   # made at the first login
+            fast_receive = device.fast_receive_staged if device is not None else None
             slow = False
             for _ in batch:
                 try:
-                    n, addr = recvfrom_into(RECV_STAGE)
+                    got = read(recvmsg_into, into, counts, drops)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     drops["udp_error"] += 1
                     continue
-                if len(addr) > 2:
-                    addr = addr[:2]
-                if device is not None:  # the common case: open, check and inject, nothing copied
-                    plen = device.fast_receive_staged(n, addr, now)
-                    if plen is not None:
-                        if plen:
-                            if delivered is not None and delivered(now):
-                                stop_spin()   # the CPU is for the general node's packet now
-                            if not inject(OPENED[:plen]):
-                                drops["inject_failed"] += 1
-                        continue
-                receive_datagram(RECV_BUFFER[0:n], addr, now)
-                slow = True
+                if got is None:
+                    continue
+                n, seg, addr = got
+                off = 0
+                while off < n:   # each piece of a merged read is one datagram, opened on its own
+                    size = seg if n - off > seg else n - off
+                    if off:
+                        stage[0:size] = stage[off:off + size]   # (later pieces lie beyond: untouched)
+                    off += seg
+                    if fast_receive is not None:  # the common case: open, check and inject
+                        plen = fast_receive(size, addr, now)
+                        if plen is not None:
+                            if plen:
+                                if delivered is not None and delivered(now):
+                                    stop_spin()   # the CPU is for the general node's packet now
+                                if not inject(OPENED[:plen]):
+                                    drops["inject_failed"] += 1
+                            continue
+                    if seg < n and stage[0] in INITIATION_TYPES:
+                        counts["gro_initiation_on_main"] += 1   # merged past the reuseport steering
+                    receive_datagram(RECV_BUFFER[0:size], addr, now)
+                    slow = True
             if slow:
                 flush()
             return slow

@@ -87,6 +87,9 @@ MAX_EVENTS_QUEUED = 4096                 # events not yet pulled by the caller (
 MAX_DATAGRAMS_QUEUED = 4096              # datagrams not yet pulled by the caller
 MAX_RECEIVE_STREAMS_PER_SESSION = 64     # replay windows a session allocates: a sender uses at most
                                          # 64 of the 256 stream ids under one key, then rekeys
+# Batched sending (cyphonic.udp_batch): datagrams in one UDP GSO send, at most the kernel's
+# UDP_MAX_SEGMENTS (64; more is EMSGSIZE), and at most MAX_DATAGRAM_BYTES in all.
+GSO_MAX_SEGMENTS = 64
 
 # Control channel (node <-> cloud signaling), docs/protocol.md "Signaling".
 CONTROL_RETRY_S = 1.0             # first retransmission of an unanswered request

@@ -20,7 +20,7 @@ CLOUD_KEY = "cyk1:" + "ab" * 32 + ":" + "cd" * 32
 # What scripts read from `cyadm status --json` (docs/adapter.md): these keys stay.
 STATUS_KEYS = {"kind", "pid", "uptime_s", "identity", "cloud", "lan", "packet_filter", "general_nodes", "tunnels",
                "workers", "worker_restarts", "dhcp", "arp", "dns", "data_path", "drops", "sockets", "health"}
-DATA_PATH_KEYS = {"busy_poll_us", "heads_ups", "busy_polls", "idle_cpus", "handler_errors"}
+DATA_PATH_KEYS = {"busy_poll_us", "heads_ups", "busy_polls", "idle_cpus", "handler_errors", "batches"}
 GN_ROW_KEYS = {"mac", "name", "fqdn", "vip4", "lease_expires_in_s", "cloud", "instance", "port"}
 
 

@@ -352,3 +352,82 @@ def test_general_nodes_from_the_config_with_the_token_in_a_file(lab, tmp_path):
              "except socket.timeout:\n    print('dropped')\n"
              "except OSError as e:\n    print('answered', e)\n")
     assert lab.exec(gn, [sys.executable, "-c", probe], timeout=20).stdout.strip() == "dropped"
+
+
+def _queue_row(lab, host, queue: int) -> dict:
+    """/proc/net/netfilter/nfnetlink_queue's row of ``queue`` in ``host``'s namespace."""
+    text = lab.exec(host, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    for line in text.splitlines():
+        f = [int(x) for x in line.split()[:8]]
+        if f[0] == queue:
+            return {"total": f[2], "copy_range": f[4], "queue_dropped": f[5], "user_dropped": f[6]}
+    raise AssertionError(f"queue {queue} not held: {text!r}")
+
+
+def _nft_counter(lab, host, name: str) -> int:
+    import re
+    out = lab.exec(host, ["nft", "list", "counter", "inet", "cyphonic", name]).stdout
+    return int(re.search(r"packets (\d+) bytes", out).group(1))
+
+
+def test_bulk_traffic_moves_in_batches_and_a_stopped_worker_drops_its_full_queue_never_fails_open(lab, tmp_path):
+    """Issue 15 on real parts: TCP both ways through the adapter shows GSO runs from the worker
+    (gso_segments / gso_sends > 1), GRO reads on the way back and batched DROP verdicts; then,
+    the worker stopped (SIGSTOP), the general node overflows its queue: the overflow is dropped
+    by the kernel (queue_dropped), none comes back through fail-open (the nft counter of
+    overlay-bound packets that were not queued stays still) and nothing leaves in clear."""
+    import signal as _signal
+    site = adapter_site(lab, tmp_path, workers=1)
+    adapter, gn, srv_host, srv_vip = site["adapter"], site["gn"], site["srv_host"], site["srv_vip"]
+    sock, gn_vip = site["sock"], site["gn_vip"]
+    assert lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10"], timeout=20) \
+        .stdout.strip() == srv_vip
+    lab.spawn(srv_host, ["iperf3", "-s", "-B", srv_vip], log=tmp_path / "iperf-s.log")
+    time.sleep(0.7)
+    for extra in ([], ["-R"]):                                 # gn -> srv (the worker), srv -> gn (the way back)
+        r = lab.exec(gn, ["iperf3", "-c", srv_vip, "-t", "2", "-J", *extra], timeout=30)
+        assert json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] > 5e6, r.stdout[-500:]
+    st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
+    [w] = st["workers"]
+    b = st["data_path"]["batches"]
+    print(f"\nworker: {w.get('gso_segments')} datagrams in {w.get('gso_sends')} GSO sends, "
+          f"{w.get('plain_sends')} alone; {w.get('verdicts')} packets in {w.get('verdict_batches')} verdicts; "
+          f"way back: {b.get('gro_pieces')} datagrams in {b.get('gro_reads')} GRO reads")
+    assert w["gso_sends"] > 0 and w["gso_segments"] / w["gso_sends"] > 1, w
+    assert w["verdict_batches"] > 0 and w["verdicts"] > w["verdict_batches"], w
+    assert b["gso_sends"] == w["gso_sends"] and b["verdict_batches"] == w["verdict_batches"], b
+    assert b.get("gro_reads", 0) > 0 and b["gro_pieces"] / b["gro_reads"] > 1, b
+    assert w["config_acked"] == 1 and w["queue_rcvbuf_bytes"] >= 8 << 20, w
+    assert not w.get("gso_disabled") and not w.get("nfq_config_refused") and not w.get("nfq_enobufs"), w
+    assert not [k for k in st["drops"] if k.startswith("worker_send_")], st["drops"]
+
+    # fail-open is off: a full queue drops, it never lets a packet by
+    cap = lab.spawn(adapter, ["tcpdump", "-i", "eth0", "-n", "-U", "-w", str(tmp_path / "wan.pcap"),
+                              f"host {gn_vip} or host {srv_vip}"], log=tmp_path / "tcpdump.log")
+    time.sleep(0.7)
+    queue = w["queue"]
+    unqueued = _nft_counter(lab, adapter, "overlay_unqueued")
+    before = _queue_row(lab, adapter, queue)
+    os.kill(w["pid"], _signal.SIGSTOP)
+    try:
+        flood = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 f"for i in range(6000): s.sendto(b'x' * 64, ('{srv_vip}', 9))")
+        lab.exec(gn, [PY, "-c", flood], timeout=60, check=True)
+        time.sleep(0.3)
+        full = _queue_row(lab, adapter, queue)
+        assert full["total"] == 4096, full                     # NFQ_MAX_LEN packets held, unjudged
+        assert full["queue_dropped"] - before["queue_dropped"] >= 6000 - 4096 - 50, (before, full)
+        assert _nft_counter(lab, adapter, "overlay_unqueued") == unqueued   # none came back (fail-open)
+    finally:
+        os.kill(w["pid"], _signal.SIGCONT)
+    deadline = time.time() + 20
+    while _queue_row(lab, adapter, queue)["total"] and time.time() < deadline:
+        time.sleep(0.2)                                        # the worker judges the backlog in batches
+    assert _queue_row(lab, adapter, queue)["total"] == 0
+    p = lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=20)
+    assert " 0% packet loss" in p.stdout, p.stdout
+    time.sleep(0.3)
+    cap.terminate()
+    cap.wait(10)
+    dump = lab.exec(adapter, ["tcpdump", "-n", "-r", str(tmp_path / "wan.pcap")], timeout=20)
+    assert dump.stdout.strip() == "", dump.stdout[:2000]      # no clear packet of the GN on the WAN

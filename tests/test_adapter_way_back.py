@@ -159,3 +159,29 @@ def test_a_heads_up_starts_a_busy_poll_and_the_answer_stops_it():
         wb.close()
     assert wb.heads_up == -1
     assert WayBack(lambda p: True, selector=None, busy_poll_s=0.0005).reply_wait is None   # no selector: no busy poll
+
+
+def test_each_piece_of_a_gro_read_is_opened_checked_and_injected_on_its_own():
+    """A merged read (UDP GRO) from a peer: every piece passes the device's fast path by itself,
+    so a replayed piece is a counted drop and an initiation merged into the run reaches the engine."""
+    from corefixtures import ping
+    from test_node_packet_loop import MergedReads, live_pair
+
+    w, a, b = live_pair()
+    sealed = [a.fast_send(ping(a, b, i, b"x" * 200), w.now)[0] for i in range(1, 4)]
+    size = len(sealed[0])
+    initiation = b"\x01" + bytes(size - 1)
+    merged = sealed[0] + sealed[0] + initiation + sealed[1] + sealed[2]
+    injected = []
+    sel = Selector()
+    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, clock=lambda: w.now)
+    engine = Engine()
+    engine.device = b
+    flushes = []
+    link = SimpleNamespace(sock=MergedReads([(merged, size)], w.addr["alice"]), intake=None,
+                           host=SimpleNamespace(engine=engine, flush=lambda: flushes.append(1)))
+    wb.watch(link)
+    assert sel.readers[99]() is True
+    assert injected == [ping(a, b, i, b"x" * 200) for i in (1, 2, 3)]
+    assert b.drops["replay"] == 1 and engine.slow == [initiation] and flushes == [1]
+    assert wb.batch == {"gro_reads": 1, "gro_pieces": 5, "gro_initiation_on_main": 1}

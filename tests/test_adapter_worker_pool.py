@@ -4,9 +4,14 @@ from running workers over real pipes (appliance.packet_handling.SealTable, the w
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import struct
 from collections import Counter
+from types import SimpleNamespace
+
+import pytest
 from multiprocessing.connection import Connection
 
 from cyphonic.health import Health
@@ -180,3 +185,135 @@ def test_a_worker_refuses_an_add_port_without_its_socket_and_stops_for_a_fresh_f
     live.pool.add_port(other.getsockname()[1], other)                  # a dead pipe: marked, replaced
     assert live.pool.workers[0].dead
     other.close()
+
+
+# --- a worker's queue drain: sealed runs out first, then one DROP for every packet read (issue 15) ------
+
+class FakeNetlink:
+    """The queue's netlink socket: ``recv`` hands out the queued messages, then EAGAIN;
+    ``send`` records (in ``log``, shared with the UDP socket to see the order)."""
+
+    def __init__(self, log: list, messages=()) -> None:
+        self.log = log
+        self.messages = list(messages)
+
+    def recv(self, n, flags=0):
+        if not self.messages:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        m = self.messages.pop(0)
+        if isinstance(m, int):
+            raise OSError(m, os.strerror(m))
+        return m
+
+    def send(self, data):
+        self.log.append(("netlink", bytes(data)))
+        return len(data)
+
+
+class LoggingUdp:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def sendto(self, data, addr):
+        self.log.append(("udp", addr, bytes(data)))
+
+    def sendmsg(self, buffers, ancdata, flags, addr):
+        self.log.append(("udp-gso", addr, b"".join(bytes(b) for b in buffers)))
+
+
+class FakePacket:
+    def __init__(self, pid: int, payload: bytes | None) -> None:
+        self.id = pid
+        self.payload = payload
+        self.verdicts = []
+
+    def get_payload(self):
+        if self.payload is None:
+            raise RuntimeError("no payload")
+        return self.payload
+
+    def drop(self):
+        self.verdicts.append("drop")
+
+    accept = drop
+
+
+GN, PEER = bytes([100, 64, 0, 1]), bytes([100, 64, 1, 1])
+
+
+def ip(src: bytes, dst: bytes, size: int = 60) -> bytes:
+    return b"\x45" + bytes(11) + src + dst + bytes(size - 20)
+
+
+def worker(log: list, messages=(), limit: int = 256):
+    from appliance.packet_handling import QueueDrain, packet_handler
+    from cyphonic.datachannel import SendStream
+    from cyphonic.udp_batch import GsoSender
+
+    sent_misses = []
+    table = SealTable(0, 5, SimpleNamespace(send=sent_misses.append), {}, Counter())
+    udp_sock = LoggingUdp(log)
+    key = bytes(range(32))
+    table.sessions[(GN, PEER)] = (SendStream(key, 77, stream_id=3), ("192.0.2.7", 4000), udp_sock)
+    sender = GsoSender(counters=table.counters)
+    drain = QueueDrain(FakeNetlink(log, messages), 5, table.counters, sender, limit=limit)
+    return table, drain, packet_handler(table, sender, drain), sent_misses, key
+
+
+def test_a_drain_sends_its_runs_then_one_drop_verdict_for_every_packet_it_read_even_failed_ones():
+    from appliance import nfqueue_wire as nfw
+    from cyphonic.datachannel import ReceiveSession
+
+    log = []
+    table, drain, on_packet, misses, key = worker(log)
+    pkts = [FakePacket(10, ip(GN, PEER)), FakePacket(11, ip(GN, PEER)), FakePacket(12, ip(GN, bytes(4))),
+            FakePacket(13, None), FakePacket(14, b"\x60" + bytes(39)), FakePacket(15, ip(GN, PEER))]
+    for p in pkts:
+        on_packet(p)
+    assert [e[0] for e in log] == ["udp"]                      # the first after a pause leaves at once ...
+    assert not any(p.verdicts for p in pkts)                   # ... the rest waits for the drain's end
+    drain.end()
+    kinds = [e[0] for e in log]
+    assert kinds == ["udp", "udp-gso", "netlink"]              # the sealed run first, then the verdict
+    assert log[2][1] == nfw.verdict_batch(5, nfw.NF_DROP, 15)  # DROP up to the last id read
+    recv = ReceiveSession(key, 77)
+    opened = [recv.open(d) for d in [log[0][2]] + [log[1][2][i:i + 92] for i in range(0, 184, 92)]]
+    assert [c for _, c in opened] == [(3 << 56) + i for i in range(3)]   # the stream's next counters
+    c = table.counters
+    assert (c["sealed"], c["drop_no_session"], c["internal_RuntimeError"], c["drop_not_ipv4"]) == (3, 1, 1, 1)
+    assert (c["verdict_batches"], c["verdicts"], c["gso_sends"], c["gso_segments"]) == (1, 6, 1, 2)
+    assert misses == [("miss", GN, bytes(4))]
+    drain.end()                                                # an empty drain judges nothing
+    assert len(log) == 3 and c["verdict_batches"] == 1
+
+
+def test_a_lone_packet_is_sent_and_judged_in_the_drain_it_arrived_in():
+    log = []
+    table, drain, on_packet, _, _ = worker(log)
+    on_packet(FakePacket(1, ip(GN, PEER)))
+    drain.end()
+    assert [e[0] for e in log] == ["udp", "netlink"] and table.counters["plain_sends"] == 1
+
+
+def test_the_drain_is_bounded_takes_out_its_config_ack_and_counts_enobufs():
+    from appliance import nfqueue_wire as nfw
+
+    ack_ok = nfw.NLMSGHDR.pack(36, nfw.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", 0) + bytes(16)
+    refused = nfw.NLMSGHDR.pack(36, nfw.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -errno.EINVAL) + bytes(16)
+    log = []
+    table, drain, _, _, _ = worker(log, [ack_ok, b"p1", errno.ENOBUFS, refused, b"p2", b"p3", b"p4"], limit=2)
+    assert drain.recv(4096) == b"p1"
+    with pytest.raises(OSError) as exc:
+        drain.recv(4096)                                       # (run_socket goes on after ENOBUFS)
+    assert exc.value.errno == errno.ENOBUFS
+    assert drain.recv(4096) == b"p2"
+    with pytest.raises(BlockingIOError):                       # the bound: run_socket returns
+        drain.recv(4096)
+    c = table.counters
+    assert (c["config_acked"], c["nfq_config_refused"], c["nfq_enobufs"]) == (1, 1, 1)
+    drain.end()                                                # a new drain, a new bound
+    assert drain.recv(4096) == b"p3" and drain.recv(4096) == b"p4"
+    with pytest.raises(BlockingIOError):
+        drain.recv(4096)                                       # the queue is empty
+    drain.configure()
+    assert log[-1] == ("netlink", nfw.config(5, flags=0, mask=nfw.F_FAIL_OPEN, seq=1))

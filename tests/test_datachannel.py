@@ -491,3 +491,32 @@ def test_message_type():
     assert wire_data.message_type(b"\x04rest") == wire_data.MSG_DATA
     with pytest.raises(ParseError):
         wire_data.message_type(b"")
+
+
+def test_pieces_of_a_merged_read_open_one_by_one_from_the_front_of_the_stage():
+    """The GRO readers (issue 15) move each piece of a merged read to the front of RECV_STAGE and
+    open it there: opening writes only OPENED, so the pieces further on stay intact, and each
+    piece takes its own replay-window entry (a repeated piece is refused)."""
+    from cyphonic.datachannel import OPENED, RECV_STAGE
+    from cyphonic.errors import ReplayError
+
+    key = bytes(range(32))
+    tx, rx = SendStream(key, 5, stream_id=2), ReceiveSession(key, 5)
+    pieces = [tx.seal(bytes([i]) * 300) for i in range(4)]
+    pieces.insert(2, pieces[1])                                # a duplicate inside the run
+    merged = b"".join(pieces)
+    seg = len(pieces[0])
+    RECV_STAGE[:len(merged)] = merged
+    opened, refused = [], 0
+    for off in range(0, len(merged), seg):
+        if off:
+            RECV_STAGE[0:seg] = RECV_STAGE[off:off + seg]
+        try:
+            plen, counter = rx.open_staged(seg)
+        except ReplayError:
+            refused += 1
+            continue
+        opened.append((bytes(OPENED[:plen]), counter))
+        assert bytes(RECV_STAGE[off + seg:len(merged)]) == merged[off + seg:]   # the rest untouched
+    assert [p for p, _ in opened] == [bytes([i]) * 300 for i in range(4)] and refused == 1
+    assert [c for _, c in opened] == [(2 << 56) + i for i in range(4)]

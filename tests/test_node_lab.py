@@ -59,6 +59,13 @@ def test_two_nodes_resolve_ping_iperf_and_clean_stop(lab, tmp_path):
     st = ov.status("alpha")
     t = st["tunnels"][0]
     assert t["peer"] == f"beta.{DOMAIN}" and t["up"] and t["tx_bytes"] > 1e6
+    # issue 15: the bulk left alpha in GSO runs and reached beta in GRO reads, nothing fell back
+    sent, got = st["data_path"]["batches"], ov.status("beta")["data_path"]["batches"]
+    print(f"\nalpha: {sent.get('gso_segments')} datagrams in {sent.get('gso_sends')} GSO sends, "
+          f"{sent.get('plain_sends')} alone; beta: {got.get('gro_pieces')} in {got.get('gro_reads')} GRO reads")
+    assert sent["gso_sends"] > 0 and sent["gso_segments"] / sent["gso_sends"] > 1, sent
+    assert got["gro_reads"] > 0 and got["gro_pieces"] / got["gro_reads"] > 1, got
+    assert not sent.get("gso_disabled") and not sent.get("gro_unavailable") and not got.get("gro_unavailable")
     assert not [h for h in st["health"] if h["severity"] == "error"]
     # the kernel's drops on each socket (SO_MEMINFO reads here), and the metrics textfile
     rows = {r["socket"]: r for r in st["sockets"]}

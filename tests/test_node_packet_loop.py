@@ -326,3 +326,125 @@ def test_idle_cpus_reads_proc_stat(tmp_path):
     assert meter.sample() == 1.5
     assert IdleCpus(str(tmp_path / "missing")).sample() is None
     assert IdleCpus().sample() is None or True              # the real file reads
+
+
+# --- batches (issue 15): GRO pieces in, GSO runs out ------------------------------------------------
+
+class MergedReads:
+    """A UDP socket whose reads are given: each (data, gso_size) is one ``recvmsg_into`` result
+    with its UDP_GRO control message (none when gso_size is None); records what is sent."""
+
+    def __init__(self, reads, addr) -> None:
+        self.reads = list(reads)
+        self.addr = addr
+        self.sent = []
+        self.options = {}
+
+    def fileno(self):
+        return 99
+
+    def setsockopt(self, level, opt, value):
+        self.options[(level, opt)] = value
+
+    def recvmsg_into(self, buffers, ancbufsize):
+        import struct
+        from cyphonic.udp_batch import SOL_UDP, UDP_GRO
+        if not self.reads:
+            raise BlockingIOError
+        data, seg = self.reads.pop(0)
+        buffers[0][:len(data)] = data
+        anc = [] if seg is None else [(SOL_UDP, UDP_GRO, struct.pack("=i", seg))]
+        return len(data), anc, 0, self.addr
+
+    def recvmsg(self, bufsize, ancbufsize):
+        buf = bytearray(65536)
+        n, anc, flags, addr = self.recvmsg_into([memoryview(buf)], ancbufsize)
+        return bytes(buf[:n]), anc, flags, addr
+
+    def sendmsg(self, buffers, ancdata, flags, addr):
+        self.sent.append(("gso", b"".join(bytes(b) for b in buffers), ancdata, addr))
+
+    def sendto(self, data, addr):
+        self.sent.append(("one", bytes(data), addr))
+
+
+def live_pair():
+    """Two real Devices with a confirmed session alice -> bob (tests/test_device.py's pair)."""
+    from corefixtures import ping
+    from test_device import pair
+    w, a, b = pair()
+    a.send_packet(ping(a, b, 0), w.now)
+    w.pump()
+    w.events("bob")
+    return w, a, b
+
+
+def test_each_piece_of_a_gro_read_is_opened_on_its_own_a_replay_is_dropped_and_an_initiation_goes_slow():
+    from corefixtures import ping
+    from cyphonic.udp_batch import UDP_GRO, SOL_UDP
+
+    w, a, b = live_pair()
+    sealed = [a.fast_send(ping(a, b, i, b"x" * 100), w.now)[0] for i in range(1, 5)]
+    size = len(sealed[0])
+    initiation = b"\x01" + bytes(size - 1)                      # an initiation merged into the run
+    last = a.fast_send(ping(a, b, 9, b"y" * 10), w.now)[0]      # shorter: the read's last piece
+    merged = sealed[0] + sealed[1] + sealed[1] + initiation + sealed[2] + sealed[3] + last
+    sock = MergedReads([(merged, size), (sealed[3], None)], w.addr["alice"])
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_app.setblocking(False)
+    handlers, slow = {}, []
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop,
+                      slow_datagram=lambda d, addr, now: slow.append(bytes(d)), slow_packet=lambda p, now: None,
+                      flush=lambda: None, clock=lambda: w.now)
+    path.attach({socket.AF_INET: sock}, b, tun.fileno())
+    assert sock.options == {(SOL_UDP, UDP_GRO): 1}
+    assert handlers[99]() is True                              # the initiation took the slow path
+    assert handlers[99]() is False                             # (after a pause a wakeup reads once)
+    delivered = []
+    while True:
+        try:
+            delivered.append(tun_app.recv(2000))
+        except BlockingIOError:
+            break
+    assert delivered == [ping(a, b, i, b"x" * 100) for i in (1, 2, 3, 4)] + [ping(a, b, 9, b"y" * 10)]
+    assert b.drops["replay"] == 2                              # the copy in the run, and the lone replay
+    assert slow == [initiation]
+    assert path.batch == {"gro_reads": 1, "gro_pieces": 7, "gro_initiation_on_main": 1}
+    for s in (tun_app, tun):
+        s.close()
+
+
+def test_a_tun_burst_leaves_in_gso_runs_and_a_lone_packet_in_its_own_wakeup():
+    from corefixtures import ping
+
+    w, a, b = live_pair()
+    sock = MergedReads([], w.addr["bob"])
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)   # (a DGRAM pair queues 10)
+    for s in (tun_app, tun):
+        s.setblocking(False)
+    clock = [w.now]
+    handlers = {}
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop, slow_datagram=None,
+                      slow_packet=lambda p, now: None, flush=lambda: None, clock=lambda: clock[0])
+    path.attach({socket.AF_INET: sock}, a, tun.fileno())
+    on_tun = handlers[tun.fileno()]
+    tun_app.send(ping(a, b, 1))
+    on_tun()                                                   # after a pause: one packet, sent at once
+    assert [s[0] for s in sock.sent] == ["one"]
+    for i in range(70):
+        tun_app.send(ping(a, b, 100 + i, b"z" * 500))
+    tun_app.send(ping(a, b, 200, b"z" * 20))
+    clock[0] += 0.0001                                         # within BURST_GAP_S: drain
+    on_tun()
+    kinds = [(s[0], len(s[1])) for s in sock.sent[1:]]
+    seg = len(a.peer(b.cert.fqdn).current.sender.seal(b"")) + len(ping(a, b, 1, b"z" * 500))
+    assert kinds == [("gso", 64 * seg), ("gso", 6 * seg + seg - 480)]
+    assert path.batch == {"plain_sends": 1, "gso_sends": 2, "gso_segments": 71}
+    # every datagram opens at bob, in order, each with its own counter
+    for kind, data, *_ in sock.sent:
+        for i in range(0, len(data), seg):
+            b.receive_datagram(data[i:i + seg], w.addr["alice"], w.now)
+    got = [e.packet for e in w.events("bob") if hasattr(e, "packet")]
+    assert got == [ping(a, b, 1)] + [ping(a, b, 100 + i, b"z" * 500) for i in range(70)] + [ping(a, b, 200, b"z" * 20)]
+    for s in (tun_app, tun):
+        s.close()

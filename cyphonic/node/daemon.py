@@ -517,7 +517,8 @@ class NodeDaemon:
             "data_path": {"busy_poll_us": self.cfg.busy_poll_us,
                           "busy_polls": self.path.busy_polls if self.path else 0,
                           "idle_cpus": round(self.path.idle_cpus, 2) if self.path else None,
-                          "handler_errors": dict(self.selector.handler_errors) if self.selector else {}},
+                          "handler_errors": dict(self.selector.handler_errors) if self.selector else {},
+                          "batches": dict(self.path.batch) if self.path else {}},
         }
 
 

@@ -34,9 +34,14 @@ this module only tells it what happened and spins (``DataPathSelector.spin``). `
 and ``sample_idle_cpus`` feed it how many CPUs stood idle (sampled every ``IDLE_SAMPLE_S``
 while lone packets go out, every ``IDLE_SLOW_SAMPLE_S`` otherwise).
 
+Batches (issue 15, ``cyphonic.udp_batch``): a TUN drain's sealed datagrams leave in UDP GSO
+runs when the drain ends (a lone packet at once), and the UDP sockets read with UDP GRO,
+each piece of a merged read through the fast path on its own (``PacketPath``).
+
 Never: block in a handler (every descriptor is non-blocking), let a handler's
 exception out of ``select()`` (it is counted in ``handler_errors`` and the loop goes
-on), or keep asyncio waiting past the timeout it asked for.
+on), keep asyncio waiting past the timeout it asked for, or hold a sealed datagram past
+the end of the drain that sealed it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from typing import Callable
 from .. import constants as C
 from ..busy_poll import BusyPoll
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
+from ..udp import INITIATION_TYPES
+from ..udp_batch import GRO_ANCILLARY_BYTES, GsoSender, enable_gro, gro_segment, read_merged, split
 
 from .constants import (BURST_GAP_S, IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, INTAKE_BATCH, READ_BATCH,
                         RECV_BYTES)
@@ -314,7 +321,15 @@ class PacketPath:
 
     ``slow_datagram(data, addr, now)`` and ``slow_packet(packet, now)`` take what the fast
     path refuses; ``flush()`` runs once after a batch that used them. Counters:
-    ``errors`` (socket and TUN errors by name) and ``drops``."""
+    ``errors`` (socket and TUN errors by name), ``drops`` and ``batch`` (how many datagrams
+    each system call moved, ``cyphonic.udp_batch``: ``gso_sends``, ``gso_segments``,
+    ``plain_sends``, ``gso_disabled``, ``gro_reads``, ``gro_pieces``, ``gro_initiation_on_main``).
+
+    Batches (issue 15): the TUN handler adds each sealed datagram to a ``GsoSender`` and
+    flushes it when its drain ends, so a burst leaves in runs of up to 64 datagrams per
+    ``sendmsg`` and a lone packet in the same wakeup; the UDP handler reads with UDP GRO and
+    carries each piece of a merged read through the fast path on its own (its own
+    authentication and replay-window entry), moving it to the front of ``RECV_STAGE``."""
 
     def __init__(self, add_reader: Callable[[int, Callable[[], bool]], object],
                  remove_reader: Callable[[int], object], *, slow_datagram, slow_packet, flush,
@@ -334,6 +349,8 @@ class PacketPath:
         self.clock = clock
         self.errors: Counter = Counter() if errors is None else errors
         self.drops: Counter = Counter() if drops is None else drops
+        self.batch: Counter = Counter()
+        self.sender = GsoSender(counters=self.batch, drops=self.drops, errors=self.errors)
         self.socks: dict[int, socket.socket] = {}
         self.device = None
         self.tun_fd = -1
@@ -357,6 +374,8 @@ class PacketPath:
         self.tun_fd = tun_fd
         fast = device is not None and tun_fd >= 0
         for s in self.socks.values():
+            if fast and not enable_gro(s):
+                self.batch["gro_unavailable"] += 1
             self._install(s.fileno(), self._udp_handler(s, fast))
         for s in (intake or {}).values():
             self._install(s.fileno(), self._slow_udp_handler(s, INTAKE_BATCH))
@@ -382,7 +401,7 @@ class PacketPath:
         """Every datagram to the slow path: a socket before the device and the TUN exist, and
         an intake socket always (a small ``batch``: under a flood the data path is looked at
         again after a few initiations)."""
-        recvfrom = sock.recvfrom
+        recvmsg = sock.recvmsg
         clock = self.clock
         slow_datagram = self.slow_datagram
         errors = self.errors
@@ -392,13 +411,15 @@ class PacketPath:
             n = 0
             for _ in range(batch):
                 try:
-                    data, addr = recvfrom(RECV_BYTES)
+                    data, ancdata, _flags, addr = recvmsg(RECV_BYTES, GRO_ANCILLARY_BYTES)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:  # ICMP errors surface here; never fatal
                     errors[type(exc).__name__] += 1
                     continue
-                slow_datagram(data, addr[:2], now)
+                # (GRO is on only with the fast handler, but a merged read may still be queued)
+                for piece in split(data, gro_segment(ancdata, len(data))) if ancdata else (data,):
+                    slow_datagram(piece, addr[:2], now)
                 n += 1
             if n:
                 self.flush()
@@ -407,11 +428,15 @@ class PacketPath:
         return on_udp
 
     def _fast_udp_handler(self, sock: socket.socket) -> Callable[[], bool]:
-        recvfrom_into = sock.recvfrom_into
+        recvmsg_into = sock.recvmsg_into
         clock = self.clock
         slow_datagram = self.slow_datagram
         flush = self.flush
         errors = self.errors
+        drops = self.drops
+        counts = self.batch
+        into = [RECV_STAGE]
+        read = read_merged
         write = os.write
         tun_fd = self.tun_fd
         fast_receive = self.device.fast_receive_staged
@@ -432,25 +457,34 @@ class PacketPath:
             slow = False
             for _ in batch:
                 try:
-                    n, addr = recvfrom_into(stage)
+                    got = read(recvmsg_into, into, counts, drops)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:  # ICMP errors surface here; never fatal
                     errors[type(exc).__name__] += 1
                     continue
-                if len(addr) > 2:
-                    addr = addr[:2]
-                plen = fast_receive(n, addr, now)
-                if plen is None:
-                    slow_datagram(stage_bytes[0:n], addr, now)
-                    slow = True
-                elif plen:
-                    if busy and delivered(now):
-                        stop_spin()  # the CPU is for whoever reads the TUN now
-                    try:
-                        write(tun_fd, opened[:plen])
-                    except OSError as exc:
-                        errors["tun_write_" + type(exc).__name__] += 1
+                if got is None:
+                    continue
+                n, seg, addr = got
+                off = 0
+                while off < n:   # each piece of a merged read is one datagram, opened on its own
+                    size = seg if n - off > seg else n - off
+                    if off:
+                        stage[0:size] = stage[off:off + size]   # (later pieces lie beyond: untouched)
+                    plen = fast_receive(size, addr, now)
+                    if plen is None:
+                        if seg < n and stage[0] in INITIATION_TYPES:
+                            counts["gro_initiation_on_main"] += 1   # merged past the reuseport steering
+                        slow_datagram(stage_bytes[0:size], addr, now)
+                        slow = True
+                    elif plen:
+                        if busy and delivered(now):
+                            stop_spin()  # the CPU is for whoever reads the TUN now
+                        try:
+                            write(tun_fd, opened[:plen])
+                        except OSError as exc:
+                            errors["tun_write_" + type(exc).__name__] += 1
+                    off += seg
                 if not drain:
                     break
             if slow:
@@ -470,8 +504,9 @@ class PacketPath:
         drops = self.drops
         s4 = self.socks.get(socket.AF_INET)
         s6 = self.socks.get(socket.AF_INET6)
-        send4 = s4.sendto if s4 is not None else None
-        send6 = s6.sendto if s6 is not None else None
+        add = self.sender.add
+        send_now = self.sender.send_now
+        send_run = self.sender.flush
         stage = SEAL_STAGE
         into = [stage]
         staged = SEAL_BUFFER
@@ -490,40 +525,40 @@ class PacketPath:
             drain = now - last < BURST_GAP_S
             last = now
             slow = False
-            for _ in batch:
-                try:
-                    size = readv(tun_fd, into)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    errors["tun_" + type(exc).__name__] += 1
-                    break
-                if size > most:  # larger than any sealed packet can be (a TUN MTU near 64 KiB)
-                    drops["tun_oversize"] += 1
-                    out = False
-                elif size and stage[0] >> 4 == 4:
-                    out = fast_send(size, now)
-                else:
-                    out = None
-                if out is None:
-                    slow_packet(staged[first:first + size], now)
-                    slow = True
-                elif out:
-                    length, ep = out
-                    send = send6 if ":" in ep[0] else send4
+            try:
+                for _ in batch:
                     try:
-                        send(sealed[:length], ep)
-                    except BlockingIOError:
-                        drops["udp_send_buffer_full"] += 1
-                    except (OSError, TypeError) as exc:  # TypeError: no socket of that family
-                        errors[type(exc).__name__] += 1
-                    if busy and not drain:
-                        # a lone packet of our own: wait for its answer awake, if the policy says so
-                        spin_s = lone_sent(now)
-                        if spin_s:
-                            spin(spin_s)
-                if not drain:
-                    break
+                        size = readv(tun_fd, into)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        errors["tun_" + type(exc).__name__] += 1
+                        break
+                    if size > most:  # larger than any sealed packet can be (a TUN MTU near 64 KiB)
+                        drops["tun_oversize"] += 1
+                        out = False
+                    elif size and stage[0] >> 4 == 4:
+                        out = fast_send(size, now)
+                    else:
+                        out = None
+                    if out is None:
+                        slow_packet(staged[first:first + size], now)
+                        slow = True
+                    elif out:
+                        length, ep = out
+                        if drain:
+                            add(s6 if ":" in ep[0] else s4, ep, sealed[:length])   # (copied: the stage is free)
+                        else:   # after a pause: one packet and back to sleep, so no run to wait for
+                            send_now(s6 if ":" in ep[0] else s4, ep, sealed[:length])
+                        if busy and not drain:
+                            # a lone packet of our own: wait for its answer awake, if the policy says so
+                            spin_s = lone_sent(now)
+                            if spin_s:
+                                spin(spin_s)
+                    if not drain:
+                        break
+            finally:
+                send_run()   # the drain ended: what was sealed leaves now, in this wakeup
             if slow:
                 flush()
             return slow

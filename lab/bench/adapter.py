@@ -215,6 +215,15 @@ class AdapterBench(nb.NodeBench):
                     "port": self.cy_port, "tun": None, "tun2": "cy0"}
         return super().path_info(path)
 
+    def batch_counters(self, info: dict) -> dict:
+        if info["client"] != "gn":
+            return super().batch_counters(info)
+        try:
+            adapter = {f"adapter_{k}": v for k, v in self.adapter_status()["data_path"]["batches"].items()}
+        except Exception:  # a nicety: never fail the bench on it
+            adapter = {}
+        return {**adapter, **self.node_batches("n2")}
+
     def extra_counters(self, info: dict) -> dict:
         if info["client"] != "gn":
             return {}

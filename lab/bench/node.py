@@ -24,6 +24,8 @@ so the noise of this shared 2-core machine hits all paths alike:
   runs of 2 s per path and one verification round;
 - iperf3 TCP (4 s each): 1 and 4 parallel streams (-P 4), n1 -> n2 and n2 -> n1 (-R);
 - tunnel CPU per datagram (UDP) and per tunnel packet both ways (TCP: data and ACKs);
+- per UDP and TCP row, the tunnel daemons' batching counters (issue 15, ``batch_summary``):
+  datagrams per GSO send, per GRO read, packets per NFQUEUE verdict, and the fallbacks;
 - cyphonic tunnel set-up: the first ``dig`` for a fresh peer (the answer waits for the
   tunnel), for six fresh pairs, against a repeated query once the tunnel is up;
 - RSS and CPU time of the tunnel processes (cyphonic-node and wireguard-go, both ends).
@@ -177,6 +179,25 @@ def fragment_memory(anchor_pid: int) -> int:
 
 def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
+
+
+def batch_summary(d: dict) -> dict:
+    """Issue 15, for a row: the batching counters' deltas (``batches``) and, per process, how many
+    datagrams a GSO send and a GRO read moved and how many packets a verdict judged (a ratio
+    of 1.0, or none, means the feature did not engage). Fallbacks (``gso_disabled``,
+    ``gro_unavailable``) must stay 0 here."""
+    if not d:
+        return {}
+    out: dict = {"batches": d}
+    for side in sorted({k.split("_", 1)[0] for k in d}):
+        def g(name: str, side=side) -> int:
+            return d.get(f"{side}_{name}", 0)
+        for num, den, label in (("gso_segments", "gso_sends", "gso_segments_per_send"),
+                                ("gro_pieces", "gro_reads", "gro_pieces_per_read"),
+                                ("verdicts", "verdict_batches", "packets_per_verdict")):
+            if g(den):
+                out[f"{side}_{label}"] = round(g(num) / g(den), 1)
+    return out
 
 
 def dig_query_ms(text: str) -> int | None:
@@ -356,7 +377,22 @@ class NodeBench:
         ports = {"tunnel": info["port"]} if info["port"] else {}
         return {"client": net_counters(self.anchor[info["client"]], {}, c_ifs + ("eth0",)),
                 "n2": net_counters(self.anchor["n2"], ports, (info.get("tun2") or info["tun"] or "eth0", "eth0")),
+                "batches": self.batch_counters(info),
                 **self.extra_counters(info)}
+
+    def node_batches(self, hn: str) -> dict:
+        """A node daemon's batching counters (issue 15: ``data_path.batches`` of its status)."""
+        try:
+            return {f"{hn}_{k}": v for k, v in self.ov.status(self.node_names[hn])["data_path"]["batches"].items()}
+        except Exception:  # a nicety: never fail the bench on it
+            return {}
+
+    def batch_counters(self, info: dict) -> dict:
+        """Hook: the batching counters of the path's tunnel processes, read before and after each
+        run (flat, prefixed by host): the cyphonic path's two node daemons."""
+        if info.get("tun") != "cy0":
+            return {}
+        return {**self.node_batches("n1"), **self.node_batches("n2")}
 
     def extra_counters(self, info: dict) -> dict:
         """Hook: more counters (name -> flat dict of ints), read before and after each run."""
@@ -534,7 +570,8 @@ class NodeBench:
                "client_tunnel_if_tx_dropped": sum(v for k, v in client.items() if k.endswith("_tx_dropped")
                                                   and not k.startswith("eth0")),
                **self.extra_row(path, r["counters"]),
-               "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"], "drain_s": r["drain_s"]}
+               "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"], "drain_s": r["drain_s"],
+               **batch_summary(r["counters"].get("batches", {}))}
         if rate_mbit is not None:
             row["sender_limited"] = row["sent_mbit"] < SENDER_KEEPS_UP * rate_mbit
         if rcv and snt and rcv.get("packets", 0) < 0.5 * snt.get("packets", 0) and "error" not in r:
@@ -560,7 +597,8 @@ class NodeBench:
                "retransmits": snt.get("retransmits"), "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"],
                "wire_packets_both_ways": wire,
                "tunnel_cpu_us_per_packet": (round(r["tunnel_cpu_s"] / wire * 1e6, 2)
-                                            if wire and path != "plain" else None)}
+                                            if wire and path != "plain" else None),
+               **batch_summary(r["counters"].get("batches", {}))}
         if "error" in r:
             row["error"] = r["error"]
         return row
@@ -987,7 +1025,23 @@ def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
         row(f"TCP {label} {TCP_SECONDS} s (Mbit/s)", lambda p: by_path[p]["received_mbit"])
     for label, by_path in r["tcp"].items():
         row(f"TCP {label}: tunnel CPU µs/packet", lambda p: by_path[p].get("tunnel_cpu_us_per_packet"))
+    # issue 15: datagrams per GSO send / GRO read and packets per verdict, by process
+    if "udp_mtu_fitting_unlimited" in r:
+        um = r["udp_mtu_fitting_unlimited"]
+        row(f"UDP {UDP_MTU_BYTES} B unlimited: batches", lambda p: batching(um[p]))
+    for label, by_path in r["tcp"].items():
+        row(f"TCP {label}: batches", lambda p: batching(by_path[p]))
     return rows
+
+
+_BATCH_LABELS = (("_gso_segments_per_send", "gso"), ("_gro_pieces_per_read", "gro"), ("_packets_per_verdict", "vrd"))
+
+
+def batching(row: dict) -> str | None:
+    """A row's batching ratios in short (``batch_summary``): "n1 gso 25.0 n2 gro 20.0"."""
+    parts = [f"{k[:-len(suffix)]} {short} {v:g}" for k, v in sorted(row.items())
+             for suffix, short in _BATCH_LABELS if k.endswith(suffix)]
+    return " ".join(parts) or None
 
 
 def print_rows(title: str, columns: list[tuple[str, str]], rows: list[tuple[str, dict]],

@@ -28,7 +28,7 @@ help:
 	@echo "make demo    run the demo (sets everything up first)"
 	@echo "make test    run the whole test suite (sets everything up first)"
 	@echo "make bench   run the benchmarks (tables and JSON in build/bench/)"
-	@echo "make image   build the Raspberry Pi image (build/image/*.img.xz; ~25 min the first time)"
+	@echo "make image   build the Raspberry Pi image and its update bundle (build/image/*.img.xz, *.raucb; 10 min the first time)"
 	@echo "make setup   install Debian packages and the pinned venv (idempotent)"
 
 setup: apt venv

@@ -63,6 +63,13 @@ ADAPTER_DOWN_AFTER_S = 180.0  # provisioning ok, but the adapter has not answere
 # --- the packet filter (appliance.packet_filter) ----------------------------------------
 NFT_CMD_TIMEOUT_S = 10
 
+# --- a worker's NFQUEUE (appliance.packet_handling, issue 15) ------------------------------
+NFQ_DRAIN_PACKETS = 256           # packets read per drain, then the runs go out and one verdict covers them
+NFQ_SOCKET_BYTES = 8 << 20        # the queue's netlink receive buffer (SO_RCVBUFFORCE as root)
+NFQ_RECV_BYTES = 8192             # one queued packet: the package copies at most 4016 bytes of it, plus metadata
+NFQ_MAX_LEN = 4096                # packets the kernel holds for the queue (read or not, until their verdict)
+NFQ_CONFIG_SEQ = 1                # our configuration request's sequence number (its ACK is taken out of the stream)
+
 # --- first-boot provisioning (appliance.provision) --------------------------------------
 PROVISION_WAIT_STEP_S = 0.5
 PROVISION_NFT_TIMEOUT_S = 10

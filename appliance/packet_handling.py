@@ -63,17 +63,11 @@ from cyphonic.udp_batch import GsoSender
 from cyphonic.wire import relay as wire_relay
 
 from . import nfqueue_wire as nfw
-from .constants import (MISS_REPORT_EVERY_S, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS,
+from .constants import (MISS_REPORT_EVERY_S, NFQ_CONFIG_SEQ, NFQ_DRAIN_PACKETS, NFQ_MAX_LEN, NFQ_RECV_BYTES,
+                        NFQ_SOCKET_BYTES, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS,
                         WORKER_SOCKET_WAIT_S)
 
 PR_SET_PDEATHSIG = 1        # prctl(2)
-# The NFQUEUE edge of a worker (issue 15). (Implementation choices; appliance.constants is their
-# natural home once the files settle.)
-NFQ_DRAIN_PACKETS = 256      # packets read per drain, then the runs go out and one verdict covers them
-NFQ_SOCKET_BYTES = 8 << 20   # the queue's netlink receive buffer (SO_RCVBUFFORCE as root)
-NFQ_RECV_BYTES = 8192        # one queued packet: the package copies at most 4016 bytes of it, plus metadata
-NFQ_MAX_LEN = 4096           # packets the kernel holds for the queue (read or not, until their verdict)
-NFQ_CONFIG_SEQ = 1           # our configuration request's sequence number (its ACK is taken out of the stream)
 _MAX_INNER = C.MAX_INNER_PACKET_BYTES
 
 

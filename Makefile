@@ -9,10 +9,11 @@ BUILD := build
 
 # Debian packages the project needs (installed with --no-install-recommends). postgresql: the
 # cloud's second engine; the store tests start their own server from it (no systemd unit used).
+# rauc, squashfs-tools, openssl: the update tests sign and check bundles (tests/test_update.py).
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev pkg-config \
 	libnetfilter-queue-dev libnfnetlink-dev nftables iptables iproute2 \
 	iperf3 bind9-dnsutils isc-dhcp-client udhcpc dhcpcd-base iputils-ping procps tcpdump \
-	postgresql libpq5
+	postgresql libpq5 rauc squashfs-tools openssl
 
 # `make image` (and so `make test`, whose boot test boots the image) needs these.
 IMAGE_APT_PACKAGES := mmdebstrap qemu-user-static binfmt-support arch-test mtools dosfstools \

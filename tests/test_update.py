@@ -815,10 +815,9 @@ def make_ca_and_signer(d: Path, name: str) -> tuple[Path, Path, Path]:
     return d / f"{name}-ca.pem", d / f"{name}.pem", d / f"{name}.key"
 
 
-@pytest.mark.skipif(shutil.which("rauc") is None or shutil.which("mksquashfs") is None
-                    or shutil.which("openssl") is None,
-                    reason="needs rauc, squashfs-tools and openssl on the host (make setup installs them)")
 def test_real_bundles_accepted_and_refused(tmp_path, site):
+    for tool in ("rauc", "mksquashfs", "openssl"):
+        assert shutil.which(tool), f"{tool} is missing: `make setup` installs it (rauc, squashfs-tools, openssl)"
     ca, cert, key = make_ca_and_signer(tmp_path, "good")
     _, rogue_cert, rogue_key = make_ca_and_signer(tmp_path, "rogue")
     content = tmp_path / "bundle"

@@ -801,7 +801,7 @@ def _run(argv, **kw):
 
 
 def make_ca_and_signer(d: Path, name: str) -> tuple[Path, Path, Path]:
-    """A CA (EC P-256) and a signing certificate issued by it, as docs/plans/issue-14-updates.md §4."""
+    """A CA (EC P-256) and a signing certificate issued by it, as image/README.md ("Update keys") makes them."""
     cnf = d / "openssl.cnf"
     cnf.write_text(OPENSSL_CNF)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

@@ -391,14 +391,14 @@ class ControlClient(_Base):
         message = self.handshake.create_initiation(now, after_ns=self._last_timestamp_ns)
         self._push(self.cookie.stamp(message, now), self.peer.addr)
         self._last_timestamp_ns = self.handshake.timestamp_ns
-        # Retransmit after 1, 2, 4, then every 5 s (REKEY_TIMEOUT_S): a lost first initiation
+        # Retransmit about 1, 2, 4 and 8 s after the start, then every 5 s (hs.retry_wait): a lost first initiation
         # costs a second, not five, and a silent cloud is not hammered. Holding a cookie, the
         # cloud is alive and under load, and what is lost now is lost in its full receive
         # queue: try again soon (docs/protocol.md 4.10).
         if self.cookie.valid(now):
             wait = C.COOKIE_RETRY_S
         else:
-            wait = min(C.REKEY_TIMEOUT_S, max(C.CONTROL_FIRST_RETRY_S, now - self.handshake_started))
+            wait = hs.retry_wait(now - self.handshake_started)
         self.handshake_retry_at = now + wait + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
         self.counters["initiations_sent"] += 1
 

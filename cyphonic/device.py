@@ -351,7 +351,8 @@ class Device(Outbox):
         self._last_timestamp_ns = attempt.timestamp_ns
         peer.handshake = attempt
         self._index[idx] = (peer, attempt)
-        peer.handshake_retry_at = now + C.REKEY_TIMEOUT_S + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S
+        peer.handshake_retry_at = (now + hs.retry_wait(now - peer.handshake_started)
+                                   + self.rng.random() * C.REKEY_TIMEOUT_JITTER_S)
         targets = ([peer.endpoint] if peer.endpoint is not None else []) + list(peer.candidates)
         for addr in targets:
             self._push(msg, addr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from . import constants as C
 from . import crypto
 from .errors import AuthenticationError, LocalProtocolError, ParseError
 from .wire import handshake as wire
@@ -82,6 +83,18 @@ class SessionKeys:
 
 
 @functools.lru_cache(maxsize=64)
+def retry_wait(elapsed_s: float) -> float:
+    """How long to wait before retransmitting an unanswered initiation, ``elapsed_s``
+    after the attempt started (jitter not included): the wait doubles from 1 s up to
+    REKEY_TIMEOUT_S, so retransmissions go about 1, 2, 4 and 8 s after the start, then
+    every 5 s.
+
+    Tunnels and the control channel both use it. A lost first initiation costs a
+    second, not five, which matters because a DNS query waits for the tunnel (the
+    resolver holds it 5 s); a silent peer still gets one initiation per 5 s."""
+    return min(C.REKEY_TIMEOUT_S, max(C.HANDSHAKE_FIRST_RETRY_S, elapsed_s))
+
+
 def mac1_key(static_public: bytes) -> bytes:
     """(Cached: a responder computes its own for every initiation, a flood included.)"""
     return crypto.hash_(MAC1_LABEL + static_public)[:32]

@@ -8,9 +8,9 @@ State, per peer (docs/protocol.md, "Tunnel state machine"):
 - ``next``: a responder's fresh keypair, not yet confirmed; it becomes
   ``current`` when the first packet sealed with it arrives (key confirmation:
   a responder never seals with keys the initiator may not have).
-- ``handshake``: the initiator's outstanding attempt, retransmitted every
-  REKEY_TIMEOUT_S (plus jitter) with a fresh ephemeral, abandoned after
-  REKEY_ATTEMPT_S.
+- ``handshake``: the initiator's outstanding attempt, retransmitted about 1, 2,
+  4 and 8 s after the start, then every REKEY_TIMEOUT_S (``handshake.retry_wait``, plus jitter) with a
+  fresh ephemeral, abandoned after REKEY_ATTEMPT_S.
 
 This class holds state and answers timer questions; the transitions are driven
 by ``cyphonic.device.Device``, which owns the index table and the queues.

@@ -297,3 +297,24 @@ def test_fast_path_matches_the_slow_path_and_falls_back_when_it_must():
     assert a.fast_send(icmp_echo("100.64.0.50", str(b.cert.vip4), 1, 1), w.now) is None
     assert a.fast_send(ping(a, b, 3), w.now + C.REKEY_AFTER_S + 1) is None
     assert b.fast_receive(b"\x04" + bytes(40), w.addr["alice"], w.now) is None
+
+
+def test_an_unanswered_initiation_is_retransmitted_after_1_2_4_8_s_then_every_5_s():
+    """A lost first initiation must cost about a second, not five: a DNS query waits
+    (the resolver holds it 5 s) for the tunnel. A silent peer still gets one per 5 s."""
+    w, a, b = pair()
+    sent = []
+    w.drop_filter = lambda d, s, t: d[0] == 1 and not sent.append(w.now)
+    start = w.now
+    a.send_packet(ping(a, b, 1), w.now)
+    w.pump()
+    w.advance(30.0)
+    after = [t - start for t in sent]
+    gaps = [y - x for x, y in zip(sent, sent[1:])]
+    jitter = C.REKEY_TIMEOUT_JITTER_S + 0.01
+    assert after[0] == 0
+    assert 1.0 <= after[1] <= 1.0 + jitter, after             # the first retransmission: 1 s
+    for x, y in zip(after[1:3], after[2:4]):                   # then the wait doubles: ~2, ~4
+        assert 2 * x <= y <= 2 * x + jitter, after
+    assert all(C.REKEY_TIMEOUT_S <= g <= C.REKEY_TIMEOUT_S + jitter for g in gaps[3:]), after   # ~8 (capped), then 5 s
+    assert len(gaps[3:]) >= 4, after

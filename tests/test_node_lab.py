@@ -176,7 +176,12 @@ def test_tunnels_come_up_and_carry_traffic_over_a_lossy_underlay(lab, tmp_path):
     ov.wait_ready("behind")
     vip = ov.wait_ready("out")["identity"]["vip4"]
     lab.set_loss(r, 20)                  # 20 % each way through the router, signaling and tunnel alike
-    assert ov.resolve("behind", f"out.{DOMAIN}") == vip
+    # The resolver holds a query 5 s for its tunnel; with a datagram in five lost each way, the
+    # route request and the handshake are retried (initiations after ~1, 2, 4 s) and usually make
+    # it in time, not always (a few % of runs: 4 initiations lost). An application asks again
+    # after a SERVFAIL, and then the tunnel being set up answers it: so do we, once.
+    got = ov.resolve("behind", f"out.{DOMAIN}") or ov.resolve("behind", f"out.{DOMAIN}")
+    assert got == vip
     sent, got, out = ov.ping("behind", vip, count=40, interval=0.05)
     assert got >= 15, out                # about 64 % expected through two 20 % drops
 

@@ -133,6 +133,7 @@ FAILOVER_SILENT_S = 1.5           # a request unanswered this long: the instance
 
 # Node engine (route execution).
 PATH_ATTEMPT_S = 3.0             # a direct, local or punched path that has not handshaked by then has failed
+ROUTE_ANSWER_S = 40.0            # a route asked of the cloud with no answer by then has failed (the request times out at 31 s)
 PATH_RESEND_S = 0.5              # meanwhile the initiation is re-sent this often (a lost one costs 0.5 s, not 5)
 PATH_RESEND_UNDER_LOAD_S = 0.1   # ... and every 0.1 s while the peer answers with cookies (it is under a flood)
 RELAY_BIND_EVERY_S = 25.0        # re-send BIND to the relay (keepalive of the relay session and our NAT)

@@ -26,7 +26,14 @@ Reliability, the same on both sides (``_Peer``):
   the cache and never processed twice (a one-time enrollment token stays
   one-time even when the answer was lost).
 - Request ids: the client uses 1 .. 2^31-1, the cloud 2^31 .. 2^32-1; 0 means
-  a notification that expects no answer.
+  a notification that expects no answer. Each side starts at a random id per
+  counterpart and counts on from there (wrapping), so a node that restarts does
+  not reuse the ids its previous run used (the cloud may still hold that run's
+  session and answers). The answer cache is keyed by the id *and* a digest of
+  the request: the same id with other content is a new request (counted
+  ``request_id_reused``), never answered from the cache. A restarted node once
+  got its previous run's cached answers (a KeepaliveAck to its RouteRequest,
+  a stale RegisterResponse), and its route never completed.
 
 The cloud side (``ControlServer``) keeps one ``_Peer`` per node static key,
 bounded (MAX_CONTROL_PEERS) and forgotten after CONTROL_PEER_IDLE_S of silence.
@@ -36,6 +43,7 @@ handshake, and the observed source address, which is how the NMS detects NAT).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections import Counter, OrderedDict, deque
@@ -110,10 +118,15 @@ class _Pending:
     deadline: float | None = None     # times out here whatever the retries left (``timeout_s``)
 
 
+def _request_digest(plaintext: bytes) -> bytes:
+    """What tells a retransmitted request from another one under the same id."""
+    return hashlib.blake2b(plaintext, digest_size=8).digest()
+
+
 class _Peer:
     """Keys, pending requests and the answered-request cache for one counterpart."""
 
-    def __init__(self, peer_static: bytes, addr, certificate: bytes = b"") -> None:
+    def __init__(self, peer_static: bytes, addr, certificate: bytes = b"", *, first_id: int = 0) -> None:
         self.peer_static = peer_static
         self.addr = addr
         self.certificate = certificate
@@ -126,8 +139,9 @@ class _Peer:
         self.last_received = float("-inf")
         self.last_timestamp = b""
         self.pending: OrderedDict[int, _Pending] = OrderedDict()
-        self.answered: OrderedDict[int, bytes | None] = OrderedDict()
-        self.next_id = 0
+        # request id -> (digest of the request, our answer or None while it is being answered)
+        self.answered: OrderedDict[int, tuple[bytes, bytes | None]] = OrderedDict()
+        self.next_id = first_id             # random per counterpart (see the module doc)
         self.srtt: float | None = None    # RFC 6298 round-trip estimate of answered requests
         self.rttvar = 0.0
 
@@ -174,6 +188,10 @@ class _Base(Outbox):
         self._timers: list = []  # heap of (deadline, seq, peer static, request id)
         self._seq = 0
 
+    def _first_request_id(self) -> int:
+        """Where a counterpart's request ids start (see the module doc): random."""
+        return self.rng.randrange(C.SERVER_REQUEST_ID_BASE - 1)
+
     def _arm(self, when: float, peer: _Peer, rid: int) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, peer.peer_static, rid))
@@ -216,13 +234,19 @@ class _Base(Outbox):
                 # it would be answered in turn, a duplicate each way, for ever.
                 self.counters["late_answers"] += 1
                 return
-            if rid in peer.answered:
-                cached = peer.answered[rid]
+            digest = _request_digest(plaintext)
+            seen = peer.answered.get(rid)
+            if seen is not None and seen[0] == digest:
                 self.counters["duplicate_requests"] += 1
-                if cached is not None:
-                    self._send_plain(peer, cached, now)
+                if seen[1] is not None:
+                    self._send_plain(peer, seen[1], now)
                 return
-            peer.answered[rid] = None
+            if seen is not None:
+                # The same id for another request: the counterpart restarted and its ids met
+                # the ones its previous run used. A new request, not a retransmission.
+                self.counters["request_id_reused"] += 1
+                del peer.answered[rid]
+            peer.answered[rid] = (digest, None)
             while len(peer.answered) > C.CONTROL_ANSWERED_CACHE:
                 peer.answered.popitem(last=False)
         self._emit(Incoming(msg, peer.peer_static, addr, peer.certificate))
@@ -230,8 +254,9 @@ class _Base(Outbox):
     def _reply(self, peer: _Peer, request: sig.Message, msg: sig.Message, now: float) -> None:
         msg = replace(msg, request_id=request.request_id)
         data = sig.encode(msg)
-        if request.request_id in peer.answered:
-            peer.answered[request.request_id] = data
+        seen = peer.answered.get(request.request_id)
+        if seen is not None and seen[1] is None:
+            peer.answered[request.request_id] = (seen[0], data)
         self._send_plain(peer, data, now)
 
     def _send_plain(self, peer: _Peer, data: bytes, now: float) -> bool:
@@ -299,7 +324,7 @@ class ControlClient(_Base):
     def __init__(self, identity: hs.StaticIdentity, cloud_static: bytes, cloud_addr, *,
                  rng: random.Random | None = None) -> None:
         super().__init__(identity, rng)
-        self.peer = _Peer(cloud_static, cloud_addr)
+        self.peer = _Peer(cloud_static, cloud_addr, first_id=self._first_request_id())
         self.handshake: hs.InitiatorHandshake | None = None
         self.handshake_started = 0.0
         self.handshake_retry_at = 0.0
@@ -578,7 +603,7 @@ class ControlServer(_Base):
                 _, stale = self._unconfirmed.popitem(last=False)
                 self._forget(stale)
                 self.drops["unconfirmed_evicted"] += 1
-            peer = _Peer(static, addr)
+            peer = _Peer(static, addr, first_id=self._first_request_id())
             self._unconfirmed[static] = peer
         peer.last_timestamp = received.timestamp
         peer.certificate = received.certificate

@@ -211,7 +211,7 @@ class SignalingClient:
         self.software = software
         self.local_endpoints = tuple(local_endpoints)[:C.MAX_ENDPOINTS]
         self.rng = rng or random.SystemRandom()
-        self.drops: Counter = Counter()   # control datagrams from addresses that are not the cloud
+        self.drops: Counter = Counter()   # control datagrams from addresses that are not the cloud; answers of the wrong kind
         self.state = State.IDLE
         self.channels: dict = {}
         self._events: deque = deque()
@@ -379,6 +379,11 @@ class SignalingClient:
                 self._emit(RouteFailed(peer, msg.code, msg.text))
                 if msg.code == E.NOT_REGISTERED:
                     self._register(now)
+            else:
+                # Never leave a route request unanswered: whoever waits for it (the engine, a
+                # held DNS query) would wait for ever.
+                self.drops["unexpected_answer"] += 1
+                self._emit(RouteFailed(peer, E.BAD_MESSAGE, f"the cloud answered with {type(msg).__name__}"))
             return
         if what == "login":
             self._on_login(msg, now)

@@ -129,3 +129,29 @@ def test_a_restart_without_the_cloud_serves_what_it_can(lab, tmp_path):
                         capture_output=True, text=True, timeout=30)
     rows = json.loads(st.stdout)["general_nodes"]
     assert rows and all(r["cloud"] != "ready" for r in rows), rows      # all of it without the cloud
+
+
+def test_a_restarted_adapter_is_not_answered_from_its_previous_runs_cache(lab, tmp_path):
+    """Found by the image test (the general node's traffic never came back after a rollback):
+    the cloud keeps a node's control session and its cache of answers by request id; a
+    restarted adapter counted its ids from 1 again, so its first route request got the
+    KeepaliveAck its previous run was answered under that id, and the route never completed.
+    Here: a first run that only logged in and sent a keepalive, killed; the second run's first
+    route request (a ping from the general node, no DNS) must bring the tunnel up."""
+    site = adapter_site(lab, tmp_path)
+    adapter, gn, proc, log, ov = site["adapter"], site["gn"], site["proc"], site["log"], site["ov"]
+    srv_vip = site["srv_vip"]
+    conf = str(tmp_path / "adapter.toml")
+    # No condition to await from outside: one keepalive interval (5 s, the cloud's) so that the
+    # cloud holds an answer of another kind under the id the next run's route request would use.
+    time.sleep(6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    started = open(log).read().count("started:")
+    lab.spawn(adapter, [sys.executable, "-m", "appliance.controller", "--config", conf], log=log)
+    end = time.time() + 20
+    while open(log).read().count("started:") <= started and time.time() < end:
+        time.sleep(0.05)
+    p = lab.exec(gn, ["ping", "-n", "-c", "20", "-i", "0.5", "-W", "2", srv_vip], timeout=40)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", p.stdout)
+    assert m and int(m.group(2)) >= 10, (p.stdout[-1500:], open(log).read()[-3000:])

@@ -86,6 +86,48 @@ def test_login_request_and_reply_through_the_encrypted_channel():
     assert all(b"tok" not in d for _, d in net.sent)
 
 
+def test_a_restarted_node_is_never_answered_from_its_previous_runs_cache():
+    """Found by the image test: a node restarted (a reboot, a crash) while the cloud kept its
+    session and answer cache. Its new run counted request ids from the start again, and the
+    cloud answered its RouteRequest with the KeepaliveAck cached under that id: the route
+    never completed. Ids now start at random per run, and an id reused for another request
+    is a new request."""
+    net = Net()
+    net.client.request(sig.Keepalive(), net.now)
+    net.pump()
+    answer_all(net, lambda e: sig.KeepaliveAck(observed=sig.Endpoint(host=NODE[0], port=NODE[1])))
+    assert [type(e.msg) for e in net.events(net.client) if isinstance(e, ctl.Reply)] == [sig.KeepaliveAck]
+    used = net.client.peer.next_id
+    # the next run: same identity, a new process; force the worst case, its ids meeting the old
+    net.now += 5.0
+    net.client = ctl.ControlClient(net.node_id, net.cloud_id.public, CLOUD, rng=random.Random(3))
+    net.client.peer.next_id = used - 1
+    req = net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)
+    net.pump()
+    incoming = [e for e in net.events(net.server) if isinstance(e, ctl.Incoming)]
+    assert [type(e.msg) for e in incoming] == [sig.RouteRequest]          # delivered, not served stale
+    assert net.server.counters["request_id_reused"] == 1
+    net.server.reply(incoming[0], sig.Error(code=sig.ErrorCode.UNKNOWN_PEER, text="x"), net.now)
+    net.pump()
+    replies = [e for e in net.events(net.client) if isinstance(e, ctl.Reply)]
+    assert len(replies) == 1 and replies[0].request == req and isinstance(replies[0].msg, sig.Error)
+    # ... and a real retransmission of that request is still answered from the cache
+    lost_answer = net.server.counters["duplicate_requests"]
+    net.client.peer.pending[req.request_id] = ctl._Pending(req, sig.encode(req), net.now, 1.0, 0, 1)
+    net.client._on_retry(net.client.peer, net.client.peer.pending[req.request_id], net.now)
+    net.pump()
+    assert net.server.counters["duplicate_requests"] == lost_answer + 1
+    assert [e for e in net.events(net.server) if isinstance(e, ctl.Incoming)] == []
+
+
+def test_request_ids_start_at_random_per_counterpart():
+    ids = set()
+    for seed in range(20):
+        c = ctl.ControlClient(StaticIdentity.generate(), b"\x01" * 32, CLOUD, rng=random.Random(seed))
+        ids.add(c.request(sig.Keepalive(), T0).request_id)
+    assert len(ids) == 20 and all(0 < i < C.SERVER_REQUEST_ID_BASE for i in ids)
+
+
 def test_lost_reply_is_answered_from_the_cache_not_processed_twice():
     net = Net()
     net.client.request(sig.RouteRequest(peer_fqdn="b.example"), net.now)

@@ -167,6 +167,48 @@ def test_route_types_end_to_end(case, a, b, expect):
                    for s in sim.trs.session_status(sim.now)) > 0
 
 
+def test_a_route_whose_answer_goes_astray_fails_and_the_next_resolve_asks_again():
+    """A route request whose answer never maps to it (once: a restarted node got a cached
+    answer of another kind) must not swallow every later resolve of the name: the route
+    fails ("no answer from the cloud") after ROUTE_ANSWER_S, and the next resolve works."""
+    from cyphonic import constants as C
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.start()
+    a = sim.hosts["a"].engine
+    sim.cloud_down = True                         # the request goes nowhere ...
+    assert a.resolve("b.ov.example", sim.now) is None
+    a.signaling._route_requests.clear()           # ... and no answer or timeout will map to it
+    a.signaling.channels[a.signaling.nms_addr].peer.pending.clear()
+    sim.advance(C.ROUTE_ANSWER_S / 2)
+    assert a.resolve("b.ov.example", sim.now) is None   # still pending: no second request
+    sim.cloud_down = False
+    sim.advance(C.ROUTE_ANSWER_S / 2 + 1)
+    fails = sim.events("a", TunnelFailed)
+    assert [f.text for f in fails if f.fqdn == "b.ov.example"][-1:] == ["no answer from the cloud"], fails
+    assert a.counters["routes_unanswered"] == 1
+    ups, fails = bring_up(sim, "a", "b")
+    assert ups and not fails, (ups, fails)
+
+
+def test_a_route_answered_with_the_wrong_kind_of_message_fails_at_once():
+    from cyphonic import control as ctl
+    from cyphonic import signaling as sgm
+    sim = Sim()
+    sim.add("a", public=("192.0.2.1", 1000))
+    sim.add("b", public=("192.0.2.2", 2000))
+    sim.start()
+    s = sim.hosts["a"].engine.signaling
+    rid = s.request_route("b.ov.example", sim.now)
+    req = sig.RouteRequest(request_id=rid, peer_fqdn="b.ov.example")
+    s._on_reply(ctl.Reply(sig.KeepaliveAck(request_id=rid, observed=sig.Endpoint("192.0.2.1", 1000)), req, b""),
+                sim.now)
+    failed = [e for e in s._events if isinstance(e, sgm.RouteFailed)]
+    assert failed and failed[0].peer_fqdn == "b.ov.example" and "KeepaliveAck" in failed[0].text, failed
+    assert s.drops["unexpected_answer"] == 1
+
+
 def test_policy_refusal_reaches_the_node():
     sim = Sim()
     sim.add("a", public=("192.0.2.1", 1000), groups=("cams",))

@@ -144,7 +144,10 @@ class NodeEngine:
         if not self.ready:
             self._emit(TunnelFailed(fqdn, sig.ErrorCode.NOT_REGISTERED, "not connected to the cloud"))
             return None
-        self.routes[fqdn] = _Route(fqdn, None, None)
+        # The deadline is a backstop: the request's own timeout (or an answer) ends the route
+        # first. Without one, a route whose answer went astray would swallow every later
+        # resolve of the name (resolve returns early while a route is pending).
+        self.routes[fqdn] = _Route(fqdn, None, now + C.ROUTE_ANSWER_S)
         self.signaling.request_route(fqdn, now)
         return None
 
@@ -332,6 +335,9 @@ class NodeEngine:
                                  persistent_keepalive_s=C.NAT_KEEPALIVE_S if self._behind_nat() else 0.0)
         except CyphonicError as exc:
             self.drops["bad_direction"] += 1
+            route = self.routes.get(d.peer_fqdn)
+            if route is not None and not route.done:
+                route.done, route.deadline = True, None   # failed: the next resolve asks again
             self._emit(TunnelFailed(d.peer_fqdn, sig.ErrorCode.CERT_INVALID, str(exc)))
             return False
         route = self.routes.get(d.peer_fqdn)
@@ -443,7 +449,10 @@ class NodeEngine:
                 else:
                     route.done = True
                     route.deadline = None
-                    self._emit(TunnelFailed(fqdn, sig.ErrorCode.PEER_UNREACHABLE, "no path to the peer"))
+                    self.counters["routes_unanswered" if route.direction is None else "paths_given_up"] += 1
+                    self._emit(TunnelFailed(fqdn, sig.ErrorCode.PEER_UNREACHABLE,
+                                            "no answer from the cloud" if route.direction is None
+                                            else "no path to the peer"))
         for path, (token, when) in list(self._relay_binds.items()):
             if now >= when:
                 self._out.append((wire_relay.encode_bind(path.session_id, token), path.trs))

@@ -16,7 +16,7 @@ Batches (issue 15): each general node's socket reads with UDP GRO, so a burst fr
 arrives as one read of up to 64 datagrams; every piece is moved to the front of ``RECV_STAGE``
 and goes through the fast path on its own (its own authentication, replay-window entry and
 crypto routing), and a piece the fast path refuses goes to the engine, as a lone datagram
-would. ``batch`` counts ``gro_reads``, ``gro_pieces`` and ``gro_initiation_on_main`` (an
+would (``cyphonic.udp_batch.receive_pieces``: the node daemon's loop too). ``batch`` counts ``gro_reads``, ``gro_pieces`` and ``gro_initiation_on_main`` (an
 initiation merged into a run of data packets, past the reuseport steering: still handled).
 
 Busy polling for answers: the workers write a heads-up (an eventfd) before sending a lone
@@ -37,8 +37,7 @@ from typing import Callable
 
 from cyphonic.datachannel import OPENED, RECV_BUFFER, RECV_STAGE
 from cyphonic.node.constants import INTAKE_BATCH, READ_BATCH, RECV_BYTES
-from cyphonic.udp import INITIATION_TYPES
-from cyphonic.udp_batch import enable_gro, read_merged
+from cyphonic.udp_batch import enable_gro, read_merged, receive_pieces
 
 from .packet_handling import ReplyWait
 
@@ -145,6 +144,7 @@ class WayBack:
         recvmsg_into = link.sock.recvmsg_into
         into = [RECV_STAGE]
         read = read_merged
+        pieces = receive_pieces
         stage = RECV_STAGE
         inject = self.inject
         clock = self.clock
@@ -154,8 +154,19 @@ class WayBack:
         delivered = wait.policy.delivered if wait is not None else None   # (ReplyWait.delivered, inline)
         stop_spin = wait.stop_spin if wait is not None else None
         batch = range(READ_BATCH)
+        now = 0.0
+
+        def deliver(plen: int) -> None:   # the common case: opened and checked; inject it
+            if delivered is not None and delivered(now):
+                stop_spin()   # the CPU is for the general node's packet now
+            if not inject(OPENED[:plen]):
+                drops["inject_failed"] += 1
+
+        def refused(size: int, addr, at: float) -> None:
+            receive_datagram(RECV_BUFFER[0:size], addr, at)
 
         def on_udp() -> bool:
+            nonlocal now
             now = clock()
             device = engine.device if to_general_node else None   # made at the first login
             fast_receive = device.fast_receive_staged if device is not None else None
@@ -171,24 +182,7 @@ class WayBack:
                 if got is None:
                     continue
                 n, seg, addr = got
-                off = 0
-                while off < n:   # each piece of a merged read is one datagram, opened on its own
-                    size = seg if n - off > seg else n - off
-                    if off:
-                        stage[0:size] = stage[off:off + size]   # (later pieces lie beyond: untouched)
-                    off += seg
-                    if fast_receive is not None:  # the common case: open, check and inject
-                        plen = fast_receive(size, addr, now)
-                        if plen is not None:
-                            if plen:
-                                if delivered is not None and delivered(now):
-                                    stop_spin()   # the CPU is for the general node's packet now
-                                if not inject(OPENED[:plen]):
-                                    drops["inject_failed"] += 1
-                            continue
-                    if seg < n and stage[0] in INITIATION_TYPES:
-                        counts["gro_initiation_on_main"] += 1   # merged past the reuseport steering
-                    receive_datagram(RECV_BUFFER[0:size], addr, now)
+                if pieces(n, seg, addr, now, stage, fast_receive, deliver, refused, counts):
                     slow = True
             if slow:
                 flush()

@@ -41,6 +41,7 @@ import weakref
 from collections import Counter
 
 from . import constants as C
+from .udp import INITIATION_TYPES
 
 # <linux/udp.h>: not in Python 3.11's socket module
 SOL_UDP = 17
@@ -91,6 +92,38 @@ def read_merged(recvmsg_into, into: list, counts: Counter, drops: Counter):
         counts["gro_reads"] += 1
         counts["gro_pieces"] += -(-n // seg)
     return n, seg, addr
+
+
+def receive_pieces(n: int, seg: int, addr, now: float, stage, fast_receive, deliver, refused,
+                   counts: Counter) -> bool:
+    """Carry each datagram of one read (``n`` bytes in ``stage``, ``seg`` bytes each, the last
+    may be shorter) through the fast path on its own, in order: the piece is moved to the front
+    of ``stage`` (later pieces lie beyond it, untouched) and ``fast_receive(size, addr, now)``
+    (``Device.fast_receive_staged``: its own authentication and replay-window entry) opens it;
+    ``deliver(plen)`` takes an opened packet, ``refused(size, addr, now)`` a datagram the fast
+    path refused (``fast_receive`` None: all of them), which is still ``stage[:size]``. An
+    initiation merged into a run of data packets (past the reuseport steering) is counted
+    (``gro_initiation_on_main``) and refused like the others: the slow path handles it.
+    True if any piece was refused. The node daemon's and the adapter's way back (one loop, so
+    the two cannot drift)."""
+    slow = False
+    off = 0
+    while off < n:
+        size = seg if n - off > seg else n - off
+        if off:
+            stage[0:size] = stage[off:off + size]
+        off += seg
+        if fast_receive is not None:
+            plen = fast_receive(size, addr, now)
+            if plen is not None:
+                if plen:
+                    deliver(plen)
+                continue
+        if seg < n and stage[0] in INITIATION_TYPES:
+            counts["gro_initiation_on_main"] += 1
+        refused(size, addr, now)
+        slow = True
+    return slow
 
 
 def pieces(nbytes: int, seg: int) -> int:

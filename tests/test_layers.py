@@ -20,6 +20,7 @@ CORE = [
     "cyphonic/tunnel.py", "cyphonic/device.py", "cyphonic/control.py", "cyphonic/signaling.py",
     "cyphonic/resolver.py", "cyphonic/ratelimit.py", "cyphonic/outbox.py", "cyphonic/ipv4.py",
     "cyphonic/health.py", "cyphonic/metrics.py", "cyphonic/stream_ids.py", "cyphonic/busy_poll.py", "cyphonic/cookie.py",
+    "cyphonic/offload.py",
     "cyphonic/node/engine.py", "cyphonic/node/constants.py",
     "cyphonic/cloud/core.py", "cyphonic/cloud/authentication.py", "cyphonic/cloud/node_management.py",
     "cyphonic/cloud/policy.py", "cyphonic/cloud/trs.py", "cyphonic/cloud/relay_token.py",

@@ -448,3 +448,155 @@ def test_a_tun_burst_leaves_in_gso_runs_and_a_lone_packet_in_its_own_wakeup():
     assert got == [ping(a, b, 1)] + [ping(a, b, 100 + i, b"z" * 500) for i in range(70)] + [ping(a, b, 200, b"z" * 20)]
     for s in (tun_app, tun):
         s.close()
+
+
+# --- TUN offloads (issue 15, step 3): super-packets cut on the way out, segments merged on the way in ---
+
+def test_with_offloads_a_super_packet_leaves_as_sealed_pieces_and_a_partial_checksum_is_finished():
+    import ipaddress
+    from test_offload import as_read, payload_of, ref_ip_ok, ref_l4_ok, tcp4
+    from cyphonic.offload import GSO_NONE, GSO_TCPV4
+
+    w, a, b = live_pair()
+    src, dst = (ipaddress.IPv4Address(str(d.cert.vip4)).packed for d in (a, b))
+    sock = MergedReads([], w.addr["bob"])
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (tun_app, tun):
+        s.setblocking(False)
+    clock = [w.now]
+    handlers = {}
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop, slow_datagram=None,
+                      slow_packet=lambda p, now: None, flush=lambda: None, clock=lambda: clock[0])
+    path.attach({socket.AF_INET: sock}, a, tun.fileno(), vnet_hdr=True)
+    on_tun = handlers[tun.fileno()]
+    data = os.urandom(1300 * 30 + 11)
+    big = tcp4(data, src=src, dst=dst, seq=77)
+    read, hdr = as_read(bytearray(big), GSO_TCPV4, 1300)
+    tun_app.send(hdr.build() + read)
+    lone, lhdr = as_read(tcp4(b"GET /", src=src, dst=dst, seq=5), GSO_TCPV4, 0)
+    tun_app.send(lhdr._replace(gso_type=GSO_NONE).build() + lone)
+    on_tun()
+    clock[0] += 0.0001
+    on_tun()
+    assert path.batch["super_reads"] == 1 and path.batch["super_read_pieces"] == 31
+    for kind, blob, *_ in sock.sent:
+        seg = len(a.peer(b.cert.fqdn).current.sender.seal(b"")) + 1340
+        for i in range(0, len(blob), seg if kind == "gso" else len(blob)):
+            b.receive_datagram(blob[i:i + seg] if kind == "gso" else blob, w.addr["alice"], w.now)
+    got = [e.packet for e in w.events("bob") if hasattr(e, "packet")]
+    assert len(got) == 32 and all(ref_ip_ok(p) and ref_l4_ok(p) for p in got)
+    assert b"".join(payload_of(p) for p in got[:31]) == data and payload_of(got[31]) == b"GET /"
+    for s in (tun_app, tun):
+        s.close()
+
+
+def test_with_offloads_a_gro_run_of_one_flow_is_one_merged_write_and_a_lone_packet_gets_a_zero_header():
+    import ipaddress
+    from corefixtures import ping
+    from test_offload import payload_of, tcp4
+    from cyphonic.offload import F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_BYTES, ZERO_HDR, VirtioNetHdr
+
+    w, a, b = live_pair()
+    src, dst = (ipaddress.IPv4Address(str(d.cert.vip4)).packed for d in (a, b))
+    segs = [tcp4(bytes([i]) * 1000, src=src, dst=dst, seq=1 + 1000 * i, flags=0x10, ip_id=i) for i in range(5)]
+    sealed = [a.fast_send(bytes(p), w.now)[0] for p in segs]
+    lone = a.fast_send(ping(a, b, 3), w.now)[0]
+    sock = MergedReads([(b"".join(sealed), len(sealed[0])), (lone, None)], w.addr["alice"])
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (tun_app, tun):
+        s.setblocking(False)
+    clock = [w.now]
+    handlers = {}
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop,
+                      slow_datagram=lambda d, addr, now: None, slow_packet=None, flush=lambda: None,
+                      clock=lambda: clock[0])
+    path.attach({socket.AF_INET: sock}, b, tun.fileno(), vnet_hdr=True)
+    handlers[99]()                       # after a pause: one read (here a GRO read of five)
+    clock[0] += 0.0001
+    handlers[99]()                       # the lone datagram
+    writes = []
+    while True:
+        try:
+            writes.append(tun_app.recv(70000))
+        except BlockingIOError:
+            break
+    assert len(writes) == 2
+    h = VirtioNetHdr.parse(writes[0])
+    assert h == VirtioNetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16)
+    assert payload_of(writes[0][VNET_HDR_BYTES:]) == b"".join(bytes([i]) * 1000 for i in range(5))
+    assert writes[1] == ZERO_HDR + ping(a, b, 3)
+    assert path.batch["merged_writes"] == 1 and path.batch["merged_segments"] == 5
+    for s in (tun_app, tun):
+        s.close()
+
+
+def test_with_offloads_a_tun_drain_is_bounded_by_packets_not_reads():
+    import ipaddress
+    from test_offload import as_read, tcp4
+    from cyphonic.node.constants import READ_BATCH
+    from cyphonic.offload import GSO_TCPV4
+
+    w, a, b = live_pair()
+    src, dst = (ipaddress.IPv4Address(str(d.cert.vip4)).packed for d in (a, b))
+    sock = MergedReads([], w.addr["bob"])
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (tun_app, tun):
+        s.setblocking(False)
+    clock = [w.now]
+    handlers = {}
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop, slow_datagram=None,
+                      slow_packet=lambda p, now: None, flush=lambda: None, clock=lambda: clock[0])
+    path.attach({socket.AF_INET: sock}, a, tun.fileno(), vnet_hdr=True)
+    for i in range(12):
+        read, hdr = as_read(tcp4(os.urandom(100 * 40), src=src, dst=dst, seq=1 + 4000 * i), GSO_TCPV4, 100)
+        tun_app.send(hdr.build() + read)
+    handlers[tun.fileno()]()
+    clock[0] += 0.0001
+    handlers[tun.fileno()]()                  # a drain: stops once READ_BATCH packets went out
+    reads = path.batch["super_reads"]
+    assert reads == 1 + -(-READ_BATCH // 40) and path.batch["super_read_pieces"] == 40 * reads
+    for s in (tun_app, tun):
+        s.close()
+
+
+def test_with_offloads_a_packet_that_cannot_merge_is_written_at_once_after_the_run_before_it():
+    """In a drain, a datagram that is not IPv4 TCP (here a ping) goes to the TUN at once with a
+    zero header, and the run of segments before it is written first: order is kept."""
+    import ipaddress
+    from corefixtures import ping
+    from test_offload import payload_of, tcp4
+    from cyphonic.offload import F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_BYTES, ZERO_HDR, VirtioNetHdr
+
+    w, a, b = live_pair()
+    src, dst = (ipaddress.IPv4Address(str(d.cert.vip4)).packed for d in (a, b))
+    segs = [tcp4(bytes([i]) * 1000, src=src, dst=dst, seq=1 + 1000 * i, flags=0x10, ip_id=i) for i in range(7)]
+    sealed = [a.fast_send(bytes(p), w.now)[0] for p in segs]
+    lone = a.fast_send(ping(a, b, 3), w.now)[0]
+    sock = MergedReads([(b"".join(sealed[:3]), len(sealed[0])), (b"".join(sealed[3:5]), len(sealed[0])),
+                        (lone, None), (b"".join(sealed[5:]), len(sealed[0]))], w.addr["alice"])
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (tun_app, tun):
+        s.setblocking(False)
+    clock = [w.now]
+    handlers = {}
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop,
+                      slow_datagram=lambda d, addr, now: None, slow_packet=None, flush=lambda: None,
+                      clock=lambda: clock[0])
+    path.attach({socket.AF_INET: sock}, b, tun.fileno(), vnet_hdr=True)
+    handlers[99]()                       # after a pause: one read
+    clock[0] += 0.0001
+    handlers[99]()                       # a drain: the other three
+    writes = []
+    while True:
+        try:
+            writes.append(tun_app.recv(70000))
+        except BlockingIOError:
+            break
+    assert [VirtioNetHdr.parse(x).gso_size for x in writes] == [1000, 1000, 0, 1000]
+    assert writes[2] == ZERO_HDR + ping(a, b, 3)
+    for x, run in ((writes[0], range(3)), (writes[1], range(3, 5)), (writes[3], range(5, 7))):
+        assert VirtioNetHdr.parse(x)[:2] == (F_NEEDS_CSUM, GSO_TCPV4)
+        assert payload_of(x[VNET_HDR_BYTES:]) == b"".join(bytes([i]) * 1000 for i in run)
+    assert path.batch["merged_writes"] == 3 and path.batch["merged_segments"] == 7 and path.batch["plain_writes"] == 1
+    for s in (tun_app, tun):
+        s.close()

@@ -243,3 +243,36 @@ def test_a_real_gso_send_arrives_as_datagrams_at_a_plain_receiver_and_as_one_rea
         merged.recv(10)
     for s in (sender, plain, merged):
         s.close()
+
+
+def test_receive_pieces_moves_each_piece_to_the_front_in_order_and_sends_refusals_slow():
+    """The one piece loop of the node daemon and the adapter's way back."""
+    from collections import Counter
+    from cyphonic.udp_batch import receive_pieces
+
+    stage = bytearray(4096)
+    data = b"\x04AAAA" + b"\x04BBBB" + b"\x01CCCC" + b"\x04DDDD" + b"\x04E"
+    stage[:len(data)] = data
+    seen, opened, refused = [], [], []
+
+    def fast_receive(size, addr, now):
+        seen.append(bytes(stage[:size]))
+        if stage[0] == 1:
+            return None              # (an initiation: the slow path's)
+        return 0 if stage[1:2] == b"B" else size   # (B: consumed, a keepalive or a counted drop)
+
+    counts = Counter()
+    slow = receive_pieces(len(data), 5, ("198.18.0.1", 1), 1.0, stage, fast_receive,
+                          lambda plen: opened.append(bytes(stage[:plen])),
+                          lambda size, addr, now: refused.append((bytes(stage[:size]), addr, now)), counts)
+    assert slow is True
+    assert seen == [b"\x04AAAA", b"\x04BBBB", b"\x01CCCC", b"\x04DDDD", b"\x04E"]
+    assert opened == [b"\x04AAAA", b"\x04DDDD", b"\x04E"]
+    assert refused == [(b"\x01CCCC", ("198.18.0.1", 1), 1.0)]
+    assert counts == {"gro_initiation_on_main": 1}
+    # no device yet: everything is refused; a lone datagram's refusal is not counted as merged
+    refused.clear()
+    stage[:5] = b"\x01XXXX"
+    assert receive_pieces(5, 5, ("h", 2), 2.0, stage, None, opened.append,
+                          lambda size, addr, now: refused.append(bytes(stage[:size])), counts) is True
+    assert refused == [b"\x01XXXX"] and counts == {"gro_initiation_on_main": 1}

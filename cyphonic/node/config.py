@@ -52,6 +52,11 @@ listen6 = "::"          # "" disables IPv6
 # The TUN interface carrying the overlay.
 interface = "cy0"
 mtu = 1408              # 1500 - IPv6 48 - relay 12 - tunnel 32
+# TUN offloads (IFF_VNET_HDR): "merge" (the default; whole packets read, one TCP flow's
+# segments merged into one write on the way in), "full" (also TSO reads of up to 64 KB, cut
+# and checksummed by the daemon), "off" or false (a plain TUN); true means the default. Falls
+# back to a simpler mode where the kernel refuses (`cyphonic-node status` says why).
+tun_offload = "merge"
 
 # The DNS stub: overlay names bring tunnels up; other names go upstream.
 dns_listen = "127.0.0.53:53"
@@ -75,7 +80,8 @@ busy_poll_us = 500
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "", "cloud_order": "spread", "token": "", "token_file": "", "name": "",
     "state_dir": "/var/lib/cyphonic-node", "port": 47100, "listen4": "0.0.0.0", "listen6": "::",
-    "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "dns_listen": "127.0.0.53:53", "dns_upstream": "",
+    "interface": "cy0", "mtu": C.DEFAULT_INNER_MTU, "tun_offload": "merge",
+    "dns_listen": "127.0.0.53:53", "dns_upstream": "",
     "dns_hold_s": 8.0, "status_socket": "/run/cyphonic/node.sock", "busy_poll_us": BUSY_POLL_US_DEFAULT,
     "metrics_file": "/run/cyphonic/metrics/node.prom",
 }
@@ -83,6 +89,22 @@ DEFAULTS = {
 
 class NodeConfigError(CyphonicError):
     pass
+
+
+TUN_OFFLOAD_MODES = ("merge", "full", "off")   # cyphonic.node.tun.MODES
+TUN_OFFLOAD_TRUE = "merge"   # what `tun_offload = true` means: the faster mode on the bench
+
+
+def tun_offload_mode(value) -> str | None:
+    """``tun_offload`` as a mode: a mode's name, true (the default mode) or false ("off");
+    None for anything else."""
+    if value is True:
+        return TUN_OFFLOAD_TRUE
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value in TUN_OFFLOAD_MODES:
+        return value
+    return None
 
 
 def typed_values(doc: dict, defaults: dict, fail) -> dict:
@@ -258,6 +280,7 @@ class NodeConfig:
     listen6: str
     interface: str
     mtu: int
+    tun_offload: str        # one of TUN_OFFLOAD_MODES (true and false mapped at parsing)
     dns_listen: str
     dns_upstream: str
     dns_hold_s: float
@@ -288,7 +311,13 @@ def parse_config(doc: dict, source: str = "<config>", base_dir: str = ".") -> No
     def fail(key: str, what: str) -> NodeConfigError:
         return NodeConfigError(f"{source}: {key}: {what}")
 
-    values = typed_values(check_cloud_keys(doc, fail), DEFAULTS, fail)
+    doc = dict(check_cloud_keys(doc, fail))
+    offload = tun_offload_mode(doc.get("tun_offload", DEFAULTS["tun_offload"]))
+    if offload is None:
+        raise fail("tun_offload", f'must be "merge", "full", "off", true or false, not {doc["tun_offload"]!r}')
+    doc.pop("tun_offload", None)
+    values = typed_values(doc, DEFAULTS, fail)
+    values["tun_offload"] = offload
     for key in ("state_dir", "token_file", "status_socket", "metrics_file"):
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.normpath(os.path.join(base_dir, values[key]))

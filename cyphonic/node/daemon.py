@@ -399,8 +399,13 @@ class NodeDaemon:
         loop = asyncio.get_running_loop()
         try:
             if self.tun is None:
-                self.tun = Tun(self.cfg.interface)
-                self.path.attach(self.socks, self.engine.device, self.tun.fd, intake=self.intake)
+                self.tun = Tun(self.cfg.interface, offload=self.cfg.tun_offload)
+                if self.tun.offload["state"] == "fallback":
+                    self.path.batch["offload_fallbacks"] += 1
+                    self.log(f"{self.cfg.interface}: tun_offload {self.cfg.tun_offload!r} refused "
+                             f"({self.tun.offload['reason']}): mode {self.tun.offload['mode']!r}")
+                self.path.attach(self.socks, self.engine.device, self.tun.fd, intake=self.intake,
+                                 vnet_hdr=self.tun.vnet_hdr)
         except TunError as exc:
             self.log(str(exc))
             self.health.record(time.time(), Warning("tun-failed", str(exc)))
@@ -410,7 +415,8 @@ class NodeDaemon:
     async def _configure_tun(self, vip4: str, prefix_len: int) -> None:
         try:
             await asyncio.to_thread(self.tun.configure, vip4, prefix_len, self.cfg.mtu)
-            self.log(f"interface {self.cfg.interface}: {vip4}/{prefix_len}, mtu {self.cfg.mtu}")
+            self.log(f"interface {self.cfg.interface}: {vip4}/{prefix_len}, mtu {self.cfg.mtu}, "
+                     f"tun_offload {self.tun.offload['mode']}")
         except TunError as exc:
             self.log(str(exc))
             self.health.record(time.time(), Warning("tun-failed", str(exc)))
@@ -505,7 +511,10 @@ class NodeDaemon:
                          "cert_serial": cert.serial if cert else None,
                          "cert_expires": cert.not_after if cert else None},
             "cloud": {"address": self.cfg.cloud, **sigst},
-            "interface": {"name": self.cfg.interface, "mtu": self.cfg.mtu, "present": self.tun is not None},
+            "interface": {"name": self.cfg.interface, "mtu": self.cfg.mtu, "present": self.tun is not None,
+                          "offload": dict(self.tun.offload) if self.tun is not None
+                          else {"requested": self.cfg.tun_offload, "mode": "off", "state": "off",
+                                "features": [], "reason": ""}},
             "udp_port": self.port,
             "dns": {"listen": self.cfg.dns_listen, "running": self.dns is not None,
                     "counters": dict(self.resolver.counters) if self.resolver else {}},

@@ -38,6 +38,19 @@ Batches (issue 15, ``cyphonic.udp_batch``): a TUN drain's sealed datagrams leave
 runs when the drain ends (a lone packet at once), and the UDP sockets read with UDP GRO,
 each piece of a merged read through the fast path on its own (``PacketPath``).
 
+TUN offloads (issue 15 step 3, ``cyphonic.offload``; ``Tun(offload="merge" | "full")``): a
+TUN read starts with a virtio_net_hdr. With "full" a super-packet (up to 64 KB of one TCP
+flow) is cut into MTU pieces, and a lone packet's partial checksum finished, before each is
+sealed on its own (its own counter: nothing changes on the wire); with "merge" the kernel
+hands over whole packets with finished checksums and the header stays zero (the same code
+reads both). On the way in the opened packets of a drain
+go through a ``Coalescer``, which merges the consecutive segments of one TCP flow into one
+TUN write with a GSO header and writes every other packet alone with a zero header; it is
+flushed before anything goes to the slow path (order) and when the drain ends. A lone
+datagram is written at once. Counters in ``batch``: ``super_reads``, ``super_read_pieces``,
+``merged_writes``, ``merged_segments``, ``plain_writes``, ``coalesce_bad_checksum``;
+malformed offload reads are counted drops (``drops["offload_*"]``).
+
 Never: block in a handler (every descriptor is non-blocking), let a handler's
 exception out of ``select()`` (it is counted in ``handler_errors`` and the loop goes
 on), keep asyncio waiting past the timeout it asked for, or hold a sealed datagram past
@@ -59,8 +72,9 @@ from typing import Callable
 from .. import constants as C
 from ..busy_poll import BusyPoll
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
-from ..udp import INITIATION_TYPES
-from ..udp_batch import GRO_ANCILLARY_BYTES, GsoSender, enable_gro, gro_segment, read_merged, split
+from ..offload import (F_NEEDS_CSUM, PROTO_TCP, VNET_HDR_BYTES, ZERO_HDR, Coalescer, VirtioNetHdr,
+                       finish_checksum_at, split_gso)
+from ..udp_batch import GRO_ANCILLARY_BYTES, GsoSender, enable_gro, gro_segment, read_merged, receive_pieces, split
 
 from .constants import (BURST_GAP_S, IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, INTAKE_BATCH, READ_BATCH,
                         RECV_BYTES)
@@ -354,6 +368,8 @@ class PacketPath:
         self.socks: dict[int, socket.socket] = {}
         self.device = None
         self.tun_fd = -1
+        self.vnet_hdr = False
+        self.coalescer: Coalescer | None = None
         self._fds: list[int] = []
 
     # the busy-poll policy's state, read by the status and fed by sample_idle_cpus
@@ -364,14 +380,17 @@ class PacketPath:
     busy_polls = property(lambda self: self.busy.busy_polls)
 
     def attach(self, socks: dict[int, socket.socket], device=None, tun_fd: int = -1, *,
-               intake: dict[int, socket.socket] | None = None) -> None:
+               intake: dict[int, socket.socket] | None = None, vnet_hdr: bool = False) -> None:
         """(Re)install the handlers: the sockets alone (all to the slow path) until a device
         and a TUN exist. ``intake``: the sockets the kernel steers initiations to
-        (``cyphonic.udp.steered_udp_sockets``), read ``INTAKE_BATCH`` at a time."""
+        (``cyphonic.udp.steered_udp_sockets``), read ``INTAKE_BATCH`` at a time. ``vnet_hdr``:
+        the TUN reads and writes virtio_net_hdr first (``Tun.vnet_hdr``: offload "merge" or "full")."""
         self.detach()
         self.socks = dict(socks)
         self.device = device
         self.tun_fd = tun_fd
+        self.vnet_hdr = vnet_hdr
+        self.coalescer = Coalescer(counters=self.batch) if vnet_hdr else None
         fast = device is not None and tun_fd >= 0
         for s in self.socks.values():
             if fast and not enable_gro(s):
@@ -437,7 +456,9 @@ class PacketPath:
         counts = self.batch
         into = [RECV_STAGE]
         read = read_merged
+        pieces = receive_pieces
         write = os.write
+        writev = os.writev
         tun_fd = self.tun_fd
         fast_receive = self.device.fast_receive_staged
         busy = self.busy_poll_s
@@ -447,46 +468,89 @@ class PacketPath:
         stage_bytes = RECV_BUFFER
         opened = OPENED
         batch = range(READ_BATCH)
+        coalescer = self.coalescer
+        push = coalescer.push if coalescer is not None else None
+        zero = ZERO_HDR
         last = 0.0
+        now = 0.0
+
+        def write_out(packets) -> None:
+            for w in packets:
+                try:
+                    write(tun_fd, w)
+                except OSError as exc:
+                    errors["tun_write_" + type(exc).__name__] += 1
+
+        def deliver(plen: int) -> None:    # no offloads: one write per packet
+            if busy and delivered(now):
+                stop_spin()  # the CPU is for whoever reads the TUN now
+            try:
+                write(tun_fd, opened[:plen])
+            except OSError as exc:
+                errors["tun_write_" + type(exc).__name__] += 1
+
+        def deliver_lone(plen: int) -> None:   # offloads, a lone datagram: at once, zero header
+            if busy and delivered(now):
+                stop_spin()
+            try:
+                writev(tun_fd, (zero, opened[:plen]))
+            except OSError as exc:
+                errors["tun_write_" + type(exc).__name__] += 1
+
+        def deliver_merged(plen: int) -> None:   # offloads, a burst: runs of one flow merge
+            if busy and delivered(now):
+                stop_spin()
+            if opened[9] != PROTO_TCP or opened[0] != 0x45:   # (only IPv4 TCP merges: the rest at once)
+                if coalescer.pending:
+                    write_out(coalescer.flush())   # (what came before goes first)
+                counts["plain_writes"] += 1
+                try:
+                    writev(tun_fd, (zero, opened[:plen]))
+                except OSError as exc:
+                    errors["tun_write_" + type(exc).__name__] += 1
+                return
+            for w in push(opened[:plen]):
+                try:
+                    write(tun_fd, w)
+                except OSError as exc:
+                    errors["tun_write_" + type(exc).__name__] += 1
+
+        def refused(size: int, addr, at: float) -> None:
+            if push is not None and coalescer.pending:
+                write_out(coalescer.flush())   # (what came before goes first)
+            slow_datagram(stage_bytes[0:size], addr, at)
 
         def on_udp() -> bool:
-            nonlocal last
+            nonlocal last, now
             now = clock()
             drain = now - last < BURST_GAP_S
             last = now
             slow = False
-            for _ in batch:
-                try:
-                    got = read(recvmsg_into, into, counts, drops)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:  # ICMP errors surface here; never fatal
-                    errors[type(exc).__name__] += 1
-                    continue
-                if got is None:
-                    continue
-                n, seg, addr = got
-                off = 0
-                while off < n:   # each piece of a merged read is one datagram, opened on its own
-                    size = seg if n - off > seg else n - off
-                    if off:
-                        stage[0:size] = stage[off:off + size]   # (later pieces lie beyond: untouched)
-                    plen = fast_receive(size, addr, now)
-                    if plen is None:
-                        if seg < n and stage[0] in INITIATION_TYPES:
-                            counts["gro_initiation_on_main"] += 1   # merged past the reuseport steering
-                        slow_datagram(stage_bytes[0:size], addr, now)
+            try:
+                for _ in batch:
+                    try:
+                        got = read(recvmsg_into, into, counts, drops)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:  # ICMP errors surface here; never fatal
+                        errors[type(exc).__name__] += 1
+                        continue
+                    if got is None:
+                        continue
+                    n, seg, addr = got
+                    if push is None:
+                        out = deliver
+                    elif drain or seg < n:
+                        out = deliver_merged
+                    else:
+                        out = deliver_lone
+                    if pieces(n, seg, addr, now, stage, fast_receive, out, refused, counts):
                         slow = True
-                    elif plen:
-                        if busy and delivered(now):
-                            stop_spin()  # the CPU is for whoever reads the TUN now
-                        try:
-                            write(tun_fd, opened[:plen])
-                        except OSError as exc:
-                            errors["tun_write_" + type(exc).__name__] += 1
-                    off += seg
-                if not drain:
-                    break
+                    if not drain:
+                        break
+            finally:
+                if push is not None and coalescer.pending:
+                    write_out(coalescer.flush())   # the drain ended: nothing is held past it
             if slow:
                 flush()
             return slow
@@ -502,59 +566,97 @@ class PacketPath:
         flush = self.flush
         errors = self.errors
         drops = self.drops
+        counts = self.batch
         s4 = self.socks.get(socket.AF_INET)
         s6 = self.socks.get(socket.AF_INET6)
         add = self.sender.add
         send_now = self.sender.send_now
         send_run = self.sender.flush
         stage = SEAL_STAGE
-        into = [stage]
         staged = SEAL_BUFFER
         first = HEADER_BYTES
         most = len(stage)
         sealed = SEALED
-        batch = range(READ_BATCH)
-        last = 0.0
         busy = self.busy_poll_s
         lone_sent = self.busy.lone_sent
         spin = self.spin
+        vnet = self.vnet_hdr
+        # with offloads: [vnet header, the stage, the rest of a super-packet]; a super-packet is
+        # made whole in ``whole`` (its first ``most`` bytes copied over from the stage)
+        head = bytearray(VNET_HDR_BYTES)
+        whole = bytearray(most + 65536)
+        into = [head, stage, memoryview(whole)[most:]] if vnet else [stage]
+        skip = VNET_HDR_BYTES if vnet else 0
+        parse = VirtioNetHdr.parse
+        finish = finish_checksum_at
+        last = 0.0
+        now = 0.0
+        slow = False
+
+        def send(size: int, drain: bool) -> None:
+            """The packet staged in ``stage[:size]``: sealed and added to the run, or to the slow path."""
+            nonlocal slow
+            out = fast_send(size, now) if stage[0] >> 4 == 4 else None
+            if out is None:
+                slow_packet(staged[first:first + size], now)
+                slow = True
+            elif out:
+                length, ep = out
+                if drain:
+                    add(s6 if ":" in ep[0] else s4, ep, sealed[:length])   # (copied: the stage is free)
+                else:   # after a pause: one packet and back to sleep, so no run to wait for
+                    send_now(s6 if ":" in ep[0] else s4, ep, sealed[:length])
+                    if busy:
+                        # a lone packet of our own: wait for its answer awake, if the policy says so
+                        spin_s = lone_sent(now)
+                        if spin_s:
+                            spin(spin_s)
 
         def on_tun() -> bool:
-            nonlocal last
+            nonlocal last, now, slow
             now = clock()
             drain = now - last < BURST_GAP_S
             last = now
             slow = False
+            budget = READ_BATCH   # packets (a super-packet's pieces each count), so the other side gets its turn
             try:
-                for _ in batch:
+                while budget > 0:
+                    budget -= 1
                     try:
-                        size = readv(tun_fd, into)
+                        size = readv(tun_fd, into) - skip
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
                         errors["tun_" + type(exc).__name__] += 1
                         break
-                    if size > most:  # larger than any sealed packet can be (a TUN MTU near 64 KiB)
+                    if size <= 0:
+                        drops["tun_short"] += 1
+                    elif vnet and head[1]:   # a super-packet: cut, each piece on its own
+                        hdr = parse(head)
+                        if size > most:
+                            whole[:most] = stage
+                            packet = memoryview(whole)[:size]
+                        else:
+                            packet = stage[:size]
+                        parts = split_gso(packet, hdr, drops)
+                        del packet
+                        counts["super_reads"] += 1
+                        counts["super_read_pieces"] += len(parts)
+                        for part in parts:
+                            n = len(part)
+                            if n > most:
+                                drops["tun_oversize"] += 1
+                                continue
+                            stage[:n] = part
+                            send(n, True)
+                        budget -= len(parts) - 1
+                    elif size > most:  # larger than any sealed packet can be (a TUN MTU near 64 KiB)
                         drops["tun_oversize"] += 1
-                        out = False
-                    elif size and stage[0] >> 4 == 4:
-                        out = fast_send(size, now)
                     else:
-                        out = None
-                    if out is None:
-                        slow_packet(staged[first:first + size], now)
-                        slow = True
-                    elif out:
-                        length, ep = out
-                        if drain:
-                            add(s6 if ":" in ep[0] else s4, ep, sealed[:length])   # (copied: the stage is free)
-                        else:   # after a pause: one packet and back to sleep, so no run to wait for
-                            send_now(s6 if ":" in ep[0] else s4, ep, sealed[:length])
-                        if busy and not drain:
-                            # a lone packet of our own: wait for its answer awake, if the policy says so
-                            spin_s = lone_sent(now)
-                            if spin_s:
-                                spin(spin_s)
+                        if vnet and head[0] & F_NEEDS_CSUM and not finish(stage, size, head[6] | head[7] << 8,
+                                                                          head[8] | head[9] << 8, drops):
+                            continue   # (counted)
+                        send(size, drain)
                     if not drain:
                         break
             finally:

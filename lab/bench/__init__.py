@@ -7,14 +7,17 @@ benchmarks (benchmarks, not tests). Each part prints a table and writes ``<out>/
   the cloud instances (one on SQLite, one to three on PostgreSQL) (``cloud.json``);
 - ``node`` (lab.bench.node): two cyphonic-node daemons against plain routing and wireguard-go
   in network namespaces: ping RTT, iperf3 UDP (1400- and 1300-byte datagrams) and TCP (1 and 4
-  streams, both directions), CPU per packet, tunnel set-up, memory (``node.json``;
+  streams, both directions), CPU per datagram and per 1448 B of TCP payload, tunnel set-up, memory (``node.json``;
   needs root, wireguard-go and wireguard-tools);
 - ``adapter`` (lab.bench.adapter): a general node through cyphonic-adapter, side by side in one
   run with the node daemon, plain routing and wireguard-go: the same measurements and the
   adapter's memory (``adapter.json``; needs root);
 - ``flood`` (lab.bench.flood): an existing tunnel's ping loss and RTT without and under a flood of
   valid-mac1 handshake initiations from spoofed sources, for the node daemon, the adapter and
-  wireguard-go, and a fresh tunnel's set-up under it (``flood.json``; needs root).
+  wireguard-go, and a fresh tunnel's set-up under it (``flood.json``; needs root);
+- ``offload`` (lab.bench.offload, not part of ``all``): TCP, UDP and ping through node daemons
+  with each ``tun_offload`` mode (off, merge, full) and through wireguard-go, in one
+  interleaved run (``offload.json``; needs root).
 
 Each part also runs alone: ``python -m lab.bench.<module> --out build/bench``.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("crypto", "cloud", "node", "adapter", "flood")
+PARTS = ("crypto", "cloud", "node", "adapter", "flood", "offload")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,4 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("flood", "all"):
         from . import flood
         flood.run(args.out)
+    if args.only == "offload":
+        from . import offload
+        offload.run(args.out)
     return 0

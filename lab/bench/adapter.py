@@ -19,7 +19,8 @@ them alike), all to n2, whose iperf3 server binds the target address:
 Per path the node bench's measurements (ping: 200 echoes; iperf3 UDP, 1400-byte datagrams at
 10..50 Mbit/s offered, then unlimited, then the highest offered rate with < 1 % loss, held on
 the median of 3 runs; the same, shorter, with 1300-byte datagrams that fit the tunnel MTU;
-TCP 4 s with 1 and 4 streams, both directions; tunnel CPU per datagram and per packet), plus for the adapter path the drops at its NFQUEUE queues and
+TCP 4 s with 1 and 4 streams, both directions; tunnel CPU per datagram and per 1448 B of TCP
+payload), plus for the adapter path the drops at its NFQUEUE queues and
 its WAN socket. Tunnel set-up: the general node's first ``dig`` for a fresh peer (f1..f4, n1,
 n2: dig's own Query time), interleaved with the node daemons' fresh pairs. Memory: RSS (and
 PSS, since the forked workers share pages with the controller) of the adapter's controller and

@@ -23,9 +23,12 @@ so the noise of this shared 2-core machine hits all paths alike:
   shorter, to keep the run's time: no fixed rates, unlimited for 2 s, a search of at most 4
   runs of 2 s per path and one verification round;
 - iperf3 TCP (4 s each): 1 and 4 parallel streams (-P 4), n1 -> n2 and n2 -> n1 (-R);
-- tunnel CPU per datagram (UDP) and per tunnel packet both ways (TCP: data and ACKs);
+- tunnel CPU per datagram (UDP) and per 1448 bytes of TCP payload (iperf3's byte count: since UDP
+  GSO/GRO a veth packet counter counts bundles of up to 64 datagrams, not packets);
 - per UDP and TCP row, the tunnel daemons' batching counters (issue 15, ``batch_summary``):
-  datagrams per GSO send, per GRO read, packets per NFQUEUE verdict, and the fallbacks;
+  datagrams per GSO send, per GRO read, packets per NFQUEUE verdict, the node daemons' TUN
+  offloads (pieces per super-packet read, ``tso``; segments per merged write, ``mrg``), and
+  the fallbacks;
 - cyphonic tunnel set-up: the first ``dig`` for a fresh peer (the answer waits for the
   tunnel), for six fresh pairs, against a repeated query once the tunnel is up;
 - RSS and CPU time of the tunnel processes (cyphonic-node and wireguard-go, both ends).
@@ -87,6 +90,7 @@ PLAIN_MAX_STEPS = 2           # plain is the reference: its limit is the iperf3 
 VERIFY_RUNS = 3               # a tunnel's result must pass on the median of this many runs ...
 VERIFY_ROUNDS = 2             # ... stepping down at most this often
 TCP_SECONDS = 4               # each of the TCP_RUNS
+TCP_SEGMENT_BYTES = 1448      # TCP payload of one full segment on a 1500-byte path (the CPU unit)
 TCP_RUNS = (("1 stream", []), ("4 streams", ["-P", "4"]),          # (label, iperf3 arguments): n1 -> n2
             ("1 stream reverse", ["-R"]), ("4 streams reverse", ["-P", "4", "-R"]))   # -R: n2 -> n1
 MTU_SECONDS = 2               # 1300-byte rows: no fixed rates; unlimited, then a shorter search ...
@@ -194,7 +198,9 @@ def batch_summary(d: dict) -> dict:
             return d.get(f"{side}_{name}", 0)
         for num, den, label in (("gso_segments", "gso_sends", "gso_segments_per_send"),
                                 ("gro_pieces", "gro_reads", "gro_pieces_per_read"),
-                                ("verdicts", "verdict_batches", "packets_per_verdict")):
+                                ("verdicts", "verdict_batches", "packets_per_verdict"),
+                                ("super_read_pieces", "super_reads", "pieces_per_super_read"),
+                                ("merged_segments", "merged_writes", "segments_per_merged_write")):
             if g(den):
                 out[f"{side}_{label}"] = round(g(num) / g(den), 1)
     return out
@@ -586,18 +592,22 @@ class NodeBench:
         return row
 
     def tcp(self, path: str, args: list[str]) -> dict:
-        """One TCP run (``args``: -P, -R). CPU per packet counts the tunnel packets both ways
-        (data and ACKs): the sending ends' segment ports, eth0 of n2 and of the client side."""
+        """One TCP run (``args``: -P, -R). CPU per payload: the tunnel processes' CPU µs per
+        1448 bytes of TCP payload the receiver got (iperf3's byte count; one full segment of a
+        1500-byte path). Wire packets are not a unit any more: with UDP GSO/GRO one skb on the
+        veth carries up to 64 datagrams, so a packet counter counts bundles."""
         r = self.iperf(path, args, TCP_SECONDS)
         end = r.pop("raw_end")
         rcv = end.get("sum_received") or {}
         snt = end.get("sum_sent") or {}
         wire = self.wire_tx_packets(path, r["counters"]) + r["counters"]["n2"].get("eth0_tx_packets", 0)
+        payload = rcv.get("bytes", 0)
         row = {"received_mbit": round(rcv.get("bits_per_second", 0) / 1e6, 1),
                "retransmits": snt.get("retransmits"), "tunnel_cpu_s": r["tunnel_cpu_s"], "wall_s": r["wall_s"],
-               "wire_packets_both_ways": wire,
-               "tunnel_cpu_us_per_packet": (round(r["tunnel_cpu_s"] / wire * 1e6, 2)
-                                            if wire and path != "plain" else None),
+               "payload_bytes": payload, "wire_skbs_both_ways": wire,
+               "tunnel_cpu_us_per_1448_payload_bytes": (
+                   round(r["tunnel_cpu_s"] * 1e6 / (payload / TCP_SEGMENT_BYTES), 2)
+                   if payload and path != "plain" else None),
                **batch_summary(r["counters"].get("batches", {}))}
         if "error" in r:
             row["error"] = r["error"]
@@ -1024,7 +1034,8 @@ def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
     for label, by_path in r["tcp"].items():
         row(f"TCP {label} {TCP_SECONDS} s (Mbit/s)", lambda p: by_path[p]["received_mbit"])
     for label, by_path in r["tcp"].items():
-        row(f"TCP {label}: tunnel CPU µs/packet", lambda p: by_path[p].get("tunnel_cpu_us_per_packet"))
+        row(f"TCP {label}: tunnel CPU µs per 1448 B payload",
+            lambda p: by_path[p].get("tunnel_cpu_us_per_1448_payload_bytes"))
     # issue 15: datagrams per GSO send / GRO read and packets per verdict, by process
     if "udp_mtu_fitting_unlimited" in r:
         um = r["udp_mtu_fitting_unlimited"]
@@ -1034,7 +1045,8 @@ def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
     return rows
 
 
-_BATCH_LABELS = (("_gso_segments_per_send", "gso"), ("_gro_pieces_per_read", "gro"), ("_packets_per_verdict", "vrd"))
+_BATCH_LABELS = (("_gso_segments_per_send", "gso"), ("_gro_pieces_per_read", "gro"), ("_packets_per_verdict", "vrd"),
+                 ("_pieces_per_super_read", "tso"), ("_segments_per_merged_write", "mrg"))
 
 
 def batching(row: dict) -> str | None:

@@ -452,6 +452,20 @@ def test_a_tun_burst_leaves_in_gso_runs_and_a_lone_packet_in_its_own_wakeup():
 
 # --- TUN offloads (issue 15, step 3): super-packets cut on the way out, segments merged on the way in ---
 
+def _offload_path(w, dev, sock, *, slow_datagram=None, slow_packet=None):
+    """A PacketPath with offloads (vnet headers) on ``dev``, its TUN a socket pair: (path, its
+    handlers by fd, the application's end of the TUN, the path's end, the clock to move)."""
+    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (tun_app, tun):
+        s.setblocking(False)
+    clock = [w.now]
+    handlers = {}
+    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop, slow_datagram=slow_datagram,
+                      slow_packet=slow_packet, flush=lambda: None, clock=lambda: clock[0])
+    path.attach({socket.AF_INET: sock}, dev, tun.fileno(), vnet_hdr=True)
+    return path, handlers, tun_app, tun, clock
+
+
 def test_with_offloads_a_super_packet_leaves_as_sealed_pieces_and_a_partial_checksum_is_finished():
     import ipaddress
     from test_offload import as_read, payload_of, ref_ip_ok, ref_l4_ok, tcp4
@@ -460,14 +474,7 @@ def test_with_offloads_a_super_packet_leaves_as_sealed_pieces_and_a_partial_chec
     w, a, b = live_pair()
     src, dst = (ipaddress.IPv4Address(str(d.cert.vip4)).packed for d in (a, b))
     sock = MergedReads([], w.addr["bob"])
-    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (tun_app, tun):
-        s.setblocking(False)
-    clock = [w.now]
-    handlers = {}
-    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop, slow_datagram=None,
-                      slow_packet=lambda p, now: None, flush=lambda: None, clock=lambda: clock[0])
-    path.attach({socket.AF_INET: sock}, a, tun.fileno(), vnet_hdr=True)
+    path, handlers, tun_app, tun, clock = _offload_path(w, a, sock, slow_packet=lambda p, now: None)
     on_tun = handlers[tun.fileno()]
     data = os.urandom(1300 * 30 + 11)
     big = tcp4(data, src=src, dst=dst, seq=77)
@@ -502,15 +509,7 @@ def test_with_offloads_a_gro_run_of_one_flow_is_one_merged_write_and_a_lone_pack
     sealed = [a.fast_send(bytes(p), w.now)[0] for p in segs]
     lone = a.fast_send(ping(a, b, 3), w.now)[0]
     sock = MergedReads([(b"".join(sealed), len(sealed[0])), (lone, None)], w.addr["alice"])
-    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (tun_app, tun):
-        s.setblocking(False)
-    clock = [w.now]
-    handlers = {}
-    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop,
-                      slow_datagram=lambda d, addr, now: None, slow_packet=None, flush=lambda: None,
-                      clock=lambda: clock[0])
-    path.attach({socket.AF_INET: sock}, b, tun.fileno(), vnet_hdr=True)
+    path, handlers, tun_app, tun, clock = _offload_path(w, b, sock, slow_datagram=lambda d, addr, now: None)
     handlers[99]()                       # after a pause: one read (here a GRO read of five)
     clock[0] += 0.0001
     handlers[99]()                       # the lone datagram
@@ -539,14 +538,7 @@ def test_with_offloads_a_tun_drain_is_bounded_by_packets_not_reads():
     w, a, b = live_pair()
     src, dst = (ipaddress.IPv4Address(str(d.cert.vip4)).packed for d in (a, b))
     sock = MergedReads([], w.addr["bob"])
-    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (tun_app, tun):
-        s.setblocking(False)
-    clock = [w.now]
-    handlers = {}
-    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop, slow_datagram=None,
-                      slow_packet=lambda p, now: None, flush=lambda: None, clock=lambda: clock[0])
-    path.attach({socket.AF_INET: sock}, a, tun.fileno(), vnet_hdr=True)
+    path, handlers, tun_app, tun, clock = _offload_path(w, a, sock, slow_packet=lambda p, now: None)
     for i in range(12):
         read, hdr = as_read(tcp4(os.urandom(100 * 40), src=src, dst=dst, seq=1 + 4000 * i), GSO_TCPV4, 100)
         tun_app.send(hdr.build() + read)
@@ -574,15 +566,7 @@ def test_with_offloads_a_packet_that_cannot_merge_is_written_at_once_after_the_r
     lone = a.fast_send(ping(a, b, 3), w.now)[0]
     sock = MergedReads([(b"".join(sealed[:3]), len(sealed[0])), (b"".join(sealed[3:5]), len(sealed[0])),
                         (lone, None), (b"".join(sealed[5:]), len(sealed[0]))], w.addr["alice"])
-    tun_app, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (tun_app, tun):
-        s.setblocking(False)
-    clock = [w.now]
-    handlers = {}
-    path = PacketPath(lambda fd, h: handlers.__setitem__(fd, h), handlers.pop,
-                      slow_datagram=lambda d, addr, now: None, slow_packet=None, flush=lambda: None,
-                      clock=lambda: clock[0])
-    path.attach({socket.AF_INET: sock}, b, tun.fileno(), vnet_hdr=True)
+    path, handlers, tun_app, tun, clock = _offload_path(w, b, sock, slow_datagram=lambda d, addr, now: None)
     handlers[99]()                       # after a pause: one read
     clock[0] += 0.0001
     handlers[99]()                       # a drain: the other three

@@ -21,7 +21,7 @@ from cyphonic.node.config import (check_cloud_keys, check_cloud_nms, parse_cloud
 
 from cyphonic.busy_poll import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
 
-from .constants import MAX_WORKERS
+from .constants import INJECT_BATCH_DEFAULT, MAX_WORKERS
 
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "",
@@ -38,6 +38,7 @@ DEFAULTS = {
     "workers": 0,                   # NFQUEUE workers; 0 = one per core (at most MAX_WORKERS)
     "queue_first": 0,
     "busy_poll_us": BUSY_POLL_US_DEFAULT,  # poll this long for the answer to a lone packet; 0 = never (ReplyWait)
+    "inject_batch": INJECT_BATCH_DEFAULT,   # the way back: one frame per merged TCP run (false: a packet per send)
     "mtu": C.DEFAULT_INNER_MTU,
     "lease_s": 3600,
     "dns_upstream": "none",         # "host:port" forwards other names (passthrough), "none" refuses them
@@ -81,6 +82,7 @@ class AdapterConfig:
     workers: int
     queue_first: int
     busy_poll_us: int
+    inject_batch: bool
     mtu: int
     lease_s: int
     dns_upstream: str

@@ -16,6 +16,8 @@ SELF_MAC = "02:00:00:00:00:00"  # the adapter's own identity is kept as this pse
 GN_PORTS = 1024                 # general node ports are taken from gn_port_base .. + GN_PORTS - 1
 SOCKET_BUFFER_BYTES = 4 << 20   # SO_RCVBUF / SO_SNDBUF of each general node's WAN socket: the way back
                                 # is drained by one process for all general nodes, so bursts wait here
+INJECT_BATCH_DEFAULT = True     # the way back injects a drain's packets in batches (AF_PACKET with
+                                # PACKET_VNET_HDR: one frame per merged TCP run); the config key inject_batch
 DNS_HOLD_S = 8.0                # a general node's query for a peer is held this long for its tunnel
 
 # --- the worker processes (appliance.worker_pool, appliance.packet_handling) ------------------

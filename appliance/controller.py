@@ -116,7 +116,8 @@ class Adapter:
         await self._resolve_cloud()                         # the cloud's names -> its instances, once
         self.injector = Injector(cfg.lan_interface)
         self.way_back = WayBack(self.injector.inject, selector=self.selector,
-                                busy_poll_s=cfg.busy_poll_us / 1e6, drops=self.drops, clock=self.clock)
+                                busy_poll_s=cfg.busy_poll_us / 1e6, drops=self.drops, clock=self.clock,
+                                batch_injector=self.injector if cfg.inject_batch else None)
         self.pool = WorkerPool(cfg.nworkers, cfg.queue_first, worker_args=self._worker_args,
                                add_reader=loop.add_reader, remove_reader=loop.remove_reader,
                                on_message=self._on_miss, health=self.health, log=self.log, clock=self.clock)

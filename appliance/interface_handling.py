@@ -40,6 +40,14 @@ Three pieces:
   drop (``drops[reason]``, send errors by errno name, e.g. ``EMSGSIZE``, ``EAGAIN``).
   With SO_BINDTODEVICE the kernel treats a destination without a route as on-link on that
   interface, so ``inject`` works even without a route to the general node.
+  Batches (issue 15, step 4): ``enable_batches()`` opens a third socket, AF_PACKET with
+  ``PACKET_VNET_HDR``, and ``inject_write(write, dst_mac)`` sends one ``cyphonic.offload.Coalescer``
+  write on it as one frame: its virtio_net_hdr, the Ethernet header, the IPv4 packet. A merged
+  run of one TCP flow (GSO TCPV4, NEEDS_CSUM with the pseudo-header sum) is one ``sendmsg``;
+  the kernel (or the LAN port's TSO) cuts it, and on a veth the general node's stack takes it
+  as one buffer. ``inject_plain(packet, dst_mac)`` sends one packet with a zero header (as
+  ``inject_frame`` would). Refused (an old kernel, no CAP_NET_RAW): ``batches`` says why and the
+  caller keeps ``inject``; a GSO frame the kernel refuses (EINVAL, EOPNOTSUPP) sets ``gso_refused``.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import struct
 from collections import Counter
 from typing import Callable, Container
 
+from cyphonic.offload import VNET_HDR_BYTES, ZERO_HDR
 from cyphonic.ratelimit import RateLimiter
 
 from .constants import (ARP_MAX_FRAMES_PER_WAKEUP, ARP_RATELIMIT_TABLE_MAX, ARP_RECV_BYTES, ARP_REPLY_BURST_PER_MAC,
@@ -74,6 +83,7 @@ BROADCAST_MAC = b"\xff" * 6
 PACKET_OUTGOING = 4                               # sll_pkttype of frames this host sent
 PACKET_IGNORE_OUTGOING = getattr(socket, "PACKET_IGNORE_OUTGOING", 23)   # Linux >= 4.20
 SOL_PACKET = getattr(socket, "SOL_PACKET", 263)
+PACKET_VNET_HDR = 15                              # if_packet.h: frames start with a virtio_net_hdr
 SIOCGIFHWADDR = 0x8927
 IPV4_MIN_HEADER_BYTES = 20
 
@@ -320,7 +330,9 @@ class Injector:
 
     ``inject(packet)``: raw IP socket, the kernel routes and resolves the MAC.
     ``inject_frame(packet, dst_mac)``: a whole Ethernet frame through AF_PACKET.
-    Both return True when the kernel took the packet; otherwise a counted drop.
+    ``inject_write(write, dst_mac)``: a vnet header and a packet (``enable_batches`` first);
+    ``inject_plain(packet, dst_mac)``: the same with a zero header.
+    All return True when the kernel took the packet; otherwise a counted drop.
     Needs CAP_NET_RAW; create it in the namespace of the LAN port.
     """
 
@@ -342,6 +354,29 @@ class Injector:
             self.close()
             raise
         self._eth_src_type = self.own_mac + b"\x08\x00"
+        self.batch_sock: socket.socket | None = None   # AF_PACKET with PACKET_VNET_HDR (enable_batches)
+        self.batches = "off"          # "on", or why not: "refused: <errno name>"
+        self.gso_refused = False      # a GSO frame was refused by the kernel: send runs as packets
+
+    def enable_batches(self) -> bool:
+        """Open the packet socket with virtio_net_hdr frames; False (``batches`` says why) if the
+        kernel refuses it. Never raises."""
+        if self.batch_sock is not None:
+            return True
+        s = None
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)   # send only, as frame_sock
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            s.bind((self.ifname, 0))
+            s.setblocking(False)
+        except OSError as exc:
+            if s is not None:
+                s.close()
+            self.batches = "refused: " + _errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            return False
+        self.batch_sock = s
+        self.batches = "on"
+        return True
 
     def inject(self, packet: bytes) -> bool:
         reason = ipv4_problem(packet)
@@ -371,12 +406,43 @@ class Injector:
         self.sent += 1
         return True
 
+    def inject_write(self, write, dst_mac: bytes) -> bool:
+        """One frame on the batch socket: ``write`` is a 10-byte virtio_net_hdr and an IPv4
+        packet (a ``Coalescer`` write), ``dst_mac`` a checked unicast MAC (the caller's, once)."""
+        view = memoryview(write)
+        return self._send_vnet(view[:VNET_HDR_BYTES], view[VNET_HDR_BYTES:], dst_mac)
+
+    def inject_plain(self, packet, dst_mac: bytes) -> bool:
+        """One packet as one frame with a zero vnet header on the batch socket (no copy)."""
+        return self._send_vnet(ZERO_HDR, packet, dst_mac)
+
+    def _send_vnet(self, hdr, packet, dst_mac: bytes) -> bool:
+        reason = ipv4_problem(packet)
+        if reason is not None:
+            self.drops[reason] += 1
+            return False
+        try:
+            self.batch_sock.sendmsg((hdr, dst_mac + self._eth_src_type, packet))
+        except OSError as exc:
+            self._count(exc)
+            if hdr[1] and exc.errno in (_errno.EINVAL, _errno.EOPNOTSUPP):
+                self.gso_refused = True
+            return False
+        except (AttributeError, TypeError):   # no batch socket (never enabled, or closed)
+            self.drops["batch_socket_closed"] += 1
+            return False
+        self.sent += 1
+        return True
+
     def _count(self, exc: OSError) -> None:
         self.drops[_errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
 
     def stats(self) -> dict:
-        return {"sent": self.sent, "drops": dict(self.drops)}
+        return {"sent": self.sent, "drops": dict(self.drops), "batches": self.batches}
 
     def close(self) -> None:
         self.sock.close()
         self.frame_sock.close()
+        if self.batch_sock is not None:
+            self.batch_sock.close()
+            self.batch_sock = None

@@ -31,7 +31,10 @@ pseudo-header sum in the checksum field, as a sending stack leaves it), so the r
 TCP stack handles one buffer per run. A segment whose checksum does not verify is never
 merged (merging would hide it: the kernel trusts NEEDS_CSUM), it is written alone for the
 kernel to drop and count. Runs are bounded (``MAX_MERGED_SEGMENTS``, 65,535 IP bytes);
-every other packet is written alone with a zero header, in order.
+every other packet is written alone with a zero header, in order. ``link_header_bytes``: the
+same writes for a packet socket (``PACKET_VNET_HDR``, the adapter's way back), whose frames
+start with a link-layer header that the caller puts between the vnet header and the packet:
+the header's ``hdr_len`` and ``csum_start`` count from the frame's start, so they include it.
 
 One's-complement sums use ``int.from_bytes(b, "big") % 0xFFFF`` (2**16 = 1 mod 0xFFFF: the
 remainder is the end-around-carry sum, 0 standing for 0xFFFF), several times faster in
@@ -63,6 +66,8 @@ MAX_IP_BYTES = 65535         # the IPv4 total length field
 PROTO_TCP = 6
 PROTO_UDP = 17
 _TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_PSH, _TCP_ACK, _TCP_URG, _TCP_CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x80
+
+TCP_SYN = _TCP_SYN
 
 _HDR = struct.Struct("<BBHHHH")
 _pack_into = struct.pack_into
@@ -284,12 +289,14 @@ class Coalescer:
     ``plain_writes`` (packets written alone), ``coalesce_bad_checksum`` (segments written alone
     because their checksum did not verify)."""
 
-    __slots__ = ("counters", "max_segments", "_run", "_h", "_next_seq", "_size", "_n", "_closed",
+    __slots__ = ("counters", "max_segments", "link_header_bytes", "_run", "_h", "_next_seq", "_size", "_n", "_closed",
                  "_checked", "_ip_id", "_df", "_thl", "_psh", "_pseudo")
 
-    def __init__(self, *, counters: Counter | None = None, max_segments: int = MAX_MERGED_SEGMENTS) -> None:
+    def __init__(self, *, counters: Counter | None = None, max_segments: int = MAX_MERGED_SEGMENTS,
+                 link_header_bytes: int = 0) -> None:
         self.counters: Counter = Counter() if counters is None else counters
         self.max_segments = max_segments
+        self.link_header_bytes = link_header_bytes   # 14 for Ethernet frames on a packet socket
         self._run: bytearray | None = None   # ZERO_HDR || first packet || later payloads
         self._h = b""           # the first segment's headers
         self._next_seq = 0
@@ -405,7 +412,8 @@ class Coalescer:
         # the checksum field: the pseudo-header sum (not complemented), as a sending stack leaves it
         s = (int.from_bytes(run[22:30], "big") + PROTO_TCP + total - 20) % 0xFFFF or 0xFFFF
         run[10 + 36:10 + 38] = s.to_bytes(2, "big")
-        _HDR.pack_into(run, 0, F_NEEDS_CSUM, GSO_TCPV4, 20 + thl, self._size, 20, 16)
+        l2 = self.link_header_bytes
+        _HDR.pack_into(run, 0, F_NEEDS_CSUM, GSO_TCPV4, l2 + 20 + thl, self._size, l2 + 20, 16)
         self.counters["merged_writes"] += 1
         self.counters["merged_segments"] += n
         return run

@@ -278,6 +278,76 @@ GN_VIP, PEER_VIP, GW = "100.64.0.7", "100.64.0.9", "100.64.0.1"
 HELPER = [sys.executable, os.path.abspath(__file__)]
 
 
+# --- injection in batches (issue 15, step 4): the edge with fake sockets ----------------------
+
+class _BatchSock:
+    def __init__(self, fail=None) -> None:
+        self.fail = fail
+        self.sent = []
+        self.closed = False
+
+    def sendmsg(self, parts):
+        if self.fail is not None:
+            raise OSError(self.fail, os.strerror(self.fail))
+        self.sent.append(b"".join(bytes(p) for p in parts))
+
+    def close(self):
+        self.closed = True
+
+
+def _bare_injector(batch_sock=None) -> Injector:
+    """An Injector without its sockets (opening them needs CAP_NET_RAW)."""
+    from collections import Counter
+    inj = Injector.__new__(Injector)
+    inj.ifname, inj.sent, inj.drops = "lan0", 0, Counter()
+    inj.own_mac = bytes.fromhex("020000aabbcc")
+    inj._eth_src_type = inj.own_mac + b"\x08\x00"
+    inj.batch_sock, inj.batches, inj.gso_refused = batch_sock, "off", False
+    return inj
+
+
+def test_inject_write_sends_the_vnet_header_then_the_ethernet_header_then_the_packet():
+    import errno
+    from cyphonic.offload import GSO_TCPV4, ZERO_HDR, VirtioNetHdr
+    gn = bytes.fromhex("021122334455")
+    pkt = udp_packet("100.64.0.1", "100.64.0.7", 9, 9, b"hello")
+    inj = _bare_injector(_BatchSock())
+    assert inj.inject_write(ZERO_HDR + pkt, gn) and inj.sent == 1
+    assert inj.batch_sock.sent == [ZERO_HDR + gn + inj.own_mac + b"\x08\x00" + pkt]
+    assert not inj.inject_write(ZERO_HDR + pkt[:-1], gn) and inj.drops == {"bad_total_length": 1}
+    # a GSO frame the kernel refuses: counted by errno, and the caller is told
+    inj = _bare_injector(_BatchSock(errno.EINVAL))
+    gso = VirtioNetHdr(1, GSO_TCPV4, 54, 1000, 34, 16).build()
+    assert not inj.inject_write(ZERO_HDR + pkt, gn) and not inj.gso_refused
+    assert not inj.inject_write(gso + pkt, gn) and inj.gso_refused and inj.drops == {"EINVAL": 2}
+    inj = _bare_injector(_BatchSock(errno.EAGAIN))
+    assert not inj.inject_write(gso + pkt, gn) and not inj.gso_refused and inj.drops == {"EAGAIN": 1}
+    assert not _bare_injector(None).inject_write(ZERO_HDR + pkt, gn)     # never enabled: a drop, no exception
+
+
+def test_enable_batches_refused_says_why_and_never_raises(monkeypatch):
+    import errno
+    opened = []
+
+    class Refusing:
+        def __init__(self, *a):
+            self.closed = False
+            opened.append(self)
+
+        def setsockopt(self, level, opt, value):
+            assert (level, opt, value) == (263, 15, 1)
+            raise OSError(errno.ENOPROTOOPT, "no")
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(socket, "socket", Refusing)
+    inj = _bare_injector()
+    assert inj.enable_batches() is False and inj.batch_sock is None
+    assert inj.batches == "refused: ENOPROTOOPT" and opened[0].closed
+    assert inj.stats()["batches"] == "refused: ENOPROTOOPT"
+
+
 def _require_root():
     if os.geteuid() != 0:
         pytest.fail("the interface handling lab test needs root (network namespaces, raw "

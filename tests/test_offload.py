@@ -293,6 +293,18 @@ def test_a_run_merges_and_other_packets_keep_their_place_with_a_zero_header():
     assert co.counters["merged_writes"] == 2 and co.counters["plain_writes"] == 1
 
 
+def test_for_a_packet_socket_the_offsets_count_the_link_header_and_nothing_else_changes():
+    a = run_of(3, options=b"\x01\x01\x08\x0a" + bytes(8))
+    plain, framed = Coalescer(), Coalescer(link_header_bytes=14)
+    [tun] = push_all(plain, a)
+    [frame] = push_all(framed, a)
+    assert frame[VNET_HDR_BYTES:] == tun[VNET_HDR_BYTES:]
+    assert VirtioNetHdr.parse(frame) == VirtioNetHdr(F_NEEDS_CSUM, GSO_TCPV4, 14 + 52, 1000, 14 + 20, 16)
+    # a packet written alone keeps its zero header
+    ping = bytearray(b"\x45" + bytes(27))
+    assert push_all(framed, [ping]) == [ZERO_HDR + ping]
+
+
 def test_what_is_never_merged():
     cases = {
         "ack": [tcp4(b"a" * 100, seq=1, flags=0x10), tcp4(b"b" * 100, seq=101, flags=0x10, ack=9)],

@@ -26,8 +26,8 @@ segments of one TCP flow leave as ONE frame (vnet header GSO TCPV4 + Ethernet he
 general node's MAC + the merged packet), every other packet at once as one frame with a zero
 header, on the same socket, in order. A run is sent when it ends and at the latest when the
 drain ends (in the wakeup that read it: no timer, no extra wakeup). A lone datagram (the first
-read of a wakeup that is not part of a burst, as the node daemon's TUN writes tell them apart:
-``BURST_GAP_S``, and not a GRO read) goes out at once with a zero header, uncopied. A TCP SYN
+read of a wakeup that is not part of a burst by ``busy_poll.in_burst``, the node daemon's
+rule, and not a GRO read) goes out at once with a zero header, uncopied. A TCP SYN
 keeps ``inject``: the raw IP socket passes the output hook, whose ``clamp_out`` chain clamps
 its MSS (``nft/adapter.nft.in``); a packet socket's frames bypass netfilter. ``batch`` counts ``merged_writes`` (merged
 frames), ``merged_segments``, ``plain_writes`` (frames of one packet), ``coalesce_bad_checksum``.
@@ -52,8 +52,9 @@ import time
 from collections import Counter
 from typing import Callable
 
+from cyphonic.busy_poll import in_burst
 from cyphonic.datachannel import OPENED, RECV_BUFFER, RECV_STAGE
-from cyphonic.node.constants import BURST_GAP_S, INTAKE_BATCH, READ_BATCH, RECV_BYTES
+from cyphonic.node.constants import INTAKE_BATCH, READ_BATCH, RECV_BYTES
 from cyphonic.offload import PROTO_TCP, TCP_SYN, VNET_HDR_BYTES, Coalescer, VirtioNetHdr, split_gso
 from cyphonic.udp_batch import enable_gro, read_merged, receive_pieces
 
@@ -236,7 +237,7 @@ class WayBack:
         def on_udp() -> bool:
             nonlocal now, co, last
             now = clock()
-            burst = now - last < BURST_GAP_S
+            burst = in_burst(now, last)
             last = now
             co = coalescer if self.batch_injector is not None else None
             reads = 0

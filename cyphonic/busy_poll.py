@@ -23,8 +23,11 @@ The policy is told three things and answers one:
   awaited (then the edge stops spinning: the CPU is for the reader now);
 - ``idle_cpus``: set by the edge's sampler (``lone_at`` tells it to sample often).
 
-What a lone packet is, is decided where packets are sent, inline in the hot loop: the first
-after ``LONE_GAP_S`` of quiet (the node's TUN handler, the adapter's workers).
+What a lone packet is, is one rule, ``in_burst``, asked where packets are read and sent: a
+packet within ``LONE_GAP_S`` of the one before is part of a burst (the edge drains its
+descriptor and batches: the node's TUN and UDP handlers, the adapter's way back); the first
+after ``LONE_GAP_S`` of quiet is lone (it goes out at once, uncopied, and the answer to one of
+our own may be busy-polled: the node's TUN handler, the adapter's workers).
 
 Pure: time is an argument; no clocks, sockets or files.
 """
@@ -33,10 +36,16 @@ from __future__ import annotations
 
 BUSY_POLL_MIN_IDLE_CPUS = 0.75   # busy-poll only while this many CPUs stood idle
 ANSWER_GAP_S = 0.0005            # a packet sent this soon after a delivery answers that delivery
-LONE_GAP_S = 0.001               # a packet sent this long after the previous one is lone
+LONE_GAP_S = 0.001               # a packet this long after the previous one is lone; sooner: a burst
 QUICK_FACTOR = 2.0               # answers within this many budgets count as quick
 BUSY_POLL_US_DEFAULT = 500       # `busy_poll_us` of the node daemon and the adapter: about two LAN round trips
 BUSY_POLL_US_MAX = 5000          # ... and never longer than this: a longer spin only wastes a CPU
+
+
+def in_burst(now: float, last: float) -> bool:
+    """True if a packet at ``now`` is part of a burst: within ``LONE_GAP_S`` of the one before,
+    at ``last``; False if it is lone (the first after a pause)."""
+    return now - last < LONE_GAP_S
 
 
 class BusyPoll:

@@ -3,7 +3,7 @@ adapter's ReplyWait: spin after a lone packet while answers come quickly and CPU
 
 from __future__ import annotations
 
-from cyphonic.busy_poll import ANSWER_GAP_S, BUSY_POLL_MIN_IDLE_CPUS, QUICK_FACTOR, BusyPoll
+from cyphonic.busy_poll import ANSWER_GAP_S, BUSY_POLL_MIN_IDLE_CPUS, LONE_GAP_S, QUICK_FACTOR, BusyPoll, in_burst
 
 BUDGET = 0.0005
 
@@ -65,3 +65,9 @@ def test_the_node_and_the_adapter_use_this_policy():
     assert isinstance(path.busy, BusyPoll) and path.busy.answer_gap_s == ANSWER_GAP_S
     path.idle_cpus = 1.5
     assert path.busy.idle_cpus == 1.5
+
+
+def test_one_rule_tells_a_burst_from_a_lone_packet():
+    assert in_burst(5.0 + LONE_GAP_S / 2, 5.0)           # soon after the one before: a burst
+    assert not in_burst(5.0 + LONE_GAP_S, 5.0)           # after a pause: lone
+    assert not in_burst(5.0, 0.0)                        # the first packet ever: lone

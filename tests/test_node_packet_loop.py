@@ -434,7 +434,7 @@ def test_a_tun_burst_leaves_in_gso_runs_and_a_lone_packet_in_its_own_wakeup():
     for i in range(70):
         tun_app.send(ping(a, b, 100 + i, b"z" * 500))
     tun_app.send(ping(a, b, 200, b"z" * 20))
-    clock[0] += 0.0001                                         # within BURST_GAP_S: drain
+    clock[0] += 0.0001                                         # within busy_poll.LONE_GAP_S: drain
     on_tun()
     kinds = [(s[0], len(s[1])) for s in sock.sent[1:]]
     seg = len(a.peer(b.cert.fqdn).current.sender.seal(b"")) + len(ping(a, b, 1, b"z" * 500))

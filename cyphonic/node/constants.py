@@ -14,7 +14,6 @@ FATAL_EXIT = 2                  # exit code when the cloud refuses the login for
 READ_BATCH = 256                # packets per descriptor per wakeup, so one busy side cannot starve the other
 INTAKE_BATCH = 4                # initiations read per wakeup from a flooded intake socket before the
                                 # data path is looked at again (each costs a cookie reply or a handshake)
-BURST_GAP_S = 0.001             # a handler called again within this long reads until its descriptor is empty
 RECV_BYTES = 65535              # a UDP datagram, whatever its size
 IDLE_SAMPLE_S = 0.1             # how often idle CPUs are sampled while lone packets go out ...
 IDLE_SLOW_SAMPLE_S = 1.0        # ... and when none went out for IDLE_FAST_FOR_S

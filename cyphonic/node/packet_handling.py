@@ -22,7 +22,7 @@ touches little: no asyncio machinery, bound locals, deadlines precomputed in the
 keypair. A handler called after a pause reads one packet and goes back to
 ``epoll_wait`` (which it must call anyway to sleep) instead of reading on until
 EAGAIN, whose exception costs more than the wait; called again within
-``BURST_GAP_S`` (traffic is flowing) it drains its descriptor, up to
+``busy_poll.LONE_GAP_S`` (traffic is flowing: ``busy_poll.in_burst``) it drains its descriptor, up to
 ``READ_BATCH`` packets, so one busy side cannot starve the other.
 
 Busy polling, only where it pays: after a lone packet of our own goes out (a ping, a
@@ -70,13 +70,13 @@ from collections.abc import Mapping
 from typing import Callable
 
 from .. import constants as C
-from ..busy_poll import BusyPoll
+from ..busy_poll import BusyPoll, in_burst
 from ..datachannel import OPENED, RECV_BUFFER, RECV_STAGE, SEAL_BUFFER, SEAL_STAGE, SEALED
 from ..offload import (F_NEEDS_CSUM, PROTO_TCP, VNET_HDR_BYTES, ZERO_HDR, Coalescer, VirtioNetHdr,
                        finish_checksum_at, split_gso)
 from ..udp_batch import GRO_ANCILLARY_BYTES, GsoSender, enable_gro, gro_segment, read_merged, receive_pieces, split
 
-from .constants import (BURST_GAP_S, IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, INTAKE_BATCH, READ_BATCH,
+from .constants import (IDLE_FAST_FOR_S, IDLE_SAMPLE_S, IDLE_SLOW_SAMPLE_S, INTAKE_BATCH, READ_BATCH,
                         RECV_BYTES)
 
 HEADER_BYTES = C.DATA_HEADER_BYTES
@@ -523,7 +523,7 @@ class PacketPath:
         def on_udp() -> bool:
             nonlocal last, now
             now = clock()
-            drain = now - last < BURST_GAP_S
+            drain = in_burst(now, last)
             last = now
             slow = False
             try:
@@ -615,7 +615,7 @@ class PacketPath:
         def on_tun() -> bool:
             nonlocal last, now, slow
             now = clock()
-            drain = now - last < BURST_GAP_S
+            drain = in_burst(now, last)
             last = now
             slow = False
             budget = READ_BATCH   # packets (a super-packet's pieces each count), so the other side gets its turn

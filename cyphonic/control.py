@@ -322,14 +322,14 @@ class ControlClient(_Base):
     retry_cap_s: float | None = None
 
     def __init__(self, identity: hs.StaticIdentity, cloud_static: bytes, cloud_addr, *,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, timestamp_floor_ns: int = 0) -> None:
         super().__init__(identity, rng)
         self.peer = _Peer(cloud_static, cloud_addr, first_id=self._first_request_id())
         self.handshake: hs.InitiatorHandshake | None = None
         self.handshake_started = 0.0
         self.handshake_retry_at = 0.0
         self.queue: deque = deque()
-        self._last_timestamp_ns = 0
+        self._last_timestamp_ns = timestamp_floor_ns   # (cyphonic.timestamp_floor)
         self.cookie = CookieJar(cloud_static, wire_cookie.MSG_CONTROL_COOKIE)
         self._cookie_resend_round: float | None = None
 

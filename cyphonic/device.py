@@ -59,7 +59,7 @@ class Device(Outbox):
                  accept_unknown_peers: bool = True,
                  local_vip4s: Iterable[bytes] | None = None,
                  rng: random.Random | None = None,
-                 handshake_load_per_s: float = C.HANDSHAKE_LOAD_PER_S) -> None:
+                 handshake_load_per_s: float = C.HANDSHAKE_LOAD_PER_S, timestamp_floor_ns: int = 0) -> None:
         self.identity = identity
         self.trust = trust
         self.cert: Certificate = wire_cert.decode(identity.certificate)
@@ -74,7 +74,9 @@ class Device(Outbox):
         self._index: dict[int, tuple[Tunnel, object]] = {}  # local index -> (peer, handshake or keypair)
         Outbox.__init__(self)
         self.counters: Counter = Counter()
-        self._last_timestamp_ns = 0  # initiation timestamps strictly increase (see handshake)
+        # initiation timestamps strictly increase (see handshake), and start above the floor
+        # the edge kept from the last run (cyphonic.timestamp_floor: a clock that went back)
+        self._last_timestamp_ns = timestamp_floor_ns
         # How long past its expiry a known peer's certificate still rekeys: 0, except while the
         # owner's cloud link is down (NodeEngine sets it; docs/protocol.md 11.6).
         self.expired_grace_s = 0.0

@@ -214,6 +214,8 @@ class SignalingClient:
         self.drops: Counter = Counter()   # control datagrams from addresses that are not the cloud; answers of the wrong kind
         self.state = State.IDLE
         self.channels: dict = {}
+        # every control handshake's timestamp is above this (cyphonic.timestamp_floor; the engine sets it)
+        self.timestamp_floor_ns = 0
         self._events: deque = deque()
         self._requests: dict[int, str] = {}        # request id -> what it was for
         self._route_requests: dict[int, str] = {}  # request id -> peer fqdn
@@ -235,7 +237,8 @@ class SignalingClient:
     def _channel(self, addr) -> ControlClient:
         ch = self.channels.get(addr)
         if ch is None:
-            ch = ControlClient(self.identity, self.cloud_static, addr, rng=self.rng)
+            ch = ControlClient(self.identity, self.cloud_static, addr, rng=self.rng,
+                               timestamp_floor_ns=self.timestamp_floor_ns)
             self.channels[addr] = ch
         return ch
 

@@ -104,6 +104,7 @@ class NodeEngine:
         self.trust = TrustStore.of(ca_public)
         self.device: Device | None = None
         self._local_vip4s = local_vip4s
+        self._timestamp_floor_ns = 0
         self.routes: dict[str, _Route] = {}
         self._relay_binds: dict[RelayPath, tuple[bytes, float]] = {}  # path -> (token, next bind)
         self._punches: deque = deque()                                 # (when, data, addr)
@@ -113,6 +114,13 @@ class NodeEngine:
         self.counters: Counter = Counter()
 
     # --- API ---------------------------------------------------------------------------
+
+    def set_timestamp_floor(self, floor_ns: int) -> None:
+        """Before ``start``: every handshake timestamp (to the cloud and to peers) is above
+        ``floor_ns``, the reservation of the last run (``cyphonic.timestamp_floor``), so peers
+        that remember the last run take them even if the clock went back."""
+        self._timestamp_floor_ns = floor_ns
+        self.signaling.timestamp_floor_ns = floor_ns
 
     @property
     def ready(self) -> bool:
@@ -178,7 +186,8 @@ class NodeEngine:
             return 0
         try:
             self.device = Device(identity, self.trust, accept_unknown_peers=False,
-                                 local_vip4s=self._local_vip4s, rng=self.rng)
+                                 local_vip4s=self._local_vip4s, rng=self.rng,
+                                 timestamp_floor_ns=self._timestamp_floor_ns)
         except CyphonicError:
             self.drops["restore_own_certificate"] += 1
             return 0
@@ -299,7 +308,8 @@ class NodeEngine:
             identity = self.signaling.identity
             if self.device is None:
                 self.device = Device(identity, self.trust, accept_unknown_peers=False,
-                                     local_vip4s=self._local_vip4s, rng=self.rng)
+                                     local_vip4s=self._local_vip4s, rng=self.rng,
+                                     timestamp_floor_ns=self._timestamp_floor_ns)
             else:
                 self.device.set_identity(identity)  # a renewed certificate
             self._emit(e)

@@ -21,6 +21,7 @@ each read their sockets on their own fast path and hand the rest to ``receive()`
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from typing import Callable
 
 from .. import events as ev
 from .. import signaling as sg
+from .. import timestamp_floor as tsf
 from ..atomic_file import write_atomic
 from ..driver import CoreDriver
 from ..health import Health, Warning
@@ -35,6 +37,8 @@ from ..wire import cert as wire_cert
 from .engine import NodeEngine, RelayPath, TunnelFailed, TunnelUp
 
 from .constants import CERT_EXPIRY_WARNING_S
+
+TIMESTAMP_FLOOR_FILE = "timestamp-floor"   # beside the peer records (cyphonic.timestamp_floor)
 
 
 def ptr_name(vip: str) -> str:
@@ -62,6 +66,11 @@ class EngineHost:
         # it had, docs/protocol.md 11.6); None: not kept.
         self.records_path = records_path
         self._records_written = b""
+        # Beside them, the handshake timestamps' reservation (cyphonic.timestamp_floor): a
+        # restart with a clock that went back is still taken by peers that remember this run.
+        self.timestamps_path = (os.path.join(os.path.dirname(records_path) or ".", TIMESTAMP_FLOOR_FILE)
+                                if records_path else None)
+        self.timestamps: tsf.TimestampReservation | None = None
         self.socks = socks
         self.deliver = deliver
         self.on_event = on_event
@@ -82,9 +91,42 @@ class EngineHost:
     # --- driving ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.reserve_timestamps()
         self.restore_records()
         self.engine.start(self.clock())
         self.driver.flush()
+
+    def reserve_timestamps(self) -> None:
+        """Before the engine starts: read the last run's reservation (the floor under every
+        handshake timestamp of this run) and write this run's. A missing file is a first run;
+        an unreadable one is logged and replaced; one that cannot be written is logged and
+        counted (``timestamps_unwritable``), and the engine runs without the protection."""
+        if not self.timestamps_path:
+            return
+        stored = None
+        try:
+            with open(self.timestamps_path, "rb") as f:
+                raw = f.read(64)
+            stored = tsf.parse(raw)
+            if stored is None:
+                self.log(f"timestamp reservation {self.timestamps_path} unreadable ({raw[:20]!r}); replacing it")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log(f"timestamp reservation {self.timestamps_path} unreadable ({exc}); replacing it")
+        self.timestamps = tsf.TimestampReservation(stored, self.clock())
+        self._write_timestamps(self.timestamps.start_value())   # (failing, only the next run loses)
+        self.engine.set_timestamp_floor(self.timestamps.floor_ns)
+
+    def _write_timestamps(self, data: bytes) -> bool:
+        try:
+            write_atomic(self.timestamps_path, data)
+            return True
+        except OSError as exc:
+            self.drops["timestamps_unwritable"] += 1
+            if self.drops["timestamps_unwritable"] == 1:
+                self.log(f"cannot write the timestamp reservation {self.timestamps_path}: {exc}")
+            return False
 
     def restore_records(self) -> int:
         """Before the first login: the peers of the records a previous run wrote. A missing
@@ -133,6 +175,11 @@ class EngineHost:
         self.driver.flush()
 
     def poke(self) -> bool:
+        """The periodic tick: deadlines due, and the timestamp reservation renewed when due."""
+        if self.timestamps is not None:
+            data = self.timestamps.due(self.clock())
+            if data is not None:
+                self._write_timestamps(data)
         return self.driver.poke()
 
     def _send(self, data: bytes, addr) -> None:

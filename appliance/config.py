@@ -21,7 +21,7 @@ from cyphonic.node.config import (check_cloud_keys, check_cloud_nms, parse_cloud
 
 from cyphonic.busy_poll import BUSY_POLL_US_DEFAULT, BUSY_POLL_US_MAX
 
-from .constants import INJECT_BATCH_DEFAULT, MAX_WORKERS
+from .constants import INJECT_BATCH_DEFAULT, MAX_WORKERS, MIN_MTU, NFQ_GSO_DEFAULT
 
 DEFAULTS = {
     "cloud": "", "cloud_key": "", "cloud_nms": "",
@@ -39,6 +39,7 @@ DEFAULTS = {
     "queue_first": 0,
     "busy_poll_us": BUSY_POLL_US_DEFAULT,  # poll this long for the answer to a lone packet; 0 = never (ReplyWait)
     "inject_batch": INJECT_BATCH_DEFAULT,   # the way back: one frame per merged TCP run (false: a packet per send)
+    "nfq_gso": NFQ_GSO_DEFAULT,     # the workers read super-packets from their queues (F_GSO) and cut them
     "mtu": C.DEFAULT_INNER_MTU,
     "lease_s": 3600,
     "dns_upstream": "none",         # "host:port" forwards other names (passthrough), "none" refuses them
@@ -83,6 +84,7 @@ class AdapterConfig:
     queue_first: int
     busy_poll_us: int
     inject_batch: bool
+    nfq_gso: bool
     mtu: int
     lease_s: int
     dns_upstream: str
@@ -145,6 +147,8 @@ def parse_config(doc: dict, source: str = "<config>") -> AdapterConfig:
         raise fail("workers", f"must be 0..{MAX_WORKERS} (0 = one per core)")
     if not 0 <= cfg.busy_poll_us <= BUSY_POLL_US_MAX:
         raise fail("busy_poll_us", f"must be 0..{BUSY_POLL_US_MAX} microseconds")
+    if not MIN_MTU <= cfg.mtu <= C.MAX_INNER_PACKET_BYTES:
+        raise fail("mtu", f"must be {MIN_MTU}..{C.MAX_INNER_PACKET_BYTES} bytes (sealed, a packet must fit one UDP datagram)")
     return cfg
 
 

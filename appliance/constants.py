@@ -71,6 +71,17 @@ NFQ_SOCKET_BYTES = 8 << 20        # the queue's netlink receive buffer (SO_RCVBU
 NFQ_RECV_BYTES = 8192             # one queued packet: the package copies at most 4016 bytes of it, plus metadata
 NFQ_MAX_LEN = 4096                # packets the kernel holds for the queue (read or not, until their verdict)
 NFQ_CONFIG_SEQ = 1                # our configuration request's sequence number (its ACK is taken out of the stream)
+MIN_MTU = 576                     # the config key mtu's lowest value (every IPv4 host must take 576-byte packets)
+# --- ... with F_GSO (issue 15, step 5: the config key nfq_gso) ---
+NFQ_GSO_DEFAULT = True            # nfq_gso's default: queued super-packets, cut and sealed by the worker
+NFQ_RECV_GSO_BYTES = 65536 + 4096  # one queued message then: up to 65,531 bytes of packet (the kernel's
+                                  # NFQNL_MAX_COPY_RANGE) plus its attributes (well under 1 KiB)
+NFQ_COPY_RANGE = 0xFFFF           # asked for; the kernel caps it at 65,531
+NFQ_GSO_TOGGLE_SEQ = 2            # sequence numbers of F_GSO off/on around a hand-back, and of its REPEAT
+NFQ_REPEAT_SEQ = 3                # verdict: a refusal comes back with them (no ACK asked)
+NFQ_GSO_MAX_PIECES = 64           # a super-packet cut into more pieces is handed back to the kernel
+NFQ_GSO_REPEATS_PER_DRAIN = 16    # super-packets handed back to the kernel per drain, and per second;
+NFQ_GSO_REPEATS_PER_S = 1000      # beyond, dropped (counted): the guard against a hand-back loop
 
 # --- first-boot provisioning (appliance.provision) --------------------------------------
 PROVISION_WAIT_STEP_S = 0.5

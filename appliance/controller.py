@@ -231,7 +231,8 @@ class Adapter:
         self._start_gn(gn)
 
     def _worker_args(self) -> tuple:
-        return {link.port: link.sock for link in self.links.values()}, self.way_back.heads_up
+        return ({link.port: link.sock for link in self.links.values()}, self.way_back.heads_up,
+                self.cfg.mtu if self.cfg.nfq_gso else 0)
 
     def _to_adapter_itself(self, packet: bytes) -> None:
         self.drops["to_adapter_itself"] += 1     # the adapter's identity carries no data

@@ -13,13 +13,22 @@ socket (the kernel accepts configuration of a queue only from the socket bound t
   every packet of the queue with an id up to ``packet_id`` (the kernel's ``after()``, so the
   ids may wrap). The worker's verdict is always DROP (it sent the sealed copy), so one batch
   at the end of a drain covers every packet it read, whatever became of each.
+- ``verdict(queue, verdict, packet_id)``: ``NFQNL_MSG_VERDICT`` for one packet, DROP or
+  REPEAT only (issue 15, step 5: a GSO super-packet the worker cannot cut is handed back with
+  NF_REPEAT while the queue's ``F_GSO`` is off, so the kernel queues it again segmented).
+- ``skb_info(data)``: the ``NFQA_SKB_INFO`` flags of a queued packet's message (only sent while
+  the queue has ``F_GSO``: ``SKB_CSUMNOTREADY``, ``SKB_GSO``, ``SKB_CSUM_NOTVERIFIED``), which the
+  netfilterqueue package does not pass to its callback; ``find_attr`` finds any attribute of
+  a queued packet's message. Both read the kernel's bytes: bounds-checked, they never raise.
 
 Layouts are data, the C structs quoted beside them; netlink headers and attribute headers are
 in host order, nfnetlink's payloads in network order. Encoders raise ``ValueError`` on values
-out of range (our misuse); ``parse_ack`` returns None for anything that is not an ACK.
+out of range (our misuse); ``parse_ack`` returns None for anything that is not an ACK, and
+the parsers of the kernel's messages (``find_attr``, ``skb_info``) None or 0 for anything
+malformed.
 
 Never: encode an ACCEPT verdict for the worker's queue (``DROP_ONLY`` below is what it
-sends), or read a socket here.
+sends in batches; ``verdict`` refuses ACCEPT), or read a socket here.
 """
 
 from __future__ import annotations
@@ -74,14 +83,25 @@ F_GSO = 0x04
 F_UID_GID = 0x08
 F_SECCTX = 0x10
 F_ALL = 0x1F
-# enum nfqnl_attr_type (a verdict's attribute)
+# enum nfqnl_attr_type (a queued packet's attributes, and a verdict's)
+NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
+NFQA_PAYLOAD = 10
+NFQA_CAP_LEN = 13
+NFQA_SKB_INFO = 14              # __be32, only while the queue has F_GSO (nfqnl_put_packet_info)
+NLA_TYPE_MASK = 0x3FFF          # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+# NFQA_SKB_* (flags of NFQA_SKB_INFO)
+SKB_CSUMNOTREADY = 0x1          # CHECKSUM_PARTIAL: the L4 checksum field holds the pseudo-header sum only
+SKB_GSO = 0x2                   # a GSO super-packet (larger than the device's MTU)
+SKB_CSUM_NOTVERIFIED = 0x4      # the checksum was not checked on the way in
 # enum nfqnl_config_mode
 COPY_NONE, COPY_META, COPY_PACKET = 0, 1, 2
 # netfilter verdicts
 NF_DROP = 0
 NF_ACCEPT = 1
+NF_REPEAT = 4                   # run the hook that queued the packet again (it is queued again)
 DROP_ONLY = NF_DROP
+_HEAD_BYTES = 16 + 4            # nlmsghdr + nfgenmsg: the attributes start here
 
 _U32 = 0xFFFFFFFF
 
@@ -132,6 +152,48 @@ def verdict_batch(queue: int, verdict: int, packet_id: int, *, seq: int = 0) -> 
         raise ValueError("verdict or packet id out of range")
     return message(NFQNL_MSG_VERDICT_BATCH, queue, attr(NFQA_VERDICT_HDR, VERDICT_HDR.pack(verdict, packet_id)),
                    seq=seq)
+
+
+def verdict(queue: int, verdict: int, packet_id: int, *, seq: int = 0) -> bytes:
+    """``NFQNL_MSG_VERDICT``: ``verdict`` for the one queued packet ``packet_id``: NF_DROP, or
+    NF_REPEAT (its hook runs again: the packet is queued again, segmented if the queue's
+    ``F_GSO`` is off by then). Never ACCEPT. No ACK: the kernel answers only a refusal
+    (an unknown id: ENOENT), with ``seq``."""
+    if verdict not in (NF_DROP, NF_REPEAT) or not 0 <= packet_id <= _U32:
+        raise ValueError("verdict (DROP or REPEAT only) or packet id out of range")
+    return message(NFQNL_MSG_VERDICT, queue, attr(NFQA_VERDICT_HDR, VERDICT_HDR.pack(verdict, packet_id)), seq=seq)
+
+
+def find_attr(data, kind: int, mtype: int = NFQNL_MSG_PACKET) -> bytes | None:
+    """The value of the first attribute ``kind`` of the nfnetlink message ``data`` of type
+    ``mtype`` (a queued packet), or None: another message, no such attribute, or anything
+    that does not add up (a length beyond the message or the bytes read). Never raises."""
+    n = len(data)
+    if n < _HEAD_BYTES:
+        return None
+    length, got_type, _flags, _seq, _pid = NLMSGHDR.unpack_from(data)
+    if got_type != mtype or length < _HEAD_BYTES:
+        return None
+    end = length if length < n else n
+    off = _HEAD_BYTES
+    unpack = NLATTR.unpack_from
+    while off + 4 <= end:
+        size, got = unpack(data, off)
+        if size < 4 or off + size > end:
+            return None
+        if got & NLA_TYPE_MASK == kind:
+            return bytes(data[off + 4:off + size])
+        off += (size + 3) & ~3
+    return None
+
+
+def skb_info(data) -> int:
+    """The ``NFQA_SKB_INFO`` flags of a queued packet's message ``data`` (``SKB_*``); 0 when it
+    has none (the queue's F_GSO is off, or the packet is an ordinary one) or is malformed."""
+    value = find_attr(data, NFQA_SKB_INFO)
+    if value is None or len(value) != 4:
+        return 0
+    return _BE32.unpack(value)[0]
 
 
 class Ack(NamedTuple):

@@ -22,6 +22,18 @@ a full queue drops, it never lets a clear packet through; and its netlink receiv
 is ``NFQ_SOCKET_BYTES``. A drain ends when the queue is empty or the bound is reached: a lone
 packet is sealed, sent and judged in the wakeup it arrived in, never held for a timer.
 
+Super-packets (issue 15, step 5; the config key ``nfq_gso``): the queue is configured with
+``F_GSO`` and a 64 KB copy range, so the kernel queues the general node's TSO/GRO
+super-packets whole (one read per up to 64 KB) and leaves checksums unfinished where the skb
+has them so (CHECKSUM_PARTIAL); ``QueueDrain.recv`` reads each message's ``NFQA_SKB_INFO``
+flags, which the package does not pass on. A CSUMNOTREADY packet gets its TCP/UDP checksum
+finished in the stage; a GSO TCPv4 packet is cut into complete segments of at most the
+overlay MTU (``_cut``: which segment size and why), each sealed as its own datagram with the
+stream's next counter, so a super-packet of N pieces leaves as one ``UDP_SEGMENT`` send; any
+other GSO packet (UDP, whose segment size NFQUEUE does not tell; one truncated by the copy
+range) is handed back to the kernel to segment (``QueueDrain.hand_back``: F_GSO off, REPEAT,
+F_GSO on). Every piece and every hand-back stays under the drain's one DROP verdict.
+
 The receiving half (open, replay window, crypto routing, injection) runs in
 the controller, which owns every receive session: one replay window per
 session, one owner, so no packet is ever accepted twice (``appliance.way_back``).
@@ -57,15 +69,18 @@ import warnings
 from collections import Counter
 
 from cyphonic import constants as C
-from cyphonic.busy_poll import LONE_GAP_S, BusyPoll
+from cyphonic.busy_poll import BusyPoll, in_burst
 from cyphonic.datachannel import SEAL_STAGE, SEALED, SendStream
+from cyphonic.offload import (F_NEEDS_CSUM, GSO_TCPV4, PROTO_TCP, PROTO_UDP, VirtioNetHdr, finish_checksum_at,
+                              split_gso)
 from cyphonic.udp_batch import GsoSender
 from cyphonic.wire import relay as wire_relay
 
 from . import nfqueue_wire as nfw
-from .constants import (MISS_REPORT_EVERY_S, NFQ_CONFIG_SEQ, NFQ_DRAIN_PACKETS, NFQ_MAX_LEN, NFQ_RECV_BYTES,
-                        NFQ_SOCKET_BYTES, WORKER_BIND_ATTEMPTS, WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS,
-                        WORKER_SOCKET_WAIT_S)
+from .constants import (MISS_REPORT_EVERY_S, NFQ_CONFIG_SEQ, NFQ_COPY_RANGE, NFQ_DRAIN_PACKETS, NFQ_GSO_MAX_PIECES,
+                        NFQ_GSO_REPEATS_PER_DRAIN, NFQ_GSO_REPEATS_PER_S, NFQ_GSO_TOGGLE_SEQ, NFQ_MAX_LEN,
+                        NFQ_RECV_BYTES, NFQ_RECV_GSO_BYTES, NFQ_REPEAT_SEQ, NFQ_SOCKET_BYTES, WORKER_BIND_ATTEMPTS,
+                        WORKER_BIND_RETRY_S, WORKER_MAX_SESSIONS, WORKER_SOCKET_WAIT_S)
 
 PR_SET_PDEATHSIG = 1        # prctl(2)
 _MAX_INNER = C.MAX_INNER_PACKET_BYTES
@@ -76,7 +91,7 @@ class ReplyWait:
 
     The node daemon waits for the answer to a lone packet of its own. Here the packet leaves
     from a worker and its answer comes back to the controller, so a worker about to send a
-    lone packet (the first after ``busy_poll.LONE_GAP_S``: a ping, a request) writes to an
+    lone packet (the first after a pause, by ``busy_poll.in_burst``: a ping, a request) writes to an
     eventfd first, the heads-up: written before the send, the controller wakes while the
     worker sends and the peer answers, not where the peer needs the CPU. The controller,
     woken by it, asks the policy (``cyphonic.busy_poll.BusyPoll``) how long to spin, and
@@ -221,15 +236,26 @@ class QueueDrain:
     """A worker's reads of its NFQUEUE and its verdicts, on the package's netlink socket ``sock``.
 
     ``NetfilterQueue.run_socket(drain)`` reads through ``recv``: at most ``limit`` packets a
-    drain (then EAGAIN, so the batch is bounded and the epoll loop comes back), with the ACK
-    of our configuration taken out of the stream (``config_acked``, or ``nfq_config_refused``)
-    and the kernel's ENOBUFS (packets it could not queue to us: dropped, fail-open being off)
-    counted as ``nfq_enobufs``. The packet callback calls ``seen(id)`` first thing. ``end()``
-    closes the drain: the sender's runs go out, then one DROP verdict for every packet read
-    (``verdict_batches``; ``verdicts``: the packets they covered). Counters in ``counters``."""
+    drain (then EAGAIN, so the batch is bounded and the epoll loop comes back; a super-packet's
+    pieces each count, ``charge``), with the ACK of our configuration taken out of the stream
+    (``config_acked``, or ``nfq_config_refused``) and the kernel's ENOBUFS (packets it could not
+    queue to us: dropped, fail-open being off) counted as ``nfq_enobufs``. The packet callback
+    calls ``seen(id)`` first thing. ``end()`` closes the drain: the sender's runs go out, then
+    one DROP verdict for every packet read (``verdict_batches``; ``verdicts``: the packets they
+    covered). Counters in ``counters``.
+
+    With ``gso`` (the config key ``nfq_gso``): the queue is configured with ``F_GSO`` and a
+    copy range of 64 KB, ``recv`` reads up to ``NFQ_RECV_GSO_BYTES`` and keeps the message's
+    ``NFQA_SKB_INFO`` flags in ``skb_info`` for the callback of that same message (run_socket
+    calls it right after each ``recv``). ``hand_back(id)`` returns a super-packet the worker
+    cannot cut to the kernel: F_GSO off, a REPEAT verdict for it, F_GSO on again, each one
+    netlink message that the kernel handles inside the send, so the packet is queued again,
+    segmented, before F_GSO is back. Bounded (``NFQ_GSO_REPEATS_PER_DRAIN``, ``_PER_S``) and
+    given up for good once the kernel refuses a toggle: then such packets are dropped
+    (counted), never looped."""
 
     def __init__(self, sock, queue_num: int, counters: Counter, sender: GsoSender | None = None,
-                 limit: int = NFQ_DRAIN_PACKETS) -> None:
+                 limit: int = NFQ_DRAIN_PACKETS, gso: bool = False, clock=time.monotonic) -> None:
         self.sock = sock
         self.queue_num = queue_num
         self.counters = counters
@@ -238,11 +264,27 @@ class QueueDrain:
         self.left = limit
         self.last_id: int | None = None
         self.count = 0
+        self.gso = gso
+        self.recv_bytes = NFQ_RECV_GSO_BYTES if gso else NFQ_RECV_BYTES
+        self.skb_info = 0             # the NFQA_SKB_INFO flags of the message recv returned last
+        self.clock = clock
+        self.repeat_refused = False   # the kernel refused to toggle F_GSO: never hand back again
+        self.gso_restore = False      # turning F_GSO on again failed: tried again at end()
+        self._drain_repeats = 0
+        self._window_at = float("-inf")
+        self._window_repeats = 0
 
     def configure(self) -> None:
-        """Fail-open explicitly off (mask bit set, value 0), asked with an ACK."""
+        """Fail-open explicitly off (mask bit set, value 0), asked with an ACK; with ``gso``
+        in the same message F_GSO on and the copy range raised to 64 KB (the package caps
+        its own at 4016 bytes)."""
+        if self.gso:
+            msg = nfw.config(self.queue_num, flags=nfw.F_GSO, mask=nfw.F_FAIL_OPEN | nfw.F_GSO,
+                             copy_range=NFQ_COPY_RANGE, seq=NFQ_CONFIG_SEQ)
+        else:
+            msg = nfw.config(self.queue_num, flags=0, mask=nfw.F_FAIL_OPEN, seq=NFQ_CONFIG_SEQ)
         try:
-            self.sock.send(nfw.config(self.queue_num, flags=0, mask=nfw.F_FAIL_OPEN, seq=NFQ_CONFIG_SEQ))
+            self.sock.send(msg)
         except OSError as exc:
             self.counters["nfq_config_" + (errno.errorcode.get(exc.errno, "") or type(exc).__name__)] += 1
 
@@ -251,7 +293,7 @@ class QueueDrain:
             raise BlockingIOError(errno.EAGAIN, "drain bound reached")
         while True:
             try:
-                data = self.sock.recv(NFQ_RECV_BYTES, socket.MSG_DONTWAIT)
+                data = self.sock.recv(self.recv_bytes, socket.MSG_DONTWAIT)
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.counters["nfq_enobufs"] += 1
@@ -259,19 +301,83 @@ class QueueDrain:
             ack = nfw.parse_ack(data)
             if ack is None:
                 self.left -= 1
+                if self.gso:
+                    self.skb_info = nfw.skb_info(data)
                 return data
-            if ack.error:
-                self.counters["nfq_config_refused"] += 1
-            else:
+            if not ack.error:
                 self.counters["config_acked"] += 1
+            elif ack.seq == NFQ_GSO_TOGGLE_SEQ:
+                self.counters["nfq_gso_toggle_refused"] += 1
+                self.repeat_refused = True
+            elif ack.seq == NFQ_REPEAT_SEQ:
+                self.counters["nfq_repeat_refused"] += 1   # (the packet stays under the batch DROP)
+            else:
+                self.counters["nfq_config_refused"] += 1
 
     def seen(self, packet_id: int) -> None:
         self.last_id = packet_id
         self.count += 1
 
+    def charge(self, packets: int) -> None:
+        """``packets`` more count against this drain's bound (a super-packet's other pieces)."""
+        self.left -= packets
+
+    def hand_back(self, packet_id: int) -> bool:
+        """Give the queued super-packet ``packet_id`` back to the kernel to segment (F_GSO off,
+        REPEAT, F_GSO on). True if the REPEAT was sent; False: it was not (the guard, a
+        refusal seen before, a send that failed; each counted as a ``drop_``), and the packet
+        stays under the drain's DROP (fail closed)."""
+        c = self.counters
+        if self.repeat_refused:
+            c["drop_gso_hand_back_refused"] += 1
+            return False
+        now = self.clock()
+        if now - self._window_at >= 1.0:
+            self._window_at, self._window_repeats = now, 0
+        if self._drain_repeats >= NFQ_GSO_REPEATS_PER_DRAIN or self._window_repeats >= NFQ_GSO_REPEATS_PER_S:
+            c["drop_gso_hand_back_limit"] += 1
+            return False
+        self._drain_repeats += 1
+        self._window_repeats += 1
+        send = self.sock.send
+        q = self.queue_num
+        try:
+            send(nfw.config(q, flags=0, mask=nfw.F_GSO, seq=NFQ_GSO_TOGGLE_SEQ, ack=False))
+        except OSError as exc:
+            self._count_error("nfq_gso_off_", exc)
+            c["drop_gso_hand_back_failed"] += 1
+            return False
+        try:
+            send(nfw.verdict(q, nfw.NF_REPEAT, packet_id, seq=NFQ_REPEAT_SEQ))
+            repeated = True
+        except OSError as exc:
+            self._count_error("nfq_repeat_", exc)
+            c["drop_gso_hand_back_failed"] += 1
+            repeated = False
+        self._gso_on()
+        if repeated:
+            c["gso_repeated"] += 1
+        return repeated
+
+    def _gso_on(self) -> None:
+        try:
+            self.sock.send(nfw.config(self.queue_num, flags=nfw.F_GSO, mask=nfw.F_GSO, seq=NFQ_GSO_TOGGLE_SEQ,
+                                      ack=False))
+            self.gso_restore = False
+        except OSError as exc:   # the kernel segments meanwhile: slower, never unsafe
+            self._count_error("nfq_gso_on_", exc)
+            self.gso_restore = True
+
+    def _count_error(self, prefix: str, exc: OSError) -> None:
+        self.counters[prefix + (errno.errorcode.get(exc.errno or 0, "") or type(exc).__name__)] += 1
+
     def end(self) -> None:
         """The drain is over: send what was sealed, then DROP every packet read (fail closed)."""
         self.left = self.limit
+        self._drain_repeats = 0
+        self.skb_info = 0
+        if self.gso_restore:
+            self._gso_on()
         if self.sender is not None:
             self.sender.flush()
         last, self.last_id = self.last_id, None
@@ -288,9 +394,16 @@ class QueueDrain:
 
 
 def packet_handler(table: "SealTable", sender: GsoSender, drain: QueueDrain, heads_up: int = -1,
-                   clock=time.monotonic):
+                   clock=time.monotonic, mtu: int = 0, offload_drops: Counter | None = None):
     """The NFQUEUE callback of a worker: seal each packet with its session's stream and add it
-    to ``sender``; no verdict here (``drain.end`` drops them all). Never raises."""
+    to ``sender``; no verdict here (``drain.end`` drops them all). Never raises.
+
+    With ``drain.gso`` the message's ``NFQA_SKB_INFO`` flags (``drain.skb_info``) say more:
+    a CSUMNOTREADY packet gets its TCP or UDP checksum finished in the stage (``csum_finished``;
+    another protocol: ``drop_csum_not_ready``); a GSO TCPv4 super-packet is cut into pieces of
+    at most ``mtu`` bytes (``_cut``; ``gso_reads``, ``gso_pieces``), each sealed as its own
+    datagram with the stream's next counter; any other super-packet goes back to the kernel
+    (``drain.hand_back``). ``offload_drops``: the cut's own drop reasons (``offload_*``)."""
     counters = table.counters
     sessions = table.sessions                          # (gn vip, peer vip) -> (SendStream, endpoint, sock)
     tx_bytes = table.tx_bytes
@@ -303,11 +416,53 @@ def packet_handler(table: "SealTable", sender: GsoSender, drain: QueueDrain, hea
     send_now = sender.send_now
     stage = SEAL_STAGE
     sealed = SEALED
+    odrops: Counter = counters if offload_drops is None else offload_drops
+
+    def seal(s, key, size: int) -> None:
+        """The packet staged in ``stage[:size]``: sealed with the session ``s`` and sent or added."""
+        nonlocal last_sent
+        stream, endpoint, sock = s
+        length = stream.seal_staged(size)      # the stream's next counter, never another
+        now = clock()
+        lone = not in_burst(now, last_sent)    # the first packet after a pause (a ping, a request)
+        last_sent = now
+        if lone and heads_up >= 0:  # tell the controller to wait awake for the answer (ReplyWait)
+            try:
+                eventfd_write(heads_up, 1)
+            except OSError:
+                counters["heads_up_failed"] += 1
+        if endpoint[0] == "relay":
+            dest, datagram = endpoint[1], wire_relay.encode_data(endpoint[2], sealed[:length])
+        else:
+            dest, datagram = endpoint, sealed[:length]
+        if lone and not sender.pending:
+            send_now(sock, dest, datagram)     # nothing before it waits: out at once, no copy
+        else:
+            add(sock, dest, datagram)          # (copied into the run: the stage is free)
+        counters["sealed"] += 1
+        counters["sealed_bytes"] += size
+        tx_bytes[key] += size
+
+    def super_packet(pkt, payload, size: int, s, key) -> None:
+        """A GSO packet: cut (TCPv4, whole) and each piece sealed, or handed back to the kernel."""
+        parts = _cut(payload, size, mtu, odrops)
+        if parts is None:                      # not ours to cut: the kernel segments it
+            drain.hand_back(pkt.id)            # (counted either way)
+            return
+        if not parts:                          # malformed (counted: offload_*)
+            return
+        counters["gso_reads"] += 1
+        counters["gso_pieces"] += len(parts)
+        drain.charge(len(parts) - 1)
+        for part in parts:
+            n = len(part)
+            stage[0:n] = part
+            seal(s, key, n)
 
     def on_packet(pkt) -> None:
-        nonlocal last_sent
         try:
             seen(pkt.id)   # first: whatever happens below, the drain's verdict (DROP) covers it
+            info = drain.skb_info              # (0 unless the queue has F_GSO)
             payload = pkt.get_payload()
             size = len(payload)
             if size < 20 or payload[0] >> 4 != 4:
@@ -324,37 +479,54 @@ def packet_handler(table: "SealTable", sender: GsoSender, drain: QueueDrain, hea
                     last_miss[key] = now
                     conn.send(("miss", key[0], key[1]))
                 return
+            if info & nfw.SKB_GSO:
+                super_packet(pkt, payload, size, s, key)
+                return
             if size > _MAX_INNER:
                 counters["drop_oversize"] += 1
                 return
-            stream, endpoint, sock = s
             stage[0:size] = payload
-            length = stream.seal_staged(size)      # the stream's next counter, never another
-            now = clock()
-            lone = now - last_sent > LONE_GAP_S    # the first packet after a pause (a ping, a request)
-            last_sent = now
-            if lone and heads_up >= 0:  # tell the controller to wait awake for the answer (ReplyWait)
-                try:
-                    eventfd_write(heads_up, 1)
-                except OSError:
-                    counters["heads_up_failed"] += 1
-            if endpoint[0] == "relay":
-                dest, datagram = endpoint[1], wire_relay.encode_data(endpoint[2], sealed[:length])
-            else:
-                dest, datagram = endpoint, sealed[:length]
-            if lone and not sender.pending:
-                send_now(sock, dest, datagram)     # nothing before it waits: out at once, no copy
-            else:
-                add(sock, dest, datagram)          # (copied into the run: the stage is free)
-            counters["sealed"] += 1
-            counters["sealed_bytes"] += size
-            tx_bytes[key] += size
+            if info & nfw.SKB_CSUMNOTREADY:    # the L4 checksum field holds the pseudo-header sum
+                proto = payload[9]
+                offset = 16 if proto == PROTO_TCP else 6 if proto == PROTO_UDP else 0
+                if not offset:
+                    counters["drop_csum_not_ready"] += 1
+                    return
+                if not finish_checksum_at(stage, size, (payload[0] & 15) * 4, offset, odrops):
+                    return                     # (counted: offload_bad_csum_offsets)
+                counters["csum_finished"] += 1
+            seal(s, key, size)
         except OSError as exc:  # e.g. the miss report's pipe: never end the loop
             counters["send_" + (os.strerror(exc.errno) if exc.errno else type(exc).__name__)] += 1
         except Exception as exc:  # noqa: BLE001 - no-throw boundary of the packet path
             counters["internal_" + type(exc).__name__] += 1
 
     return on_packet
+
+
+def _cut(payload, size: int, mtu: int, drops: Counter) -> list | None:
+    """The pieces of a GSO super-packet, each a complete TCP/IPv4 segment of at most ``mtu``
+    bytes (``cyphonic.offload.split_gso``: sequence numbers, IP ids, flags, both checksums);
+    [] if it is malformed (counted in ``drops``: ``offload_*``); None if it is not ours to cut:
+    not TCPv4 (a UDP GSO packet's segment size is the sender's choice, which NFQUEUE does not
+    tell), truncated (IP total length above the 65,531 bytes copied), no room for a payload
+    in ``mtu``, or more than ``NFQ_GSO_MAX_PIECES`` pieces.
+
+    The segment size: NFQUEUE gives the flags of a GSO packet, not its ``gso_size``, so we
+    choose ``mtu - IP header - TCP header (with options)``: every piece fits the tunnel. The
+    adapter clamps every overlay SYN's MSS to ``mtu - 40`` and gives the general node that MTU
+    by DHCP, so in the usual case this is the general node's own segment size (its MSS less
+    its options). A peer that advertised a smaller MSS than the clamp can receive segments of
+    up to this size, larger than it asked for (as after any re-segmenting middlebox)."""
+    ihl = (payload[0] & 15) * 4
+    if payload[9] != PROTO_TCP or ihl < 20 or size < ihl + 20 or (payload[2] << 8 | payload[3]) != size \
+            or payload[6] & 0x3F or payload[7]:
+        return None
+    hlen = ihl + (payload[ihl + 12] >> 4) * 4
+    gso_size = mtu - hlen
+    if gso_size <= 0 or -(-(size - hlen) // gso_size) > NFQ_GSO_MAX_PIECES:
+        return None
+    return split_gso(payload, VirtioNetHdr(F_NEEDS_CSUM, GSO_TCPV4, hlen, gso_size, ihl, 16), drops)
 
 
 def _die_with_parent() -> None:
@@ -367,10 +539,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int = -1) -> None:
+def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int = -1, gso_mtu: int = 0) -> None:
     """Run worker ``index`` on NFQUEUE ``queue_num`` until told to stop (in a forked child).
     ``heads_up``: the controller's eventfd, written before each lone packet is sent (ReplyWait),
-    or -1 (no busy polling)."""
+    or -1 (no busy polling). ``gso_mtu``: the overlay MTU with the config key ``nfq_gso`` on
+    (the queue hands over super-packets, cut into pieces of at most this size), 0 when off."""
     from netfilterqueue import NetfilterQueue
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -379,10 +552,12 @@ def worker_main(index: int, queue_num: int, conn, sockets: dict, heads_up: int =
     parent = os.getppid()
     counters: Counter = Counter()
     send_drops: Counter = Counter()                    # the sender's drops and errors, as send_*
-    table = SealTable(index, queue_num, conn, sockets, counters, prefixed={"send_": send_drops})
+    offload_drops: Counter = Counter()                 # super-packets that could not be cut, as drop_offload_*
+    table = SealTable(index, queue_num, conn, sockets, counters,
+                      prefixed={"send_": send_drops, "drop_": offload_drops})
     sender = GsoSender(counters=counters, drops=send_drops, errors=send_drops)
-    drain = QueueDrain(None, queue_num, counters, sender)
-    on_packet = packet_handler(table, sender, drain, heads_up)
+    drain = QueueDrain(None, queue_num, counters, sender, gso=gso_mtu > 0)
+    on_packet = packet_handler(table, sender, drain, heads_up, mtu=gso_mtu, offload_drops=offload_drops)
 
     nfq = NetfilterQueue()
     for attempt in range(WORKER_BIND_ATTEMPTS):  # a dying predecessor may hold the queue a moment longer

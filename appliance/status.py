@@ -30,7 +30,7 @@ from cyphonic.socket_stats import nfqueue_rows, socket_rows as kernel_socket_row
 WORKER_DROP_PREFIXES = ("drop_", "send_", "internal_", "nfq_", "install_", "heads_up_")
 # The workers' counters of batching (issue 15), summed into ``data_path.batches``.
 WORKER_BATCH_COUNTERS = ("gso_sends", "gso_segments", "plain_sends", "gso_disabled", "verdict_batches",
-                         "verdicts")
+                         "verdicts", "gso_reads", "gso_pieces", "csum_finished", "gso_repeated")
 
 
 def general_node_rows(registry, leases, links: dict, now: float) -> list[dict]:

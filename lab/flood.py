@@ -470,11 +470,7 @@ def under_flood(lab, flood: Flood, *, pinger=None, target: str | None = None, in
 
 def udp_counters(lab, host) -> dict:
     """The namespace's UDP MIB (``/proc/net/snmp``): InDatagrams, RcvbufErrors, ..."""
-    lines = lab.exec(host, ["cat", "/proc/net/snmp"]).stdout.splitlines()
-    for a, b in zip(lines, lines[1:]):
-        if a.startswith("Udp:") and b.startswith("Udp:"):
-            return {k: int(v) for k, v in zip(a.split()[1:], b.split()[1:])}
-    return {}
+    return lab.snmp(host, "Udp")
 
 
 if __name__ == "__main__":

@@ -455,6 +455,15 @@ class Lab:
         return subprocess.run([IP, "netns", "exec", _ns_of(node), *argv], input=input,
                               capture_output=True, text=True, timeout=timeout, check=check)
 
+    def snmp(self, node, table: str) -> dict[str, int]:
+        """The node's ``table`` ("Tcp", "Udp", "Ip", ...) of /proc/net/snmp, which is per network
+        namespace: {counter name: value}; {} if the table is not there."""
+        lines = self.exec(node, ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+        for names, values in zip(lines, lines[1:]):
+            if names.startswith(table + ":") and values.startswith(table + ":"):
+                return {k: int(v) for k, v in zip(names.split()[1:], values.split()[1:])}
+        return {}
+
     def spawn(self, node, argv: list[str], *, log: str | os.PathLike | None = None,
               **popen_kwargs) -> subprocess.Popen:
         """Start `argv` in the background in the node's namespace, in its own process group.

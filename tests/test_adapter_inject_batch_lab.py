@@ -50,9 +50,7 @@ def lab():
 
 
 def _snmp(lab, host, table: str, field: str) -> int:
-    rows = [l.split() for l in lab.exec(host, ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
-            if l.startswith(table + ":")]
-    return int(rows[1][rows[0].index(field)])
+    return lab.snmp(host, table)[field]
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "one_packet_per_send"])

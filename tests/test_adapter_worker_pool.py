@@ -19,6 +19,7 @@ from cyphonic.health import Health
 from appliance.packet_handling import SealTable
 from appliance.worker_pool import WorkerPool
 
+from test_adapter_nfq_gso import Netlink
 from test_adapter_sessions import FakeConn, FakeProc, Pool
 
 
@@ -189,27 +190,6 @@ def test_a_worker_refuses_an_add_port_without_its_socket_and_stops_for_a_fresh_f
 
 # --- a worker's queue drain: sealed runs out first, then one DROP for every packet read (issue 15) ------
 
-class FakeNetlink:
-    """The queue's netlink socket: ``recv`` hands out the queued messages, then EAGAIN;
-    ``send`` records (in ``log``, shared with the UDP socket to see the order)."""
-
-    def __init__(self, log: list, messages=()) -> None:
-        self.log = log
-        self.messages = list(messages)
-
-    def recv(self, n, flags=0):
-        if not self.messages:
-            raise BlockingIOError(errno.EAGAIN, "empty")
-        m = self.messages.pop(0)
-        if isinstance(m, int):
-            raise OSError(m, os.strerror(m))
-        return m
-
-    def send(self, data):
-        self.log.append(("netlink", bytes(data)))
-        return len(data)
-
-
 class LoggingUdp:
     def __init__(self, log: list) -> None:
         self.log = log
@@ -256,7 +236,7 @@ def worker(log: list, messages=(), limit: int = 256):
     key = bytes(range(32))
     table.sessions[(GN, PEER)] = (SendStream(key, 77, stream_id=3), ("192.0.2.7", 4000), udp_sock)
     sender = GsoSender(counters=table.counters)
-    drain = QueueDrain(FakeNetlink(log, messages), 5, table.counters, sender, limit=limit)
+    drain = QueueDrain(Netlink(log, messages), 5, table.counters, sender, limit=limit)
     return table, drain, packet_handler(table, sender, drain), sent_misses, key
 
 

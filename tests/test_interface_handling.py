@@ -366,9 +366,7 @@ def _helper(lab, node, *args, timeout=20) -> dict:
 
 def _udp_noports(lab, node) -> int:
     """The node's `Udp: NoPorts` counter (/proc/net/snmp is per network namespace)."""
-    rows = [l.split() for l in lab.exec(node, ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
-            if l.startswith("Udp:")]
-    return int(rows[1][rows[0].index("NoPorts")])
+    return lab.snmp(node, "Udp")["NoPorts"]
 
 
 def _wait_log(path, needle, timeout=10.0) -> str:

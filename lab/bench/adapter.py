@@ -49,6 +49,7 @@ JSON as the top functions by own and inclusive time.
 
     python -m lab.bench --only adapter --out build/bench
     python -m lab.bench.adapter --out build/bench [--profile]      # the same, this part alone
+    CYPHONIC_BENCH_NFQ_GSO=0 python -m lab.bench --only adapter ...  # the adapter with nfq_gso off (1: on)
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ COLUMNS = [("plain", "plain"), ("cyphonic", "node"), ("adapter", "adapter"), ("w
 NODE_NAMES = {**nb.NODE_NAMES, "f3": "fresh3", "f4": "fresh4"}
 GN_FRESH_PEERS = ("f1", "f2", "f3", "f4", "n1", "n2")   # n2 last: it is the bench's path
 ADAPTER_WORKERS = 0            # the appliance default: one NFQUEUE worker per core
+NFQ_GSO_ENV = "CYPHONIC_BENCH_NFQ_GSO"   # "1"/"0": the adapter's nfq_gso for this run (unset: its default)
 GN_NAME = "gn"
 DHCP_TIMEOUT_S = 15
 PROFILE_SECONDS = 6
@@ -178,7 +180,7 @@ class AdapterBench(nb.NodeBench):
         self.anchor["gn"] = self.anchor_in(gn)
         self.anchor["adapter"] = self.anchor_in(ad)
         self.adapter_proc, self.adapter_sock, self.adapter_log = start_adapter(
-            lab, self.ov, ad, self.lan_if, tmp, workers=ADAPTER_WORKERS)
+            lab, self.ov, ad, self.lan_if, tmp, workers=ADAPTER_WORKERS, extra=adapter_extra())
         add_gn(lab, ad, self.adapter_sock, self.adapter_log, self.ov, mac_of(lab, gn), GN_NAME)
         r, lease = dhclient(lab, gn, tmp, GN_NAME, timeout_s=DHCP_TIMEOUT_S)
         if not lease:
@@ -566,6 +568,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
                        "mtu": {"plain": 1500, "cyphonic": b.cy_mtu,
                                "adapter": int(b.lease.get("new_interface_mtu") or 1500), "wireguard-go": nb.WG_MTU},
                        "adapter": {"workers": len(b.worker_pids), "nfqueue_path": b.filter_mode,
+                                   "config": adapter_extra(),
                                    "general_node_vip": b.gn_vip, "lan_interface": b.lan_if},
                        "fragmentation_note": "a 1400-byte datagram is a 1428-byte IP packet, above every tunnel "
                                              "MTU (and the general node's, from DHCP): the sender fragments it in "
@@ -607,6 +610,13 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
     print_table(result, say)
     say(f"written {write_result(out_dir, 'adapter', result)}")
     return result
+
+
+def adapter_extra() -> dict:
+    """adapter.toml keys this run sets beyond the lab's (``CYPHONIC_BENCH_NFQ_GSO``: on/off runs
+    side by side)."""
+    v = os.environ.get(NFQ_GSO_ENV, "").strip().lower()
+    return {"nfq_gso": v in ("1", "true", "on", "yes")} if v else {}
 
 
 def _mb(kb) -> str:

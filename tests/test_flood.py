@@ -45,6 +45,11 @@ from cyphonic.ipv4 import checksum as inet_checksum   # a right header sums to 0
 from lab.nodelab import Overlay
 
 FLOOD_S = 20.0
+# The new node of the cloud's flood starts this long into it. It usually logs in 2 to 11 s later,
+# but about one run in ten it took 16 to 18 s (CI, 2026-12-06): its first initiation is one of
+# ~200k/s into a full intake queue (about 1 in 5 is read), then the cookie round and the login.
+# The test claims it gets in during the flood (lab.flood sends for 20 s at most), not how fast.
+NEW_NODE_AT_S = 1.0
 FLOOD_RATE = float(os.environ.get("CYPHONIC_FLOOD_RATE", "0"))   # 0: as fast as the sender goes
 MIN_RATE = 50_000
 FLOOD_PROCS = 1               # one sender: on these 2 cores the target keeps the other one
@@ -233,6 +238,13 @@ def test_flood_at_an_adapters_general_node(lab, tmp_path, capsys):
 
 
 @pytest.mark.root
+def _cloud_stats(ov) -> str:
+    try:
+        return ov.cli("stats", "--json")[-3000:]
+    except AssertionError as exc:
+        return f"n/a ({exc})"
+
+
 def test_flood_at_the_clouds_control_channel(lab, tmp_path, capsys):
     inet = lab.switch("inet", "198.18.0.0/24")
     cloud = lab.host("cloud", inet, v6=False)
@@ -251,15 +263,23 @@ def test_flood_at_the_clouds_control_channel(lab, tmp_path, capsys):
     rss0, udp0, rep0 = _rss(pids), udp_counters(lab, cloud), replies.read()
     flood = _flood(lab, atk, tmp_path, kind="control", key=cloud_static, target=cloud.addr4, port=47101)
     late: dict = {}
+    gamma_seen: dict = {}        # gamma's status while it was not logged in, by time into the flood
 
     def sample():
-        # a new node enrolls and logs in a few seconds into the flood (started from the sampler)
+        # a new node enrolls and logs in during the flood (started from the sampler)
         t = time.monotonic() - flood.started
-        if "started" not in late and t >= 3.0:
+        if "started" not in late and t >= NEW_NODE_AT_S:
             ov.add_node("gamma", hosts["n3"])
             late["started"] = round(t, 1)
-        if "started" in late and "ready" not in late and gamma_ready():
-            late["ready"] = round(t - late["started"], 1)
+        if "started" in late and "ready" not in late:
+            if gamma_ready():
+                late["ready"] = round(t - late["started"], 1)
+            else:   # what it saw, for the report if it does not log in during the flood
+                try:
+                    st = ov.status("gamma")
+                    gamma_seen[round(t, 1)] = {k: st.get(k) for k in ("cloud", "drops", "errors", "sockets")}
+                except (OSError, ValueError, KeyError) as exc:
+                    gamma_seen[round(t, 1)] = f"status: {exc}"
         return {n: _sampled(lambda: ov.status(n)["cloud"]["state"])() for n in ("alpha", "beta")}
 
     def gamma_ready() -> bool:
@@ -287,7 +307,9 @@ def test_flood_at_the_clouds_control_channel(lab, tmp_path, capsys):
         bad.append("the new node was never started")
     elif "ready" not in late:
         bad.append(f"the new node did not log in during the flood ({late}): "
-                   + open(ov.nodes["gamma"]["log"]).read()[-1500:])
+                   + open(ov.nodes["gamma"]["log"]).read()[-1500:]
+                   + f"; its status in the flood's last seconds: {dict(list(gamma_seen.items())[-2:])}"
+                   + f"; the cloud's stats: {_cloud_stats(ov)}")
     if "gamma" not in enrolled or not all(enrolled.get(n, {}).get("registered") for n in ("alpha", "beta", "gamma")):
         bad.append(f"after the flood: {enrolled}")
     assert not bad, bad

@@ -279,6 +279,8 @@ class CloudServer:
                             + self.load.conditions(now, self._load_sample))
         out = {"kind": "cloud", "pid": os.getpid(), "services": list(self.config.services), "started": self.started,
                "written": now, "socket_errors": dict(self.errors), "sockets": self.socket_rows(),
+               "send_backlog_bytes": {("ipv6" if f == socket.AF_INET6 else "ipv4"): t.get_write_buffer_size()
+                                      for f, t in self._transports.items()},
                "health": self.health.report(now)}
         if self.relay_server is not None:
             out["relay_socket_errors"] = dict(self.relay_server.errors)

@@ -37,6 +37,14 @@ def start_adapter(lab, ov, adapter, lan_iface, tmp_path, name="adapter", workers
     return proc, sock, str(log)
 
 
+def tunnel_up(lab, gn, vip: str, log: str) -> None:
+    """The general node's tunnel to ``vip`` comes up (its first pings may be lost while it
+    does), then carries 5 pings of 5; the adapter's log in the failure."""
+    lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.3", "-W", "2", vip], timeout=30)
+    p = lab.exec(gn, ["ping", "-n", "-c", "5", "-i", "0.1", "-W", "2", vip], timeout=30)
+    assert " 0% packet loss" in p.stdout, p.stdout + open(log).read()[-3000:]
+
+
 def mac_of(lab, host, iface="eth0"):
     return re.search(r"link/ether ([0-9a-f:]+)", lab.exec(host, ["ip", "link", "show", iface]).stdout).group(1)
 
@@ -84,13 +92,13 @@ def site_topology(lab, tmp_path, extra_gns: tuple[str, ...] = ()) -> dict:
             "srv_vip": srv_vip, "others": others}
 
 
-def adapter_site(lab, tmp_path, *, workers: int = 2, extra_gns: tuple[str, ...] = ()):
-    """The usual site (site_topology) with the adapter running and "gn"'s MAC enrolled as cam1,
-    its lease taken. Returns a dict of the parts."""
+def adapter_site(lab, tmp_path, *, workers: int = 2, extra_gns: tuple[str, ...] = (), extra: dict | None = None):
+    """The usual site (site_topology) with the adapter running (``extra``: more adapter.toml
+    keys) and "gn"'s MAC enrolled as cam1, its lease taken. Returns a dict of the parts."""
     t = site_topology(lab, tmp_path, extra_gns)
     ov, adapter, port, gn, srv_host, srv_vip, others = (
         t["ov"], t["adapter"], t["port"], t["gn"], t["srv_host"], t["srv_vip"], t["others"])
-    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, workers=workers)
+    proc, sock, log = start_adapter(lab, ov, adapter, port.iface, tmp_path, workers=workers, extra=extra)
     add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
     r, lease = dhclient(lab, gn, tmp_path, "gn")
     assert lease, r.stdout + r.stderr

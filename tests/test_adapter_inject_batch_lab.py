@@ -15,7 +15,7 @@ import time
 import pytest
 
 from lab import Lab
-from lab.adapterlab import add_gn, cyadm, dhclient, mac_of, site_topology, start_adapter
+from lab.adapterlab import adapter_site, cyadm, tunnel_up
 
 pytestmark = pytest.mark.root
 PY = sys.executable
@@ -49,23 +49,13 @@ def lab():
         yield lab
 
 
-def _snmp(lab, host, table: str, field: str) -> int:
-    return lab.snmp(host, table)[field]
-
-
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "one_packet_per_send"])
 def test_tcp_toward_the_general_node_arrives_intact(lab, tmp_path, batched):
-    t = site_topology(lab, tmp_path)
+    t = adapter_site(lab, tmp_path, extra={"inject_batch": batched})
     ov, adapter, gn, srv_host, srv_vip = t["ov"], t["adapter"], t["gn"], t["srv_host"], t["srv_vip"]
-    proc, sock, log = start_adapter(lab, ov, adapter, t["port"].iface, tmp_path, extra={"inject_batch": batched})
-    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
-    r, lease = dhclient(lab, gn, tmp_path, "gn")
-    assert lease, r.stdout + r.stderr
-    gn_vip = lease["new_ip_address"]
-    lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.3", "-W", "2", srv_vip], timeout=30)   # (the tunnel comes up)
-    p = lab.exec(gn, ["ping", "-n", "-c", "5", "-i", "0.1", "-W", "2", srv_vip], timeout=30)
-    assert " 0% packet loss" in p.stdout, p.stdout + open(log).read()[-3000:]
-    csum_errors = _snmp(lab, gn, "Tcp", "InCsumErrors")
+    proc, sock, log = t["proc"], t["sock"], t["log"]
+    tunnel_up(lab, gn, srv_vip, log)
+    csum_errors = lab.snmp(gn, "Tcp")["InCsumErrors"]
     # iperf3 -R: the node daemon sends, the general node receives (the adapter's way back)
     lab.spawn(srv_host, ["iperf3", "-s", "-1", "-B", srv_vip], log=tmp_path / "iperf.log")
     time.sleep(0.5)
@@ -78,7 +68,7 @@ def test_tcp_toward_the_general_node_arrives_intact(lab, tmp_path, batched):
     r = lab.exec(gn, [PY, "-c", CLIENT, srv_vip], timeout=60)
     want = hashlib.sha256(random.Random(SEED).randbytes(TRANSFER_BYTES)).hexdigest()
     assert r.stdout.split() == [str(TRANSFER_BYTES), want], r.stdout + r.stderr
-    assert _snmp(lab, gn, "Tcp", "InCsumErrors") == csum_errors
+    assert lab.snmp(gn, "Tcp")["InCsumErrors"] == csum_errors
     st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
     batches = st["data_path"]["batches"]
     print(f"inject_batch={batched}: iperf3 -R {down / 1e6:.0f} Mbit/s, batches {batches}")

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from lab import Lab
-from lab.adapterlab import add_gn, cyadm, dhclient, mac_of, site_topology, start_adapter
+from lab.adapterlab import adapter_site, cyadm, tunnel_up
 
 pytestmark = pytest.mark.root
 PY = sys.executable
@@ -73,22 +73,13 @@ def lab():
         yield lab
 
 
-def _snmp(lab, host, table: str, field: str) -> int:
-    return lab.snmp(host, table)[field]
-
-
 @pytest.mark.parametrize("nfq_gso", [True, False], ids=["nfq_gso", "segmented_by_the_kernel"])
 def test_tcp_and_udp_from_the_general_node_arrive_intact(lab, tmp_path, nfq_gso):
-    t = site_topology(lab, tmp_path)
+    t = adapter_site(lab, tmp_path, extra={"nfq_gso": nfq_gso})
     ov, adapter, gn, srv_host, srv_vip = t["ov"], t["adapter"], t["gn"], t["srv_host"], t["srv_vip"]
-    proc, sock, log = start_adapter(lab, ov, adapter, t["port"].iface, tmp_path, extra={"nfq_gso": nfq_gso})
-    add_gn(lab, adapter, sock, log, ov, mac_of(lab, gn), "cam1")
-    r, lease = dhclient(lab, gn, tmp_path, "gn")
-    assert lease, r.stdout + r.stderr
-    lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.3", "-W", "2", srv_vip], timeout=30)   # (the tunnel comes up)
-    p = lab.exec(gn, ["ping", "-n", "-c", "5", "-i", "0.1", "-W", "2", srv_vip], timeout=30)
-    assert " 0% packet loss" in p.stdout, p.stdout + open(log).read()[-3000:]
-    errors = {f: _snmp(lab, srv_host, table, f) for table, f in (("Tcp", "InCsumErrors"), ("Udp", "InCsumErrors"))}
+    proc, sock, log = t["proc"], t["sock"], t["log"]
+    tunnel_up(lab, gn, srv_vip, log)
+    errors = {f: lab.snmp(srv_host, table)[f] for table, f in (("Tcp", "InCsumErrors"), ("Udp", "InCsumErrors"))}
     # iperf3 forward: the general node sends (the adapter's workers seal)
     lab.spawn(srv_host, ["iperf3", "-s", "-1", "-B", srv_vip], log=tmp_path / "iperf.log")
     time.sleep(0.5)
@@ -117,7 +108,7 @@ def test_tcp_and_udp_from_the_general_node_arrive_intact(lab, tmp_path, nfq_gso)
     ov.wait_log(str(tmp_path / "udp-gso.log"), "got", 15)
     assert "got 50 [1000]" in open(tmp_path / "udp-gso.log").read(), open(tmp_path / "udp-gso.log").read()
     for (table, f), before in zip((("Tcp", "InCsumErrors"), ("Udp", "InCsumErrors")), errors.values()):
-        assert _snmp(lab, srv_host, table, f) == before, (table, f)
+        assert lab.snmp(srv_host, table)[f] == before, (table, f)
     time.sleep(1.5)                                  # (the workers' counters are asked for every second)
     st = json.loads(cyadm(lab, adapter, sock, "status", "--json").stdout)
     batches = st["data_path"]["batches"]

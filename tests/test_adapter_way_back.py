@@ -4,6 +4,8 @@ heads-up starts a busy poll that the answer stops."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import socket
 from types import SimpleNamespace
@@ -212,10 +214,26 @@ class FakeInjector:
         return self.inject_write(bytes(10) + bytes(packet), mac)
 
 
-def gn_link():
-    link, peer, flushes = link_pair()
-    link.gn = SimpleNamespace(mac="02:11:22:33:44:55", name="cam1")
-    return link, peer, flushes
+@contextmanager
+def batched_way_back(fake=None, mac="02:11:22:33:44:55"):
+    """A WayBack that injects in batches through ``fake`` (a FakeInjector), watching a general
+    node's link whose MAC is ``mac``; its sockets closed afterwards. Yields the parts: ``wb``,
+    ``fake``, ``injected`` (the one-packet path), ``link``, ``peer`` (the sender), ``read``
+    (the link's handler)."""
+    injected = []
+    fake = FakeInjector() if fake is None else fake
+    sel = Selector()
+    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, batch_injector=fake)
+    link, peer, _ = link_pair()
+    link.gn = SimpleNamespace(mac=mac, name="cam1")
+    wb.watch(link)
+    try:
+        yield SimpleNamespace(wb=wb, fake=fake, injected=injected, link=link, peer=peer,
+                              read=sel.readers[link.sock.fileno()])
+    finally:
+        link.sock.close()
+        link.intake.close()
+        peer.close()
 
 
 def send_all(peer, link, packets):
@@ -229,114 +247,72 @@ def send_all(peer, link, packets):
 def test_a_drains_tcp_run_is_one_frame_and_a_lone_packet_goes_at_once():
     from cyphonic.offload import F_NEEDS_CSUM, GSO_TCPV4, ZERO_HDR, VirtioNetHdr
     from test_offload import run_of
-    injected = []
-    fake = FakeInjector()
-    sel = Selector()
-    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, batch_injector=fake)
-    link, peer, _ = gn_link()
-    wb.watch(link)
-    handler = sel.readers[link.sock.fileno()]
-    run = run_of(5, size=1000)
-    ping = bytearray(b"\x45" + bytes(27))
-    send_all(peer, link, [*run, ping])
-    handler()
-    assert injected == []                              # nothing took the one-packet path
-    # the first datagram of a quiet socket goes at once; what follows in the drain merges
-    [(first, mac), (merged, mac2), (alone, mac3)] = fake.frames
-    assert mac == mac2 == mac3 == bytes.fromhex("021122334455")
-    assert first == ZERO_HDR + run[0]
-    assert VirtioNetHdr.parse(merged) == VirtioNetHdr(F_NEEDS_CSUM, GSO_TCPV4, 14 + 40, 1000, 14 + 20, 16)
-    assert merged[10 + 40:] == b"".join(bytes(p[40:]) for p in run[1:])
-    assert alone == ZERO_HDR + ping
-    assert wb.batch["merged_writes"] == 1 and wb.batch["merged_segments"] == 4 and wb.batch["plain_writes"] == 2
-    # a lone packet, TCP or not, leaves in the wakeup that read it
-    [seg] = run_of(1, seq=9999)
-    send_all(peer, link, [seg])
-    handler()
-    assert fake.frames[-1] == (ZERO_HDR + seg, mac)
-    link.sock.close()
-    link.intake.close()
-    peer.close()
+    with batched_way_back() as t:
+        run = run_of(5, size=1000)
+        ping = bytearray(b"\x45" + bytes(27))
+        send_all(t.peer, t.link, [*run, ping])
+        t.read()
+        assert t.injected == []                            # nothing took the one-packet path
+        # the first datagram of a quiet socket goes at once; what follows in the drain merges
+        [(first, mac), (merged, mac2), (alone, mac3)] = t.fake.frames
+        assert mac == mac2 == mac3 == bytes.fromhex("021122334455")
+        assert first == ZERO_HDR + run[0]
+        assert VirtioNetHdr.parse(merged) == VirtioNetHdr(F_NEEDS_CSUM, GSO_TCPV4, 14 + 40, 1000, 14 + 20, 16)
+        assert merged[10 + 40:] == b"".join(bytes(p[40:]) for p in run[1:])
+        assert alone == ZERO_HDR + ping
+        b = t.wb.batch
+        assert b["merged_writes"] == 1 and b["merged_segments"] == 4 and b["plain_writes"] == 2
+        # a lone packet, TCP or not, leaves in the wakeup that read it
+        [seg] = run_of(1, seq=9999)
+        send_all(t.peer, t.link, [seg])
+        t.read()
+        assert t.fake.frames[-1] == (ZERO_HDR + seg, mac)
 
 
 def test_refused_batches_fall_back_to_one_packet_per_send_and_are_counted():
     from test_offload import run_of
-    injected = []
-    sel = Selector()
-    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, batch_injector=FakeInjector(enable=False))
-    assert wb.batch_injector is None and wb.batch["inject_batches_refused"] == 1
-    link, peer, _ = gn_link()
-    wb.watch(link)
-    run = run_of(3)
-    send_all(peer, link, run)
-    sel.readers[link.sock.fileno()]()
-    assert injected == [bytes(p) for p in run]
-    link.sock.close()
-    link.intake.close()
-    peer.close()
+    with batched_way_back(FakeInjector(enable=False)) as t:
+        assert t.wb.batch_injector is None and t.wb.batch["inject_batches_refused"] == 1
+        run = run_of(3)
+        send_all(t.peer, t.link, run)
+        t.read()
+        assert t.injected == [bytes(p) for p in run]
 
 
 def test_a_refused_gso_frame_is_injected_packet_by_packet_and_batches_stop():
     from cyphonic.offload import l4_checksum_ok
     from test_offload import run_of
-    injected = []
-    fake = FakeInjector(refuse_gso=True)
-    sel = Selector()
-    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, batch_injector=fake)
-    link, peer, _ = gn_link()
-    wb.watch(link)
-    handler = sel.readers[link.sock.fileno()]
-    run = run_of(4)
-    send_all(peer, link, run)
-    handler()
-    assert wb.batch["inject_gso_refused"] == 1 and wb.batch_injector is None
-    assert len(fake.frames) == 1                                             # the first, alone
-    assert injected == [bytes(p) for p in run[1:]]                           # the run, cut again
-    assert all(l4_checksum_ok(p) for p in injected) and not wb.drops
-    more = run_of(2, seq=4001)
-    send_all(peer, link, more)
-    handler()
-    assert injected[-2:] == [bytes(p) for p in more] and len(fake.frames) == 1
-    link.sock.close()
-    link.intake.close()
-    peer.close()
+    with batched_way_back(FakeInjector(refuse_gso=True)) as t:
+        run = run_of(4)
+        send_all(t.peer, t.link, run)
+        t.read()
+        assert t.wb.batch["inject_gso_refused"] == 1 and t.wb.batch_injector is None
+        assert len(t.fake.frames) == 1                                         # the first, alone
+        assert t.injected == [bytes(p) for p in run[1:]]                       # the run, cut again
+        assert all(l4_checksum_ok(p) for p in t.injected) and not t.wb.drops
+        more = run_of(2, seq=4001)
+        send_all(t.peer, t.link, more)
+        t.read()
+        assert t.injected[-2:] == [bytes(p) for p in more] and len(t.fake.frames) == 1
 
 
 def test_a_general_node_without_a_usable_mac_keeps_the_one_packet_path():
-    injected = []
-    fake = FakeInjector()
-    sel = Selector()
-    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, batch_injector=fake)
-    link, peer, _ = link_pair()
-    link.gn = SimpleNamespace(mac="ff:ff:ff:ff:ff:ff", name="bad")
-    wb.watch(link)
-    send_all(peer, link, [b"\x45" + bytes(27)])
-    sel.readers[link.sock.fileno()]()
-    assert injected == [b"\x45" + bytes(27)] and fake.frames == []
-    link.sock.close()
-    link.intake.close()
-    peer.close()
+    with batched_way_back(mac="ff:ff:ff:ff:ff:ff") as t:
+        send_all(t.peer, t.link, [b"\x45" + bytes(27)])
+        t.read()
+        assert t.injected == [b"\x45" + bytes(27)] and t.fake.frames == []
 
 
 def test_a_syn_keeps_the_raw_socket_whose_output_hook_clamps_its_mss():
     from test_offload import run_of, tcp4
-    injected = []
-    fake = FakeInjector()
-    sel = Selector()
-    wb = WayBack(lambda p: injected.append(bytes(p)) or True, selector=sel, batch_injector=fake)
-    link, peer, _ = gn_link()
-    wb.watch(link)
-    handler = sel.readers[link.sock.fileno()]
-    syn_ack = tcp4(b"", flags=0x12, options=b"\x02\x04\x05\x78")
-    run = run_of(3)
-    send_all(peer, link, [syn_ack])                  # lone
-    handler()
-    send_all(peer, link, [run[0], syn_ack, *run[1:]])   # in a burst
-    handler()
-    assert injected == [bytes(syn_ack), bytes(syn_ack)]
-    [(first, _), (merged, _)] = fake.frames
-    assert first[10:] == bytes(run[0]) and merged[1] == 1                 # (then 2 and 3 merged)
-    assert merged[10 + 40:] == bytes(run[1][40:]) + bytes(run[2][40:])
-    link.sock.close()
-    link.intake.close()
-    peer.close()
+    with batched_way_back() as t:
+        syn_ack = tcp4(b"", flags=0x12, options=b"\x02\x04\x05\x78")
+        run = run_of(3)
+        send_all(t.peer, t.link, [syn_ack])                  # lone
+        t.read()
+        send_all(t.peer, t.link, [run[0], syn_ack, *run[1:]])   # in a burst
+        t.read()
+        assert t.injected == [bytes(syn_ack), bytes(syn_ack)]
+        [(first, _), (merged, _)] = t.fake.frames
+        assert first[10:] == bytes(run[0]) and merged[1] == 1                 # (then 2 and 3 merged)
+        assert merged[10 + 40:] == bytes(run[1][40:]) + bytes(run[2][40:])

@@ -36,7 +36,7 @@ from cyphonic.driver import patiently, run_until_signalled
 from cyphonic.health import Health, LoadWatch, Warning
 from cyphonic.metrics_file import MetricsFile
 from cyphonic.node.engine import TunnelUp
-from cyphonic.node.engine_host import ptr_name
+from cyphonic.node.engine_host import TIMESTAMP_FLOOR_FILE, TimestampFloorFile, ptr_name
 from cyphonic.node.packet_handling import DataPathSelector, run_on_data_path, sample_idle_cpus
 from cyphonic.socket_stats import kernel_drop_counts
 from cyphonic.status_socket import remove as remove_status, serve_status
@@ -75,6 +75,12 @@ class Adapter:
         self.leases = LeaseStore(os.path.join(cfg.state_dir, "leases.json"), log=self.log)
         self.unknown_macs = UnknownMacs(os.path.join(cfg.state_dir, "unknown_macs.json"), log=self.log)
         self.unknown_macs.load()
+        # One reservation under the handshake timestamps of every identity this process runs
+        # (cyphonic.timestamp_floor: they share the clock): one fsync'd write per 5 minutes
+        # however many general nodes, where the adapter's own identity always kept it.
+        self.timestamps = TimestampFloorFile(
+            os.path.join(self.registry.identity_dir(GeneralNode(SELF_MAC, "")), TIMESTAMP_FLOOR_FILE),
+            clock=self.clock, log=self.log, drops=self.drops)
         self.prefix = ipaddress.IPv4Network(cfg.prefix)
         self.links: dict[str, Link] = {}       # mac -> the general node's link
         self.self_link: Link | None = None     # the adapter's own identity
@@ -203,7 +209,7 @@ class Adapter:
         identity = self.registry.identity(gn)     # <state_dir>/gn/<mac>/ (0600)
         link = self.signaling.open(gn, identity, port, self.enrollment.login_token(gn, bool(identity.certificate)),
                                    who=who, subject=subject, deliver=deliver, on_event=on_event,
-                                   after_round=self.resolver.flush,
+                                   after_round=self.resolver.flush, timestamps=self.timestamps,
                                    records_path=os.path.join(self.registry.identity_dir(gn), "peers.json"))
         if gn.mac != SELF_MAC:
             self.resolver.attach(link)

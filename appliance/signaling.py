@@ -36,7 +36,7 @@ from cyphonic.handshake import StaticIdentity
 from cyphonic.health import Health
 from cyphonic.node.config import NodeConfigError, is_address, resolve_cloud
 from cyphonic.node.engine import NodeEngine
-from cyphonic.node.engine_host import EngineHost
+from cyphonic.node.engine_host import EngineHost, TimestampFloorFile
 from cyphonic.stream_ids import StreamIds
 from cyphonic.udp import steered_udp_sockets
 from cyphonic.wire import signaling as sig
@@ -138,9 +138,11 @@ class Signaling:
 
     def open(self, gn: GeneralNode, identity: StaticIdentity, port: int, token: bytes, *, who: str, subject: str,
              deliver: Callable[[bytes], None], on_event: Callable[[object], None],
-             after_round: Callable[[], int] | None = None, records_path: str | None = None) -> Link:
+             after_round: Callable[[], int] | None = None, records_path: str | None = None,
+             timestamps: TimestampFloorFile | None = None) -> Link:
         """A link for ``gn`` on ``port`` (bound now; the engine starts with ``link.host.start()``).
-        ``records_path``: where its peer records live (a restart without the cloud)."""
+        ``records_path``: where its peer records live (a restart without the cloud);
+        ``timestamps``: the process's handshake timestamp reservation (shared by every link)."""
         sock, intake = steered_udp_sockets(socket.AF_INET, "0.0.0.0", port, buffer_bytes=SOCKET_BUFFER_BYTES)
         engine = NodeEngine(identity, self.ca_public, self.cloud_static, list(self.instances),
                             token=token, name_hint=gn.name, nms_addr=self.cfg.nms_addr,
@@ -153,7 +155,7 @@ class Signaling:
             on_event(e)
         host = EngineHost(engine, {socket.AF_INET: sock}, deliver=deliver, on_event=event, log=self.log,
                           health=self.health, who=who, subject=subject, after_round=after_round, clock=self.clock,
-                          records_path=records_path)
+                          records_path=records_path, timestamps=timestamps)
         link = Link(gn, port, sock, host, intake=intake)
         self.links.append(link)
         return link

@@ -80,6 +80,9 @@ class Device(Outbox):
         # How long past its expiry a known peer's certificate still rekeys: 0, except while the
         # owner's cloud link is down (NodeEngine sets it; docs/protocol.md 11.6).
         self.expired_grace_s = 0.0
+        # Certificates are valid on the cloud's clock: ``now`` plus this is the time their
+        # validity is checked at (NodeEngine sets it from each login; Signaling.clock_offset_s).
+        self.clock_offset_s = 0.0
 
     def set_identity(self, identity: hs.StaticIdentity) -> None:
         """A renewed certificate for the same static key (later handshakes carry it)."""
@@ -97,7 +100,14 @@ class Device(Outbox):
                  candidates: Iterable = (), persistent_keepalive_s: float = 0.0,
                  expected_fqdn: str | None = None) -> Tunnel:
         """Add (or update) a peer from its certificate; raises CertificateError if it is not valid."""
-        cert = self.trust.verify(certificate, now, expected_fqdn=expected_fqdn)
+        return self._add_peer(certificate, now + self.clock_offset_s, endpoint=endpoint, candidates=candidates,
+                              persistent_keepalive_s=persistent_keepalive_s, expected_fqdn=expected_fqdn)
+
+    def _add_peer(self, certificate: bytes | Certificate, valid_at: float, *, endpoint=None,
+                  candidates: Iterable = (), persistent_keepalive_s: float = 0.0,
+                  expected_fqdn: str | None = None) -> Tunnel:
+        """``add_peer`` with the certificate checked as of ``valid_at`` (on the cloud's clock)."""
+        cert = self.trust.verify(certificate, valid_at, expected_fqdn=expected_fqdn)
         peer = self.peers_by_static.get(cert.static_public)
         if peer is None:
             peer = self._new_peer(cert)
@@ -115,8 +125,9 @@ class Device(Outbox):
         ``add_peer`` does, except that, with ``grace_s`` (the cloud is unreachable), a
         certificate that expired at most ``grace_s`` ago is taken as of its expiry, as
         ``expired_grace_s`` takes it from a known peer (docs/protocol.md 11.6)."""
+        now += self.clock_offset_s              # (the cloud's time: it sets the validity)
         try:
-            return self.add_peer(certificate, now, endpoint=endpoint)
+            return self._add_peer(certificate, now, endpoint=endpoint)
         except CertificateError as exc:
             if exc.cert_reason is not CertReason.EXPIRED or grace_s <= 0:
                 raise
@@ -124,7 +135,7 @@ class Device(Outbox):
             if now - cert.not_after > grace_s:
                 raise
             self.counters["expired_certificate_in_outage"] += 1
-            return self.add_peer(certificate, float(cert.not_after), endpoint=endpoint)
+            return self._add_peer(certificate, float(cert.not_after), endpoint=endpoint)
 
     def _new_peer(self, cert: Certificate) -> Tunnel:
         if len(self.peers_by_static) >= C.MAX_PEERS:
@@ -426,6 +437,7 @@ class Device(Outbox):
         peer could not renew it either. Everything else (signature, revocation, name, key)
         is checked as always."""
         fqdn = peer.fqdn if peer is not None else None
+        now += self.clock_offset_s              # (the cloud's time: it sets the validity)
         try:
             return self.trust.verify(certificate, now, expected_static=static, expected_fqdn=fqdn)
         except CertificateError as exc:

@@ -57,6 +57,8 @@ CODES: dict[str, Code] = {
     "connecting": Code(WARNING, CONDITION, "logging in or registering for the first time"),
     "certificate-expiring": Code(WARNING, CONDITION, "the node's certificate expires within an hour "
                                                      "and has not been renewed"),
+    "clock-off": Code(WARNING, CONDITION, "the clock is more than 5 minutes off the cloud's (no NTP?); "
+                                          "certificates are checked on the cloud's time"),
     "tunnel-failed": Code(WARNING, EVENT, "a tunnel could not be set up (policy, peer offline, no path)"),
     # any daemon: the node daemon, the adapter, the cloud (LoadWatch below)
     "under-load": Code(WARNING, CONDITION, "cookie replies are being sent, or the kernel or the daemon itself "

@@ -95,6 +95,7 @@ class LoggedIn:
     domain: str
     certificate: bytes
     enrolled: bool          # True when this login consumed the enrollment token
+    clock_offset_s: float = 0.0   # the cloud's clock minus ours, at this login (Signaling.clock_offset_s)
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,11 @@ class SignalingClient:
         self._requests: dict[int, str] = {}        # request id -> what it was for
         self._route_requests: dict[int, str] = {}  # request id -> peer fqdn
         self.login_info: LoggedIn | None = None
+        # The cloud's clock minus ours, learned at each login (its LoginResponse carries its
+        # time, inside the authenticated channel): certificates are checked, and renewed, on the
+        # cloud's time, since it is the cloud that sets their validity. A Pi without a real-time
+        # clock and without NTP is behind by every hour it was off (docs/protocol.md 3.2).
+        self.clock_offset_s = 0.0
         self.registration: Registered | None = None
         self._keepalive_at: float | None = None
         self._keepalive_s = 25.0
@@ -443,11 +449,13 @@ class SignalingClient:
         enrolled = self._sent_token
         self._sent_token = False
         self.identity = self.identity.with_certificate(msg.certificate)
+        if msg.cloud_time:
+            self.clock_offset_s = msg.cloud_time - now
         self.login_info = LoggedIn(msg.fqdn, str(msg.vip4), msg.prefix_len, msg.overlay_domain,
-                                   msg.certificate, enrolled)
+                                   msg.certificate, enrolled, self.clock_offset_s)
         self.token = b""  # used up: never send it again
         self._emit(self.login_info)
-        lifetime = max(60.0, cert.not_after - now)
+        lifetime = max(60.0, cert.not_after - (now + self.clock_offset_s))
         self._relogin_at = now + lifetime * 2 / 3
         for ch in self.channels.values():
             ch.set_identity(self.identity)
@@ -669,4 +677,5 @@ class SignalingClient:
                 "nat": self.registration.nat if self.registration else None,
                 "instance": address_text(self.as_addr),
                 "instances": [address_text(a) for a in self.instances],
+                "clock_offset_s": round(self.clock_offset_s, 1),   # the cloud's clock minus ours
                 "last_error": self.last_error}

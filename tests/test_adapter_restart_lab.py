@@ -9,6 +9,7 @@ start ("started:"), the general node's link ready ("registered"), the first answ
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.constants import SELF_MAC
+from cyphonic import timestamp_floor as tsf
+from cyphonic.node.engine_host import TIMESTAMP_FLOOR_FILE
 from lab import Lab
 from lab.adapterlab import LAN_ADDRESS, adapter_site, mac_of
 from lab.nodelab import DOMAIN
@@ -104,6 +108,11 @@ def test_a_restart_without_the_cloud_serves_what_it_can(lab, tmp_path):
     d = lab.exec(gn, ["dig", "+short", f"@{LAN_ADDRESS}", f"srv.{DOMAIN}", "+time=10", "+tries=1"], timeout=20)
     assert d.stdout.strip() == srv_vip, d.stdout
     assert lab.exec(gn, ["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", srv_vip], timeout=15).returncode == 0
+    # one handshake-timestamp reservation for the whole adapter (its own identity and cam1's),
+    # at the adapter's own identity: one fsync'd write per renewal however many general nodes
+    floors = sorted(glob.glob(str(tmp_path / "adapter" / "**" / TIMESTAMP_FLOOR_FILE), recursive=True))
+    assert floors == [str(tmp_path / "adapter" / "gn" / SELF_MAC.replace(":", "") / TIMESTAMP_FLOOR_FILE)], floors
+    reserved = tsf.parse(open(floors[0], "rb").read())
     ov.stop_cloud()
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -114,6 +123,7 @@ def test_a_restart_without_the_cloud_serves_what_it_can(lab, tmp_path):
     while open(log).read().count("restored 1 peer") <= restored and time.time() < end:
         time.sleep(0.05)
     assert open(log).read().count("restored 1 peer") > restored, open(log).read()[-3000:]
+    assert tsf.parse(open(floors[0], "rb").read()) > reserved      # the restart reserved anew, above the last
     r, lease = dhclient(lab, gn, tmp_path, "gn-again")
     assert lease.get("new_ip_address") == site["gn_vip"], (lease, r.stdout[-1500:], open(log).read()[-2000:])
     t0 = time.time()

@@ -12,6 +12,7 @@ from cyphonic.cloud.trs import RelayService
 from cyphonic.handshake import StaticIdentity
 from cyphonic.ipv4 import icmp_echo
 from cyphonic.node.engine import NodeEngine, TunnelFailed, TunnelUp
+from cyphonic.wire import cert as wire_cert
 from cyphonic.wire import signaling as sig
 
 from cloudfixtures import CLOUD, CloudNet
@@ -23,6 +24,7 @@ TRS6 = ("2001:db8::1", 47102)
 class Host:
     def __init__(self, name, engine, public, local, mode):
         self.name, self.engine, self.public, self.local, self.mode = name, engine, public, local, mode
+        self.skew = 0.0             # this host's clock minus the true time (a Pi without RTC and NTP: < 0)
         self.sent_to: set = set()   # remote (host, port) this host has sent to (NAT filter state)
 
 
@@ -64,7 +66,7 @@ class Sim:
                 if h.mode == "blocked" and src not in (CLOUD, TRS4, TRS6):
                     self.log.append(("blocked", h.name, src))
                     return
-                h.engine.receive_datagram(data, src, self.now)
+                h.engine.receive_datagram(data, src, self.now + h.skew)
                 return
         self.log.append(("nowhere", dst))
 
@@ -94,16 +96,16 @@ class Sim:
         while self.now < end:
             self.now = min(end, self.now + step)
             self.net.now = self.now
-            parts = [h.engine for h in self.hosts.values()] + [self.net.cloud, self.trs]
-            for p in parts:
+            parts = [(h.engine, h.skew) for h in self.hosts.values()] + [(self.net.cloud, 0.0), (self.trs, 0.0)]
+            for p, skew in parts:
                 t = p.get_timer()
-                if t is not None and t <= self.now:
-                    p.handle_timer(self.now)
+                if t is not None and t <= self.now + skew:
+                    p.handle_timer(self.now + skew)
             self.pump()
 
     def start(self):
         for h in self.hosts.values():
-            h.engine.start(self.now)
+            h.engine.start(self.now + h.skew)
         self.pump()
         self.advance(1)
         for h in self.hosts.values():
@@ -121,7 +123,7 @@ class Sim:
 
     def ping_ok(self, a, b, seq=1):
         pa = icmp_echo(self.vip(a), self.vip(b), 9, seq, b"hello")
-        self.hosts[a].engine.send_packet(pa, self.now)
+        self.hosts[a].engine.send_packet(pa, self.now + self.hosts[a].skew)
         self.pump()
         self.advance(0.5)
         got = [e.packet for e in self.events(b, ev.PacketReceived)]
@@ -131,7 +133,7 @@ class Sim:
 def bring_up(sim, a, b):
     sim.events(a)
     sim.events(b)
-    sim.hosts[a].engine.resolve(f"{b}.ov.example", sim.now)
+    sim.hosts[a].engine.resolve(f"{b}.ov.example", sim.now + sim.hosts[a].skew)
     sim.pump()
     sim.advance(30)
     evs = sim.events(a)
@@ -347,3 +349,42 @@ def test_a_peer_that_lost_its_keys_is_handshaken_again_after_15_seconds_of_silen
     first = ok.index(True)
     assert all(ok[first:]) and first * 1.0 <= 17, ok
     assert sim.hosts["b"].engine.device.counters["rekey_unanswered"] == 1
+
+
+@pytest.mark.parametrize("offset", [True, False], ids=["cloud_time", "own_clock"])
+def test_a_node_whose_clock_is_two_days_behind_checks_certificates_on_the_clouds_time(offset, monkeypatch):
+    """A Pi without a real-time clock and without NTP starts where its clock was saved: behind
+    by every hour it was off. The certificates the cloud issued since are not yet valid on that
+    clock (and a certificate's renewal would be timed days too late). The LoginResponse carries
+    the cloud's time; certificates are checked and renewed on it, and the status says so."""
+    import dataclasses
+
+    from cyphonic import signaling as sg_mod
+    from cyphonic.node.engine_host import EngineHost
+    if not offset:   # a login answer without the cloud's time (0): the node keeps to its own clock
+        real = sg_mod.SignalingClient._on_login
+        monkeypatch.setattr(sg_mod.SignalingClient, "_on_login", lambda self, msg, now: real(
+            self, dataclasses.replace(msg, cloud_time=0) if isinstance(msg, sig.LoginResponse) else msg, now))
+    sim = Sim()
+    sim.add("a", ("192.0.2.1", 1000))
+    sim.add("b", ("192.0.2.2", 2000))
+    days = 2 * 86400.0
+    sim.hosts["a"].skew = -days
+    sim.start()
+    ups, fails = bring_up(sim, "a", "b")
+    if not offset:
+        assert not ups and fails and "not yet valid" in str(fails), (ups, fails)   # b's certificate, for a
+        return
+    assert ups and not fails, fails
+    assert sim.ping_ok("a", "b") and sim.ping_ok("b", "a", seq=2)
+    a = sim.hosts["a"].engine
+    assert abs(a.signaling.clock_offset_s - days) < 2 and abs(a.device.clock_offset_s - days) < 2
+    # renewed at two thirds of the certificate's life on the cloud's clock, not days later
+    cert = wire_cert.decode(a.signaling.identity.certificate)
+    life = cert.not_after - cert.not_before
+    assert a.signaling._relogin_at + days <= cert.not_after - life / 3 + 120
+    host = EngineHost(a, {}, deliver=lambda p: None, on_event=lambda e: None, log=lambda l: None,
+                      health=None, clock=lambda: sim.now - days)
+    warnings = host.conditions(sim.now - days)
+    assert [w.code for w in warnings] == ["clock-off"], warnings
+    assert "2 days behind the cloud's" in warnings[0].text

@@ -5,6 +5,7 @@ cloud that remember its last run; the reservation on disk, and the edge that kee
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -12,7 +13,7 @@ from cyphonic import events as ev
 from cyphonic import timestamp_floor as tsf
 from cyphonic.certs import TrustStore
 from cyphonic.device import Device
-from cyphonic.node.engine_host import TIMESTAMP_FLOOR_FILE, EngineHost
+from cyphonic.node.engine_host import TIMESTAMP_FLOOR_FILE, EngineHost, TimestampFloorFile
 
 from corefixtures import T0, World, ping
 
@@ -114,10 +115,11 @@ class _Health:
         pass
 
 
-def _host(tmp_path, clock):
+def _host(tmp_path, clock, timestamps=None):
     lines = []
     h = EngineHost(_Engine(), {}, deliver=lambda p: None, on_event=lambda e: None, log=lines.append,
-                   health=_Health(), records_path=str(tmp_path / "peers.json"), clock=clock)
+                   health=_Health(), records_path=str(tmp_path / "peers.json"), clock=clock,
+                   timestamps=timestamps)
     return h, lines
 
 
@@ -152,6 +154,43 @@ def test_an_unreadable_reservation_is_logged_and_replaced_and_an_unwritable_one_
     h2.start()
     assert h2.engine.started and h2.drops["timestamps_unwritable"] == 1
     assert any("cannot write the timestamp reservation" in l for l in lines2)
+
+
+def test_the_engines_of_one_process_share_one_reservation_written_once(tmp_path, monkeypatch):
+    """The adapter runs an engine per general node: one file, one write at start and one per
+    renewal for all of them (an SD card's fsync is slow), every engine above the same floor."""
+    from cyphonic.node import engine_host
+    writes = []
+    real = engine_host.write_atomic
+    monkeypatch.setattr(engine_host, "write_atomic", lambda path, data: (writes.append(path), real(path, data)))
+    now = [T0]
+    shared_path = tmp_path / "adapter" / TIMESTAMP_FLOOR_FILE
+    shared_path.parent.mkdir()
+    shared_path.write_bytes(tsf.encode(int((T0 + HOUR) * NS)))      # the last run's, an hour ahead
+    drops, lines = Counter(), []
+    shared = TimestampFloorFile(str(shared_path), clock=lambda: now[0], log=lines.append, drops=drops)
+    hosts = []
+    for i in range(5):
+        d = tmp_path / f"gn{i}"
+        d.mkdir()
+        h, _ = _host(d, lambda: now[0], timestamps=shared)
+        h.start()
+        hosts.append(h)
+    assert [h.engine.floor for h in hosts] == [int((T0 + HOUR) * NS)] * 5
+    assert writes == [str(shared_path)]                    # once, for all five
+    assert not any((tmp_path / f"gn{i}" / TIMESTAMP_FLOOR_FILE).exists() for i in range(5))
+    now[0] = T0 + HOUR + tsf.RESERVE_S                     # the tick renews it once
+    for h in hosts:
+        h.poke()
+    assert writes == [str(shared_path)] * 2
+    assert tsf.parse(shared_path.read_bytes()) == int(now[0] * NS) + int(tsf.RESERVE_S * NS)
+    # a file that cannot be written is counted once, in the owner's drops, not per engine
+    gone = TimestampFloorFile(str(tmp_path / "missing" / "f"), clock=lambda: now[0], log=lines.append, drops=drops)
+    for i in range(3):
+        h, _ = _host(tmp_path / f"gn{i}", lambda: now[0], timestamps=gone)
+        h.start()
+        assert h.engine.started and not h.drops
+    assert drops["timestamps_unwritable"] == 1
 
 
 @pytest.mark.parametrize("with_floor", [True, False], ids=["floor", "no_floor"])
@@ -194,3 +233,30 @@ def test_the_engine_hands_its_floor_to_the_cloud_channel_and_to_the_device():
     assert channel._last_timestamp_ns > floor           # its first initiation, at T0, went out above the floor
     e.signaling.identity = w.identity("n", "100.64.0.9")
     assert e.restore([], T0) == 0 and e.device._last_timestamp_ns == floor
+
+
+def test_a_restart_without_the_cloud_checks_its_peers_certificates_no_earlier_than_the_last_run_saw():
+    """Before any login tells the cloud's time, a clock behind the last run's (no RTC, no NTP,
+    no cloud) is taken to be at least where the last run's clock was (the floor less the
+    reservation's lead): the peers it had, certificates issued before the restart, come back."""
+    from cyphonic.handshake import StaticIdentity
+    from cyphonic.node.engine import NodeEngine
+
+    w = World()
+    w.now = T0 + 2 * 86400                               # the last run: two days after T0
+    me = w.identity("n", "100.64.0.9", not_before=w.now - 60)
+    peer = w.identity("p", "100.64.0.10", not_before=w.now - 60)
+    floor = int((w.now + tsf.RESERVE_S) * NS)            # what that run left on disk
+    records = [{"certificate": peer.certificate.hex(), "endpoint": ["192.0.2.7", 4000]}]
+    for with_floor in (True, False):
+        e = NodeEngine(StaticIdentity.generate(), w.ca.public, StaticIdentity.generate().public,
+                       ("198.51.100.1", 47101), rng=random.Random(1))
+        e.signaling.identity = me
+        if with_floor:
+            e.set_timestamp_floor(floor)
+        behind = T0                                      # restarted with the clock two days behind
+        n = e.restore(records, behind)
+        if with_floor:
+            assert n == 1 and abs(e.device.clock_offset_s - 2 * 86400) < 1, e.drops
+        else:
+            assert n == 0 and e.drops["restore_refused"] == 1, e.drops

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from .. import constants as C
 from .. import events as ev
 from .. import signaling as sg
+from .. import timestamp_floor as tsf
 from ..certs import TrustStore
 from ..device import Device
 from ..errors import CyphonicError, ParseError
@@ -122,6 +123,16 @@ class NodeEngine:
         self._timestamp_floor_ns = floor_ns
         self.signaling.timestamp_floor_ns = floor_ns
 
+    def _offset_before_login(self, now: float) -> float:
+        """Until a login tells the cloud's time: a clock behind the last run's (the floor, less
+        the reservation's lead, is a time the last run's clock had seen) is taken to be at
+        least there for certificate checks, so a restart without the cloud and without NTP
+        still takes the peers it had."""
+        if not self._timestamp_floor_ns:
+            return 0.0
+        seen = self._timestamp_floor_ns / 1e9 - tsf.RESERVE_S
+        return max(0.0, seen - now)
+
     @property
     def ready(self) -> bool:
         return self.device is not None and self.signaling.state == sg.State.READY
@@ -192,6 +203,7 @@ class NodeEngine:
             self.drops["restore_own_certificate"] += 1
             return 0
         self.device.expired_grace_s = C.OUTAGE_CERT_GRACE_S
+        self.device.clock_offset_s = self._offset_before_login(now)
         restored = 0
         for rec in list(records)[:C.MAX_PEER_RECORDS]:
             try:
@@ -312,6 +324,7 @@ class NodeEngine:
                                      timestamp_floor_ns=self._timestamp_floor_ns)
             else:
                 self.device.set_identity(identity)  # a renewed certificate
+            self.device.clock_offset_s = e.clock_offset_s   # certificates on the cloud's time
             self._emit(e)
         elif isinstance(e, sg.RouteReady):
             if e.peer_fqdn != e.direction.peer_fqdn:  # asked by virtual IP (a PTR name)

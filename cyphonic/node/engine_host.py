@@ -36,9 +36,72 @@ from ..health import Health, Warning
 from ..wire import cert as wire_cert
 from .engine import NodeEngine, RelayPath, TunnelFailed, TunnelUp
 
+from ..constants import MAX_CLOCK_SKEW_S
 from .constants import CERT_EXPIRY_WARNING_S
 
 TIMESTAMP_FLOOR_FILE = "timestamp-floor"   # beside the peer records (cyphonic.timestamp_floor)
+
+
+class TimestampFloorFile:
+    """The handshake timestamps' reservation on disk (``cyphonic.timestamp_floor``): the edge of
+    a ``TimestampReservation``. One per process is enough however many engines it runs (their
+    identities share one clock); the node daemon's host makes its own, the adapter gives one to
+    all of its hosts. ``start()`` reads the last run's value and writes this run's, once (later
+    calls answer the same floor); ``poke()`` writes a new one when due. A missing file is a first
+    run; an unreadable one is logged and replaced; one that cannot be written is logged and
+    counted (``timestamps_unwritable``), and the engines run without the protection."""
+
+    def __init__(self, path: str, *, clock: Callable[[], float], log: Callable[[str], None],
+                 drops: Counter) -> None:
+        self.path = path
+        self.clock = clock
+        self.log = log
+        self.drops = drops
+        self.reservation: tsf.TimestampReservation | None = None
+
+    def start(self) -> int:
+        if self.reservation is not None:
+            return self.reservation.floor_ns
+        stored = None
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read(64)
+            stored = tsf.parse(raw)
+            if stored is None:
+                self.log(f"timestamp reservation {self.path} unreadable ({raw[:20]!r}); replacing it")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log(f"timestamp reservation {self.path} unreadable ({exc}); replacing it")
+        self.reservation = tsf.TimestampReservation(stored, self.clock())
+        self._write(self.reservation.start_value())     # (failing, only the next run loses)
+        return self.reservation.floor_ns
+
+    def poke(self) -> None:
+        if self.reservation is not None:
+            data = self.reservation.due(self.clock())
+            if data is not None:
+                self._write(data)
+
+    def _write(self, data: bytes) -> bool:
+        try:
+            write_atomic(self.path, data)
+            return True
+        except OSError as exc:
+            self.drops["timestamps_unwritable"] += 1
+            if self.drops["timestamps_unwritable"] == 1:
+                self.log(f"cannot write the timestamp reservation {self.path}: {exc}")
+            return False
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.0f} hours"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds:.0f} s"
 
 
 def ptr_name(vip: str) -> str:
@@ -60,7 +123,7 @@ class EngineHost:
                  deliver: Callable[[bytes], None], on_event: Callable[[object], None],
                  log: Callable[[str], None], health: Health, who: str = "", subject: str | None = None,
                  after_round: Callable[[], int] | None = None, records_path: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, timestamps: "TimestampFloorFile | None" = None) -> None:
         self.engine = engine
         # Where the engine's peer records live (a restart without the cloud reaches the peers
         # it had, docs/protocol.md 11.6); None: not kept.
@@ -68,9 +131,13 @@ class EngineHost:
         self._records_written = b""
         # Beside them, the handshake timestamps' reservation (cyphonic.timestamp_floor): a
         # restart with a clock that went back is still taken by peers that remember this run.
-        self.timestamps_path = (os.path.join(os.path.dirname(records_path) or ".", TIMESTAMP_FLOOR_FILE)
-                                if records_path else None)
-        self.timestamps: tsf.TimestampReservation | None = None
+        # ``timestamps`` is given when several engines of one process share one file (the
+        # adapter: one clock, so one reservation serves every identity it runs).
+        self.drops: Counter = Counter()
+        if timestamps is None and records_path:
+            timestamps = TimestampFloorFile(os.path.join(os.path.dirname(records_path) or ".", TIMESTAMP_FLOOR_FILE),
+                                            clock=clock, log=self.log, drops=self.drops)
+        self.timestamps = timestamps
         self.socks = socks
         self.deliver = deliver
         self.on_event = on_event
@@ -81,7 +148,6 @@ class EngineHost:
         self.paths: dict[str, str] = {}   # peer fqdn -> how its tunnel came up ("direct", "relay", ...)
         self.resolver = None              # the Resolver (cyphonic.resolver), once DNS runs: told of tunnels
         self.asker = None                 # whose queries this engine answers (the adapter: the general node)
-        self.drops: Counter = Counter()
         self.driver = CoreDriver(engine, self._send, self._event, clock=clock, after_round=after_round)
         self.clock = clock
 
@@ -97,36 +163,10 @@ class EngineHost:
         self.driver.flush()
 
     def reserve_timestamps(self) -> None:
-        """Before the engine starts: read the last run's reservation (the floor under every
-        handshake timestamp of this run) and write this run's. A missing file is a first run;
-        an unreadable one is logged and replaced; one that cannot be written is logged and
-        counted (``timestamps_unwritable``), and the engine runs without the protection."""
-        if not self.timestamps_path:
-            return
-        stored = None
-        try:
-            with open(self.timestamps_path, "rb") as f:
-                raw = f.read(64)
-            stored = tsf.parse(raw)
-            if stored is None:
-                self.log(f"timestamp reservation {self.timestamps_path} unreadable ({raw[:20]!r}); replacing it")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            self.log(f"timestamp reservation {self.timestamps_path} unreadable ({exc}); replacing it")
-        self.timestamps = tsf.TimestampReservation(stored, self.clock())
-        self._write_timestamps(self.timestamps.start_value())   # (failing, only the next run loses)
-        self.engine.set_timestamp_floor(self.timestamps.floor_ns)
-
-    def _write_timestamps(self, data: bytes) -> bool:
-        try:
-            write_atomic(self.timestamps_path, data)
-            return True
-        except OSError as exc:
-            self.drops["timestamps_unwritable"] += 1
-            if self.drops["timestamps_unwritable"] == 1:
-                self.log(f"cannot write the timestamp reservation {self.timestamps_path}: {exc}")
-            return False
+        """Before the engine starts: the floor under its handshake timestamps
+        (``TimestampFloorFile.start``); nothing without a file."""
+        if self.timestamps is not None:
+            self.engine.set_timestamp_floor(self.timestamps.start())
 
     def restore_records(self) -> int:
         """Before the first login: the peers of the records a previous run wrote. A missing
@@ -177,9 +217,7 @@ class EngineHost:
     def poke(self) -> bool:
         """The periodic tick: deadlines due, and the timestamp reservation renewed when due."""
         if self.timestamps is not None:
-            data = self.timestamps.due(self.clock())
-            if data is not None:
-                self._write_timestamps(data)
+            self.timestamps.poke()
         return self.driver.poke()
 
     def _send(self, data: bytes, addr) -> None:
@@ -239,10 +277,15 @@ class EngineHost:
         if link is not None:
             out.append(Warning(link[0], self._about(link[1]), subject=self.subject))
         if s.identity.certificate:
-            left = wire_cert.decode(s.identity.certificate).not_after - now
+            left = wire_cert.decode(s.identity.certificate).not_after - (now + s.clock_offset_s)
             if left < CERT_EXPIRY_WARNING_S:
                 out.append(Warning("certificate-expiring", self._about(f"certificate expires in {int(left)} s"),
                                    subject=self.subject))
+        if abs(s.clock_offset_s) > MAX_CLOCK_SKEW_S:
+            off = s.clock_offset_s
+            out.append(Warning("clock-off", self._about(
+                f"this clock is {_duration(abs(off))} {'behind' if off > 0 else 'ahead of'} the cloud's "
+                "(no NTP?): certificates are checked on the cloud's time; set up NTP"), subject=self.subject))
         return out
 
     def tunnel_rows(self, now: float, tx_extra: Callable[[str], tuple[int, int]] | None = None) -> list[dict]:

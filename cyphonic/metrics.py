@@ -157,6 +157,8 @@ def _node_or_adapter(x: Exposition, doc: dict) -> None:
           vip4=ident.get("vip4"))
     x.add("cyphonic_cloud_link_up", GAUGE, "1 while the daemon's own link to the cloud is ready.",
           cloud.get("state") == "ready")
+    x.add("cyphonic_clock_offset_seconds", GAUGE, "The cloud's clock minus this one's, learned at the last "
+          "login (certificates are checked on the cloud's time).", cloud.get("clock_offset_s"))
     _common(x, doc)
     x.add("cyphonic_tunnels", GAUGE, "Tunnels the daemon knows.", len(doc.get("tunnels") or []))
     for t in doc.get("tunnels") or []:

@@ -110,7 +110,7 @@ def test_our_own_mistakes_are_refused():
 NODE = {
     "kind": "node", "pid": 42, "uptime_s": 12.5,
     "identity": {"fqdn": "alpha.overlay.test", "vip4": "100.64.0.2", "static_key": "ab"},
-    "cloud": {"address": "192.0.2.1:47101", "state": "ready", "last_error": ""},
+    "cloud": {"address": "192.0.2.1:47101", "state": "ready", "last_error": "", "clock_offset_s": 172800.4},
     "interface": {"name": "cy0", "mtu": 1408, "present": True}, "udp_port": 47100,
     "dns": {"listen": "127.0.0.53:53", "running": True, "counters": {"queries": 9, "answered_a": 4}},
     "tunnels": [{"peer": "beta.overlay.test", "vip4": "100.64.0.3", "path": "direct", "endpoint": "192.0.2.3:47100",
@@ -131,6 +131,7 @@ def test_a_node_status_in_the_text_format():
     assert all(all(dict(k)["daemon"] == "node" for k in f[2]) for f in fams.values())
     assert value(fams, "cyphonic_info", fqdn="alpha.overlay.test", vip4="100.64.0.2") == 1
     assert value(fams, "cyphonic_uptime_seconds") == 12.5 and value(fams, "cyphonic_cloud_link_up") == 1
+    assert value(fams, "cyphonic_clock_offset_seconds") == 172800.4      # two days behind the cloud
     # every drop reason of the status, and the kernel's on each socket that could be read
     assert {dict(k)["reason"]: v for k, v in fams["cyphonic_drops_total"][2].items()} == NODE["drops"]
     assert fams["cyphonic_drops_total"][0] == "counter"

@@ -78,9 +78,11 @@ class Adapter:
         # One reservation under the handshake timestamps of every identity this process runs
         # (cyphonic.timestamp_floor: they share the clock): one fsync'd write per 5 minutes
         # however many general nodes, where the adapter's own identity always kept it.
+        # (140ca15 to f6e22d4 kept one per general node: folded in once, the highest wins.)
         self.timestamps = TimestampFloorFile(
             os.path.join(self.registry.identity_dir(GeneralNode(SELF_MAC, "")), TIMESTAMP_FLOOR_FILE),
-            clock=self.clock, log=self.log, drops=self.drops)
+            clock=self.clock, log=self.log, drops=self.drops,
+            merge_glob=os.path.join(cfg.state_dir, "gn", "*", TIMESTAMP_FLOOR_FILE))
         self.prefix = ipaddress.IPv4Network(cfg.prefix)
         self.links: dict[str, Link] = {}       # mac -> the general node's link
         self.self_link: Link | None = None     # the adapter's own identity
@@ -213,6 +215,7 @@ class Adapter:
                                    records_path=os.path.join(self.registry.identity_dir(gn), "peers.json"))
         if gn.mac != SELF_MAC:
             self.resolver.attach(link)
+            link.host.clock_warning = False    # one clock: the adapter's own link says `clock-off`
         self.way_back.watch(link, to_general_node=gn.mac != SELF_MAC)
         return link     # (not started yet: its event handler may need it bound first)
 

@@ -172,7 +172,8 @@ def status(ctx, as_json) -> None:
     click.echo(f"{ident.get('fqdn') or '(not enrolled)'}  {ident.get('vip4') or '-'}  "
                f"{st.get('kind', 'daemon')} pid {st.get('pid')}, up {st.get('uptime_s', 0):.0f}s")
     if exp:
-        click.echo(f"  certificate serial {ident.get('cert_serial')}, expires in {(exp - time.time()) / 3600:.1f} h")
+        cloud_now = time.time() + (cloud.get("clock_offset_s") or 0)     # validity is on the cloud's clock
+        click.echo(f"  certificate serial {ident.get('cert_serial')}, expires in {(exp - cloud_now) / 3600:.1f} h")
     obs = cloud.get("observed")
     click.echo(f"  cloud {cloud.get('address')}: {cloud.get('state')}" + _via(cloud)
                + (f", seen as {obs}{' (behind NAT)' if cloud.get('nat') else ''}" if obs else ""))

@@ -449,13 +449,15 @@ class SignalingClient:
         enrolled = self._sent_token
         self._sent_token = False
         self.identity = self.identity.with_certificate(msg.certificate)
-        if msg.cloud_time:
+        if cert.not_before <= msg.cloud_time <= cert.not_after:
             self.clock_offset_s = msg.cloud_time - now
+        elif msg.cloud_time:    # a broken clock at the cloud: the certificate it sent is a better witness
+            self.drops["cloud_time_implausible"] += 1
         self.login_info = LoggedIn(msg.fqdn, str(msg.vip4), msg.prefix_len, msg.overlay_domain,
                                    msg.certificate, enrolled, self.clock_offset_s)
         self.token = b""  # used up: never send it again
         self._emit(self.login_info)
-        lifetime = max(60.0, cert.not_after - (now + self.clock_offset_s))
+        lifetime = min(cert.not_after - cert.not_before, max(60.0, cert.not_after - (now + self.clock_offset_s)))
         self._relogin_at = now + lifetime * 2 / 3
         for ch in self.channels.values():
             ch.set_identity(self.identity)
@@ -677,5 +679,6 @@ class SignalingClient:
                 "nat": self.registration.nat if self.registration else None,
                 "instance": address_text(self.as_addr),
                 "instances": [address_text(a) for a in self.instances],
-                "clock_offset_s": round(self.clock_offset_s, 1),   # the cloud's clock minus ours
+                # the cloud's clock minus ours (None until a login told it)
+                "clock_offset_s": round(self.clock_offset_s, 1) if self.login_info else None,
                 "last_error": self.last_error}

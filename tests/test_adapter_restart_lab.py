@@ -112,10 +112,10 @@ def test_a_restart_without_the_cloud_serves_what_it_can(lab, tmp_path):
     # at the adapter's own identity: one fsync'd write per renewal however many general nodes
     floors = sorted(glob.glob(str(tmp_path / "adapter" / "**" / TIMESTAMP_FLOOR_FILE), recursive=True))
     assert floors == [str(tmp_path / "adapter" / "gn" / SELF_MAC.replace(":", "") / TIMESTAMP_FLOOR_FILE)], floors
-    reserved = tsf.parse(open(floors[0], "rb").read())
     ov.stop_cloud()
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    reserved = tsf.parse(open(floors[0], "rb").read())     # the last run's, after it ended
     conf = str(tmp_path / "adapter.toml")
     restored = open(log).read().count("restored 1 peer")
     lab.spawn(adapter, [sys.executable, "-m", "appliance.controller", "--config", conf], log=log)

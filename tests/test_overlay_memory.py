@@ -368,6 +368,7 @@ def test_a_node_whose_clock_is_two_days_behind_checks_certificates_on_the_clouds
     sim = Sim()
     sim.add("a", ("192.0.2.1", 1000))
     sim.add("b", ("192.0.2.2", 2000))
+    sim.add("c", ("192.0.2.3", 3000))
     days = 2 * 86400.0
     sim.hosts["a"].skew = -days
     sim.start()
@@ -379,12 +380,77 @@ def test_a_node_whose_clock_is_two_days_behind_checks_certificates_on_the_clouds
     assert sim.ping_ok("a", "b") and sim.ping_ok("b", "a", seq=2)
     a = sim.hosts["a"].engine
     assert abs(a.signaling.clock_offset_s - days) < 2 and abs(a.device.clock_offset_s - days) < 2
-    # renewed at two thirds of the certificate's life on the cloud's clock, not days later
+    # a peer with the right clock initiates to it: its certificate is checked on the cloud's time too
+    ups, fails = bring_up(sim, "c", "a")
+    assert ups and not fails, fails
+    assert sim.ping_ok("c", "a", seq=3)
+    # renewed at two thirds of the certificate's life on the cloud's clock, not days later (nor sooner)
     cert = wire_cert.decode(a.signaling.identity.certificate)
     life = cert.not_after - cert.not_before
-    assert a.signaling._relogin_at + days <= cert.not_after - life / 3 + 120
+    relogin_cloud = a.signaling._relogin_at + a.signaling.clock_offset_s
+    assert cert.not_before + life * 2 / 3 - 120 <= relogin_cloud <= cert.not_after - life / 3 + 120
     host = EngineHost(a, {}, deliver=lambda p: None, on_event=lambda e: None, log=lambda l: None,
                       health=None, clock=lambda: sim.now - days)
     warnings = host.conditions(sim.now - days)
     assert [w.code for w in warnings] == ["clock-off"], warnings
     assert "2 days behind the cloud's" in warnings[0].text
+    # half an hour before its certificate expires on the cloud's clock (two days and a half hour on its own)
+    near = cert.not_after - 1800 - a.signaling.clock_offset_s
+    assert sorted(w.code for w in host.conditions(near)) == ["certificate-expiring", "clock-off"]
+    host.clock_warning = False                 # (the adapter: only its own link says it)
+    assert [w.code for w in host.conditions(sim.now - days)] == []
+    # the clock is the status's and the metric's
+    assert abs(a.signaling.status()["clock_offset_s"] - days) < 2
+
+
+@pytest.mark.parametrize("cloud_time", [1, 2 ** 63], ids=["far_past", "far_future"])
+def test_a_cloud_time_outside_the_certificate_it_came_with_is_not_believed(cloud_time, monkeypatch):
+    """A broken clock at the cloud: the certificate it issued in the same answer is the better
+    witness (its validity brackets the cloud's time); the node keeps the offset it had (0 at
+    first), counts it, and renews within the certificate's life."""
+    import dataclasses
+
+    from cyphonic import signaling as sg_mod
+    real = sg_mod.SignalingClient._on_login
+    monkeypatch.setattr(sg_mod.SignalingClient, "_on_login", lambda self, msg, now: real(
+        self, dataclasses.replace(msg, cloud_time=cloud_time) if isinstance(msg, sig.LoginResponse) else msg, now))
+    sim = Sim()
+    sim.add("a", ("192.0.2.1", 1000))
+    sim.add("b", ("192.0.2.2", 2000))
+    sim.start()
+    a = sim.hosts["a"].engine
+    assert a.signaling.clock_offset_s == 0 and a.device.clock_offset_s == 0
+    assert a.signaling.drops["cloud_time_implausible"] >= 1
+    cert = wire_cert.decode(a.signaling.identity.certificate)
+    assert sim.now < a.signaling._relogin_at <= cert.not_after
+    ups, fails = bring_up(sim, "a", "b")
+    assert ups and not fails, fails
+
+
+def test_before_any_login_the_clock_is_no_earlier_than_the_certificates_it_holds():
+    """A restart without the cloud, with the clock two days behind (no RTC, no NTP): the
+    latest not_before of the certificates the CA signed that it holds (its own, its records')
+    is a time the cloud had reached, so certificates are checked no earlier than that and the
+    peers it had come back. A record whose signature does not verify moves nothing."""
+    from corefixtures import T0, World
+
+    w = World()
+    w.now = T0 + 2 * 86400                               # the last run: two days after T0
+    me = w.identity("n", "100.64.0.9")
+    peer = w.identity("p", "100.64.0.10")
+    rogue = World(seed=9)                                # another CA: its times are not believed
+    rogue.now = T0 + 30 * 86400
+    forged = rogue.identity("q", "100.64.0.11")
+    records = [{"certificate": peer.certificate.hex(), "endpoint": ["192.0.2.7", 4000]},
+               {"certificate": forged.certificate.hex(), "endpoint": ["192.0.2.8", 4000]}]
+    e = NodeEngine(StaticIdentity.generate(), w.ca.public, StaticIdentity.generate().public,
+                   ("198.51.100.1", 47101), rng=random.Random(1))
+    e.signaling.identity = me
+    n = e.restore(records, T0)                           # restarted with the clock two days behind
+    assert n == 1 and e.drops["restore_refused"] == 1, e.drops
+    assert abs(e.device.clock_offset_s - (w.now - 60 - T0)) < 1
+    # with the clock right (or ahead), nothing moves
+    e2 = NodeEngine(StaticIdentity.generate(), w.ca.public, StaticIdentity.generate().public,
+                    ("198.51.100.1", 47101), rng=random.Random(1))
+    e2.signaling.identity = me
+    assert e2.restore(records[:1], w.now + 3600) == 1 and e2.device.clock_offset_s == 0

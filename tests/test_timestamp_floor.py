@@ -235,28 +235,21 @@ def test_the_engine_hands_its_floor_to_the_cloud_channel_and_to_the_device():
     assert e.restore([], T0) == 0 and e.device._last_timestamp_ns == floor
 
 
-def test_a_restart_without_the_cloud_checks_its_peers_certificates_no_earlier_than_the_last_run_saw():
-    """Before any login tells the cloud's time, a clock behind the last run's (no RTC, no NTP,
-    no cloud) is taken to be at least where the last run's clock was (the floor less the
-    reservation's lead): the peers it had, certificates issued before the restart, come back."""
-    from cyphonic.handshake import StaticIdentity
-    from cyphonic.node.engine import NodeEngine
 
-    w = World()
-    w.now = T0 + 2 * 86400                               # the last run: two days after T0
-    me = w.identity("n", "100.64.0.9", not_before=w.now - 60)
-    peer = w.identity("p", "100.64.0.10", not_before=w.now - 60)
-    floor = int((w.now + tsf.RESERVE_S) * NS)            # what that run left on disk
-    records = [{"certificate": peer.certificate.hex(), "endpoint": ["192.0.2.7", 4000]}]
-    for with_floor in (True, False):
-        e = NodeEngine(StaticIdentity.generate(), w.ca.public, StaticIdentity.generate().public,
-                       ("198.51.100.1", 47101), rng=random.Random(1))
-        e.signaling.identity = me
-        if with_floor:
-            e.set_timestamp_floor(floor)
-        behind = T0                                      # restarted with the clock two days behind
-        n = e.restore(records, behind)
-        if with_floor:
-            assert n == 1 and abs(e.device.clock_offset_s - 2 * 86400) < 1, e.drops
-        else:
-            assert n == 0 and e.drops["restore_refused"] == 1, e.drops
+def test_the_adapters_earlier_files_one_per_engine_are_folded_in_once(tmp_path):
+    """140ca15 to f6e22d4 kept one reservation per general node: the shared one starts above the
+    highest of them all and they are removed once it is written."""
+    state = tmp_path / "state"
+    own = state / "gn" / "020000000000" / TIMESTAMP_FLOOR_FILE
+    for name, ns in (("020000000000", T0), ("525400000001", T0 + HOUR), ("525400000002", T0 + 10)):
+        (state / "gn" / name).mkdir(parents=True)
+        (state / "gn" / name / TIMESTAMP_FLOOR_FILE).write_bytes(tsf.encode(int(ns * NS)))
+    (state / "gn" / "525400000003").mkdir()
+    (state / "gn" / "525400000003" / TIMESTAMP_FLOOR_FILE).write_bytes(b"garbage")
+    lines = []
+    f = TimestampFloorFile(str(own), clock=lambda: T0 - HOUR, log=lines.append, drops=Counter(),
+                           merge_glob=str(state / "gn" / "*" / TIMESTAMP_FLOOR_FILE))
+    assert f.start() == int((T0 + HOUR) * NS)
+    assert sorted(p.parent.name for p in state.glob("gn/*/" + TIMESTAMP_FLOOR_FILE)) == ["020000000000"]
+    assert tsf.parse(own.read_bytes()) == int((T0 + HOUR + tsf.RESERVE_S) * NS)
+    assert any("unreadable" in l for l in lines)

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from .. import constants as C
 from .. import events as ev
 from .. import signaling as sg
-from .. import timestamp_floor as tsf
 from ..certs import TrustStore
 from ..device import Device
 from ..errors import CyphonicError, ParseError
 from ..handshake import StaticIdentity
+from ..wire import cert as wire_cert
 from ..wire import relay as wire_relay
 from ..wire import signaling as sig
 
@@ -123,15 +123,28 @@ class NodeEngine:
         self._timestamp_floor_ns = floor_ns
         self.signaling.timestamp_floor_ns = floor_ns
 
-    def _offset_before_login(self, now: float) -> float:
-        """Until a login tells the cloud's time: a clock behind the last run's (the floor, less
-        the reservation's lead, is a time the last run's clock had seen) is taken to be at
-        least there for certificate checks, so a restart without the cloud and without NTP
-        still takes the peers it had."""
-        if not self._timestamp_floor_ns:
-            return 0.0
-        seen = self._timestamp_floor_ns / 1e9 - tsf.RESERVE_S
-        return max(0.0, seen - now)
+    def _offset_before_login(self, records, now: float) -> float:
+        """Until a login tells the cloud's time: the clock is at least the latest ``not_before``
+        of the certificates the CA signed that we hold (our own and our records' peers'), since
+        the cloud issued each of them at that time or later. A clock behind that (no RTC, no
+        NTP, no cloud) is moved up to it for certificate checks, so a restart without the cloud
+        still takes back the peers it had. Never later than that: signed times cannot be
+        inflated by a clock that was once ahead."""
+        latest = 0.0
+        certs = [self.signaling.identity.certificate]
+        for rec in list(records)[:C.MAX_PEER_RECORDS]:
+            try:
+                certs.append(bytes.fromhex(rec["certificate"]))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+        for raw in certs:
+            try:
+                cert = wire_cert.decode(raw)
+                self.trust.verify(cert, float(cert.not_before))       # (the CA's signature)
+            except CyphonicError:
+                continue
+            latest = max(latest, float(cert.not_before))
+        return max(0.0, latest - now)
 
     @property
     def ready(self) -> bool:
@@ -203,7 +216,7 @@ class NodeEngine:
             self.drops["restore_own_certificate"] += 1
             return 0
         self.device.expired_grace_s = C.OUTAGE_CERT_GRACE_S
-        self.device.clock_offset_s = self._offset_before_login(now)
+        self.device.clock_offset_s = self._offset_before_login(records, now)
         restored = 0
         for rec in list(records)[:C.MAX_PEER_RECORDS]:
             try:

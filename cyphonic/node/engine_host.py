@@ -20,6 +20,7 @@ each read their sockets on their own fast path and hand the rest to ``receive()`
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -52,30 +53,48 @@ class TimestampFloorFile:
     counted (``timestamps_unwritable``), and the engines run without the protection."""
 
     def __init__(self, path: str, *, clock: Callable[[], float], log: Callable[[str], None],
-                 drops: Counter) -> None:
+                 drops: Counter, merge_glob: str | None = None) -> None:
         self.path = path
         self.clock = clock
         self.log = log
         self.drops = drops
+        # files of an earlier layout to fold in once (the adapter kept one per general node):
+        # the floor is the highest of them all, and they are removed once this one is written
+        self.merge_glob = merge_glob
         self.reservation: tsf.TimestampReservation | None = None
 
     def start(self) -> int:
         if self.reservation is not None:
             return self.reservation.floor_ns
-        stored = None
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read(64)
-            stored = tsf.parse(raw)
-            if stored is None:
-                self.log(f"timestamp reservation {self.path} unreadable ({raw[:20]!r}); replacing it")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            self.log(f"timestamp reservation {self.path} unreadable ({exc}); replacing it")
+        stored = self._read(self.path)
+        merged = sorted(p for p in glob.glob(self.merge_glob) if p != self.path) if self.merge_glob else []
+        for p in merged:
+            other = self._read(p)
+            if other is not None and (stored is None or other > stored):
+                stored = other
         self.reservation = tsf.TimestampReservation(stored, self.clock())
-        self._write(self.reservation.start_value())     # (failing, only the next run loses)
+        if self._write(self.reservation.start_value()):   # (failing, only the next run loses)
+            for p in merged:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
         return self.reservation.floor_ns
+
+    def _read(self, path: str) -> int | None:
+        """The reservation in ``path``; None when there is none (logged when unreadable)."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(64)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.log(f"timestamp reservation {path} unreadable ({exc}); replacing it")
+            return None
+        stored = tsf.parse(raw)
+        if stored is None:
+            self.log(f"timestamp reservation {path} unreadable ({raw[:20]!r}); replacing it")
+        return stored
 
     def poke(self) -> None:
         if self.reservation is not None:
@@ -148,6 +167,7 @@ class EngineHost:
         self.paths: dict[str, str] = {}   # peer fqdn -> how its tunnel came up ("direct", "relay", ...)
         self.resolver = None              # the Resolver (cyphonic.resolver), once DNS runs: told of tunnels
         self.asker = None                 # whose queries this engine answers (the adapter: the general node)
+        self.clock_warning = True         # say `clock-off` (the adapter: only its own link, one clock)
         self.driver = CoreDriver(engine, self._send, self._event, clock=clock, after_round=after_round)
         self.clock = clock
 
@@ -281,7 +301,7 @@ class EngineHost:
             if left < CERT_EXPIRY_WARNING_S:
                 out.append(Warning("certificate-expiring", self._about(f"certificate expires in {int(left)} s"),
                                    subject=self.subject))
-        if abs(s.clock_offset_s) > MAX_CLOCK_SKEW_S:
+        if self.clock_warning and s.login_info is not None and abs(s.clock_offset_s) > MAX_CLOCK_SKEW_S:
             off = s.clock_offset_s
             out.append(Warning("clock-off", self._about(
                 f"this clock is {_duration(abs(off))} {'behind' if off > 0 else 'ahead of'} the cloud's "

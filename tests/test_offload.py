@@ -127,6 +127,24 @@ def test_vnet_header_round_trips_and_a_short_one_is_none():
     assert VirtioNetHdr.parse(ZERO_HDR) == VirtioNetHdr()
 
 
+def test_ones_sum_folded_lengths_match_the_reference_and_its_folds_are_bounded():
+    """Packet-sized buffers are folded twice before the division (offload.FOLD_MIN_BYTES ..
+    FOLD_MAX_BYTES): every length around both ends, odd and even, random and extreme bytes,
+    bytes and views; and the kept folds stay bounded however many lengths pass."""
+    from cyphonic import offload
+    rng = random.Random(7)
+    lengths = [*range(offload.FOLD_MIN_BYTES - 3, offload.FOLD_MIN_BYTES + 4), 1356, 1427, 1428, 1448,
+               *range(offload.FOLD_MAX_BYTES - 3, offload.FOLD_MAX_BYTES + 4), 9000, 65535]
+    for n in lengths:
+        for data in (rng.randbytes(n), b"\xff" * n, b"\0" * n, b"\xff" * (n - 1) + b"\x01"):
+            assert ones_sum(data) % 0xFFFF == ref_sum(data) % 0xFFFF, n
+            buf = bytearray(b"xx" + data)
+            assert ones_sum(memoryview(buf)[2:]) == ones_sum(data)
+    for n in range(offload.FOLD_MIN_BYTES, offload.FOLD_MIN_BYTES + 3 * offload.FOLDS_KEPT):
+        ones_sum(bytes(n))
+        assert len(offload._folds) <= offload.FOLDS_KEPT
+
+
 @given(st.binary(max_size=3000))
 def test_ones_sum_matches_the_reference(data):
     assert ones_sum(data) % 0xFFFF == ref_sum(data) % 0xFFFF

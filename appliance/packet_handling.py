@@ -77,6 +77,7 @@ from cyphonic.udp_batch import GsoSender
 from cyphonic.wire import relay as wire_relay
 
 from . import nfqueue_wire as nfw
+from .nfqueue_wire import is_ack, skb_info
 from .constants import (MISS_REPORT_EVERY_S, NFQ_CONFIG_SEQ, NFQ_COPY_RANGE, NFQ_DRAIN_PACKETS, NFQ_GSO_MAX_PIECES,
                         NFQ_GSO_REPEATS_PER_DRAIN, NFQ_GSO_REPEATS_PER_S, NFQ_GSO_TOGGLE_SEQ, NFQ_MAX_LEN,
                         NFQ_RECV_BYTES, NFQ_RECV_GSO_BYTES, NFQ_REPEAT_SEQ, NFQ_SOCKET_BYTES, WORKER_BIND_ATTEMPTS,
@@ -84,6 +85,7 @@ from .constants import (MISS_REPORT_EVERY_S, NFQ_CONFIG_SEQ, NFQ_COPY_RANGE, NFQ
 
 PR_SET_PDEATHSIG = 1        # prctl(2)
 _MAX_INNER = C.MAX_INNER_PACKET_BYTES
+_DONTWAIT = int(socket.MSG_DONTWAIT)   # (a plain int, as every constant a packet passes)
 
 
 class ReplyWait:
@@ -293,16 +295,16 @@ class QueueDrain:
             raise BlockingIOError(errno.EAGAIN, "drain bound reached")
         while True:
             try:
-                data = self.sock.recv(self.recv_bytes, socket.MSG_DONTWAIT)
+                data = self.sock.recv(self.recv_bytes, _DONTWAIT)
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.counters["nfq_enobufs"] += 1
                 raise
-            ack = nfw.parse_ack(data)
+            ack = nfw.parse_ack(data) if is_ack(data) else None
             if ack is None:
                 self.left -= 1
                 if self.gso:
-                    self.skb_info = nfw.skb_info(data)
+                    self.skb_info = skb_info(data)
                 return data
             if not ack.error:
                 self.counters["config_acked"] += 1

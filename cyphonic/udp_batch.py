@@ -49,7 +49,7 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 GRO_ANCILLARY_BYTES = socket.CMSG_SPACE(4)     # the UDP_GRO control message carries an int
 GSO_UNSUPPORTED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT})
-_MSG_TRUNC = socket.MSG_TRUNC
+_MSG_TRUNC = int(socket.MSG_TRUNC)   # a plain int: an IntFlag operand runs enum.py's Python per read
 _pack_u16 = struct.Struct("=H").pack
 _BYTEORDER = sys.byteorder
 

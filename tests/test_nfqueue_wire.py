@@ -61,6 +61,25 @@ def test_parse_ack():
     packet = nfw.NLMSGHDR.pack(100, nfw.NFQNL_MSG_PACKET, 0, 0, 0) + bytes(84)
     assert nfw.parse_ack(packet) is None                       # a queued packet
     assert nfw.parse_ack(hdr[:10]) is None and nfw.parse_ack(b"") is None
+    # is_ack, the two-byte test a worker asks of every read before it parses an ACK
+    assert nfw.is_ack(hdr + bytes(20)) and not nfw.is_ack(packet) and not nfw.is_ack(b"") and not nfw.is_ack(hdr[:5])
+
+
+def test_is_ack_never_hides_an_ack():
+    """Whatever parse_ack takes for an ACK, is_ack lets through (it only spares the parse)."""
+    import random
+
+    rnd = random.Random(15)
+    hdr = nfw.NLMSGHDR.pack(36, nfw.NLMSG_ERROR, 0, 9, 0) + struct.pack("=i", -1) + bytes(16)
+    samples = [hdr, hdr[:35], queued(3, bytes(40), nfw.SKB_GSO)]
+    for _ in range(3000):
+        d = bytearray(rnd.randbytes(rnd.choice((0, 5, 6, 20, 36, 40, 80))))
+        if d[4:6] and rnd.random() < 0.5:
+            d[4:6] = struct.pack("=H", nfw.NLMSG_ERROR)[:len(d[4:6])]
+        samples.append(bytes(d))
+    for d in samples:
+        if nfw.parse_ack(d) is not None:
+            assert nfw.is_ack(d), d
 
 
 def test_layouts_are_the_c_structs():
@@ -128,6 +147,26 @@ def test_skb_info_of_a_queued_packets_message():
     assert nfw.find_attr(nfw.verdict(7, nfw.NF_DROP, 1), nfw.NFQA_VERDICT_HDR) is None
     assert nfw.find_attr(nfw.verdict(7, nfw.NF_DROP, 1), nfw.NFQA_VERDICT_HDR,
                          nfw.NFQNL_MSG_VERDICT) == struct.pack("!II", 0, 1)
+
+
+def _skb_info_by_find_attr(data) -> int:
+    """The reference: the flags as find_attr finds the attribute (skb_info is this, written out)."""
+    value = nfw.find_attr(data, nfw.NFQA_SKB_INFO)
+    return struct.unpack("!I", value)[0] if value is not None and len(value) == 4 else 0
+
+
+def test_skb_info_is_find_attrs_answer_on_any_bytes():
+    import random
+
+    rnd = random.Random(14)
+    base = [queued(9, bytes(rnd.randrange(0, 90)), rnd.choice((None, 1, 2, 3, 6))) for _ in range(40)]
+    for msg in base:
+        for _ in range(40):
+            d = bytearray(msg)
+            for _ in range(rnd.randrange(0, 4)):        # a few bytes changed anywhere
+                d[rnd.randrange(len(d))] = rnd.randrange(256)
+            d = bytes(d[:rnd.randrange(len(d) + 1)]) if rnd.random() < 0.3 else bytes(d)
+            assert nfw.skb_info(d) == _skb_info_by_find_attr(d), d.hex()
 
 
 def test_the_parser_never_raises_on_truncated_or_garbage_messages():

@@ -60,7 +60,6 @@ VERDICT_HDR = _layout("!", VERDICT_HDR_FIELDS)
 # struct nlmsgerr { int error; struct nlmsghdr msg; ... };   error: 0 (an ACK) or -errno
 NLMSGERR = _layout("=", (("error", "i"),))
 _BE32 = struct.Struct("!I")
-_LEN_TYPE = struct.Struct("=IH")                 # nlmsg_len, nlmsg_type
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
@@ -191,26 +190,11 @@ def find_attr(data, kind: int, mtype: int = NFQNL_MSG_PACKET) -> bytes | None:
 
 def skb_info(data) -> int:
     """The ``NFQA_SKB_INFO`` flags of a queued packet's message ``data`` (``SKB_*``); 0 when it
-    has none (the queue's F_GSO is off, or the packet is an ordinary one) or is malformed.
-    (``find_attr``'s walk, written out: it runs for every packet a worker reads, mostly a lone
-    one on cold caches, where each call and copy saved shows.)"""
-    n = len(data)
-    if n < _HEAD_BYTES:
+    has none (the queue's F_GSO is off, or the packet is an ordinary one) or is malformed."""
+    value = find_attr(data, NFQA_SKB_INFO)
+    if value is None or len(value) != 4:
         return 0
-    length, got_type = _LEN_TYPE.unpack_from(data)
-    if got_type != NFQNL_MSG_PACKET or length < _HEAD_BYTES:
-        return 0
-    end = length if length < n else n
-    off = _HEAD_BYTES
-    unpack = NLATTR.unpack_from
-    while off + 4 <= end:
-        size, got = unpack(data, off)
-        if size < 4 or off + size > end:
-            return 0
-        if got & NLA_TYPE_MASK == NFQA_SKB_INFO:
-            return _BE32.unpack_from(data, off + 4)[0] if size == 8 else 0
-        off += (size + 3) & ~3
-    return 0
+    return _BE32.unpack(value)[0]
 
 
 def is_ack(data) -> bool:

@@ -150,7 +150,7 @@ def test_skb_info_of_a_queued_packets_message():
 
 
 def _skb_info_by_find_attr(data) -> int:
-    """The reference: the flags as find_attr finds the attribute (skb_info is this, written out)."""
+    """The reference skb_info must agree with: the flags of the attribute find_attr finds."""
     value = nfw.find_attr(data, nfw.NFQA_SKB_INFO)
     return struct.unpack("!I", value)[0] if value is not None and len(value) == 4 else 0
 

@@ -218,6 +218,12 @@ class AdapterBench(nb.NodeBench):
                     "port": self.cy_port, "tun": None, "tun2": "cy0"}
         return super().path_info(path)
 
+    def hop_points(self, path: str) -> tuple[tuple, tuple, str]:
+        if path == "adapter":       # the general node's packets come in on the LAN port
+            ad = self.h["adapter"]
+            return (ad, self.lan_if), (ad, "eth0"), self.path_info(path)["tun2"]
+        return super().hop_points(path)
+
     def batch_counters(self, info: dict) -> dict:
         if info["client"] != "gn":
             return super().batch_counters(info)
@@ -578,6 +584,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False, profile: bool
                                              "whole 1428-byte packet into one 1488-byte WAN packet: one tunnel "
                                              "packet per datagram (wire_packets_per_datagram in the UDP rows)"},
         "ping": ping,
+        "ping_hops": m["ping_hops"],
         "udp_fixed": m["fixed"],
         "udp_unlimited": m["unlimited"],
         "udp_highest_rate": sweep,

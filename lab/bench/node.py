@@ -15,6 +15,9 @@ so the noise of this shared 2-core machine hits all paths alike:
 
 - ping RTT: 200 echoes at 10 ms intervals (four interleaved chunks of 50): min, avg,
   median, 99th percentile, max. Userspace paths show a few ~4 ms samples (a scheduler tick): compare medians;
+- the same round trip hop by hop (``lab.bench.hops``: 60 echoes per tunnel path, tcpdump on the
+  sender's clear side and wire and on n2's wire and TUN): medians of each hop in µs, so a
+  ping row that moves shows which process moved it;
 - iperf3 UDP, 1400-byte datagrams (a 1428-byte IP packet: both tunnels' default MTUs are
   smaller, so every datagram is two tunnel packets on both tunnels), offered 10..50 Mbit/s:
   received rate, jitter, loss; then unlimited offered load (``-b 0``): received rate and
@@ -65,6 +68,7 @@ import time
 
 from ..nodelab import DOMAIN, Overlay
 from .common import bench_lab, cpu_seconds, machine, write_result
+from . import hops
 
 PATHS = ("plain", "cyphonic", "wireguard-go")
 UDP_BYTES = 1400              # the paper's datagrams: larger than every tunnel MTU (two fragments)
@@ -371,6 +375,13 @@ class NodeBench:
             return {"client": "n1", "target": f"{WG_NET}.2", "pids": self.wg_pids, "port": WG_PORT + 1,
                     "tun": self.wg_if[0], "tun2": self.wg_if[1]}
         raise KeyError(path)
+
+    def hop_points(self, path: str) -> tuple[tuple, tuple, str]:
+        """For ``lab.bench.hops``: the sender's clear side and wire as (host, interface), and
+        n2's TUN."""
+        info = self.path_info(path)
+        client = self.h[info["client"]]
+        return (client, info["tun"]), (client, "eth0"), info.get("tun2") or info["tun"]
 
     def tunnel_pids(self) -> list[int]:
         return sorted({pid for p in self.paths for pid in self.path_info(p)["pids"]})
@@ -829,6 +840,8 @@ def run_lab(bench_cls, *, prefix: str, say, what: str) -> tuple["NodeBench", dic
             m["cpu_rest"] = {p: round(b._cpu(b.path_info(p)["pids"]), 3) for p in b.paths if p != "plain"}
             say(f"{name} bench: ping")
             m["ping"] = b.ping()
+            say(f"{name} bench: ping, hop by hop (tcpdump on each hop)")
+            m["ping_hops"] = hops.measure(b, [p for p in b.paths if p != "plain"])
             say(f"{name} bench: UDP at fixed rates")
             m["fixed"] = b.udp_fixed()
             m["unlimited"] = b.udp_unlimited()
@@ -923,6 +936,7 @@ def run(out_dir: str, *, prefix: str = "cyb", quiet: bool = False) -> dict:
                                       "be raised inside a namespace here: its losses near its limit are "
                                       "drops at its own UDP socket (n2_tunnel_socket_drops)"},
         "ping": ping,
+        "ping_hops": m["ping_hops"],
         "udp_fixed": fixed,
         "udp_unlimited": unlimited,
         "udp_highest_rate": sweep,
@@ -991,6 +1005,9 @@ def measurement_rows(r: dict, paths) -> list[tuple[str, dict]]:
     for k in ("min_ms", "avg_ms", "median_ms", "p99_ms", "max_ms"):
         row(f"ping RTT {k[:-3]} (ms)", lambda p: ping[p].get(k))
     row("ping received / sent", lambda p: f"{ping[p]['received']}/{ping[p]['sent']}")
+    ph = r.get("ping_hops") or {}
+    for h in hops.HOPS:
+        row(hops.HOP_LABELS[h], lambda p: ph.get(p, {}).get(h))
     for i, rate in enumerate(FIXED_RATES_MBIT):
         rr = {p: r["udp_fixed"][p][i] for p in paths}
         row(f"UDP {rate}M: received (Mbit/s)", lambda p: rr[p]["received_mbit"])

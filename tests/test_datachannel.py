@@ -520,3 +520,18 @@ def test_pieces_of_a_merged_read_open_one_by_one_from_the_front_of_the_stage():
         assert bytes(RECV_STAGE[off + seg:len(merged)]) == merged[off + seg:]   # the rest untouched
     assert [p for p, _ in opened] == [bytes([i]) * 300 for i in range(4)] and refused == 1
     assert [c for _, c in opened] == [(2 << 56) + i for i in range(4)]
+
+
+def test_importing_the_data_channel_alone_initialises_libsodium():
+    """sodium_init picks libsodium's SIMD code; the data path must not rely on another module
+    (nacl.bindings) having been imported first. In a fresh interpreter that imports only
+    cyphonic.datachannel, a second sodium_init says "already done" (1)."""
+    import subprocess
+    import sys
+    code = ("import sys, cyphonic.datachannel\n"
+            "assert 'nacl.bindings' not in sys.modules, 'the test needs an import without nacl.bindings'\n"
+            "from nacl._sodium import lib\n"
+            "print(lib.sodium_init())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"

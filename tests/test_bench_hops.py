@@ -62,3 +62,35 @@ def test_parse_reads_tcpdump_nano_stamps():
     assert hops.parse(text) == [(1765065600.123456789,
                                  "1765065600.123456789 IP 100.64.0.8 > 100.64.0.2: ICMP echo request, id 7, "
                                  "seq 1, length 64")]
+
+
+def _sh(script):
+    import subprocess
+    return subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_capture_is_awaited_until_tcpdump_says_it_listens():
+    import time
+    p = _sh('echo "tcpdump: verbose output suppressed" >&2; sleep 0.2; echo "listening on eth0" >&2; sleep 30')
+    try:
+        hops._await_listening(p, time.monotonic() + 20)
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.communicate()
+
+
+def test_a_capture_that_ends_or_stays_silent_is_an_error():
+    import time
+    import pytest
+    p = _sh('echo "tcpdump: eth9: No such device exists" >&2; exit 1')
+    with pytest.raises(RuntimeError, match="No such device"):
+        hops._await_listening(p, time.monotonic() + 20)
+    p.communicate()
+    p = _sh("sleep 30")
+    try:
+        with pytest.raises(RuntimeError, match="did not start"):
+            hops._await_listening(p, time.monotonic() + 0.3)
+    finally:
+        p.kill()
+        p.communicate()

@@ -21,7 +21,9 @@ sum with the plain ping rows.
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import statistics
 import subprocess
 import time
@@ -40,7 +42,7 @@ HOP_LABELS = {
 MAX_RTT_S = 0.05
 COUNT = 60
 INTERVAL_S = 0.1
-CAPTURE_START_S = 1.0     # tcpdump has no "listening" signal on a pipe: let it attach
+CAPTURE_START_S = 10.0    # at most this long for every tcpdump to say it is listening
 _STAMP = re.compile(r"^(\d+\.\d+) ")
 
 
@@ -102,9 +104,23 @@ def medians_us(hops: dict[str, list[float]]) -> dict:
 
 
 def _capture(lab, host, iface: str, flt: str) -> subprocess.Popen:
-    return lab.spawn(host, ["tcpdump", "-i", iface, "-n", "-l", "-tt", "--time-stamp-precision=nano",
+    return lab.spawn(host, ["tcpdump", "-i", iface, "-n", "-l", "--immediate-mode", "-tt", "--time-stamp-precision=nano",
                             "-Q", "inout", "-B", "4096", flt],
-                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _await_listening(p: subprocess.Popen, deadline: float) -> None:
+    """Until tcpdump says "listening on" (its capture is attached); RuntimeError if it exits
+    or says nothing by ``deadline`` (time.monotonic())."""
+    said = ""
+    while "listening on" not in said:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([p.stderr], [], [], left)[0]:
+            raise RuntimeError(f"tcpdump did not start capturing: {said.strip()!r}")
+        chunk = os.read(p.stderr.fileno(), 4096)      # (unbuffered: select sees what is left)
+        if not chunk:
+            raise RuntimeError(f"tcpdump exited: {said.strip()!r}")
+        said += chunk.decode(errors="replace")
 
 
 def _stop(p: subprocess.Popen) -> list[tuple[float, str]]:
@@ -130,11 +146,13 @@ def measure(bench, paths, count: int = COUNT, interval_s: float = INTERVAL_S) ->
         caps = [_capture(bench.lab, *clear, "icmp"), _capture(bench.lab, *wire, udp),
                 _capture(bench.lab, n2, "eth0", udp), _capture(bench.lab, n2, peer_tun, "icmp")]
         try:
-            time.sleep(CAPTURE_START_S)
+            deadline = time.monotonic() + CAPTURE_START_S
+            for p in caps:
+                _await_listening(p, deadline)
             bench.lab.exec(bench.h[info["client"]], ["ping", "-n", "-c", str(count), "-i", str(interval_s),
                                                      "-W", "2", info["target"]],
                            timeout=count * interval_s + 20)
-            time.sleep(0.2)            # the last answer reaches every capture
+            time.sleep(0.2)            # (grace: tcpdump prints what it read before it is stopped)
         finally:
             points = [_stop(p) for p in caps]
         res = medians_us(pair(*points))

@@ -71,7 +71,7 @@ def _sh(script):
 
 def test_a_capture_is_awaited_until_tcpdump_says_it_listens():
     import time
-    p = _sh('echo "tcpdump: verbose output suppressed" >&2; sleep 0.2; echo "listening on eth0" >&2; sleep 30')
+    p = _sh('echo "tcpdump: verbose output suppressed" >&2; sleep 0.2; echo "listening on eth0" >&2; exec sleep 30')
     try:
         hops._await_listening(p, time.monotonic() + 20)
         assert p.poll() is None
@@ -87,7 +87,7 @@ def test_a_capture_that_ends_or_stays_silent_is_an_error():
     with pytest.raises(RuntimeError, match="No such device"):
         hops._await_listening(p, time.monotonic() + 20)
     p.communicate()
-    p = _sh("sleep 30")
+    p = _sh("exec sleep 30")
     try:
         with pytest.raises(RuntimeError, match="did not start"):
             hops._await_listening(p, time.monotonic() + 0.3)

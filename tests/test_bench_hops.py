@@ -94,3 +94,25 @@ def test_a_capture_that_ends_or_stays_silent_is_an_error():
     finally:
         p.kill()
         p.communicate()
+
+
+def test_a_capture_that_cannot_start_is_reported_not_raised():
+    """measure() with a tcpdump that fails: the path gets an error row, the bench goes on."""
+    import subprocess
+    import types
+
+    class Lab:
+        execs = 0
+
+        def spawn(self, host, argv, **kw):
+            return subprocess.Popen(["sh", "-c", 'echo "tcpdump: cy9: No such device exists" >&2; exit 1'],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def exec(self, *a, **kw):
+            Lab.execs += 1
+
+    bench = types.SimpleNamespace(lab=Lab(), h={"n1": "n1", "n2": "n2"},
+                                  path_info=lambda p: {"port": 47200, "client": "n1", "target": "100.64.0.2"},
+                                  hop_points=lambda p: (("n1", "cy9"), ("n1", "eth0"), "cy0"))
+    out = hops.measure(bench, ["cyphonic"], count=1)
+    assert "No such device" in out["cyphonic"]["error"] and Lab.execs == 0

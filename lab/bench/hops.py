@@ -145,6 +145,7 @@ def measure(bench, paths, count: int = COUNT, interval_s: float = INTERVAL_S) ->
         udp = f"udp and port {info['port']}"
         caps = [_capture(bench.lab, *clear, "icmp"), _capture(bench.lab, *wire, udp),
                 _capture(bench.lab, n2, "eth0", udp), _capture(bench.lab, n2, peer_tun, "icmp")]
+        failed = None
         try:
             deadline = time.monotonic() + CAPTURE_START_S
             for p in caps:
@@ -153,10 +154,14 @@ def measure(bench, paths, count: int = COUNT, interval_s: float = INTERVAL_S) ->
                                                      "-W", "2", info["target"]],
                            timeout=count * interval_s + 20)
             time.sleep(0.2)            # (grace: tcpdump prints what it read before it is stopped)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            failed = str(exc)          # a diagnostic row: reported, never the end of the bench
         finally:
             points = [_stop(p) for p in caps]
         res = medians_us(pair(*points))
-        if not res["paired"]:
+        if failed:
+            res = {"error": failed}
+        elif not res["paired"]:
             res = {"error": f"no echo followed through all four points ({[len(p) for p in points]} lines)"}
         out[path] = res
     return out
